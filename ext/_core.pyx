@@ -1,0 +1,361 @@
+# cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False, cdivision=True
+"""shardfeed's native reader: batch reads of shard records on a pool of C threads.
+
+Private module; use :func:`shardfeed.open`. Each read validates its arguments with the GIL held,
+makes one ``nogil`` call that runs the whole batch on native threads (which never touch Python),
+and turns the C status into a Python exception afterwards, in :meth:`ShardSet._raise`.
+"""
+
+from native cimport *
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from libc.errno cimport errno
+from libc.stdint cimport int64_t
+from posix.mman cimport MADV_RANDOM, MAP_FAILED, MAP_SHARED, PROT_READ, madvise, mmap, munmap
+from posix.types cimport off_t
+from posix.unistd cimport close as c_close
+
+import errno as _errno
+import os
+
+from shardfeed.errors import ShardReadError
+
+cdef extern from *:
+    """
+    #ifndef SF_SANITIZERS
+    #define SF_SANITIZERS ""
+    #endif
+    """
+    const char *SF_SANITIZERS
+
+COMPILED = True
+BLOCK = SF_BLOCK
+BUILD_INFO = {
+    "f16c": bool(sf_cast_has_f16c()),
+    "sanitizers": SF_SANITIZERS.decode(),
+    "max_threads": SF_POOL_MAX_THREADS,
+}
+
+_fork_rc = sf_pool_init()
+if _fork_rc != 0:
+    raise OSError(_fork_rc, "pthread_atfork failed: the reader could not be made fork-safe")
+
+cdef size_t _ITEMSIZE_LIMIT = 4  # stored elements up to 4 bytes convert in place in a float32 slot
+
+
+def pool_size():
+    """Native threads started so far in this process."""
+    return sf_pool_size()
+
+
+cdef class _Views:
+    """Buffers acquired for one call, released together."""
+    cdef Py_buffer *views
+    cdef int held, capacity
+
+    def __cinit__(self, int capacity):
+        self.views = <Py_buffer *>PyMem_Calloc(max(capacity, 1), sizeof(Py_buffer))
+        if self.views == NULL:
+            raise MemoryError()
+        self.capacity = capacity
+
+    cdef Py_buffer *acquire(self, obj, int flags, what) except NULL:
+        if self.held >= self.capacity:
+            raise RuntimeError("internal error: too many buffers")
+        try:
+            PyObject_GetBuffer(obj, &self.views[self.held], flags)
+        except (TypeError, BufferError, ValueError) as exc:
+            raise ValueError(f"{what}: {exc}") from None
+        self.held += 1
+        return &self.views[self.held - 1]
+
+    def __dealloc__(self):
+        for i in range(self.held):
+            PyBuffer_Release(&self.views[i])
+        PyMem_Free(self.views)
+
+
+cdef int _fill_affine(sf_affine *affine, _Views views, scale, offset, size_t inner, size_t period,
+                      what) except -1:
+    affine.scale = NULL
+    affine.offset = NULL
+    affine.inner = 1
+    affine.period = 1
+    if scale is None:
+        return 0
+    if inner < 1 or period < 1:
+        raise ValueError(f"{what}: bad affine layout inner={inner} period={period}")
+    cdef size_t needed = period + SF_BLOCK if (inner == 1 and period > 1) else period
+    cdef Py_buffer *s = views.acquire(scale, PyBUF_C_CONTIGUOUS, what + " scale")
+    cdef Py_buffer *o = views.acquire(offset, PyBUF_C_CONTIGUOUS, what + " offset")
+    if s.itemsize != 4 or o.itemsize != 4 or <size_t>s.len < needed * 4 or <size_t>o.len < needed * 4:
+        raise ValueError(f"{what}: scale and offset must be float32 with at least {needed} entries")
+    affine.scale = <const float *>s.buf
+    affine.offset = <const float *>o.buf
+    affine.inner = inner
+    affine.period = period
+    return 0
+
+
+cdef class ShardSet:
+    """The open files of one dataset. Takes ownership of the file descriptors it is given (they
+    are closed by :meth:`close`, or when the object is freed, even if the constructor fails)."""
+
+    cdef sf_shards c
+    cdef int *fds
+    cdef int *heap_fds
+    cdef int64_t *starts
+    cdef char **maps
+    cdef size_t *map_bytes
+    cdef size_t n
+    cdef int active          # reads in progress; changed only with the GIL held
+    cdef bint closed
+    cdef readonly tuple paths
+    cdef readonly tuple heap_paths
+    cdef readonly int64_t num_samples
+    cdef readonly bint mapped
+
+    def __cinit__(self, record_fds, heap_fds, counts, paths, heap_paths, size_t header_bytes,
+                  size_t record_bytes, bint use_map):
+        cdef size_t n = len(record_fds)
+        cdef size_t i
+        self.n = n
+        self.fds = <int *>PyMem_Calloc(n + 1, sizeof(int))
+        self.heap_fds = <int *>PyMem_Calloc(n + 1, sizeof(int))
+        self.starts = <int64_t *>PyMem_Calloc(n + 1, sizeof(int64_t))
+        self.maps = <char **>PyMem_Calloc(n + 1, sizeof(char *))
+        self.map_bytes = <size_t *>PyMem_Calloc(n + 1, sizeof(size_t))
+        if not (self.fds and self.heap_fds and self.starts and self.maps and self.map_bytes):
+            raise MemoryError()
+        for i in range(n + 1):
+            self.fds[i] = -1
+            self.heap_fds[i] = -1
+        for i in range(n):
+            self.fds[i] = record_fds[i]
+            if heap_fds is not None:
+                self.heap_fds[i] = heap_fds[i]
+        self.paths = tuple(paths)
+        self.heap_paths = tuple(heap_paths) if heap_paths is not None else ()
+        if len(counts) != n or len(self.paths) != n or (heap_fds is not None and
+                                                         (len(heap_fds) != n or len(self.heap_paths) != n)):
+            raise ValueError("internal error: shard lists of different lengths")
+        if record_bytes == 0:
+            raise ValueError("internal error: record size 0")
+        cdef int64_t total = 0, count
+        for i in range(n):
+            count = counts[i]
+            if count < 0 or count > ((<int64_t>1 << 62) - total) // <int64_t>record_bytes:
+                raise ValueError(f"{self.paths[i]}: sample count {count} overflows")
+            total += count
+            self.starts[i + 1] = total
+        self.num_samples = total
+
+        cdef void *base
+        cdef size_t length
+        if use_map:
+            for i in range(n):
+                length = header_bytes + <size_t>(self.starts[i + 1] - self.starts[i]) * record_bytes
+                base = mmap(NULL, length, PROT_READ, MAP_SHARED, self.fds[i], 0)
+                if base == MAP_FAILED:
+                    raise OSError(errno, os.strerror(errno), self.paths[i])
+                self.maps[i] = <char *>base
+                self.map_bytes[i] = length
+                # Default readahead pulls far more than a random record from disk.
+                if madvise(base, length, MADV_RANDOM) != 0:
+                    raise OSError(errno, "madvise(MADV_RANDOM) failed: " + os.strerror(errno), self.paths[i])
+        self.mapped = use_map
+
+        self.c.n_shards = n
+        self.c.fds = self.fds
+        self.c.heap_fds = self.heap_fds if heap_fds is not None else NULL
+        self.c.starts = self.starts
+        self.c.maps = <const char *const *>self.maps if use_map else NULL
+        self.c.header_bytes = header_bytes
+        self.c.record_bytes = record_bytes
+
+    def __dealloc__(self):
+        self._release()
+        PyMem_Free(self.fds)
+        PyMem_Free(self.heap_fds)
+        PyMem_Free(self.starts)
+        PyMem_Free(self.maps)
+        PyMem_Free(self.map_bytes)
+
+    cdef void _release(self):
+        """Unmaps and closes everything; only when no read is in progress."""
+        cdef size_t i
+        if self.fds == NULL or self.heap_fds == NULL or self.maps == NULL:
+            return
+        for i in range(self.n):
+            if self.maps[i] != NULL:
+                munmap(self.maps[i], self.map_bytes[i])
+                self.maps[i] = NULL
+            if self.fds[i] >= 0:
+                c_close(self.fds[i])
+                self.fds[i] = -1
+            if self.heap_fds[i] >= 0:
+                c_close(self.heap_fds[i])
+                self.heap_fds[i] = -1
+
+    def close(self):
+        """Closes the files now, or when the reads in progress (in other threads) end."""
+        self.closed = True
+        if self.active == 0:
+            self._release()
+
+    cdef int _begin(self) except -1:
+        if self.closed:
+            raise ValueError("I/O operation on a closed dataset")
+        self.active += 1
+        return 0
+
+    cdef void _end(self):
+        self.active -= 1
+        if self.closed and self.active == 0:
+            self._release()
+
+    cdef int _raise(self, sf_error *err) except -1:
+        if err.kind == SF_ERR_NOMEM:
+            raise MemoryError("out of memory in a native batch read")
+        paths = self.heap_paths if err.file_kind == SF_FILE_HEAP else self.paths
+        path = paths[err.shard] if 0 <= err.shard < len(paths) else None
+        where = f"sample {err.sample} at byte offset {err.offset}"
+        if err.kind == SF_ERR_EOF:
+            raise ShardReadError(_errno.EIO, f"file ended before the data of {where}: the shard is "
+                                 "shorter than its manifest entry (truncated?)", path)
+        raise ShardReadError(err.err_no, f"{os.strerror(err.err_no)} (reading {where})", path)
+
+    cdef int _check_indices(self, const int64_t[::1] indices) except -1:
+        cdef Py_ssize_t r
+        cdef int64_t total = self.num_samples
+        for r in range(indices.shape[0]):
+            if indices[r] < 0 or indices[r] >= total:
+                raise IndexError(f"index {indices[r]} (position {r}) is out of range for a dataset "
+                                 f"of {total} samples")
+        return 0
+
+    def read_records(self, const int64_t[::1] indices not None, list fields, bint use_map,
+                     size_t threads):
+        """Reads the records ``indices`` into the output buffers described by ``fields``: a list
+        of ``(cast, src_offset, src_bytes, count, out, scale, offset, inner, period)``, sorted by
+        src_offset; ``out`` is a C-contiguous writable buffer of ``len(indices)`` rows."""
+        cdef size_t n = indices.shape[0], nf = len(fields), k, dst_bytes, itemsize
+        cdef size_t end = 0
+        cdef sf_error err
+        cdef int rc
+        cdef Py_buffer *view
+        cdef _Views views = _Views(3 * nf)
+        cdef sf_field_out *outs = <sf_field_out *>PyMem_Calloc(max(nf, 1), sizeof(sf_field_out))
+        if outs == NULL:
+            raise MemoryError()
+        try:
+            if self.closed:
+                raise ValueError("I/O operation on a closed dataset")
+            if use_map and not self.mapped:
+                raise ValueError("internal error: the shards are not mapped")
+            self._check_indices(indices)
+            for k in range(nf):
+                cast, src_offset, src_bytes, count, out, scale, offset, inner, period = fields[k]
+                what = f"field {k}"
+                if not 0 <= cast < SF_CAST_COUNT:
+                    raise ValueError(f"{what}: bad cast {cast}")
+                itemsize = sf_cast_itemsize(cast)
+                if src_offset < end or src_offset + src_bytes > self.c.record_bytes:
+                    raise ValueError(f"{what}: bytes [{src_offset}, {src_offset + src_bytes}) overlap "
+                                     f"another field or leave the {self.c.record_bytes}-byte record")
+                end = src_offset + src_bytes
+                if cast != SF_CAST_COPY and src_bytes != count * itemsize:
+                    raise ValueError(f"{what}: {src_bytes} bytes do not hold {count} elements")
+                dst_bytes = src_bytes if cast == SF_CAST_COPY else count * 4
+                view = views.acquire(out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, what + " output")
+                if <size_t>view.len != n * dst_bytes:
+                    raise ValueError(f"{what}: output has {view.len} bytes, expected {n * dst_bytes}")
+                if cast != SF_CAST_COPY and (<size_t>view.buf) % 4:
+                    raise ValueError(f"{what}: float32 output is not 4-byte aligned")
+                if scale is not None and cast == SF_CAST_COPY:
+                    raise ValueError(f"{what}: an affine transform needs a float32 output")
+                outs[k].cast = cast
+                outs[k].src_offset = src_offset
+                outs[k].src_bytes = src_bytes
+                outs[k].count = count
+                outs[k].dst = <char *>view.buf
+                outs[k].dst_bytes = dst_bytes
+                _fill_affine(&outs[k].affine, views, scale, offset, inner, period, what)
+            if n == 0 or nf == 0:
+                return
+            self._begin()
+            with nogil:
+                rc = sf_read_records(&self.c, &indices[0], n, outs, nf, use_map, threads, &err)
+            self._end()
+            if rc != 0:
+                self._raise(&err)
+        finally:
+            PyMem_Free(outs)
+
+    def read_heap(self, const int64_t[::1] samples not None, const int64_t[::1] shards not None,
+                  const int64_t[::1] offsets not None, const int64_t[::1] rows not None, int cast,
+                  size_t row_elems, size_t src_row_bytes, out, size_t max_rows, pad, scale, offset,
+                  size_t inner, size_t period, size_t threads):
+        """Reads variable-length rows: sample r has ``rows[r]`` rows at byte ``offsets[r]`` of heap
+        file ``shards[r]``; ``out`` holds ``len(samples) * max_rows`` rows, padded with ``pad``."""
+        cdef size_t n = samples.shape[0], r, dst_row_bytes
+        cdef sf_heap_out field
+        cdef sf_error err
+        cdef int rc
+        cdef _Views views = _Views(4)
+        if self.closed:
+            raise ValueError("I/O operation on a closed dataset")
+        if self.c.heap_fds == NULL:
+            raise ValueError("internal error: this dataset has no heap files")
+        if shards.shape[0] != n or offsets.shape[0] != n or rows.shape[0] != n:
+            raise ValueError("internal error: heap read arrays of different lengths")
+        if not 0 <= cast < SF_CAST_COUNT:
+            raise ValueError(f"bad cast {cast}")
+        if cast != SF_CAST_COPY and src_row_bytes != row_elems * sf_cast_itemsize(cast):
+            raise ValueError(f"{src_row_bytes} bytes do not hold {row_elems} elements")
+        for r in range(n):
+            if shards[r] < 0 or <size_t>shards[r] >= self.n or rows[r] < 0 or <size_t>rows[r] > max_rows \
+                    or offsets[r] < 0:
+                raise ValueError(f"internal error: bad heap entry {r}")
+        dst_row_bytes = src_row_bytes if cast == SF_CAST_COPY else row_elems * 4
+        cdef Py_buffer *view = views.acquire(out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "output")
+        if <size_t>view.len != n * max_rows * dst_row_bytes:
+            raise ValueError(f"output has {view.len} bytes, expected {n * max_rows * dst_row_bytes}")
+        cdef Py_buffer *pad_view = views.acquire(pad, PyBUF_SIMPLE, "pad value")
+        if <size_t>pad_view.len != (dst_row_bytes // row_elems if row_elems else <size_t>pad_view.len):
+            raise ValueError("pad value is not one output element")
+        if scale is not None and cast == SF_CAST_COPY:
+            raise ValueError("an affine transform needs a float32 output")
+        field.cast = cast
+        field.row_elems = row_elems
+        field.src_row_bytes = src_row_bytes
+        field.dst = <char *>view.buf
+        field.dst_row_bytes = dst_row_bytes
+        field.max_rows = max_rows
+        field.pad = pad_view.buf
+        field.pad_bytes = pad_view.len
+        _fill_affine(&field.affine, views, scale, offset, inner, period, "variable field")
+        if n == 0:
+            return
+        self._begin()
+        with nogil:
+            rc = sf_read_heap(&self.c, &samples[0], &shards[0], &offsets[0], &rows[0], n, &field,
+                              threads, &err)
+        self._end()
+        if rc != 0:
+            self._raise(&err)
+
+
+def convert(int cast, const unsigned char[::1] src not None, float[::1] dst not None, scale=None,
+            offset=None, size_t inner=1, size_t period=1):
+    """Runs one conversion kernel from ``src`` (stored bytes) into ``dst``; for tests."""
+    cdef size_t itemsize = sf_cast_itemsize(cast)
+    cdef size_t n = dst.shape[0]
+    cdef sf_affine affine
+    cdef _Views views = _Views(2)
+    if cast <= SF_CAST_COPY or cast >= SF_CAST_COUNT or <size_t>src.shape[0] != n * itemsize:
+        raise ValueError("bad cast or sizes")
+    _fill_affine(&affine, views, scale, offset, inner, period, "convert")
+    if n:
+        sf_convert(cast, &dst[0], &src[0], n, &affine, 0)

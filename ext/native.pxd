@@ -1,0 +1,81 @@
+# C declarations of the native reader (ext/*.h), shared by _core.pyx.
+
+from libc.stdint cimport int64_t
+
+
+cdef extern from "sf_error.h":
+    ctypedef struct sf_error:
+        int kind
+        int err_no
+        int file_kind
+        int64_t shard
+        int64_t offset
+        int64_t sample
+    enum:
+        SF_OK
+        SF_ERR_IO
+        SF_ERR_EOF
+        SF_ERR_NOMEM
+        SF_FILE_RECORDS
+        SF_FILE_HEAP
+
+
+cdef extern from "cast.h":
+    ctypedef struct sf_affine:
+        const float *scale
+        const float *offset
+        size_t inner
+        size_t period
+    enum:
+        SF_CAST_COPY
+        SF_CAST_COUNT
+        SF_BLOCK
+    size_t sf_cast_itemsize(int cast)
+    int sf_cast_has_f16c()
+    void sf_convert(int cast, float *dst, const void *src, size_t n, const sf_affine *affine,
+                    size_t first) nogil
+
+
+cdef extern from "pool.h":
+    int sf_pool_init()
+    size_t sf_pool_size()
+    enum:
+        SF_POOL_MAX_THREADS
+
+
+cdef extern from "reader.h":
+    ctypedef struct sf_shards:
+        size_t n_shards
+        const int *fds
+        const int *heap_fds
+        const int64_t *starts
+        const char *const *maps
+        size_t header_bytes
+        size_t record_bytes
+
+    ctypedef struct sf_field_out:
+        int cast
+        size_t src_offset
+        size_t src_bytes
+        size_t count
+        char *dst
+        size_t dst_bytes
+        sf_affine affine
+
+    ctypedef struct sf_heap_out:
+        int cast
+        size_t row_elems
+        size_t src_row_bytes
+        char *dst
+        size_t dst_row_bytes
+        size_t max_rows
+        const void *pad
+        size_t pad_bytes
+        sf_affine affine
+
+    int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
+                        const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
+                        sf_error *err) nogil
+    int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
+                     const int64_t *offsets, const int64_t *rows, size_t n,
+                     const sf_heap_out *field, size_t threads, sf_error *err) nogil

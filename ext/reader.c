@@ -1,0 +1,280 @@
+/* Record and heap reads; see reader.h. Every system call's result is checked: EINTR is retried,
+ * a short read continues where it stopped, and end-of-file before the last byte is an error. */
+#define _DEFAULT_SOURCE 1
+#define _DARWIN_C_SOURCE 1
+#include "reader.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "pool.h"
+
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
+
+/* Bytes of work below which a chunk is not worth handing to another thread (memory copies). */
+#define SF_MAP_CHUNK_BYTES (64 * 1024)
+
+/* Reads exactly the bytes described by iov[0..count) from fd at offset. Consumes the iov array.
+ * Returns SF_OK, SF_ERR_IO (errno kept) or SF_ERR_EOF. */
+static int preadv_full(int fd, struct iovec *iov, int count, off_t offset)
+{
+    while (count > 0) {
+        ssize_t got = preadv(fd, iov, count > IOV_MAX ? IOV_MAX : count, offset);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return SF_ERR_IO;
+        }
+        if (got == 0)
+            return SF_ERR_EOF;
+        offset += got;
+        size_t left = (size_t)got;
+        while (count > 0 && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            count--;
+        }
+        if (left > 0) {
+            iov->iov_base = (char *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+    }
+    return SF_OK;
+}
+
+static size_t shard_of(const sf_shards *shards, int64_t index)
+{
+    /* First shard whose start is past index, minus one (empty shards are skipped over). */
+    size_t lo = 0, hi = shards->n_shards;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (shards->starts[mid + 1] <= index)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static void set_error(sf_error *err, int kind, int file_kind, size_t shard, int64_t offset,
+                      int64_t sample)
+{
+    err->kind = kind;
+    err->err_no = kind == SF_ERR_IO ? errno : 0;
+    err->file_kind = file_kind;
+    err->shard = (int64_t)shard;
+    err->offset = offset;
+    err->sample = sample;
+}
+
+/* Where the stored bytes of a cast field land before conversion: the tail of the output slot when
+ * the stored element is not wider than float32, else a scratch buffer. */
+static int converts_in_place(const sf_field_out *f)
+{
+    return f->cast == SF_CAST_COPY || sf_cast_itemsize(f->cast) <= 4;
+}
+
+typedef struct record_ctx {
+    const sf_shards *shards;
+    const int64_t *indices;
+    const sf_field_out *fields;
+    size_t n_fields;
+    size_t gap_bytes;      /* largest gap between requested fields (read into a discard buffer) */
+    size_t scratch_bytes;  /* stored bytes of the fields that cannot convert in place */
+} record_ctx;
+
+static int read_records_pread(void *vctx, size_t begin, size_t end, sf_error *err)
+{
+    const record_ctx *ctx = vctx;
+    const sf_shards *sh = ctx->shards;
+    const sf_field_out *fields = ctx->fields;
+    int rc = SF_OK;
+    struct iovec *iov = malloc(sizeof *iov * (2 * ctx->n_fields + 1));
+    char *discard = ctx->gap_bytes ? malloc(ctx->gap_bytes) : NULL;
+    char *scratch = ctx->scratch_bytes ? malloc(ctx->scratch_bytes) : NULL;
+    char **landing = malloc(sizeof *landing * (ctx->n_fields + 1));
+    if (!iov || !landing || (ctx->gap_bytes && !discard) || (ctx->scratch_bytes && !scratch)) {
+        set_error(err, SF_ERR_NOMEM, SF_FILE_RECORDS, 0, -1, -1);
+        err->shard = -1;
+        rc = SF_ERR_NOMEM;
+        goto done;
+    }
+
+    for (size_t r = begin; r < end; r++) {
+        int64_t index = ctx->indices[r];
+        size_t s = shard_of(sh, index);
+        off_t record = (off_t)sh->header_bytes + (off_t)(index - sh->starts[s]) * (off_t)sh->record_bytes;
+
+        int count = 0;
+        size_t cursor = fields[0].src_offset, scratch_used = 0;
+        for (size_t k = 0; k < ctx->n_fields; k++) {
+            const sf_field_out *f = &fields[k];
+            char *row = f->dst + r * f->dst_bytes;
+            if (f->cast == SF_CAST_COPY)
+                landing[k] = row;
+            else if (converts_in_place(f))
+                landing[k] = row + (f->dst_bytes - f->src_bytes);
+            else {
+                landing[k] = scratch + scratch_used;
+                scratch_used += f->src_bytes;
+            }
+            if (f->src_bytes == 0)
+                continue;
+            if (f->src_offset > cursor) {
+                iov[count].iov_base = discard;
+                iov[count++].iov_len = f->src_offset - cursor;
+            }
+            iov[count].iov_base = landing[k];
+            iov[count++].iov_len = f->src_bytes;
+            cursor = f->src_offset + f->src_bytes;
+        }
+        if (count > 0) {
+            off_t at = record + (off_t)fields[0].src_offset;
+            rc = preadv_full(sh->fds[s], iov, count, at);
+            if (rc != SF_OK) {
+                set_error(err, rc, SF_FILE_RECORDS, s, (int64_t)at, index);
+                goto done;
+            }
+        }
+        for (size_t k = 0; k < ctx->n_fields; k++) {
+            const sf_field_out *f = &fields[k];
+            if (f->cast != SF_CAST_COPY)
+                sf_convert(f->cast, (float *)(f->dst + r * f->dst_bytes), landing[k], f->count,
+                           &f->affine, 0);
+        }
+    }
+done:
+    free(iov);
+    free(discard);
+    free(scratch);
+    free(landing);
+    return rc == SF_OK ? 0 : -1;
+}
+
+static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
+{
+    const record_ctx *ctx = vctx;
+    const sf_shards *sh = ctx->shards;
+    (void)err;
+    for (size_t r = begin; r < end; r++) {
+        int64_t index = ctx->indices[r];
+        size_t s = shard_of(sh, index);
+        const char *record = sh->maps[s] + sh->header_bytes +
+                             (size_t)(index - sh->starts[s]) * sh->record_bytes;
+        for (size_t k = 0; k < ctx->n_fields; k++) {
+            const sf_field_out *f = &ctx->fields[k];
+            char *row = f->dst + r * f->dst_bytes;
+            if (f->cast == SF_CAST_COPY)
+                memcpy(row, record + f->src_offset, f->src_bytes);
+            else
+                sf_convert(f->cast, (float *)row, record + f->src_offset, f->count, &f->affine, 0);
+        }
+    }
+    return 0;
+}
+
+static size_t pick_chunk(size_t n, size_t threads, size_t min_items)
+{
+    size_t parts = threads > 1 ? threads * 4 : 1;
+    size_t chunk = n / parts + (n % parts != 0);
+    if (chunk < min_items)
+        chunk = min_items;
+    return chunk ? chunk : 1;
+}
+
+int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
+                    const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
+                    sf_error *err)
+{
+    record_ctx ctx = {shards, indices, fields, n_fields, 0, 0};
+    size_t bytes = 0;
+    for (size_t k = 0; k < n_fields; k++) {
+        bytes += fields[k].src_bytes;
+        if (!converts_in_place(&fields[k]))
+            ctx.scratch_bytes += fields[k].src_bytes;
+        if (k > 0) {
+            size_t prev_end = fields[k - 1].src_offset + fields[k - 1].src_bytes;
+            if (fields[k].src_offset - prev_end > ctx.gap_bytes)
+                ctx.gap_bytes = fields[k].src_offset - prev_end;
+        }
+    }
+    sf_error_clear(err);
+    if (n_fields == 0 || n == 0)
+        return 0;
+    if (use_map) {
+        size_t min_items = bytes ? SF_MAP_CHUNK_BYTES / bytes : n;
+        return sf_parallel_for(n, pick_chunk(n, threads, min_items), threads, read_records_map,
+                               &ctx, err);
+    }
+    return sf_parallel_for(n, pick_chunk(n, threads, 1), threads, read_records_pread, &ctx, err);
+}
+
+typedef struct heap_ctx {
+    const sf_shards *shards;
+    const int64_t *sample, *shard, *offsets, *rows;
+    const sf_heap_out *field;
+} heap_ctx;
+
+static void fill_pad(char *dst, size_t elems, const void *pad, size_t pad_bytes)
+{
+    for (size_t i = 0; i < elems; i++)
+        memcpy(dst + i * pad_bytes, pad, pad_bytes);
+}
+
+static int read_heap_range(void *vctx, size_t begin, size_t end, sf_error *err)
+{
+    const heap_ctx *ctx = vctx;
+    const sf_heap_out *f = ctx->field;
+    int wide = f->cast != SF_CAST_COPY && sf_cast_itemsize(f->cast) > 4;
+    char *scratch = NULL;
+    if (wide && f->max_rows > 0) {
+        scratch = malloc(f->max_rows * f->src_row_bytes);
+        if (!scratch) {
+            set_error(err, SF_ERR_NOMEM, SF_FILE_HEAP, 0, -1, -1);
+            err->shard = -1;
+            return -1;
+        }
+    }
+    int rc = SF_OK;
+    for (size_t r = begin; r < end; r++) {
+        size_t rows = (size_t)ctx->rows[r];
+        size_t s = (size_t)ctx->shard[r];
+        char *out = f->dst + r * f->max_rows * f->dst_row_bytes;
+        size_t src_bytes = rows * f->src_row_bytes;
+        char *landing = f->cast == SF_CAST_COPY ? out
+                        : wide                  ? scratch
+                                                : out + rows * (f->dst_row_bytes - f->src_row_bytes);
+        if (src_bytes > 0) {
+            struct iovec iov = {landing, src_bytes};
+            rc = preadv_full(ctx->shards->heap_fds[s], &iov, 1, (off_t)ctx->offsets[r]);
+            if (rc != SF_OK) {
+                set_error(err, rc, SF_FILE_HEAP, s, ctx->offsets[r], ctx->sample[r]);
+                break;
+            }
+            if (f->cast != SF_CAST_COPY)
+                sf_convert(f->cast, (float *)out, landing, rows * f->row_elems, &f->affine, 0);
+        }
+        fill_pad(out + rows * f->dst_row_bytes, (f->max_rows - rows) * f->row_elems, f->pad,
+                 f->pad_bytes);
+    }
+    free(scratch);
+    return rc == SF_OK ? 0 : -1;
+}
+
+int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
+                 const int64_t *offsets, const int64_t *rows, size_t n, const sf_heap_out *field,
+                 size_t threads, sf_error *err)
+{
+    heap_ctx ctx = {shards, sample, shard, offsets, rows, field};
+    sf_error_clear(err);
+    if (n == 0)
+        return 0;
+    return sf_parallel_for(n, pick_chunk(n, threads, 1), threads, read_heap_range, &ctx, err);
+}

@@ -1,0 +1,56 @@
+/* Batch reads of fixed-size records and of variable-length heap rows, on the thread pool.
+ * No Python API here: the Cython adapter validates everything before calling in. */
+#ifndef SF_READER_H
+#define SF_READER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "cast.h"
+#include "sf_error.h"
+
+typedef struct sf_shards {
+    size_t n_shards;
+    const int *fds;            /* record file per shard */
+    const int *heap_fds;       /* heap file per shard, or NULL when the schema has no variable fields */
+    const int64_t *starts;     /* n_shards + 1 cumulative sample counts; starts[0] == 0 */
+    const char *const *maps;   /* read-only map of each record file, or NULL */
+    size_t header_bytes;       /* bytes before the first record */
+    size_t record_bytes;       /* bytes per record */
+} sf_shards;
+
+/* One requested field of a record read. */
+typedef struct sf_field_out {
+    int cast;              /* enum sf_cast; SF_CAST_COPY keeps the stored bytes */
+    size_t src_offset;     /* byte offset of the field in the record */
+    size_t src_bytes;      /* stored bytes per sample */
+    size_t count;          /* elements per sample */
+    char *dst;             /* output base: row r starts at dst + r * dst_bytes */
+    size_t dst_bytes;      /* output bytes per sample */
+    sf_affine affine;      /* scale == NULL: none */
+} sf_field_out;
+
+/* Reads records `indices[0..n)` into each field's output row of the same position. Fields must be
+ * sorted by src_offset and not overlap. use_map != 0 copies from shards->maps instead of preadv. */
+int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
+                    const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
+                    sf_error *err);
+
+/* One variable-length field read: sample r has rows[r] rows (already clipped to max_rows) at byte
+ * `offsets[r]` of heap file `shard[r]`. Rows past rows[r] up to max_rows are filled with `pad`. */
+typedef struct sf_heap_out {
+    int cast;
+    size_t row_elems;      /* elements per row (product of the trailing dimensions) */
+    size_t src_row_bytes;  /* stored bytes per row */
+    char *dst;             /* output base: sample r at dst + r * max_rows * dst_row_bytes */
+    size_t dst_row_bytes;  /* output bytes per row */
+    size_t max_rows;
+    const void *pad;       /* one output element */
+    size_t pad_bytes;      /* output element size */
+    sf_affine affine;
+} sf_heap_out;
+
+int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
+                 const int64_t *offsets, const int64_t *rows, size_t n, const sf_heap_out *field,
+                 size_t threads, sf_error *err);
+
+#endif

@@ -1,0 +1,395 @@
+"""Opening a dataset and reading samples by index."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from .errors import ShardFormatError, ShardReadError
+from .format import (
+    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field, Manifest, check_header,
+    read_manifest,
+)
+
+# Native conversion kernel per stored dtype, to float32 (ext/cast.h, enum sf_cast).
+CAST_COPY = 0
+CASTS = {
+    "float16": 1, "bfloat16": 2, "float32": 3, "float64": 4, "uint8": 5, "bool": 5, "int8": 6,
+    "uint16": 7, "int16": 8, "uint32": 9, "int32": 10, "uint64": 11, "int64": 12,
+}
+_FLOAT32 = np.dtype(np.float32)
+
+# Records up to this size are copied from a read-only memory map (MADV_RANDOM) instead of one
+# preadv() each: for tiny records the system call costs more than the copy (benchmarks/RESULTS.md).
+MMAP_MAX_RECORD_BYTES = 1024
+
+_default_threads: Optional[int] = None
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def get_num_threads() -> int:
+    """Native threads a batch read uses unless told otherwise (see :func:`set_num_threads`)."""
+    if _default_threads is not None:
+        return _default_threads
+    return max(16, 2 * _cpu_count())
+
+
+def set_num_threads(threads: Optional[int]) -> None:
+    """Sets the default number of native reader threads; ``None`` restores the automatic choice
+    (16, or twice the CPUs if more: cold random reads want many requests in flight). The threads
+    are C threads that never hold the GIL."""
+    global _default_threads
+    _default_threads = None if threads is None else _check_threads(threads)
+
+
+def _check_threads(threads: Any) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= _core.BUILD_INFO["max_threads"]:
+        raise ValueError(f"threads must be an int in [1, {_core.BUILD_INFO['max_threads']}], got {threads!r}")
+    return int(threads)
+
+
+class Batch(dict):
+    """A dict of field name -> batch array; ``lengths`` maps each variable-length field to the
+    number of valid (unpadded) rows of every sample."""
+
+    def __init__(self, *args: Any, lengths: Optional[Dict[str, np.ndarray]] = None):
+        super().__init__(*args)
+        self.lengths: Dict[str, np.ndarray] = lengths or {}
+
+    def __reduce__(self):
+        return (Batch, (dict(self),), {"lengths": self.lengths})
+
+
+def _open_file(path: str, size: int, kind: int, manifest: Manifest) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        hint = " (too many open files: raise `ulimit -n` or write larger shards)" if exc.errno == errno.EMFILE else ""
+        raise ShardReadError(exc.errno, f"cannot open shard: {exc.strerror}{hint}", path) from None
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise ShardFormatError(f"{path}: file is {actual} bytes, the manifest says {size} "
+                                   f"({'truncated' if actual < size else 'extra data'})")
+        check_header(path, os.pread(fd, HEADER_BYTES, 0), kind, manifest.schema)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _as_name_list(fields: Union[None, str, Sequence[str]], schema_fields: Mapping[str, Field]) -> List[str]:
+    if fields is None:
+        return list(schema_fields)
+    names = [fields] if isinstance(fields, str) else list(fields)
+    for name in names:
+        if name not in schema_fields:
+            raise KeyError(f"no field {name!r}; the dataset has {list(schema_fields)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"fields listed twice in {names}")
+    return names
+
+
+def _per_field(option: Any, name: str, several: bool, what: str) -> Any:
+    if isinstance(option, Mapping):
+        return option.get(name)
+    if option is not None and several:
+        raise ValueError(f"{what} applies to one field; pass a dict {{field: value}} when reading several")
+    return option
+
+
+def affine_layout(field: Field, scale: Any, offset: Any) -> Tuple[np.ndarray, np.ndarray, int, int]:
+    """Turns scale/offset broadcastable to the field's (row) shape into the kernel's
+    (scale, offset, inner, period) description: parameter p = (element // inner) % period."""
+    shape = field.row_shape
+    s = np.asarray(1.0 if scale is None else scale, dtype=np.float32)
+    o = np.asarray(0.0 if offset is None else offset, dtype=np.float32)
+    try:
+        params = np.broadcast_shapes(s.shape, o.shape)
+        fits = np.broadcast_shapes(params, shape) == shape and len(params) <= len(shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"field {field.name!r}: scale {s.shape} / offset {o.shape} do not broadcast to "
+                         f"the field's shape {shape}")
+    params = (1,) * (len(shape) - len(params)) + params
+    s, o = (np.broadcast_to(a.reshape((1,) * (len(params) - a.ndim) + a.shape), params) for a in (s, o))
+    varying = [axis for axis, n in enumerate(params) if n != 1]
+    if not varying:
+        return (np.ascontiguousarray(s.reshape(-1)[:1]), np.ascontiguousarray(o.reshape(-1)[:1]), 1, 1)
+    first = varying[0]
+    if len(varying) == 1:
+        period, inner = shape[first], math.prod(shape[first + 1:])
+    else:
+        period, inner = math.prod(shape[first:]), 1
+    tail = (1,) * first + tuple(shape[first:])
+    s, o = (np.broadcast_to(a, tail).reshape(-1) for a in (s, o))
+    if inner == 1 and period > 1:  # the kernel reads a window of period + block entries
+        reps = -(-(period + _core.BLOCK) // period)
+        s, o = np.tile(s, reps), np.tile(o, reps)
+    return np.ascontiguousarray(s, np.float32), np.ascontiguousarray(o, np.float32), inner, period
+
+
+class Dataset:
+    """A dataset opened for reading: ``len(ds)``, ``ds.fields``, ``ds.metadata``, ``ds[i]`` and
+    :meth:`read` for batches. Thread-safe; pickles by path (the copy reopens the files)."""
+
+    def __init__(self, path: "os.PathLike[str] | str", *, threads: Optional[int] = None, mmap: Union[str, bool] = "auto"):
+        self.path = os.fspath(path)
+        self._threads = None if threads is None else _check_threads(threads)
+        if mmap not in ("auto", True, False):
+            raise ValueError(f"mmap must be 'auto', True or False, got {mmap!r}")
+        self._mmap_option = mmap
+        if not os.path.isdir(self.path):
+            raise ShardReadError(errno.ENOENT if not os.path.exists(self.path) else errno.ENOTDIR,
+                                 "not a dataset directory", self.path)
+        try:
+            manifest = read_manifest(self.path)
+        except FileNotFoundError:
+            raise ShardReadError(errno.ENOENT, f"no {MANIFEST_NAME}: not a shardfeed dataset, or its writer "
+                                 "never committed", os.path.join(self.path, MANIFEST_NAME)) from None
+        self._manifest = manifest
+        self.schema = manifest.schema
+        self.fields: Dict[str, Field] = dict(manifest.schema.fields)
+        self.metadata: Dict[str, Any] = manifest.metadata
+        self._record_bytes = manifest.schema.record_bytes
+        counts = [s.num_samples for s in manifest.shards]
+        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        self._heap_sizes = np.array([s.heap_size for s in manifest.shards], dtype=np.int64)
+        self._heap_paths = [os.path.join(self.path, s.heap_file) for s in manifest.shards if s.heap_file]
+        paths = [os.path.join(self.path, s.file) for s in manifest.shards]
+        use_map = self._record_bytes <= MMAP_MAX_RECORD_BYTES if mmap == "auto" else bool(mmap)
+        has_heap = bool(manifest.schema.variable_fields)
+        fds: List[int] = []
+        heap_fds: List[int] = []
+        try:
+            for shard, shard_path in zip(manifest.shards, paths):
+                fds.append(_open_file(shard_path, shard.size, FILE_KIND_RECORDS, manifest))
+                if has_heap:
+                    heap_path = os.path.join(self.path, shard.heap_file)
+                    heap_fds.append(_open_file(heap_path, shard.heap_size, FILE_KIND_HEAP, manifest))
+        except BaseException:
+            for fd in fds + heap_fds:
+                os.close(fd)
+            raise
+        # The ShardSet owns the descriptors from here on, even if it fails.
+        self._shards = _core.ShardSet(fds, heap_fds if has_heap else None, counts, paths,
+                                      self._heap_paths if has_heap else None, HEADER_BYTES,
+                                      self._record_bytes, use_map)
+        self._use_map = use_map
+
+    # ---- basics -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._manifest.shards)
+
+    @property
+    def threads(self) -> int:
+        return self._threads if self._threads is not None else get_num_threads()
+
+    def __repr__(self) -> str:
+        return f"<shardfeed.Dataset {self.path!r}: {len(self)} samples, {self.schema!r}>"
+
+    def close(self) -> None:
+        """Closes the shard files (reads running in other threads finish first)."""
+        self._shards.close()
+
+    def __enter__(self) -> "Dataset":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __reduce__(self):
+        return (_reopen, (self.path, self._threads, self._mmap_option))
+
+    def __getitem__(self, index: Any) -> Any:
+        """``ds[i]``: one sample as a dict of arrays (variable fields unpadded); ``ds[a:b]``: a Batch."""
+        if isinstance(index, slice):
+            return self.read(np.arange(len(self), dtype=np.int64)[index])
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"dataset indices must be integers or slices, not {type(index).__name__}")
+        batch = self.read(np.array([index], dtype=np.int64))
+        sample = {}
+        for name, values in batch.items():
+            length = batch.lengths.get(name)
+            sample[name] = values[0] if length is None else values[0, :length[0]]
+        return sample
+
+    # ---- batch reads --------------------------------------------------------------------------
+
+    def _indices(self, indices: Any) -> np.ndarray:
+        array = np.asarray(indices)
+        if array.ndim != 1:
+            raise ValueError(f"indices must be one-dimensional, got shape {array.shape}")
+        if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
+            raise TypeError(f"indices must be integers, got {array.dtype}")
+        if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+            raise IndexError(f"index {int(array.max())} is out of range for a dataset of {len(self)} samples")
+        array = np.ascontiguousarray(array, dtype=np.int64)
+        if array.size and array.min() < 0:
+            array = np.where(array < 0, array + len(self), array)
+            array[array < 0] -= len(self)  # keep the original value in the IndexError message
+        return array
+
+    def _output_dtype(self, field: Field, dtype: Any, affine: bool) -> np.dtype:
+        if dtype is None:
+            return _FLOAT32 if affine else field.natural_dtype
+        wanted = np.dtype(dtype)
+        if wanted == _FLOAT32 or (wanted == field.natural_dtype and not affine):
+            return wanted
+        raise ValueError(f"field {field.name!r} ({field.dtype}) can be read as {field.natural_dtype}"
+                         f"{'' if field.natural_dtype == _FLOAT32 else ' or float32'}, not {wanted}"
+                         f"{' (scale/offset need float32)' if affine else ''}")
+
+    def _check_out(self, name: str, array: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"out[{name!r}] must be a numpy array, got {type(array).__name__}")
+        problems = []
+        if array.dtype != dtype:
+            problems.append(f"dtype {array.dtype} (expected {dtype})")
+        if array.shape != shape:
+            problems.append(f"shape {array.shape} (expected {shape})")
+        if not array.flags.c_contiguous:
+            problems.append("not C-contiguous")
+        if not array.flags.writeable:
+            problems.append("not writable")
+        if not array.flags.aligned:
+            problems.append("not aligned")
+        if problems:
+            raise ValueError(f"out[{name!r}]: {', '.join(problems)}")
+        return array
+
+    def read(self, indices: Any, fields: Union[None, str, Sequence[str]] = None, *, dtype: Any = None,
+             out: Optional[Mapping[str, np.ndarray]] = None, scale: Any = None, offset: Any = None,
+             maxlen: Union[None, int, Mapping[str, int]] = None, pad_value: Any = 0,
+             threads: Optional[int] = None) -> Batch:
+        """Reads the samples ``indices`` (any order, duplicates allowed, negative counts from the end)
+        and returns a :class:`Batch` of arrays with a leading batch dimension.
+
+        ``fields``: a name or list of names (default: all). ``dtype``: ``None`` (each field's stored
+        dtype; bfloat16 reads as float32) or ``"float32"`` (converted natively, in place), or a dict
+        per field. ``scale``/``offset``: ``out = stored * scale + offset`` in float32, each a scalar
+        or an array broadcastable to the field's shape (per channel), or a dict per field.
+        ``out``: dict of preallocated arrays to fill. Variable-length fields are padded with
+        ``pad_value`` to the longest sample, or to ``maxlen`` (longer samples are truncated); their
+        row counts are in ``batch.lengths``."""
+        names = _as_name_list(fields, self.fields)
+        index_array = self._indices(indices)
+        n = len(index_array)
+        several = len(names) > 1
+        out = {} if out is None else out
+        unknown = [k for k in out if k not in names]
+        if unknown:
+            raise KeyError(f"out has arrays for fields not being read: {unknown}")
+        thread_count = self.threads if threads is None else _check_threads(threads)
+
+        record_reads = []
+        variable = []
+        results: Dict[str, np.ndarray] = {}
+        for name in names:
+            field = self.fields[name]
+            field_scale = _per_field(scale, name, several, "scale")
+            field_offset = _per_field(offset, name, several, "offset")
+            affine = field_scale is not None or field_offset is not None
+            out_dtype = self._output_dtype(field, dtype.get(name) if isinstance(dtype, Mapping) else dtype, affine)
+            cast = CAST_COPY if out_dtype == field.natural_dtype and field.dtype != "bfloat16" and not affine \
+                else CASTS[field.dtype]
+            params = affine_layout(field, field_scale, field_offset) if affine else (None, None, 1, 1)
+            if field.variable:
+                descriptors = np.empty((n, 2), dtype=np.uint64)
+                record_reads.append((CAST_COPY, field.offset, field.record_bytes, 2, descriptors, None, None, 1, 1))
+                variable.append((field, descriptors, out_dtype, cast, params))
+                continue
+            shape = (n,) + field.row_shape
+            target = self._check_out(name, out[name], shape, out_dtype) if name in out else np.empty(shape, out_dtype)
+            results[name] = target
+            record_reads.append((cast, field.offset, field.record_bytes, field.count, target) + params)
+        self._check_disjoint(out)
+        record_reads.sort(key=lambda spec: spec[1])
+        self._shards.read_records(index_array, record_reads, self._use_map, thread_count)
+
+        lengths: Dict[str, np.ndarray] = {}
+        for field, descriptors, out_dtype, cast, params in variable:
+            results[field.name], lengths[field.name] = self._read_variable(
+                field, index_array, descriptors, out_dtype, cast, params, out.get(field.name),
+                maxlen.get(field.name) if isinstance(maxlen, Mapping) else maxlen,
+                pad_value.get(field.name, 0) if isinstance(pad_value, Mapping) else pad_value, thread_count)
+        return Batch({name: results[name] for name in names}, lengths=lengths)
+
+    def _check_disjoint(self, out: Mapping[str, np.ndarray]) -> None:
+        arrays = list(out.items())
+        for i, (a_name, a) in enumerate(arrays):
+            for b_name, b in arrays[i + 1:]:
+                if np.may_share_memory(a, b):
+                    raise ValueError(f"out[{a_name!r}] and out[{b_name!r}] share memory")
+
+    def _read_variable(self, field: Field, indices: np.ndarray, descriptors: np.ndarray, out_dtype: np.dtype,
+                       cast: int, params: tuple, out_array: Optional[np.ndarray], maxlen: Optional[int],
+                       pad_value: Any, threads: int) -> Tuple[np.ndarray, np.ndarray]:
+        n = len(indices)
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        offsets = descriptors[:, 0]
+        rows = descriptors[:, 1]
+        row_bytes = field.count * field.stored_dtype.itemsize
+        heap_end = self._heap_sizes[shard].astype(np.uint64)
+        with np.errstate(over="ignore"):
+            bad = (offsets < HEADER_BYTES) | (offsets > heap_end) | (rows > (heap_end - offsets) // max(row_bytes, 1))
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise ShardFormatError(f"{self._heap_paths[shard[r]]}: sample {indices[r]} of field {field.name!r} "
+                                   f"points at {rows[r]} rows at byte {offsets[r]}, outside the "
+                                   f"{heap_end[r]}-byte heap file (corrupt record)")
+        if out_array is not None:
+            if out_array.ndim < 2:
+                raise ValueError(f"out[{field.name!r}] must have shape (batch, maxlen, ...)")
+            maxlen = out_array.shape[1] if maxlen is None else maxlen
+        if maxlen is None:
+            max_rows = int(rows.max()) if n else 0
+        elif isinstance(maxlen, bool) or not isinstance(maxlen, (int, np.integer)) or maxlen < 0:
+            raise ValueError(f"maxlen for field {field.name!r} must be an int >= 0, got {maxlen!r}")
+        else:
+            max_rows = int(maxlen)
+        shape = (n, max_rows) + field.row_shape
+        if out_array is not None:
+            target = self._check_out(field.name, out_array, shape, out_dtype)
+        else:
+            target = np.empty(shape, out_dtype)
+        try:
+            pad = np.array(pad_value, dtype=out_dtype)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ValueError(f"pad_value {pad_value!r} does not fit field {field.name!r} read as {out_dtype}: {exc}") from None
+        if pad.ndim:
+            raise ValueError(f"pad_value for field {field.name!r} must be a scalar")
+        clipped = np.minimum(rows, np.uint64(max_rows)).astype(np.int64)
+        self._shards.read_heap(indices, shard.astype(np.int64), offsets.astype(np.int64), clipped, cast,
+                               field.count, row_bytes, target, max_rows, pad.tobytes(), *params, threads)
+        return target, clipped
+
+
+def _reopen(path: str, threads: Optional[int], mmap: Union[str, bool]) -> Dataset:
+    return Dataset(path, threads=threads, mmap=mmap)
+
+
+def open(path: "os.PathLike[str] | str", *, threads: Optional[int] = None, mmap: Union[str, bool] = "auto") -> Dataset:
+    """Opens a dataset directory for reading. ``threads``: native reader threads per batch (default
+    :func:`get_num_threads`). ``mmap``: copy records from a read-only memory map instead of
+    ``preadv`` — ``"auto"`` does for records of at most 1 KiB."""
+    return Dataset(path, threads=threads, mmap=mmap)

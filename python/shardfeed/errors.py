@@ -1,0 +1,25 @@
+"""Exceptions raised by shardfeed.
+
+Each library exception is also the builtin that fits, so ``except ValueError`` / ``except OSError``
+keep working alongside ``except shardfeed.ShardfeedError``.
+"""
+
+
+class ShardfeedError(Exception):
+    """Base class of every exception raised by shardfeed itself."""
+
+
+class SchemaError(ShardfeedError, ValueError):
+    """A field specification (name, dtype, shape) is invalid, or data does not match it."""
+
+
+class ValueRangeError(ShardfeedError, ValueError):
+    """A value does not fit in the dtype its field stores (overflow, out-of-range integer)."""
+
+
+class ShardFormatError(ShardfeedError, ValueError):
+    """A manifest or shard file is malformed, of another version, or inconsistent with the manifest."""
+
+
+class ShardReadError(ShardfeedError, OSError):
+    """Reading a shard failed; ``filename`` is the shard path and ``errno`` the system error."""

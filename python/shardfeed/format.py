@@ -1,0 +1,416 @@
+"""The on-disk format: schema, record layout, manifest and shard headers (see docs/format.md).
+
+A dataset is a directory holding ``manifest.json`` and shard files. Every sample's fixed-shape
+fields live together in one fixed-size record, so sample ``i`` of a shard sits at
+``HEADER_BYTES + i * record_bytes`` of its ``.rec`` file. A variable-length field stores a 16-byte
+descriptor in the record (absolute byte offset and row count, both uint64) and its rows in the
+shard's ``.var`` heap file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import SchemaError, ShardFormatError
+
+FORMAT_NAME = "shardfeed"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MAGIC = b"SHRDFEED"
+HEADER_BYTES = 64
+FILE_KIND_RECORDS = 0
+FILE_KIND_HEAP = 1
+# magic, version, file kind, header bytes, record bytes, schema fingerprint (16 bytes), reserved
+_HEADER = struct.Struct("<8sIIIQ16s20x")
+assert _HEADER.size == HEADER_BYTES
+
+# dtype name -> numpy dtype of the stored little-endian bytes. bfloat16 has no numpy dtype: it is
+# stored as its 16-bit pattern and read back as float32.
+STORED_DTYPES: Dict[str, str] = {
+    "bool": "|b1",
+    "int8": "|i1", "int16": "<i2", "int32": "<i4", "int64": "<i8",
+    "uint8": "|u1", "uint16": "<u2", "uint32": "<u4", "uint64": "<u8",
+    "float16": "<f2", "bfloat16": "<u2", "float32": "<f4", "float64": "<f8",
+}
+DESCRIPTOR_DTYPE = np.dtype("<u8")  # (offset, rows) of a variable-length field
+_MAX_DIMENSION = 1 << 40
+_MAX_RECORD_BYTES = 1 << 31
+
+
+@dataclass(frozen=True)
+class Field:
+    """One named field of a schema.
+
+    ``shape`` is the per-sample shape; a variable first dimension is ``None``. ``offset`` is the
+    byte offset of the field (or of its descriptor) in the record.
+    """
+
+    name: str
+    dtype: str
+    shape: Tuple[Optional[int], ...]
+    offset: int = 0
+
+    @property
+    def variable(self) -> bool:
+        return len(self.shape) > 0 and self.shape[0] is None
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        return np.dtype(STORED_DTYPES[self.dtype])
+
+    @property
+    def row_shape(self) -> Tuple[int, ...]:
+        """Shape of one row of a variable field, or the whole shape of a fixed one."""
+        return tuple(self.shape[1:]) if self.variable else tuple(self.shape)  # type: ignore[arg-type]
+
+    @property
+    def count(self) -> int:
+        """Elements per sample (per row for a variable field)."""
+        return math.prod(self.row_shape)
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes this field takes in the record."""
+        return 2 * DESCRIPTOR_DTYPE.itemsize if self.variable else self.count * self.stored_dtype.itemsize
+
+    @property
+    def alignment(self) -> int:
+        return DESCRIPTOR_DTYPE.itemsize if self.variable else self.stored_dtype.itemsize
+
+    @property
+    def natural_dtype(self) -> np.dtype:
+        """The dtype a read returns when no dtype is asked for."""
+        return np.dtype(np.float32) if self.dtype == "bfloat16" else np.dtype(self.dtype)
+
+    def spec(self) -> Dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def _parse_shape(name: str, shape: Any) -> Tuple[Optional[int], ...]:
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)):
+        raise SchemaError(f"field {name!r}: shape must be a tuple of ints, got {shape!r}")
+    dims: List[Optional[int]] = []
+    for axis, dim in enumerate(shape):
+        if dim is None and axis == 0:
+            dims.append(None)
+            continue
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 0 <= dim <= _MAX_DIMENSION:
+            where = "only the first dimension may be None" if dim is None else "dimensions must be ints >= 0"
+            raise SchemaError(f"field {name!r}: bad shape {tuple(shape)!r} ({where})")
+        dims.append(int(dim))
+    return tuple(dims)
+
+
+def make_field(name: Any, dtype: Any, shape: Any = ()) -> Field:
+    """Validates one field specification."""
+    if not isinstance(name, str) or not name or name != name.strip() or any(c in name for c in "\0/\\"):
+        raise SchemaError(f"bad field name {name!r}: use a non-empty string without '/', '\\' or NUL")
+    if isinstance(dtype, str) and dtype in STORED_DTYPES:
+        dtype_name = dtype
+    else:
+        try:
+            dtype_name = np.dtype(dtype).name
+        except TypeError:
+            dtype_name = str(dtype)
+        if dtype_name not in STORED_DTYPES or np.dtype(dtype).byteorder == ">":
+            raise SchemaError(
+                f"field {name!r}: unsupported dtype {dtype!r}; supported: {', '.join(STORED_DTYPES)}"
+            )
+    return Field(name, dtype_name, _parse_shape(name, shape))
+
+
+class Schema:
+    """Ordered fields and the record layout derived from them (natural alignment, in order)."""
+
+    def __init__(self, fields: Sequence[Field]):
+        if not fields:
+            raise SchemaError("a schema needs at least one field")
+        laid_out: List[Field] = []
+        offset = 0
+        for field in fields:
+            offset = -(-offset // field.alignment) * field.alignment
+            laid_out.append(Field(field.name, field.dtype, field.shape, offset))
+            offset += field.record_bytes
+        names = [f.name for f in laid_out]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise SchemaError(f"duplicate field names: {duplicates}")
+        align = max(f.alignment for f in laid_out)
+        self.record_bytes = -(-offset // align) * align
+        if self.record_bytes > _MAX_RECORD_BYTES:
+            raise SchemaError(f"record of {self.record_bytes} bytes is too large (max {_MAX_RECORD_BYTES})")
+        self.fields: Dict[str, Field] = {f.name: f for f in laid_out}
+        self.record_dtype = np.dtype(
+            {
+                "names": names,
+                "formats": [
+                    (DESCRIPTOR_DTYPE, (2,)) if f.variable else (f.stored_dtype, f.row_shape)
+                    for f in laid_out
+                ],
+                "offsets": [f.offset for f in laid_out],
+                "itemsize": self.record_bytes,
+            }
+        )
+
+    @classmethod
+    def from_spec(cls, fields: Any) -> "Schema":
+        """From ``{"x": ("float16", (64, 64)), "y": "int64"}`` or a list of manifest field dicts."""
+        if isinstance(fields, Mapping):
+            parsed = []
+            for name, spec in fields.items():
+                if isinstance(spec, (tuple, list)):
+                    if len(spec) not in (1, 2):
+                        raise SchemaError(f"field {name!r}: expected (dtype, shape), got {spec!r}")
+                    parsed.append(make_field(name, *spec))
+                else:
+                    parsed.append(make_field(name, spec, ()))
+            return cls(parsed)
+        if isinstance(fields, list):
+            parsed = []
+            for item in fields:
+                if not isinstance(item, dict) or set(item) != {"name", "dtype", "shape"}:
+                    raise SchemaError(f"bad field entry {item!r}: expected keys name, dtype, shape")
+                if not isinstance(item["dtype"], str) or item["dtype"] not in STORED_DTYPES:
+                    raise SchemaError(f"field {item.get('name')!r}: unknown dtype {item['dtype']!r}")
+                parsed.append(make_field(item["name"], item["dtype"], item["shape"]))
+            return cls(parsed)
+        raise SchemaError(f"fields must be a dict of name -> (dtype, shape), got {type(fields).__name__}")
+
+    def spec(self) -> List[Dict[str, Any]]:
+        return [f.spec() for f in self.fields.values()]
+
+    @property
+    def variable_fields(self) -> List[Field]:
+        return [f for f in self.fields.values() if f.variable]
+
+    @property
+    def fingerprint(self) -> bytes:
+        """16 bytes identifying the schema; written into every shard header."""
+        canonical = json.dumps(self.spec(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(canonical).digest()[:16]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schema) and self.spec() == other.spec()
+
+    def __repr__(self) -> str:
+        return f"Schema({', '.join(f'{f.name}: {f.dtype}{list(f.shape)}' for f in self.fields.values())})"
+
+
+def pack_header(kind: int, schema: Schema) -> bytes:
+    record_bytes = schema.record_bytes if kind == FILE_KIND_RECORDS else 0
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, kind, HEADER_BYTES, record_bytes, schema.fingerprint)
+
+
+def check_header(path: str, data: bytes, kind: int, schema: Schema) -> None:
+    """Raises ShardFormatError naming ``path`` unless ``data`` is the header this schema writes."""
+    if len(data) < HEADER_BYTES:
+        raise ShardFormatError(f"{path}: file is {len(data)} bytes, shorter than the {HEADER_BYTES}-byte header")
+    magic, version, file_kind, header_bytes, record_bytes, fingerprint = _HEADER.unpack(data[:HEADER_BYTES])
+    if magic != MAGIC:
+        raise ShardFormatError(f"{path}: not a shardfeed shard (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise ShardFormatError(f"{path}: shard format version {version}, this shardfeed reads {FORMAT_VERSION}")
+    if file_kind != kind or header_bytes != HEADER_BYTES:
+        raise ShardFormatError(f"{path}: header says file kind {file_kind} / header {header_bytes} bytes, "
+                               f"expected kind {kind} / {HEADER_BYTES} bytes")
+    expected_record = schema.record_bytes if kind == FILE_KIND_RECORDS else 0
+    if record_bytes != expected_record:
+        raise ShardFormatError(f"{path}: record size {record_bytes} bytes does not match the schema's "
+                               f"{expected_record} bytes")
+    if fingerprint != schema.fingerprint:
+        raise ShardFormatError(f"{path}: shard was written with a different schema than the manifest's")
+
+
+def format_checksum(crc: int) -> str:
+    return f"crc32:{crc & 0xFFFFFFFF:08x}"
+
+
+def file_checksum(path: str, block: int = 1 << 22) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return format_checksum(crc)
+
+
+# ---- manifest -------------------------------------------------------------------------------
+
+_MANIFEST_KEYS = {"format", "version", "fields", "record_bytes", "num_samples", "shards", "metadata"}
+_SHARD_KEYS = {"file", "num_samples", "size", "checksum"}
+_HEAP_KEYS = {"file", "size", "checksum"}
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    file: str
+    num_samples: int
+    size: int
+    checksum: str
+    heap_file: Optional[str] = None
+    heap_size: int = 0
+    heap_checksum: Optional[str] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        entry: Dict[str, Any] = {
+            "file": self.file, "num_samples": self.num_samples, "size": self.size, "checksum": self.checksum,
+        }
+        if self.heap_file is not None:
+            entry["heap"] = {"file": self.heap_file, "size": self.heap_size, "checksum": self.heap_checksum}
+        return entry
+
+
+@dataclass
+class Manifest:
+    schema: Schema
+    shards: List[ShardEntry]
+    metadata: Dict[str, Any]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "fields": self.schema.spec(),
+            "record_bytes": self.schema.record_bytes,
+            "num_samples": self.num_samples,
+            "shards": [s.to_json() for s in self.shards],
+            "metadata": self.metadata,
+        }
+
+
+def _safe_file_name(manifest_path: str, name: Any, what: str) -> str:
+    """Shard names are plain file names inside the dataset directory: no separators, no '..'."""
+    if (
+        not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+        or "\0" in name or os.path.isabs(name) or name == MANIFEST_NAME
+    ):
+        raise ShardFormatError(f"{manifest_path}: {what} file name {name!r} is not a plain file name "
+                               "inside the dataset directory")
+    return name
+
+
+def _count(manifest_path: str, value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
+        raise ShardFormatError(f"{manifest_path}: {what} must be an integer in [0, 2**62), got {value!r}")
+    return value
+
+
+def _checksum(manifest_path: str, value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.startswith("crc32:") or len(value) != 14:
+        raise ShardFormatError(f"{manifest_path}: {what} checksum {value!r} is not 'crc32:<8 hex digits>'")
+    try:
+        int(value[6:], 16)
+    except ValueError:
+        raise ShardFormatError(f"{manifest_path}: {what} checksum {value!r} is not 'crc32:<8 hex digits>'") from None
+    return value
+
+
+def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
+    """Validates a manifest completely; every problem raises ShardFormatError naming the file."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ShardFormatError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ShardFormatError(f"{manifest_path}: expected a JSON object, got {type(doc).__name__}")
+    if doc.get("format") != FORMAT_NAME:
+        raise ShardFormatError(f"{manifest_path}: not a shardfeed manifest (format {doc.get('format')!r})")
+    if doc.get("version") != FORMAT_VERSION:
+        raise ShardFormatError(f"{manifest_path}: format version {doc.get('version')!r}, "
+                               f"this shardfeed reads version {FORMAT_VERSION}")
+    unknown, missing = set(doc) - _MANIFEST_KEYS, _MANIFEST_KEYS - set(doc)
+    if unknown or missing:
+        raise ShardFormatError(f"{manifest_path}: unknown keys {sorted(unknown)} / missing keys {sorted(missing)}")
+    try:
+        schema = Schema.from_spec(doc["fields"])
+    except SchemaError as exc:
+        raise ShardFormatError(f"{manifest_path}: {exc}") from None
+    if doc["record_bytes"] != schema.record_bytes:
+        raise ShardFormatError(f"{manifest_path}: record_bytes {doc['record_bytes']!r} does not match the "
+                               f"schema's {schema.record_bytes}")
+    if not isinstance(doc["metadata"], dict):
+        raise ShardFormatError(f"{manifest_path}: metadata must be a JSON object")
+    if not isinstance(doc["shards"], list):
+        raise ShardFormatError(f"{manifest_path}: shards must be a list")
+    has_heap = bool(schema.variable_fields)
+    shards: List[ShardEntry] = []
+    seen = set()
+    for number, raw in enumerate(doc["shards"]):
+        what = f"shard {number}"
+        expected_keys = _SHARD_KEYS | ({"heap"} if has_heap else set())
+        if not isinstance(raw, dict) or set(raw) != expected_keys:
+            raise ShardFormatError(f"{manifest_path}: {what} must have exactly the keys {sorted(expected_keys)}")
+        name = _safe_file_name(manifest_path, raw["file"], what)
+        count = _count(manifest_path, raw["num_samples"], f"{what} num_samples")
+        size = _count(manifest_path, raw["size"], f"{what} size")
+        if size != HEADER_BYTES + count * schema.record_bytes:
+            raise ShardFormatError(f"{manifest_path}: {what} ({name}) has size {size}, but {count} records of "
+                                   f"{schema.record_bytes} bytes need {HEADER_BYTES + count * schema.record_bytes}")
+        entry = dict(file=name, num_samples=count, size=size, checksum=_checksum(manifest_path, raw["checksum"], what))
+        if has_heap:
+            heap = raw["heap"]
+            if not isinstance(heap, dict) or set(heap) != _HEAP_KEYS:
+                raise ShardFormatError(f"{manifest_path}: {what} heap must have exactly the keys {sorted(_HEAP_KEYS)}")
+            entry.update(
+                heap_file=_safe_file_name(manifest_path, heap["file"], f"{what} heap"),
+                heap_size=_count(manifest_path, heap["size"], f"{what} heap size"),
+                heap_checksum=_checksum(manifest_path, heap["checksum"], f"{what} heap"),
+            )
+            if entry["heap_size"] < HEADER_BYTES:
+                raise ShardFormatError(f"{manifest_path}: {what} heap size {entry['heap_size']} is below the header size")
+        for file_name in (entry["file"], entry.get("heap_file")):
+            if file_name is not None:
+                if file_name in seen:
+                    raise ShardFormatError(f"{manifest_path}: file {file_name!r} is listed twice")
+                seen.add(file_name)
+        shards.append(ShardEntry(**entry))
+    manifest = Manifest(schema, shards, doc["metadata"])
+    if doc["num_samples"] != manifest.num_samples:
+        raise ShardFormatError(f"{manifest_path}: num_samples {doc['num_samples']!r} is not the sum of the "
+                               f"shards' counts ({manifest.num_samples})")
+    return manifest
+
+
+def read_manifest(path: str) -> Manifest:
+    manifest_path = os.path.join(path, MANIFEST_NAME)
+    with open(manifest_path, "rb") as f:
+        return parse_manifest(manifest_path, f.read())
+
+
+def write_manifest(path: str, manifest: Manifest) -> None:
+    """Replaces the manifest atomically: temporary file, fsync, rename, fsync of the directory."""
+    final = os.path.join(path, MANIFEST_NAME)
+    temporary = f"{final}.tmp-{os.getpid()}"
+    data = json.dumps(manifest.to_json(), indent=1, allow_nan=False).encode() + b"\n"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, final)
+    fsync_directory(path)
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,285 @@
+"""Streaming writer: samples in, shards and an atomically replaced manifest out."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import zlib
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ._convert import cast_to_stored
+from .errors import SchemaError
+from .format import (
+    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field, Manifest, Schema, ShardEntry,
+    format_checksum, pack_header, read_manifest, write_manifest,
+)
+
+DEFAULT_SHARD_SIZE = 256 << 20
+_BUFFER_BYTES = 4 << 20  # records are written to the shard file in pieces of about this size
+
+
+class _ShardFile:
+    """The shard being written: its record file and (for variable fields) its heap file."""
+
+    def __init__(self, directory: str, number: int, schema: Schema):
+        self.name = f"shard-{number:06d}"
+        self.records = _OutputFile(os.path.join(directory, self.name + ".rec"), pack_header(FILE_KIND_RECORDS, schema))
+        self.heap = (
+            _OutputFile(os.path.join(directory, self.name + ".var"), pack_header(FILE_KIND_HEAP, schema))
+            if schema.variable_fields else None
+        )
+        self.num_samples = 0
+
+    def finish(self) -> ShardEntry:
+        entry = ShardEntry(
+            file=os.path.basename(self.records.path), num_samples=self.num_samples,
+            size=self.records.size, checksum=self.records.finish(),
+        )
+        if self.heap is not None:
+            heap_size = self.heap.size
+            entry = ShardEntry(**{**entry.__dict__, "heap_file": os.path.basename(self.heap.path),
+                                  "heap_size": heap_size, "heap_checksum": self.heap.finish()})
+        return entry
+
+    def discard(self) -> None:
+        for out in (self.records, self.heap):
+            if out is not None:
+                out.discard()
+
+
+class _OutputFile:
+    def __init__(self, path: str, header: bytes):
+        self.path = path
+        self.file = open(path, "wb", buffering=1 << 20)
+        self.size = 0
+        self.crc = 0
+        self.write(np.frombuffer(header, dtype=np.uint8))
+
+    def write(self, data: np.ndarray) -> int:
+        """Appends the bytes of a contiguous array; returns the byte offset they start at."""
+        start = self.size
+        raw = data.reshape(-1).view(np.uint8)
+        self.crc = zlib.crc32(raw, self.crc)
+        self.file.write(raw)
+        self.size = start + raw.size
+        return start
+
+    def finish(self) -> str:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return format_checksum(self.crc)
+
+    def discard(self) -> None:
+        self.file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class Writer:
+    """Writes a dataset directory of shards.
+
+    ``Writer(path, fields={"x": ("float16", (64, 64)), "y": ("int64", ())})`` creates a dataset
+    (``mode="w"``, refusing to overwrite one); ``mode="a"`` continues an existing one. Use it as a
+    context manager, or call :meth:`close`. Each completed shard is committed to the manifest at once,
+    so an interrupted run keeps every completed shard; :meth:`close` commits the rest.
+
+    Memory stays bounded by one write buffer of about 4 MiB (plus the batch passed to ``extend``).
+    """
+
+    def __init__(self, path: "os.PathLike[str] | str", fields: Optional[Mapping[str, Any]] = None, *,
+                 shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None,
+                 mode: str = "w"):
+        self.path = os.fspath(path)
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= HEADER_BYTES:
+            raise ValueError(f"shard_size must be an int of more than {HEADER_BYTES} bytes, got {shard_size!r}")
+        manifest_path = os.path.join(self.path, MANIFEST_NAME)
+        if mode == "w":
+            if os.path.exists(manifest_path):
+                raise FileExistsError(errno.EEXIST, "a dataset already exists here (use mode='a' to append)",
+                                      self.path)
+            if fields is None:
+                raise SchemaError("fields are required to create a dataset")
+            schema = Schema.from_spec(fields)
+            os.makedirs(self.path, exist_ok=True)
+            self._manifest = Manifest(schema, [], {})
+        elif mode == "a":
+            self._manifest = read_manifest(self.path)
+            if fields is not None and Schema.from_spec(fields) != self._manifest.schema:
+                raise SchemaError(f"{manifest_path}: fields {Schema.from_spec(fields)!r} differ from the "
+                                  f"dataset's {self._manifest.schema!r}")
+        else:
+            raise ValueError(f"mode must be 'w' (create) or 'a' (append), got {mode!r}")
+        self.schema = self._manifest.schema
+        self.metadata: Dict[str, Any] = dict(self._manifest.metadata)
+        if metadata is not None:
+            self.metadata.update(metadata)
+        self._check_metadata()
+
+        record_bytes = self.schema.record_bytes
+        self._records_per_shard = max(1, (shard_size - HEADER_BYTES) // record_bytes)
+        self._heap_limit = shard_size
+        self._buffer = np.zeros(max(1, min(self._records_per_shard, _BUFFER_BYTES // record_bytes)),
+                                dtype=self.schema.record_dtype)
+        self._buffered = 0
+        self._shard: Optional[_ShardFile] = None
+        self._closed = False
+        if mode == "w":
+            self._commit()  # an empty dataset is a valid dataset
+
+    # ---- public API ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Samples written so far (committed or not)."""
+        pending = self._shard.num_samples if self._shard else 0
+        return self._manifest.num_samples + pending + self._buffered
+
+    def append(self, sample: Mapping[str, Any]) -> None:
+        """Adds one sample: a dict with one value (array or scalar) per field."""
+        self._check_keys(sample)
+        self.extend({name: [value] if field.variable else np.asarray(sample[name])[None]
+                     for name, field in self.schema.fields.items() for value in (sample[name],)})
+
+    def extend(self, batch: Mapping[str, Any]) -> None:
+        """Adds many samples: a dict of arrays with a leading batch dimension (for a variable field, a
+        sequence of arrays). A value that does not fit its dtype raises ValueRangeError naming the
+        field and sample; nothing of the batch is written then, unless the batch is larger than the
+        write buffer, in which case the pieces before the offending one are kept."""
+        self._check_open()
+        columns, count = self._check_batch(batch)
+        position = 0
+        while position < count:
+            if self._shard is None:
+                self._shard = _ShardFile(self.path, len(self._manifest.shards), self.schema)
+            room = min(len(self._buffer) - self._buffered,
+                       self._records_per_shard - self._shard.num_samples - self._buffered)
+            take = min(count - position, room)
+            self._store(columns, position, take)
+            position += take
+            if self._buffered == len(self._buffer) or self._shard_full():
+                self._flush()
+            if self._shard_full():
+                self._finish_shard()
+
+    def close(self) -> None:
+        """Writes what is buffered and commits the manifest. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._shard is not None:
+            self._flush()
+            if self._shard.num_samples:
+                self._finish_shard()
+            else:
+                self._shard.discard()
+                self._shard = None
+        self._commit()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"writer for {self.path} is closed")
+
+    def _check_metadata(self) -> None:
+        try:
+            json.dumps(self.metadata, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadata must be JSON-serialisable (no NaN, no objects): {exc}") from None
+
+    def _check_keys(self, batch: Mapping[str, Any]) -> None:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"expected a dict of field name -> values, got {type(batch).__name__}")
+        missing = [n for n in self.schema.fields if n not in batch]
+        unknown = [n for n in batch if n not in self.schema.fields]
+        if missing or unknown:
+            raise SchemaError(f"{self.path}: sample fields do not match the schema: missing {missing}, "
+                              f"unknown {unknown}; schema fields {list(self.schema.fields)}")
+
+    def _check_batch(self, batch: Mapping[str, Any]):
+        self._check_keys(batch)
+        columns: Dict[str, Any] = {}
+        count = None
+        for name, field in self.schema.fields.items():
+            if field.variable:
+                values = batch[name]
+                if isinstance(values, np.ndarray) or not isinstance(values, Sequence):
+                    values = list(np.asarray(values)) if np.ndim(values) else None
+                if values is None:
+                    raise SchemaError(f"field {name!r}: expected a sequence of arrays of shape {field.shape}")
+                column: Any = values
+                length = len(values)
+            else:
+                column = np.asarray(batch[name])
+                if column.shape[1:] != field.shape or column.ndim != len(field.shape) + 1:
+                    raise SchemaError(f"field {name!r}: expected a batch of shape (n, {', '.join(map(str, field.shape))})"
+                                      f" for shape {field.shape}, got {column.shape}")
+                length = column.shape[0]
+            if count is not None and length != count:
+                raise SchemaError(f"field {name!r} has {length} samples, other fields have {count}")
+            count = length
+            columns[name] = column
+        return columns, count or 0
+
+    def _store(self, columns: Dict[str, Any], position: int, take: int) -> None:
+        """Casts samples [position, position + take) and places them in the write buffer; checks
+        every field before anything is stored."""
+        first = len(self)
+        fixed = {}
+        variable: Dict[str, List[np.ndarray]] = {}
+        for name, field in self.schema.fields.items():
+            if field.variable:
+                variable[name] = [self._cast_rows(field, columns[name][i], first + i - position)
+                                  for i in range(position, position + take)]
+            else:
+                fixed[name] = cast_to_stored(columns[name][position:position + take], field, first)
+        rows = self._buffer[self._buffered:self._buffered + take]
+        for name, values in fixed.items():
+            rows[name] = values
+        for name, samples in variable.items():
+            descriptors = rows[name]
+            for i, data in enumerate(samples):
+                descriptors[i, 0] = self._shard.heap.write(data) if data.size else self._shard.heap.size
+                descriptors[i, 1] = data.shape[0]
+        self._buffered += take
+
+    def _cast_rows(self, field: Field, value: Any, sample: int) -> np.ndarray:
+        data = np.asarray(value)
+        if data.ndim != len(field.shape) or data.shape[1:] != field.row_shape:
+            raise SchemaError(f"field {field.name!r}, sample {sample}: expected shape (rows, "
+                              f"{', '.join(map(str, field.row_shape))}) for {field.shape}, got {data.shape}")
+        return np.ascontiguousarray(cast_to_stored(data[None], field, sample)[0])
+
+    def _shard_full(self) -> bool:
+        shard = self._shard
+        if shard is None:
+            return False
+        heap_full = shard.heap is not None and shard.heap.size >= self._heap_limit
+        return shard.num_samples + self._buffered >= self._records_per_shard or heap_full
+
+    def _flush(self) -> None:
+        if self._buffered:
+            self._shard.records.write(self._buffer[:self._buffered])
+            self._shard.num_samples += self._buffered
+            self._buffered = 0
+
+    def _finish_shard(self) -> None:
+        self._manifest.shards.append(self._shard.finish())
+        self._shard = None
+        self._commit()
+
+    def _commit(self) -> None:
+        self._check_metadata()
+        self._manifest.metadata = dict(self.metadata)
+        write_manifest(self.path, self._manifest)
