@@ -1,0 +1,97 @@
+"""A slow, obviously correct reader: the test oracle for :meth:`shardfeed.Dataset.read`.
+
+Pure Python and numpy, independent of the compiled core: the manifest is parsed (and validated) by
+:func:`shardfeed.format.read_manifest`, each record is fetched with one ``os.pread``, and values are
+converted with ``numpy.astype`` and the float32 formula ``x * float32(scale) + float32(offset)``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+
+import numpy as np
+
+from .format import HEADER_BYTES, read_manifest
+
+
+def _pread(path, size, offset):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise OSError(f"{path}: short read of {len(data)} of {size} bytes at {offset}")
+    return data
+
+
+def _option(option, name):
+    return option.get(name) if isinstance(option, dict) else option
+
+
+def _convert(field, raw, want, scale, offset):
+    """Stored values -> the dtype a read returns, with the optional affine transform."""
+    affine = scale is not None or offset is not None
+    if field.dtype == "bfloat16":
+        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+    if not affine and (want is None or np.dtype(want) == field.natural_dtype):
+        return raw.astype(field.natural_dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf, inf * 0, like the C core
+        x = raw.astype(np.float32)
+        if affine:
+            s = np.asarray(1.0 if scale is None else scale, dtype=np.float32)
+            o = np.asarray(0.0 if offset is None else offset, dtype=np.float32)
+            x = (x * s + o).astype(np.float32)
+    return x
+
+
+def reference_read(path, indices, fields=None, dtype=None, scale=None, offset=None, maxlen=None,
+                   pad_value=0):
+    """Returns ``(values, lengths)``: dicts of field name -> batch array and, for variable-length
+    fields, -> int64 row counts, with the semantics of ``Dataset.read``."""
+    manifest = read_manifest(os.fspath(path))
+    schema = manifest.schema
+    names = list(schema.fields) if fields is None else [fields] if isinstance(fields, str) else list(fields)
+    starts = [0]
+    for shard in manifest.shards:
+        starts.append(starts[-1] + shard.num_samples)
+    total = starts[-1]
+    samples = []  # (shard entry, record bytes) per requested index
+    for i in np.asarray(indices, dtype=np.int64).reshape(-1).tolist():
+        j = i + total if i < 0 else i
+        if not 0 <= j < total:
+            raise IndexError(f"index {i} is out of range for a dataset of {total} samples")
+        s = bisect.bisect_right(starts, j) - 1
+        shard = manifest.shards[s]
+        record = _pread(os.path.join(path, shard.file), schema.record_bytes,
+                        HEADER_BYTES + (j - starts[s]) * schema.record_bytes)
+        samples.append((shard, record))
+
+    values, lengths = {}, {}
+    for name in names:
+        field = schema.fields[name]
+        args = (_option(dtype, name), _option(scale, name), _option(offset, name))
+        stored = field.stored_dtype
+        rows = []
+        for shard, record in samples:
+            if field.variable:
+                at, count = np.frombuffer(record, "<u8", 2, field.offset).tolist()
+                data = _pread(os.path.join(path, shard.heap_file), count * field.count * stored.itemsize, at)
+                raw = np.frombuffer(data, stored).reshape((count,) + field.row_shape)
+            else:
+                raw = np.frombuffer(record, stored, field.count, field.offset).reshape(field.row_shape)
+            rows.append(_convert(field, raw, *args))
+        out_dtype = _convert(field, np.zeros(field.row_shape, stored), *args).dtype
+        if not field.variable:
+            values[name] = np.stack(rows) if rows else np.empty((0,) + field.row_shape, out_dtype)
+            continue
+        limit = _option(maxlen, name)
+        longest = max((len(r) for r in rows), default=0) if limit is None else limit
+        pad = pad_value.get(name, 0) if isinstance(pad_value, dict) else pad_value
+        padded = np.full((len(rows), longest) + field.row_shape, pad, dtype=out_dtype)
+        for k, r in enumerate(rows):
+            padded[k, :min(len(r), longest)] = r[:longest]
+        values[name] = padded
+        lengths[name] = np.array([min(len(r), longest) for r in rows], dtype=np.int64)
+    return values, lengths
