@@ -137,8 +137,9 @@ cdef class ShardSet:
                 self.heap_fds[i] = heap_fds[i]
         self.paths = tuple(paths)
         self.heap_paths = tuple(heap_paths) if heap_paths is not None else ()
-        if len(counts) != n or len(self.paths) != n or (heap_fds is not None and
-                                                         (len(heap_fds) != n or len(self.heap_paths) != n)):
+        cdef Py_ssize_t shard_count = <Py_ssize_t>n
+        if len(counts) != shard_count or len(self.paths) != shard_count or (heap_fds is not None and (
+                len(heap_fds) != shard_count or len(self.heap_paths) != shard_count)):
             raise ValueError("internal error: shard lists of different lengths")
         if record_bytes == 0:
             raise ValueError("internal error: record size 0")
@@ -246,7 +247,7 @@ cdef class ShardSet:
         cdef int rc
         cdef Py_buffer *view
         cdef _Views views = _Views(3 * nf)
-        cdef sf_field_out *outs = <sf_field_out *>PyMem_Calloc(max(nf, 1), sizeof(sf_field_out))
+        cdef sf_field_out *outs = <sf_field_out *>PyMem_Calloc(nf if nf else 1, sizeof(sf_field_out))
         if outs == NULL:
             raise MemoryError()
         try:
@@ -308,7 +309,8 @@ cdef class ShardSet:
             raise ValueError("I/O operation on a closed dataset")
         if self.c.heap_fds == NULL:
             raise ValueError("internal error: this dataset has no heap files")
-        if shards.shape[0] != n or offsets.shape[0] != n or rows.shape[0] != n:
+        if shards.shape[0] != samples.shape[0] or offsets.shape[0] != samples.shape[0] \
+                or rows.shape[0] != samples.shape[0]:
             raise ValueError("internal error: heap read arrays of different lengths")
         if not 0 <= cast < SF_CAST_COUNT:
             raise ValueError(f"bad cast {cast}")

@@ -131,12 +131,13 @@ def affine_layout(field: Field, scale: Any, offset: Any) -> Tuple[np.ndarray, np
     if not varying:
         return (np.ascontiguousarray(s.reshape(-1)[:1]), np.ascontiguousarray(o.reshape(-1)[:1]), 1, 1)
     first = varying[0]
-    if len(varying) == 1:
+    if len(varying) == 1:  # per channel along one axis: one parameter per channel
         period, inner = shape[first], math.prod(shape[first + 1:])
-    else:
+        s, o = s.reshape(-1), o.reshape(-1)
+    else:  # varies along several axes: one parameter per element from the first varying axis on
         period, inner = math.prod(shape[first:]), 1
-    tail = (1,) * first + tuple(shape[first:])
-    s, o = (np.broadcast_to(a, tail).reshape(-1) for a in (s, o))
+        tail = (1,) * first + tuple(shape[first:])
+        s, o = (np.broadcast_to(a, tail).reshape(-1) for a in (s, o))
     if inner == 1 and period > 1:  # the kernel reads a window of period + block entries
         reps = -(-(period + _core.BLOCK) // period)
         s, o = np.tile(s, reps), np.tile(o, reps)
