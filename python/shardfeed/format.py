@@ -148,6 +148,8 @@ class Schema:
             raise SchemaError(f"duplicate field names: {duplicates}")
         align = max(f.alignment for f in laid_out)
         self.record_bytes = -(-offset // align) * align
+        if self.record_bytes == 0:
+            raise SchemaError(f"every field of {names} has zero size: a record needs at least one byte")
         if self.record_bytes > _MAX_RECORD_BYTES:
             raise SchemaError(f"record of {self.record_bytes} bytes is too large (max {_MAX_RECORD_BYTES})")
         self.fields: Dict[str, Field] = {f.name: f for f in laid_out}

@@ -158,7 +158,7 @@ class Writer:
                 self._shard = _ShardFile(self.path, len(self._manifest.shards), self.schema)
             room = min(len(self._buffer) - self._buffered,
                        self._records_per_shard - self._shard.num_samples - self._buffered)
-            take = min(count - position, room)
+            take = self._heap_take(columns, position, min(count - position, room))
             self._store(columns, position, take)
             position += take
             if self._buffered == len(self._buffer) or self._shard_full():
@@ -253,6 +253,20 @@ class Writer:
                 descriptors[i, 0] = self._shard.heap.write(data) if data.size else self._shard.heap.size
                 descriptors[i, 1] = data.shape[0]
         self._buffered += take
+
+    def _heap_take(self, columns: Dict[str, Any], position: int, take: int) -> int:
+        """How many of the next ``take`` samples go into the current shard: a heap that reaches the
+        shard size ends the shard, within a batch too (at least one sample goes in)."""
+        heap = self._shard.heap
+        if heap is None:
+            return take
+        used = heap.size
+        for k in range(take):
+            if used >= self._heap_limit:
+                return k
+            used += sum(np.size(columns[f.name][position + k]) * f.stored_dtype.itemsize
+                        for f in self.schema.variable_fields)
+        return take
 
     def _cast_rows(self, field: Field, value: Any, sample: int) -> np.ndarray:
         data = np.asarray(value)
