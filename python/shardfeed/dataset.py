@@ -125,6 +125,8 @@ def affine_layout(field: Field, scale: Any, offset: Any) -> Tuple[np.ndarray, np
     if not fits:
         raise ValueError(f"field {field.name!r}: scale {s.shape} / offset {o.shape} do not broadcast to "
                          f"the field's shape {shape}")
+    if math.prod(shape) == 0:  # nothing to transform (and no layout with a zero period or inner)
+        return np.ones(1, np.float32), np.zeros(1, np.float32), 1, 1
     params = (1,) * (len(shape) - len(params)) + params
     s, o = (np.broadcast_to(a.reshape((1,) * (len(params) - a.ndim) + a.shape), params) for a in (s, o))
     varying = [axis for axis, n in enumerate(params) if n != 1]
@@ -324,7 +326,7 @@ class Dataset:
             results[name] = target
             record_reads.append((cast, field.offset, field.record_bytes, field.count, target) + params)
         self._check_disjoint(out)
-        record_reads.sort(key=lambda spec: spec[1])
+        record_reads.sort(key=lambda spec: (spec[1], spec[2]))  # a zero-size field before the field at its offset
         self._shards.read_records(index_array, record_reads, self._use_map, thread_count)
 
         lengths: Dict[str, np.ndarray] = {}
