@@ -238,3 +238,31 @@ def test_dataset_attributes(tools, new_path):
         assert ds.fields["t"].shape == (None, 4) and ds.fields["t"].variable
         assert ds.metadata == {"classes": ["cat", "dog"], "mean": [0.5, 0.25], "nested": {"k": None}}
         assert repr(ds).startswith("<shardfeed.Dataset") and "3 samples" in repr(ds)
+
+
+@pytest.mark.parametrize("order", [["z", "a", "b"], ["a", "z", "b"], ["b", "a", "z"], ["a", "b", "z"]])
+def test_zero_size_field_sharing_an_offset_in_any_read_order(tools, new_path, mmap_mode, order):
+    """A zero-size field sits at the offset of the next field; reading them in any order works
+    (found by test_properties: fields ['f1', 'f0'] raised 'bytes [0, 0) overlap another field')."""
+    fields = {"a": ("uint8", ()), "z": ("float64", (0, 2)), "b": ("uint8", (3,))}
+    assert Schema.from_spec(fields).fields["z"].offset == Schema.from_spec(fields).fields["b"].offset
+    columns = {"a": np.arange(5), "z": np.zeros((5, 0, 2)), "b": np.arange(15).reshape(5, 3)}
+    ds = shardfeed.open(tools.write_dataset(new_path(), fields, columns), mmap=mmap_mode)
+    for dtype in (None, "float32"):
+        batch = ds.read([4, 0, 2], fields=order, dtype=dtype)
+        assert list(batch) == order
+        want = np.float32 if dtype else None
+        tools.assert_identical(batch["a"], np.array([4, 0, 2], want or np.uint8))
+        tools.assert_identical(batch["z"], np.zeros((3, 0, 2), want or np.float64))
+        tools.assert_identical(batch["b"], columns["b"][[4, 0, 2]].astype(want or np.uint8))
+
+
+def test_affine_on_a_zero_size_field(tools, new_path):
+    """Per-channel parameters with zero channels, or over a zero-size axis, transform nothing."""
+    fields = {"e": ("uint8", (0,)), "f": ("uint8", (3, 0)), "x": ("int8", ())}
+    path = tools.write_dataset(new_path(), fields, {"e": np.zeros((2, 0)), "f": np.zeros((2, 3, 0)), "x": [1, 2]})
+    ds = shardfeed.open(path)
+    batch = ds.read([1, 0], scale={"e": np.ones(0), "f": np.ones((3, 1))}, offset={"e": 1.0, "f": np.ones(0)})
+    tools.assert_identical(batch["e"], np.empty((2, 0), np.float32))
+    tools.assert_identical(batch["f"], np.empty((2, 3, 0), np.float32))
+    tools.assert_identical(batch["x"], np.array([2, 1], np.int8))
