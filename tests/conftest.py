@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, settings
 import shardfeed
 
 settings.register_profile(
-    "fast", max_examples=30, deadline=None, print_blob=True,
+    "fast", max_examples=50, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(

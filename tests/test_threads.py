@@ -1,0 +1,173 @@
+"""Thread safety: many Python threads reading one Dataset at once get exact results; closing while
+others read neither crashes nor corrupts; file descriptors do not leak."""
+
+import gc
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import shardfeed
+from shardfeed.format import HEADER_BYTES
+
+N = 2000
+
+
+@pytest.fixture(scope="module")
+def columns_and_path(tmp_path_factory):
+    rng = np.random.default_rng(5)
+    columns = {
+        "x": rng.standard_normal((N, 8)).astype(np.float16),
+        "img": rng.integers(0, 256, (N, 3, 4, 4), dtype=np.uint8),
+        "y": np.arange(N, dtype=np.int64),
+        "t": [np.full(i % 7, i, np.int32) for i in range(N)],
+    }
+    fields = {"x": ("float16", (8,)), "img": ("uint8", (3, 4, 4)), "y": ("int64", ()), "t": ("int32", (None,))}
+    path = str(tmp_path_factory.mktemp("threads") / "ds")
+    with shardfeed.Writer(path, fields=fields, shard_size=HEADER_BYTES + 150 * 88) as w:
+        w.extend(columns)
+    return path, columns
+
+
+def run_threads(count, target):
+    """Runs target(k) on `count` threads started together; re-raises the first failure."""
+    errors = []
+    barrier = threading.Barrier(count)
+
+    def body(k):
+        try:
+            barrier.wait()
+            target(k)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=body, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a reader thread hung"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("native_threads", [1, 4])
+def test_many_python_threads_read_one_dataset(columns_and_path, mmap_mode, native_threads):
+    path, columns = columns_and_path
+    ds = shardfeed.open(path, mmap=mmap_mode, threads=native_threads)
+    mean = np.float32(127.5)
+    checked = []
+
+    def reader(k):
+        rng = np.random.default_rng(k)
+        for round_ in range(25):
+            indices = rng.integers(-N, N, size=int(rng.integers(1, 700)))
+            picked = indices % N
+            if round_ % 3 == 0:
+                batch = ds.read(indices, fields=["img", "y"], scale={"img": 1 / mean}, offset={"img": -1.0})
+                expected = columns["img"][picked].astype(np.float32) * np.float32(1 / mean) + np.float32(-1.0)
+                np.testing.assert_array_equal(batch["img"].view(np.uint32), expected.view(np.uint32))
+                np.testing.assert_array_equal(batch["y"], picked.astype(np.float32))
+            else:
+                batch = ds.read(indices, dtype="float32" if round_ % 2 else None)
+                np.testing.assert_array_equal(batch["x"], columns["x"][picked].astype(batch["x"].dtype))
+                np.testing.assert_array_equal(batch["img"], columns["img"][picked].astype(batch["img"].dtype))
+                np.testing.assert_array_equal(batch["y"], picked)
+                np.testing.assert_array_equal(batch.lengths["t"], picked % 7)
+                for row, i in zip(batch["t"], picked):
+                    assert (row[:i % 7] == i).all() and not row[i % 7:].any()
+        checked.append(k)
+    run_threads(8, reader)
+    assert sorted(checked) == list(range(8))
+
+
+def test_close_while_other_threads_read(columns_and_path, mmap_mode):
+    path, columns = columns_and_path
+    seen = set()
+    for attempt in range(5):
+        ds = shardfeed.open(path, mmap=mmap_mode, threads=4)
+        reading = threading.Event()
+        outcomes = []
+
+        def reader(k):
+            rng = np.random.default_rng(k + 10 * attempt)
+            try:
+                for round_ in range(300):
+                    indices = rng.integers(0, N, 512)
+                    batch = ds.read(indices, fields=["y", "t"] if k % 2 else ["x", "y"])
+                    np.testing.assert_array_equal(batch["y"], indices)  # complete reads are exact
+                    if round_ == 2:
+                        reading.set()
+            except ValueError as exc:
+                assert "closed dataset" in str(exc), exc
+                outcomes.append("closed")
+                return
+            outcomes.append("finished")
+
+        def closer(k):
+            if k == 0:
+                reading.wait(10)
+                ds.close()
+            else:
+                reader(k)
+        run_threads(5, closer)
+        assert len(outcomes) == 4
+        seen.update(outcomes)
+    assert "closed" in seen  # some reads were refused after the close
+    with pytest.raises(ValueError, match="I/O operation on a closed dataset"):
+        ds.read([0])
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_closing_releases_descriptors_and_reads_fail(columns_and_path):
+    path, _ = columns_and_path
+    gc.collect()
+    before = open_fds()
+    ds = shardfeed.open(path)
+    assert open_fds() == before + 2 * ds.num_shards  # .rec and .var of every shard
+    ds.read(np.arange(100))
+    ds.close()
+    ds.close()  # twice is fine
+    assert open_fds() == before
+    for call in (lambda: ds.read([0]), lambda: ds[0], lambda: ds.read([0], fields="t"), lambda: ds.read([])):
+        with pytest.raises(ValueError, match="I/O operation on a closed dataset"):
+            call()
+    with shardfeed.open(path) as ds2:
+        ds2.read([1])
+    assert open_fds() == before
+    for _ in range(20):  # dropped without close: freed with the object
+        shardfeed.open(path, mmap=True).read([3, 4])
+    gc.collect()
+    assert open_fds() == before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_failed_open_leaks_nothing(columns_and_path, tmp_path):
+    path, _ = columns_and_path
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(path):
+        (broken / name).symlink_to(os.path.join(path, name))
+    (broken / "shard-000005.var").unlink()
+    gc.collect()
+    before = open_fds()
+    for _ in range(10):
+        with pytest.raises(shardfeed.ShardReadError):
+            shardfeed.open(broken)
+    assert open_fds() == before
+
+
+def test_native_pool_is_persistent(columns_and_path):
+    from shardfeed import _core
+    path, _ = columns_and_path
+    ds = shardfeed.open(path, threads=4, mmap=False)
+    ds.read(np.arange(N))
+    size = _core.pool_size()
+    assert size >= 3
+    for _ in range(20):
+        ds.read(np.arange(N))
+    assert _core.pool_size() == size
