@@ -1,14 +1,28 @@
 /* Conversion kernels; see cast.h. Each call works through the elements in blocks: a block of
- * stored bytes is copied to a local buffer, converted into a local float block (simple loops the
- * compiler vectorizes), transformed, and copied out. That keeps the in-place rule trivially true and
- * lets every loop run on non-aliasing local arrays. */
+ * stored bytes is converted into a local float block (simple loops the compiler vectorizes),
+ * transformed, and copied out. Reading a whole block before storing any of it keeps the in-place
+ * rule true, and the transform runs on a local array that aliases nothing. */
 #include "cast.h"
+
+#include <stdint.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define SF_HAVE_F16C_PATH 1
+#define SF_HAVE_STREAM_STORES 1
 #endif
 
+/* The block loops below are simple enough for the compiler to vectorise; with ifunc support
+ * (GCC on Linux/glibc) they are also built for AVX2, picked at load time by CPU. Only integer
+ * conversions, float32 multiplies and adds are vectorised, which round exactly like the scalar
+ * code (no FMA: -ffp-contract=off and the avx2 target does not enable FMA). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    defined(__GLIBC__)
+#define SF_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SF_CLONES
+#endif
+#define SF_INLINE static inline __attribute__((always_inline))
 
 
 size_t sf_cast_itemsize(int cast)
@@ -17,27 +31,33 @@ size_t sf_cast_itemsize(int cast)
     return cast >= 0 && cast < SF_CAST_COUNT ? sizes[cast] : 0;
 }
 
-static void f16_block_soft(float *out, const uint16_t *in, size_t m)
+/* Block kernels: convert m <= SF_BLOCK stored elements at `in` (any alignment: every element is
+ * loaded with a fixed-size memcpy, which compiles to a plain unaligned load) into the local float
+ * block `out`. The caller stores `out` only after the whole block was read, which is what makes
+ * the in-place layout safe. */
+static void f16_block_soft(float *out, const unsigned char *in, size_t m)
 {
     for (size_t j = 0; j < m; j++) {
-        uint32_t bits = sf_half_to_float_bits(in[j]);
+        uint16_t h;
+        memcpy(&h, in + 2 * j, 2);
+        uint32_t bits = sf_half_to_float_bits(h);
         memcpy(&out[j], &bits, 4);
     }
 }
 
 #ifdef SF_HAVE_F16C_PATH
-__attribute__((target("avx,f16c"))) static void f16_block_f16c(float *out, const uint16_t *in,
+__attribute__((target("avx,f16c"))) static void f16_block_f16c(float *out, const unsigned char *in,
                                                                size_t m)
 {
     size_t j = 0;
     for (; j + 8 <= m; j += 8) {
-        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + j)));
+        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + 2 * j)));
         if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)))
-            f16_block_soft(out + j, in + j, 8); /* the instruction quiets signalling NaNs */
+            f16_block_soft(out + j, in + 2 * j, 8); /* the instruction quiets signalling NaNs */
         else
             _mm256_storeu_ps(out + j, v);
     }
-    f16_block_soft(out + j, in + j, m - j);
+    f16_block_soft(out + j, in + 2 * j, m - j);
 }
 
 static int have_f16c(void)
@@ -61,12 +81,13 @@ int sf_cast_has_f16c(void)
 }
 
 #define SF_INT_BLOCK(name, type)                                         \
-    static void name(float *out, const void *in_bytes, size_t m)         \
+    SF_INLINE void name(float *out, const unsigned char *in, size_t m)   \
     {                                                                    \
-        type in[SF_BLOCK];                                               \
-        memcpy(in, in_bytes, m * sizeof(type));                          \
-        for (size_t j = 0; j < m; j++)                                   \
-            out[j] = (float)in[j];                                       \
+        for (size_t j = 0; j < m; j++) {                                 \
+            type v;                                                      \
+            memcpy(&v, in + j * sizeof v, sizeof v);                     \
+            out[j] = (float)v;                                           \
+        }                                                                \
     }
 
 SF_INT_BLOCK(u8_block, uint8_t)
@@ -79,22 +100,28 @@ SF_INT_BLOCK(u64_block, uint64_t)
 SF_INT_BLOCK(i64_block, int64_t)
 SF_INT_BLOCK(f64_block, double)
 
-static void f32_block(float *out, const void *in_bytes, size_t m) { memcpy(out, in_bytes, m * 4); }
-
-static void bf16_block(float *out, const void *in_bytes, size_t m)
+/* Bit copies (never through a float register, so NaN payloads stay as they are). */
+SF_INLINE void f32_block(float *out, const unsigned char *in, size_t m)
 {
-    uint16_t in[SF_BLOCK];
-    uint32_t bits[SF_BLOCK];
-    memcpy(in, in_bytes, m * 2);
-    for (size_t j = 0; j < m; j++)
-        bits[j] = (uint32_t)in[j] << 16;
-    memcpy(out, bits, m * 4);
+    for (size_t j = 0; j < m; j++) {
+        uint32_t bits;
+        memcpy(&bits, in + 4 * j, 4);
+        memcpy(&out[j], &bits, 4);
+    }
 }
 
-static void f16_block(float *out, const void *in_bytes, size_t m)
+SF_INLINE void bf16_block(float *out, const unsigned char *in, size_t m)
 {
-    uint16_t in[SF_BLOCK];
-    memcpy(in, in_bytes, m * 2);
+    for (size_t j = 0; j < m; j++) {
+        uint16_t h;
+        memcpy(&h, in + 2 * j, 2);
+        uint32_t bits = (uint32_t)h << 16;
+        memcpy(&out[j], &bits, 4);
+    }
+}
+
+SF_INLINE void f16_block(float *out, const unsigned char *in, size_t m)
+{
 #ifdef SF_HAVE_F16C_PATH
     if (have_f16c()) {
         f16_block_f16c(out, in, m);
@@ -104,29 +131,8 @@ static void f16_block(float *out, const void *in_bytes, size_t m)
     f16_block_soft(out, in, m);
 }
 
-typedef void (*block_fn)(float *out, const void *in, size_t m);
-
-static block_fn block_fn_for(int cast)
-{
-    switch (cast) {
-    case SF_CAST_F16: return f16_block;
-    case SF_CAST_BF16: return bf16_block;
-    case SF_CAST_F32: return f32_block;
-    case SF_CAST_F64: return f64_block;
-    case SF_CAST_U8: return u8_block;
-    case SF_CAST_I8: return i8_block;
-    case SF_CAST_U16: return u16_block;
-    case SF_CAST_I16: return i16_block;
-    case SF_CAST_U32: return u32_block;
-    case SF_CAST_I32: return i32_block;
-    case SF_CAST_U64: return u64_block;
-    case SF_CAST_I64: return i64_block;
-    default: return NULL;
-    }
-}
-
 /* Applies the transform to out[0..m) whose first element is element `pos` of the sample. */
-static void affine_block(float *out, size_t m, const sf_affine *a, size_t pos)
+SF_INLINE void affine_block(float *out, size_t m, const sf_affine *a, size_t pos)
 {
     if (a->period == 1) {
         const float s = a->scale[0], o = a->offset[0];
@@ -152,21 +158,67 @@ static void affine_block(float *out, size_t m, const sf_affine *a, size_t pos)
     }
 }
 
-void sf_convert(int cast, float *dst, const void *src, size_t n, const sf_affine *affine,
-                size_t first)
+/* Copies a converted block out; with `stream`, by non-temporal stores that bypass the cache. */
+SF_INLINE void store_block(float *dst, const float *out, size_t m, int stream)
 {
-    block_fn convert = block_fn_for(cast);
-    size_t itemsize = sf_cast_itemsize(cast);
-    if (!convert)
+#ifdef SF_HAVE_STREAM_STORES
+    if (stream) {
+        size_t j = 0;
+        for (; j < m && ((uintptr_t)(dst + j) & 15) != 0; j++)
+            memcpy(dst + j, out + j, 4);
+        for (; j + 4 <= m; j += 4)
+            _mm_stream_ps(dst + j, _mm_loadu_ps(out + j));
+        memcpy(dst + j, out + j, (m - j) * 4);
         return;
-    const unsigned char *in = src;
-    unsigned char *out_bytes = (unsigned char *)dst;
+    }
+#endif
+    (void)stream;
+    memcpy(dst, out, m * 4);
+}
+
+/* The whole conversion in one function, so that every block kernel is inlined into each clone. */
+SF_CLONES static void convert_blocks(int cast, float *dst, const unsigned char *in, size_t n,
+                                     const sf_affine *affine, size_t first, int stream)
+{
+    size_t itemsize = sf_cast_itemsize(cast);
+    int transform = affine && affine->scale;
     float out[SF_BLOCK];
     for (size_t i = 0; i < n; i += SF_BLOCK) {
         size_t m = n - i < SF_BLOCK ? n - i : SF_BLOCK;
-        convert(out, in + i * itemsize, m);
-        if (affine && affine->scale)
+        const unsigned char *src = in + i * itemsize;
+        switch (cast) {
+        case SF_CAST_F16: f16_block(out, src, m); break;
+        case SF_CAST_BF16: bf16_block(out, src, m); break;
+        case SF_CAST_F32: f32_block(out, src, m); break;
+        case SF_CAST_F64: f64_block(out, src, m); break;
+        case SF_CAST_U8: u8_block(out, src, m); break;
+        case SF_CAST_I8: i8_block(out, src, m); break;
+        case SF_CAST_U16: u16_block(out, src, m); break;
+        case SF_CAST_I16: i16_block(out, src, m); break;
+        case SF_CAST_U32: u32_block(out, src, m); break;
+        case SF_CAST_I32: i32_block(out, src, m); break;
+        case SF_CAST_U64: u64_block(out, src, m); break;
+        case SF_CAST_I64: i64_block(out, src, m); break;
+        default: return;
+        }
+        if (transform)
             affine_block(out, m, affine, first + i);
-        memcpy(out_bytes + i * 4, out, m * 4);
+        store_block(dst + i, out, m, stream);
     }
+#ifdef SF_HAVE_STREAM_STORES
+    if (stream)
+        _mm_sfence(); /* order the non-temporal stores before whatever signals completion */
+#endif
+}
+
+void sf_convert(int cast, float *dst, const void *src, size_t n, const sf_affine *affine,
+                size_t first)
+{
+    convert_blocks(cast, dst, src, n, affine, first, 0);
+}
+
+void sf_convert_stream(int cast, float *dst, const void *src, size_t n, const sf_affine *affine,
+                       size_t first)
+{
+    convert_blocks(cast, dst, src, n, affine, first, 1);
 }

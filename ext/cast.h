@@ -48,6 +48,12 @@ size_t sf_cast_itemsize(int cast);
 void sf_convert(int cast, float *dst, const void *src, size_t n, const sf_affine *affine,
                 size_t first);
 
+/* The same, storing the output with non-temporal (streaming) stores where the CPU has them, so a
+ * batch much larger than the cache does not first read every output line into it. For outputs
+ * that are not read again soon; same results, same in-place rule. */
+void sf_convert_stream(int cast, float *dst, const void *src, size_t n, const sf_affine *affine,
+                       size_t first);
+
 /* 1 when the F16C vector path is in use on this CPU. */
 int sf_cast_has_f16c(void);
 

@@ -1,5 +1,6 @@
 /* Record and heap reads; see reader.h. Every system call's result is checked: EINTR is retried,
  * a short read continues where it stopped, and end-of-file before the last byte is an error. */
+#define _GNU_SOURCE 1 /* preadv2, RWF_NOWAIT, sched_getaffinity */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
 #include "reader.h"
@@ -11,8 +12,15 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include "pool.h"
+
+#if defined(__linux__) && defined(RWF_NOWAIT)
+#define SF_HAVE_NOWAIT 1
+#endif
 
 #ifndef IOV_MAX
 #define IOV_MAX 1024
@@ -20,6 +28,12 @@
 
 /* Bytes of work below which a chunk is not worth handing to another thread (memory copies). */
 #define SF_MAP_CHUNK_BYTES (64 * 1024)
+
+/* Converted output of a batch from this size on is written with non-temporal stores: it does not
+ * fit in the cache anyway, and not reading every output line into the cache first makes the
+ * conversion up to ~1.7x faster (benchmarks/RESULTS.md). Smaller batches stay in the cache, where
+ * the caller reads them next. */
+#define SF_STREAM_MIN_BYTES ((size_t)16 << 20)
 
 /* Reads exactly the bytes described by iov[0..count) from fd at offset. Consumes the iov array.
  * Returns SF_OK, SF_ERR_IO (errno kept) or SF_ERR_EOF. */
@@ -74,27 +88,46 @@ static void set_error(sf_error *err, int kind, int file_kind, size_t shard, int6
     err->sample = sample;
 }
 
-/* Where the stored bytes of a cast field land before conversion: the tail of the output slot when
- * the stored element is not wider than float32, else a scratch buffer. */
-static int converts_in_place(const sf_field_out *f)
-{
-    return f->cast == SF_CAST_COPY || sf_cast_itemsize(f->cast) <= 4;
-}
-
 typedef struct record_ctx {
     const sf_shards *shards;
     const int64_t *indices;
     const sf_field_out *fields;
     size_t n_fields;
     size_t gap_bytes;      /* largest gap between requested fields (read into a discard buffer) */
-    size_t scratch_bytes;  /* stored bytes of the fields that cannot convert in place */
+    size_t scratch_bytes;  /* stored bytes of the fields that land in a scratch buffer */
+    int stream;            /* convert with non-temporal stores (sf_convert_stream) */
+    const size_t *rows;    /* the batch rows to read, items [begin, end) index it; NULL: all rows */
+    unsigned char *missed; /* non-NULL: only try the page cache, and flag each row that was not there */
 } record_ctx;
+
+/* Where the stored bytes of a cast field land before conversion: the tail of the output slot when
+ * the stored element is not wider than float32, else a scratch buffer. Streaming conversions read
+ * from scratch too: the tail of the output slot would first be pulled into the cache. */
+static int lands_in_scratch(const record_ctx *ctx, const sf_field_out *f)
+{
+    return f->cast != SF_CAST_COPY && (ctx->stream || sf_cast_itemsize(f->cast) > 4);
+}
+
+#ifdef SF_HAVE_NOWAIT
+/* One attempt that never waits for the disk: 1 when the whole record came from the page cache; 0
+ * when it did not (not cached, partly cached, or any error: the blocking pass reads it again and
+ * reports errors). */
+static int preadv_cached(int fd, const struct iovec *iov, int count, off_t offset, size_t total)
+{
+    if (count > IOV_MAX)
+        return 0;
+    ssize_t got = preadv2(fd, iov, count, offset, RWF_NOWAIT);
+    return got >= 0 && (size_t)got == total;
+}
+#endif
 
 static int read_records_pread(void *vctx, size_t begin, size_t end, sf_error *err)
 {
     const record_ctx *ctx = vctx;
     const sf_shards *sh = ctx->shards;
     const sf_field_out *fields = ctx->fields;
+    void (*convert)(int, float *, const void *, size_t, const sf_affine *, size_t) =
+        ctx->stream ? sf_convert_stream : sf_convert;
     int rc = SF_OK;
     struct iovec *iov = malloc(sizeof *iov * (2 * ctx->n_fields + 1));
     char *discard = ctx->gap_bytes ? malloc(ctx->gap_bytes) : NULL;
@@ -107,7 +140,8 @@ static int read_records_pread(void *vctx, size_t begin, size_t end, sf_error *er
         goto done;
     }
 
-    for (size_t r = begin; r < end; r++) {
+    for (size_t item = begin; item < end; item++) {
+        size_t r = ctx->rows ? ctx->rows[item] : item;
         int64_t index = ctx->indices[r];
         size_t s = shard_of(sh, index);
         off_t record = (off_t)sh->header_bytes + (off_t)(index - sh->starts[s]) * (off_t)sh->record_bytes;
@@ -119,7 +153,7 @@ static int read_records_pread(void *vctx, size_t begin, size_t end, sf_error *er
             char *row = f->dst + r * f->dst_bytes;
             if (f->cast == SF_CAST_COPY)
                 landing[k] = row;
-            else if (converts_in_place(f))
+            else if (!lands_in_scratch(ctx, f))
                 landing[k] = row + (f->dst_bytes - f->src_bytes);
             else {
                 landing[k] = scratch + scratch_used;
@@ -137,17 +171,26 @@ static int read_records_pread(void *vctx, size_t begin, size_t end, sf_error *er
         }
         if (count > 0) {
             off_t at = record + (off_t)fields[0].src_offset;
-            rc = preadv_full(sh->fds[s], iov, count, at);
-            if (rc != SF_OK) {
-                set_error(err, rc, SF_FILE_RECORDS, s, (int64_t)at, index);
-                goto done;
+#ifdef SF_HAVE_NOWAIT
+            if (ctx->missed) {
+                if (!preadv_cached(sh->fds[s], iov, count, at, cursor - fields[0].src_offset)) {
+                    ctx->missed[r] = 1;
+                    continue;
+                }
+            } else
+#endif
+            {
+                rc = preadv_full(sh->fds[s], iov, count, at);
+                if (rc != SF_OK) {
+                    set_error(err, rc, SF_FILE_RECORDS, s, (int64_t)at, index);
+                    goto done;
+                }
             }
         }
         for (size_t k = 0; k < ctx->n_fields; k++) {
             const sf_field_out *f = &fields[k];
             if (f->cast != SF_CAST_COPY)
-                sf_convert(f->cast, (float *)(f->dst + r * f->dst_bytes), landing[k], f->count,
-                           &f->affine, 0);
+                convert(f->cast, (float *)(f->dst + r * f->dst_bytes), landing[k], f->count, &f->affine, 0);
         }
     }
 done:
@@ -158,23 +201,49 @@ done:
     return rc == SF_OK ? 0 : -1;
 }
 
+/* Records are copied from the map one after another; asking for the one SF_PREFETCH_AHEAD places
+ * later lets its cache (and TLB) misses overlap the copies in between. */
+#define SF_PREFETCH_AHEAD 8
+#define SF_PREFETCH_MAX_BYTES 512
+
+static const char *map_record(const sf_shards *sh, int64_t index)
+{
+    size_t s = shard_of(sh, index);
+    return sh->maps[s] + sh->header_bytes + (size_t)(index - sh->starts[s]) * sh->record_bytes;
+}
+
+static void prefetch_record(const sf_shards *sh, int64_t index)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    const char *record = map_record(sh, index);
+    size_t bytes = sh->record_bytes < SF_PREFETCH_MAX_BYTES ? sh->record_bytes : SF_PREFETCH_MAX_BYTES;
+    for (size_t at = 0; at < bytes; at += 64)
+        __builtin_prefetch(record + at);
+    __builtin_prefetch(record + bytes - 1);
+#else
+    (void)sh;
+    (void)index;
+#endif
+}
+
 static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
 {
     const record_ctx *ctx = vctx;
     const sf_shards *sh = ctx->shards;
+    void (*convert)(int, float *, const void *, size_t, const sf_affine *, size_t) =
+        ctx->stream ? sf_convert_stream : sf_convert;
     (void)err;
     for (size_t r = begin; r < end; r++) {
-        int64_t index = ctx->indices[r];
-        size_t s = shard_of(sh, index);
-        const char *record = sh->maps[s] + sh->header_bytes +
-                             (size_t)(index - sh->starts[s]) * sh->record_bytes;
+        if (r + SF_PREFETCH_AHEAD < end)
+            prefetch_record(sh, ctx->indices[r + SF_PREFETCH_AHEAD]);
+        const char *record = map_record(sh, ctx->indices[r]);
         for (size_t k = 0; k < ctx->n_fields; k++) {
             const sf_field_out *f = &ctx->fields[k];
             char *row = f->dst + r * f->dst_bytes;
             if (f->cast == SF_CAST_COPY)
                 memcpy(row, record + f->src_offset, f->src_bytes);
             else
-                sf_convert(f->cast, (float *)row, record + f->src_offset, f->count, &f->affine, 0);
+                convert(f->cast, (float *)row, record + f->src_offset, f->count, &f->affine, 0);
         }
     }
     return 0;
@@ -189,15 +258,71 @@ static size_t pick_chunk(size_t n, size_t threads, size_t min_items)
     return chunk ? chunk : 1;
 }
 
+#ifdef SF_HAVE_NOWAIT
+/* CPUs this process may run on. */
+static size_t cpu_count(void)
+{
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+        return (size_t)CPU_COUNT(&set);
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (size_t)n : 1;
+}
+
+/* More threads than CPUs only help records that wait for the disk; for records in the page cache
+ * they only add switches. So a first pass on at most one thread per CPU takes every record that is
+ * in the page cache without waiting (RWF_NOWAIT), and only the rest go to all `threads`. */
+static int read_cached_first(record_ctx *ctx, size_t n, size_t cpus, size_t threads, sf_error *err)
+{
+    unsigned char *missed = calloc(n, 1);
+    size_t *rows = malloc(n * sizeof *rows);
+    int rc = -1;
+    if (!missed || !rows) {
+        set_error(err, SF_ERR_NOMEM, SF_FILE_RECORDS, 0, -1, -1);
+        err->shard = -1;
+        goto done;
+    }
+    ctx->missed = missed;
+    rc = sf_parallel_for(n, pick_chunk(n, cpus, 1), cpus, read_records_pread, ctx, err);
+    ctx->missed = NULL;
+    if (rc != 0)
+        goto done;
+    size_t m = 0;
+    for (size_t r = 0; r < n; r++)
+        if (missed[r])
+            rows[m++] = r;
+    ctx->rows = rows;
+    if (m > 0)
+        rc = sf_parallel_for(m, pick_chunk(m, threads, 1), threads, read_records_pread, ctx, err);
+    ctx->rows = NULL;
+done:
+    free(missed);
+    free(rows);
+    return rc;
+}
+#endif
+
 int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
                     const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
                     sf_error *err)
 {
-    record_ctx ctx = {shards, indices, fields, n_fields, 0, 0};
-    size_t bytes = 0;
+    record_ctx ctx;
+    memset(&ctx, 0, sizeof ctx);
+    ctx.shards = shards;
+    ctx.indices = indices;
+    ctx.fields = fields;
+    ctx.n_fields = n_fields;
+    size_t bytes = 0, converted_bytes = 0;
     for (size_t k = 0; k < n_fields; k++) {
         bytes += fields[k].src_bytes;
-        if (!converts_in_place(&fields[k]))
+        if (fields[k].cast != SF_CAST_COPY)
+            converted_bytes += fields[k].dst_bytes;
+    }
+    ctx.stream = n > 0 && converted_bytes >= SF_STREAM_MIN_BYTES / n;
+    for (size_t k = 0; k < n_fields; k++) {
+        if (lands_in_scratch(&ctx, &fields[k]))
             ctx.scratch_bytes += fields[k].src_bytes;
         if (k > 0) {
             size_t prev_end = fields[k - 1].src_offset + fields[k - 1].src_bytes;
@@ -213,6 +338,11 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
         return sf_parallel_for(n, pick_chunk(n, threads, min_items), threads, read_records_map,
                                &ctx, err);
     }
+#ifdef SF_HAVE_NOWAIT
+    size_t cpus = cpu_count();
+    if (threads > cpus)
+        return read_cached_first(&ctx, n, cpus, threads, err);
+#endif
     return sf_parallel_for(n, pick_chunk(n, threads, 1), threads, read_records_pread, &ctx, err);
 }
 
