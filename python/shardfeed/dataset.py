@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+from collections import abc
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -23,6 +24,8 @@ CASTS = {
     "uint16": 7, "int16": 8, "uint32": 9, "int32": 10, "uint64": 11, "int64": 12,
 }
 _FLOAT32 = np.dtype(np.float32)
+_INT64 = np.dtype(np.int64)
+_NO_AFFINE = (None, None, 1, 1)
 
 # Records up to this size are copied from a read-only memory map (MADV_RANDOM) instead of one
 # preadv() each: for tiny records the system call costs more than the copy (benchmarks/RESULTS.md).
@@ -103,8 +106,13 @@ def _as_name_list(fields: Union[None, str, Sequence[str]], schema_fields: Mappin
     return names
 
 
+_min_of = np.minimum.reduce
+
+
 def _per_field(option: Any, name: str, several: bool, what: str) -> Any:
-    if isinstance(option, Mapping):
+    if option is None:
+        return None
+    if isinstance(option, abc.Mapping):
         return option.get(name)
     if option is not None and several:
         raise ValueError(f"{what} applies to one field; pass a dict {{field: value}} when reading several")
@@ -193,6 +201,11 @@ class Dataset:
                                       self._heap_paths if has_heap else None, HEADER_BYTES,
                                       self._record_bytes, use_map)
         self._use_map = use_map
+        # Per field, what read() needs on every call: (natural dtype, cast kernel, variable,
+        # row shape, elements per row, offset and bytes in the record), so that a read does not
+        # recompute Field properties.
+        self._layout = {name: (f.natural_dtype, CASTS[f.dtype], f.variable, f.row_shape, f.count, f.offset,
+                               f.record_bytes) for name, f in self.fields.items()}
 
     # ---- basics -------------------------------------------------------------------------------
 
@@ -239,6 +252,14 @@ class Dataset:
     # ---- batch reads --------------------------------------------------------------------------
 
     def _indices(self, indices: Any) -> np.ndarray:
+        if type(indices) is np.ndarray and indices.dtype == _INT64 and indices.ndim == 1:
+            # The common case, checked with less Python work: int64 indices need no conversion
+            # and only negative ones need wrapping (out-of-range ones are refused natively).
+            array = indices if indices.flags.c_contiguous else np.ascontiguousarray(indices)
+            if array.size and _min_of(array) < 0:
+                array = np.where(array < 0, array + len(self), array)
+                array[array < 0] -= len(self)
+            return array
         array = np.asarray(indices)
         if array.ndim != 1:
             raise ValueError(f"indices must be one-dimensional, got shape {array.shape}")
@@ -312,29 +333,31 @@ class Dataset:
             field_scale = _per_field(scale, name, several, "scale")
             field_offset = _per_field(offset, name, several, "offset")
             affine = field_scale is not None or field_offset is not None
-            out_dtype = self._output_dtype(field, dtype.get(name) if isinstance(dtype, Mapping) else dtype, affine)
-            cast = CAST_COPY if out_dtype == field.natural_dtype and field.dtype != "bfloat16" and not affine \
-                else CASTS[field.dtype]
-            params = affine_layout(field, field_scale, field_offset) if affine else (None, None, 1, 1)
-            if field.variable:
+            natural, stored_cast, variable_field, row_shape, count, at, nbytes = self._layout[name]
+            out_dtype = self._output_dtype(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
+            cast = CAST_COPY if out_dtype == natural and field.dtype != "bfloat16" and not affine else stored_cast
+            params = affine_layout(field, field_scale, field_offset) if affine else _NO_AFFINE
+            if variable_field:
                 descriptors = np.empty((n, 2), dtype=np.uint64)
-                record_reads.append((CAST_COPY, field.offset, field.record_bytes, 2, descriptors, None, None, 1, 1))
+                record_reads.append((CAST_COPY, at, nbytes, 2, descriptors, None, None, 1, 1))
                 variable.append((field, descriptors, out_dtype, cast, params))
                 continue
-            shape = (n,) + field.row_shape
+            shape = (n,) + row_shape
             target = self._check_out(name, out[name], shape, out_dtype) if name in out else np.empty(shape, out_dtype)
             results[name] = target
-            record_reads.append((cast, field.offset, field.record_bytes, field.count, target) + params)
-        self._check_disjoint(out)
-        record_reads.sort(key=lambda spec: (spec[1], spec[2]))  # a zero-size field before the field at its offset
+            record_reads.append((cast, at, nbytes, count, target) + params)
+        if len(out) > 1:
+            self._check_disjoint(out)
+        if len(record_reads) > 1:
+            record_reads.sort(key=lambda spec: (spec[1], spec[2]))  # a zero-size field before the field at its offset
         self._shards.read_records(index_array, record_reads, self._use_map, thread_count)
 
         lengths: Dict[str, np.ndarray] = {}
         for field, descriptors, out_dtype, cast, params in variable:
             results[field.name], lengths[field.name] = self._read_variable(
                 field, index_array, descriptors, out_dtype, cast, params, out.get(field.name),
-                maxlen.get(field.name) if isinstance(maxlen, Mapping) else maxlen,
-                pad_value.get(field.name, 0) if isinstance(pad_value, Mapping) else pad_value, thread_count)
+                maxlen.get(field.name) if isinstance(maxlen, abc.Mapping) else maxlen,
+                pad_value.get(field.name, 0) if isinstance(pad_value, abc.Mapping) else pad_value, thread_count)
         return Batch({name: results[name] for name in names}, lengths=lengths)
 
     def _check_disjoint(self, out: Mapping[str, np.ndarray]) -> None:
