@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import shardfeed
-from shardfeed.format import HEADER_BYTES, MANIFEST_NAME
+from shardfeed.format import HEADER_BYTES, MANIFEST_NAME, file_checksum
 
 
 @pytest.fixture
@@ -117,3 +117,29 @@ def test_writer_append_refuses_a_bad_manifest_too(dataset):
     edit_manifest(dataset, lambda d: d["shards"][0].update(file="../escape.rec"))
     with pytest.raises(shardfeed.ShardFormatError, match="is not a plain file name"):
         shardfeed.Writer(dataset, mode="a")
+
+
+def test_manifest_may_list_empty_shards(dataset):
+    """A shard with no samples (header-only files) anywhere in the list is skipped over."""
+    root = pathlib.Path(dataset)
+    for ext in (".rec", ".var"):
+        header = (root / f"shard-000000{ext}").read_bytes()[:HEADER_BYTES]
+        for k in range(3):
+            (root / f"empty-{k}{ext}").write_bytes(header)
+
+    def change(doc):
+        def empty(k):
+            return {"file": f"empty-{k}.rec", "num_samples": 0, "size": HEADER_BYTES,
+                    "checksum": file_checksum(root / f"empty-{k}.rec"),
+                    "heap": {"file": f"empty-{k}.var", "size": HEADER_BYTES,
+                             "checksum": file_checksum(root / f"empty-{k}.var")}}
+        first, second = doc["shards"]
+        doc["shards"] = [empty(0), first, empty(1), second, empty(2)]
+    edit_manifest(dataset, change)
+    for mmap in (True, False):
+        ds = shardfeed.open(dataset, mmap=mmap)
+        assert len(ds) == 6 and ds.num_shards == 5
+        batch = ds.read([5, 0, 3, 2, -1, 1])
+        np.testing.assert_array_equal(batch["x"][:, 0], [10.0, 0.0, 6.0, 4.0, 10.0, 2.0])
+        np.testing.assert_array_equal(batch.lengths["t"], [5, 0, 3, 2, 5, 1])
+        np.testing.assert_array_equal(batch["t"][0], np.arange(5))

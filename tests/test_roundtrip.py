@@ -266,3 +266,19 @@ def test_affine_on_a_zero_size_field(tools, new_path):
     tools.assert_identical(batch["e"], np.empty((2, 0), np.float32))
     tools.assert_identical(batch["f"], np.empty((2, 3, 0), np.float32))
     tools.assert_identical(batch["x"], np.array([2, 1], np.int8))
+
+
+def test_index_arrays_are_not_modified_and_may_be_read_only_or_strided(tools, rng, new_path, mmap_mode):
+    path, columns = simple_dataset(tools, rng, new_path, 30)
+    ds = shardfeed.open(path, mmap=mmap_mode)
+    indices = np.array([-1, 5, -30, 29, 0, -7, 3, 3], dtype=np.int64)
+    kept = indices.copy()
+    tools.assert_identical(ds.read(indices)["y"], kept % 30)
+    tools.assert_identical(indices, kept)  # negatives were wrapped in a copy
+    read_only = kept.copy()
+    read_only.flags.writeable = False
+    tools.assert_identical(ds.read(read_only)["x"], columns["x"][kept])
+    strided = (np.arange(60, dtype=np.int64) - 30)[::-2]  # 29, 27, ..., -29: not contiguous
+    assert not strided.flags.c_contiguous
+    tools.assert_identical(ds.read(strided)["y"], strided % 30)
+    tools.assert_identical(ds.read(np.array([-3, 2], dtype=np.int8))["y"], np.array([27, 2], dtype=np.int64))
