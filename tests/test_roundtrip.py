@@ -282,3 +282,19 @@ def test_index_arrays_are_not_modified_and_may_be_read_only_or_strided(tools, rn
     assert not strided.flags.c_contiguous
     tools.assert_identical(ds.read(strided)["y"], strided % 30)
     tools.assert_identical(ds.read(np.array([-3, 2], dtype=np.int8))["y"], np.array([27, 2], dtype=np.int64))
+
+
+def test_many_fields_need_more_iovecs_than_iov_max(rng, new_path, mmap_mode):
+    """1500 fields, every other one read: about 1500 preadv segments per record, past IOV_MAX (1024)."""
+    fields = {f"f{i}": ("float16", ()) if i % 3 == 0 else ("uint8", ()) for i in range(1500)}
+    columns = {name: rng.integers(0, 100, 40).astype(dtype) for name, (dtype, _) in fields.items()}
+    path = new_path()
+    with shardfeed.Writer(path, fields=fields) as w:
+        w.extend(columns)
+    ds = shardfeed.open(path, mmap=mmap_mode)
+    names = list(fields)[::2]
+    indices = rng.integers(0, 40, 100)
+    batch = ds.read(indices, fields=names, dtype={name: "float32" for name in names[::2]})
+    for name in names:
+        np.testing.assert_array_equal(batch[name], columns[name][indices].astype(batch[name].dtype), err_msg=name)
+    assert batch["f0"].dtype == np.float32 and batch["f2"].dtype == np.uint8 and batch["f6"].dtype == np.float16

@@ -3,7 +3,9 @@ others read neither crashes nor corrupts; file descriptors do not leak."""
 
 import gc
 import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -171,3 +173,27 @@ def test_native_pool_is_persistent(columns_and_path):
     for _ in range(20):
         ds.read(np.arange(N))
     assert _core.pool_size() == size
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+def test_reads_stay_exact_under_a_signal_storm(columns_and_path):
+    """Signals with a Python handler arrive every 200 us while the main thread reads (preadv calls
+    interrupted with EINTR are retried); the pool threads block signals."""
+    path, columns = columns_and_path
+    ds = shardfeed.open(path, mmap=False)
+    handled = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: handled.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    try:
+        rng = np.random.default_rng(0)
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            indices = rng.integers(0, N, 1000)
+            for threads in (1, 4):
+                batch = ds.read(indices, fields=["x", "t"], threads=threads)
+                np.testing.assert_array_equal(batch["x"], columns["x"][indices])
+                np.testing.assert_array_equal(batch.lengths["t"], indices % 7)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(handled) > 10
