@@ -48,7 +48,8 @@ def test_the_fixture_is_valid(dataset):
                                   "nul\0byte", MANIFEST_NAME, 7, None])
 def test_shard_names_must_stay_inside_the_dataset(dataset, name):
     # a valid copy of the shard just outside the directory: only the name check can refuse it
-    pathlib.Path(dataset).parent.joinpath("outside.rec").write_bytes(pathlib.Path(dataset, "shard-000000.rec").read_bytes())
+    shard = pathlib.Path(dataset, "shard-000000.rec").read_bytes()
+    pathlib.Path(dataset).parent.joinpath("outside.rec").write_bytes(shard)
 
     def change(doc):
         doc["shards"][0]["file"] = name

@@ -86,7 +86,8 @@ def test_unknown_field(dataset):
 def test_unsupported_output_dtype(dataset):
     path, _ = dataset
     ds = shardfeed.open(path)
-    with pytest.raises(ValueError, match=re.escape("field 'x' (float16) can be read as float16 or float32, not float64")):
+    message = "field 'x' (float16) can be read as float16 or float32, not float64"
+    with pytest.raises(ValueError, match=re.escape(message)):
         ds.read([0], dtype="float64")
     with pytest.raises(ValueError, match=re.escape("field 'y' (int64) can be read as int64 or float32, not int32")):
         ds.read([0], fields="y", dtype=np.int32)
@@ -202,8 +203,9 @@ def test_missing_shard(dataset):
     assert info.value.errno == errno.ENOENT and info.value.filename == shard(path, 3)
 
 
-@pytest.mark.parametrize("size, word", [(HEADER_BYTES + 5 * 24, "truncated"), (HEADER_BYTES + 10 * 24 + 1, "extra data"),
-                                        (10, "truncated")])
+@pytest.mark.parametrize("size, word", [
+    (HEADER_BYTES + 5 * 24, "truncated"), (HEADER_BYTES + 10 * 24 + 1, "extra data"), (10, "truncated"),
+])
 def test_shard_of_wrong_size_at_open(dataset, size, word):
     path, _ = dataset
     os.truncate(shard(path, 2), size)

@@ -150,7 +150,8 @@ def test_non_finite_input_is_stored_not_refused(tools, new_path):
 
 def test_extend_with_wrong_shape_names_the_field(new_path):
     with shardfeed.Writer(new_path(), fields={"img": ("uint8", (2, 3)), "y": "int64"}) as w:
-        with pytest.raises(shardfeed.SchemaError, match=r"field 'img': expected a batch of shape \(n, 2, 3\).*got \(4, 3, 2\)"):
+        wrong = r"field 'img': expected a batch of shape \(n, 2, 3\).*got \(4, 3, 2\)"
+        with pytest.raises(shardfeed.SchemaError, match=wrong):
             w.extend({"img": np.zeros((4, 3, 2)), "y": np.zeros(4)})
         with pytest.raises(shardfeed.SchemaError, match=r"field 'y'.*got \(4, 1\)"):
             w.extend({"img": np.zeros((4, 2, 3)), "y": np.zeros((4, 1))})
@@ -174,7 +175,8 @@ def test_extend_with_wrong_shape_names_the_field(new_path):
 def test_variable_field_with_wrong_row_shape_names_field_and_sample(new_path):
     with shardfeed.Writer(new_path(), fields={"r": ("float32", (None, 3))}) as w:
         w.append({"r": np.zeros((2, 3))})
-        with pytest.raises(shardfeed.SchemaError, match=r"field 'r', sample 2: expected shape \(rows, 3\).*got \(2, 4\)"):
+        wrong = r"field 'r', sample 2: expected shape \(rows, 3\).*got \(2, 4\)"
+        with pytest.raises(shardfeed.SchemaError, match=wrong):
             w.extend({"r": [np.zeros((1, 3)), np.zeros((2, 4))]})
         with pytest.raises(shardfeed.SchemaError, match=r"field 'r', sample 1: .*got \(3,\)"):
             w.append({"r": np.zeros(3)})
