@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 #if defined(__linux__)
 #include <sched.h>
@@ -97,7 +98,8 @@ typedef struct record_ctx {
     size_t scratch_bytes;  /* stored bytes of the fields that land in a scratch buffer */
     int stream;            /* convert with non-temporal stores (sf_convert_stream) */
     const size_t *rows;    /* the batch rows to read, items [begin, end) index it; NULL: all rows */
-    unsigned char *missed; /* non-NULL: only try the page cache, and flag each row that was not there */
+    unsigned char *missed; /* non-NULL: page-cache pass: rows left for the blocking pass get a 1 */
+    int slow;              /* map path, page-cache pass: a thread saw disk waits (atomic access) */
 } record_ctx;
 
 /* Where the stored bytes of a cast field land before conversion: the tail of the output slot when
@@ -206,6 +208,23 @@ done:
 #define SF_PREFETCH_AHEAD 8
 #define SF_PREFETCH_MAX_BYTES 512
 
+/* A page fault that reads the disk cannot be avoided once a mapped record is touched, so the
+ * page-cache pass of the map path watches the clock instead: when the first record, or a group of
+ * SF_MAP_GROUP records, takes longer than SF_MAP_SLOW_NS plus 1 ns per record byte (copies from
+ * the page cache run at several GB/s; one read from disk takes tens of microseconds or more), the
+ * pass stops and leaves the rest of the batch to preadv on all the threads, so that the disk reads
+ * overlap. */
+#define SF_MAP_GROUP 8
+#define SF_MAP_SLOW_NS 20000
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return 0;
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static const char *map_record(const sf_shards *sh, int64_t index)
 {
     size_t s = shard_of(sh, index);
@@ -226,14 +245,29 @@ static void prefetch_record(const sf_shards *sh, int64_t index)
 #endif
 }
 
+/* Copies records [begin, end) of the batch from the map. In the page-cache pass (ctx->missed set)
+ * it stops at the first sign of disk reads and flags the records it left. */
 static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
 {
-    const record_ctx *ctx = vctx;
+    record_ctx *ctx = vctx;
     const sf_shards *sh = ctx->shards;
     void (*convert)(int, float *, const void *, size_t, const sf_affine *, size_t) =
         ctx->stream ? sf_convert_stream : sf_convert;
+    uint64_t since = ctx->missed ? now_ns() : 0;
+    size_t checked = begin; /* records before this one were timed already */
     (void)err;
     for (size_t r = begin; r < end; r++) {
+        if (ctx->missed && (r == begin + 1 || (r > begin && (r - begin) % SF_MAP_GROUP == 0))) {
+            uint64_t t = now_ns();
+            if (t - since > SF_MAP_SLOW_NS + (r - checked) * sh->record_bytes)
+                __atomic_store_n(&ctx->slow, 1, __ATOMIC_RELAXED);
+            since = t;
+            checked = r;
+            if (__atomic_load_n(&ctx->slow, __ATOMIC_RELAXED)) {
+                memset(ctx->missed + r, 1, end - r);
+                break;
+            }
+        }
         if (r + SF_PREFETCH_AHEAD < end)
             prefetch_record(sh, ctx->indices[r + SF_PREFETCH_AHEAD]);
         const char *record = map_record(sh, ctx->indices[r]);
@@ -258,7 +292,6 @@ static size_t pick_chunk(size_t n, size_t threads, size_t min_items)
     return chunk ? chunk : 1;
 }
 
-#ifdef SF_HAVE_NOWAIT
 /* CPUs this process may run on. */
 static size_t cpu_count(void)
 {
@@ -272,9 +305,12 @@ static size_t cpu_count(void)
 }
 
 /* More threads than CPUs only help records that wait for the disk; for records in the page cache
- * they only add switches. So a first pass on at most one thread per CPU takes every record that is
- * in the page cache without waiting (RWF_NOWAIT), and only the rest go to all `threads`. */
-static int read_cached_first(record_ctx *ctx, size_t n, size_t cpus, size_t threads, sf_error *err)
+ * they only add thread switches. So a first pass `fn` on at most one thread per CPU reads what is
+ * in the page cache without waiting (preadv2 RWF_NOWAIT; on the map path, until copies turn slow),
+ * and only the rest of the batch goes to blocking preadv on all `threads`. `min_items`: the first
+ * pass's smallest chunk. */
+static int read_cached_first(record_ctx *ctx, sf_range_fn fn, size_t n, size_t min_items,
+                             size_t cpus, size_t threads, sf_error *err)
 {
     unsigned char *missed = calloc(n, 1);
     size_t *rows = malloc(n * sizeof *rows);
@@ -285,7 +321,7 @@ static int read_cached_first(record_ctx *ctx, size_t n, size_t cpus, size_t thre
         goto done;
     }
     ctx->missed = missed;
-    rc = sf_parallel_for(n, pick_chunk(n, cpus, 1), cpus, read_records_pread, ctx, err);
+    rc = sf_parallel_for(n, pick_chunk(n, cpus, min_items), cpus, fn, ctx, err);
     ctx->missed = NULL;
     if (rc != 0)
         goto done;
@@ -302,7 +338,6 @@ done:
     free(rows);
     return rc;
 }
-#endif
 
 int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
                     const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
@@ -333,15 +368,17 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
     sf_error_clear(err);
     if (n_fields == 0 || n == 0)
         return 0;
+    size_t cpus = threads > 1 ? cpu_count() : 1;
     if (use_map) {
         size_t min_items = bytes ? SF_MAP_CHUNK_BYTES / bytes : n;
+        if (threads > cpus)
+            return read_cached_first(&ctx, read_records_map, n, min_items, cpus, threads, err);
         return sf_parallel_for(n, pick_chunk(n, threads, min_items), threads, read_records_map,
                                &ctx, err);
     }
 #ifdef SF_HAVE_NOWAIT
-    size_t cpus = cpu_count();
     if (threads > cpus)
-        return read_cached_first(&ctx, n, cpus, threads, err);
+        return read_cached_first(&ctx, read_records_pread, n, 1, cpus, threads, err);
 #endif
     return sf_parallel_for(n, pick_chunk(n, threads, 1), threads, read_records_pread, &ctx, err);
 }
