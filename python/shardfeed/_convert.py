@@ -38,7 +38,7 @@ def float_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
 def _first_bad(bad: np.ndarray, field: Field, first_sample: int, values: np.ndarray, dtype: str, why: str):
     flat = int(np.flatnonzero(bad.reshape(-1))[0])
     per_sample = max(1, bad.size // max(1, bad.shape[0])) if bad.ndim else 1
-    value = values.reshape(-1)[flat] if values.ndim else values
+    value = (values.reshape(-1)[flat] if values.ndim else values).item()
     sample = first_sample + (flat // per_sample if bad.ndim else 0)
     return ValueRangeError(f"field {field.name!r}, sample {sample}: value {value!r} {why} {dtype}")
 
