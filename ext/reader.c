@@ -245,6 +245,23 @@ static void prefetch_record(const sf_shards *sh, int64_t index)
 #endif
 }
 
+/* 0 when the first byte of the record is known not to be in the page cache: a cold chunk of the
+ * map path then goes to preadv without first waiting for one page fault. */
+static int first_page_cached(const sf_shards *sh, int64_t index)
+{
+#ifdef SF_HAVE_NOWAIT
+    size_t s = shard_of(sh, index);
+    off_t at = (off_t)sh->header_bytes + (off_t)(index - sh->starts[s]) * (off_t)sh->record_bytes;
+    char byte;
+    struct iovec iov = {&byte, 1};
+    return preadv2(sh->fds[s], &iov, 1, at, RWF_NOWAIT) == 1;
+#else
+    (void)sh;
+    (void)index;
+    return 1;
+#endif
+}
+
 /* Copies records [begin, end) of the batch from the map. In the page-cache pass (ctx->missed set)
  * it stops at the first sign of disk reads and flags the records it left. */
 static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
@@ -257,12 +274,17 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
     size_t checked = begin; /* records before this one were timed already */
     (void)err;
     for (size_t r = begin; r < end; r++) {
-        if (ctx->missed && (r == begin + 1 || (r > begin && (r - begin) % SF_MAP_GROUP == 0))) {
-            uint64_t t = now_ns();
-            if (t - since > SF_MAP_SLOW_NS + (r - checked) * sh->record_bytes)
-                __atomic_store_n(&ctx->slow, 1, __ATOMIC_RELAXED);
-            since = t;
-            checked = r;
+        if (ctx->missed && (r == begin || r == begin + 1 || (r - begin) % SF_MAP_GROUP == 0)) {
+            if (r == begin) {
+                if (!first_page_cached(sh, ctx->indices[r]))
+                    __atomic_store_n(&ctx->slow, 1, __ATOMIC_RELAXED);
+            } else {
+                uint64_t t = now_ns();
+                if (t - since > SF_MAP_SLOW_NS + (r - checked) * sh->record_bytes)
+                    __atomic_store_n(&ctx->slow, 1, __ATOMIC_RELAXED);
+                since = t;
+                checked = r;
+            }
             if (__atomic_load_n(&ctx->slow, __ATOMIC_RELAXED)) {
                 memset(ctx->missed + r, 1, end - r);
                 break;
