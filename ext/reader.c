@@ -263,7 +263,9 @@ static int first_page_cached(const sf_shards *sh, int64_t index)
 }
 
 /* Copies records [begin, end) of the batch from the map. In the page-cache pass (ctx->missed set)
- * it stops at the first sign of disk reads and flags the records it left. */
+ * it stops touching the map at the first sign of disk reads: the rest of the chunk goes through
+ * the preadv page-cache pass, which reads what is cached and flags the others. (A preadv2
+ * RWF_NOWAIT that misses also starts the disk read, so the blocking pass finds it under way.) */
 static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
 {
     record_ctx *ctx = vctx;
@@ -272,7 +274,6 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
         ctx->stream ? sf_convert_stream : sf_convert;
     uint64_t since = ctx->missed ? now_ns() : 0;
     size_t checked = begin; /* records before this one were timed already */
-    (void)err;
     for (size_t r = begin; r < end; r++) {
         if (ctx->missed && (r == begin || r == begin + 1 || (r - begin) % SF_MAP_GROUP == 0)) {
             if (r == begin) {
@@ -286,8 +287,12 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
                 checked = r;
             }
             if (__atomic_load_n(&ctx->slow, __ATOMIC_RELAXED)) {
+#ifdef SF_HAVE_NOWAIT
+                return read_records_pread(ctx, r, end, err);
+#else
                 memset(ctx->missed + r, 1, end - r);
                 break;
+#endif
             }
         }
         if (r + SF_PREFETCH_AHEAD < end)
@@ -302,6 +307,7 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
                 convert(f->cast, (float *)row, record + f->src_offset, f->count, &f->affine, 0);
         }
     }
+    (void)err;
     return 0;
 }
 
