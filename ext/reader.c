@@ -397,12 +397,13 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
     if (n_fields == 0 || n == 0)
         return 0;
     size_t cpus = threads > 1 ? cpu_count() : 1;
+    if (cpus > threads)
+        cpus = threads;
     if (use_map) {
+        /* Always in two passes, whatever the thread count: a record that is not in the page cache
+         * is read by one preadv, not by one page fault per page. */
         size_t min_items = bytes ? SF_MAP_CHUNK_BYTES / bytes : n;
-        if (threads > cpus)
-            return read_cached_first(&ctx, read_records_map, n, min_items, cpus, threads, err);
-        return sf_parallel_for(n, pick_chunk(n, threads, min_items), threads, read_records_map,
-                               &ctx, err);
+        return read_cached_first(&ctx, read_records_map, n, min_items, cpus, threads, err);
     }
 #ifdef SF_HAVE_NOWAIT
     if (threads > cpus)
