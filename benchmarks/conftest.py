@@ -204,10 +204,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     write = terminalreporter.write_line
     write("")
     write("shardfeed vs numpy.memmap (median round; ratio > 1 means faster than memmap)")
-    write(f"{'group':<22} {'reader':<18} {'samples/s':>12} {'out GB/s':>9} {'ratio':>7} {'ratio(min)':>10} "
+    write(f"{'group':<28} {'reader':<18} {'samples/s':>12} {'out GB/s':>9} {'ratio':>7} {'ratio(min)':>10} "
           f"{'correct':>7}")
     for bench in sorted(benches, key=lambda b: (b.group, b.extra_info["reader"])):
         info = bench.extra_info
-        write(f"{bench.group:<22} {info['reader']:<18} {info['samples_per_s']:>12,.0f} "
+        write(f"{bench.group:<28} {info['reader']:<18} {info['samples_per_s']:>12,.0f} "
               f"{info['output_gb_per_s']:>9.2f} {info.get('ratio_to_memmap', float('nan')):>7.2f} "
               f"{info.get('ratio_to_memmap_best', float('nan')):>10.2f} {str(info['correct']):>7}")

@@ -1,0 +1,207 @@
+"""Parameter sweeps behind the defaults recorded in benchmarks/RESULTS.md.
+
+    python benchmarks/sweep.py threads            # page-cached and cold, threads = 1..32
+    python benchmarks/sweep.py mmap               # mmap vs preadv by record size, cached and cold
+    python benchmarks/sweep.py threads --no-cold  # skip the cold runs
+
+Writes the datasets under a temporary directory (removed at exit) and prints markdown tables of
+samples/s. Page-cached figures are the median per-batch time over interleaved passes; cold figures
+evict every shard file (posix_fadvise DONTNEED) right before each pass, and a pass reads batches of
+one random permutation, so no record is read twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+import shardfeed
+from shardfeed.format import read_manifest
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+NORM = {"scale": (1 / (255 * STD)).astype(np.float32).reshape(3, 1, 1),
+        "offset": (-MEAN / STD).astype(np.float32).reshape(3, 1, 1)}
+
+# name: (dtype, shape, batch, normalise)
+PROFILES = {
+    "f16-128B": ("float16", (64,), 256, False),
+    "f16-8KiB": ("float16", (64, 64), 256, False),
+    "u8-147KiB-norm": ("uint8", (3, 224, 224), 64, True),
+}
+THREADS = [1, 2, 4, 8, 16, 32]
+MMAP_SIZES = [128, 512, 1024, 4096, 8192, 16384, 32768, 65536, 131072]  # float16 records of these byte sizes
+
+
+def write_dataset(path: str, dtype: str, shape: Tuple[int, ...], total_bytes: int) -> int:
+    record = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    count = total_bytes // record
+    rng = np.random.default_rng(0)
+    step = max(1, (32 << 20) // record)
+    with shardfeed.Writer(path, {"x": (dtype, shape)}) as writer:
+        for start in range(0, count, step):
+            rows = (min(step, count - start),) + shape
+            values = rng.integers(0, 256, rows, dtype=np.uint8) if dtype == "uint8" else \
+                rng.standard_normal(rows, dtype=np.float32).astype(dtype)
+            writer.extend({"x": values})
+    return count
+
+
+def shard_files(path: str) -> List[str]:
+    return [os.path.join(path, s.file) for s in read_manifest(path).shards]
+
+
+def evict(path: str) -> None:
+    os.sync()
+    for name in shard_files(path):
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(path: str) -> None:
+    for name in shard_files(path):
+        with open(name, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def batches(count: int, batch: int, seed: int) -> List[np.ndarray]:
+    order = np.random.default_rng(seed).permutation(count)
+    return [order[i:i + batch] for i in range(0, count - batch + 1, batch)]
+
+
+def cached_rates(readers: Dict[str, Callable[[np.ndarray], object]], count: int, batch: int,
+                 seconds: float = 0.6, passes: int = 3) -> Dict[str, float]:
+    """Median samples/s per reader, passes interleaved so machine noise hits all alike."""
+    times: Dict[str, List[float]] = {name: [] for name in readers}
+    work = batches(count, batch, seed=1)
+    for _ in range(passes):
+        for name, read in readers.items():
+            read(work[0])
+            end = time.perf_counter() + seconds / passes
+            i = 0
+            while time.perf_counter() < end:
+                indices = work[i % len(work)]
+                i += 1
+                start = time.perf_counter()
+                read(indices)
+                times[name].append(time.perf_counter() - start)
+    return {name: batch / statistics.median(t) for name, t in times.items()}
+
+
+def cold_rates(path: str, openers: Dict[str, Callable[[], "shardfeed.Dataset"]],
+               make_reader: Callable[[object, str], Callable[[np.ndarray], object]], count: int,
+               batch: int, max_batches: int, passes: int = 2) -> Dict[str, float]:
+    """samples/s of each reader right after eviction; best of `passes` (each a fresh order). The
+    dataset is reopened after eviction: pages mapped by an open dataset would not be evicted."""
+    rates: Dict[str, float] = {name: 0.0 for name in openers}
+    for p in range(passes):
+        for k, (name, opener) in enumerate(openers.items()):
+            work = batches(count, batch, seed=100 + p * 100 + k)[:max_batches]
+            evict(path)
+            with opener() as ds:
+                read = make_reader(ds, name)
+                start = time.perf_counter()
+                for indices in work:
+                    read(indices)
+                rates[name] = max(rates[name], batch * len(work) / (time.perf_counter() - start))
+    return rates
+
+
+def table(title: str, columns: Sequence[str], rows: Dict[str, Dict[str, float]]) -> None:
+    print(f"\n{title}\n")
+    print("| | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for name, values in rows.items():
+        print(f"| {name} | " + " | ".join(f"{values[c]:,.0f}" for c in columns) + " |")
+
+
+def reader(ds, normalise: bool, batch: int, shape, threads=None):
+    out = np.empty((batch,) + tuple(shape), np.float32)
+    kwargs = NORM if normalise else {}
+    return lambda idx: ds.read(idx, "x", dtype="float32", out={"x": out}, threads=threads, **kwargs)
+
+
+def sweep_threads(root: str, size: int, cold: bool) -> None:
+    cached_rows, cold_rows = {}, {}
+    for name, (dtype, shape, batch, normalise) in PROFILES.items():
+        path = os.path.join(root, name)
+        count = write_dataset(path, dtype, shape, size)
+        warm(path)
+        ds = shardfeed.open(path)
+        ds.read(np.arange(0, count, max(1, 4096 // ds._record_bytes)), "x")  # fault in the map
+        readers = {str(t): reader(ds, normalise, batch, shape, t) for t in THREADS}
+        cached_rows[name] = cached_rates(readers, count, batch)
+        ds.close()
+        if cold and name != "f16-128B":
+            openers = {str(t): lambda t=t: shardfeed.open(path, threads=t) for t in THREADS}
+            cold_rows[name] = cold_rates(path, openers, lambda d, _: reader(d, normalise, batch, shape), count,
+                                         batch, max_batches=8 if batch == 64 else 6)
+        shutil.rmtree(path)
+    table(f"Page-cached samples/s by threads (default now {shardfeed.get_num_threads()})",
+          [str(t) for t in THREADS], cached_rows)
+    if cold_rows:
+        table("Cold samples/s by threads", [str(t) for t in THREADS], cold_rows)
+
+
+def sweep_mmap(root: str, size: int, cold: bool) -> None:
+    cached_rows, cold_rows = {}, {}
+    for record in MMAP_SIZES:
+        shape = (record // 2,)
+        path = os.path.join(root, f"f16-{record}")
+        count = write_dataset(path, "float16", shape, size)
+        warm(path)
+        readers = {}
+        handles = []
+        for mapped in (True, False):
+            ds = shardfeed.open(path, mmap=mapped)
+            handles.append(ds)
+            ds.read(np.arange(0, count, max(1, 4096 // record)), "x")
+            readers["mmap" if mapped else "preadv"] = reader(ds, False, 256, shape)
+        label = f"{record} B"
+        cached_rows[label] = cached_rates(readers, count, 256)
+        for ds in handles:
+            ds.close()
+        if cold:
+            openers = {"mmap": lambda: shardfeed.open(path, mmap=True),
+                       "preadv": lambda: shardfeed.open(path, mmap=False)}
+            cold_rows[label] = cold_rates(path, openers, lambda d, _: reader(d, False, 256, shape), count, 256,
+                                          max_batches=4)
+        shutil.rmtree(path)
+    table(f"Page-cached samples/s, float16 records, batch 256, threads {shardfeed.get_num_threads()}",
+          ["mmap", "preadv"], cached_rows)
+    if cold_rows:
+        table("Cold samples/s, same", ["mmap", "preadv"], cold_rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["threads", "mmap"])
+    parser.add_argument("--no-cold", action="store_true", help="page-cached runs only")
+    parser.add_argument("--mb", type=int, default=320, help="dataset size per profile in MiB")
+    parser.add_argument("--threads", default=",".join(map(str, THREADS)), help="thread counts to try")
+    parser.add_argument("--profiles", default=",".join(PROFILES), help="profiles for the threads sweep")
+    args = parser.parse_args()
+    THREADS[:] = [int(t) for t in args.threads.split(",")]
+    for name in set(PROFILES) - set(args.profiles.split(",")):
+        del PROFILES[name]
+    root = tempfile.mkdtemp(prefix="shardfeed-sweep-")
+    try:
+        sweep = sweep_threads if args.what == "threads" else sweep_mmap
+        sweep(root, args.mb << 20, not args.no_cold)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
