@@ -399,15 +399,15 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
     size_t cpus = threads > 1 ? cpu_count() : 1;
     if (cpus > threads)
         cpus = threads;
+    /* Two passes whatever the thread count: a record of the map path that is not in the page
+     * cache is read by one preadv, not one page fault per 4 KiB page; and the first pass's
+     * RWF_NOWAIT misses have every disk read of the batch under way at once. */
     if (use_map) {
-        /* Always in two passes, whatever the thread count: a record that is not in the page cache
-         * is read by one preadv, not by one page fault per page. */
         size_t min_items = bytes ? SF_MAP_CHUNK_BYTES / bytes : n;
         return read_cached_first(&ctx, read_records_map, n, min_items, cpus, threads, err);
     }
 #ifdef SF_HAVE_NOWAIT
-    if (threads > cpus)
-        return read_cached_first(&ctx, read_records_pread, n, 1, cpus, threads, err);
+    return read_cached_first(&ctx, read_records_pread, n, 1, cpus, threads, err);
 #endif
     return sf_parallel_for(n, pick_chunk(n, threads, 1), threads, read_records_pread, &ctx, err);
 }
