@@ -209,11 +209,11 @@ done:
 #define SF_PREFETCH_MAX_BYTES 512
 
 /* A page fault that reads the disk cannot be avoided once a mapped record is touched, so the
- * page-cache pass of the map path watches the clock instead: when the first record, or a group of
- * SF_MAP_GROUP records, takes longer than SF_MAP_SLOW_NS plus 1 ns per record byte (copies from
- * the page cache run at several GB/s; one read from disk takes tens of microseconds or more), the
- * pass stops and leaves the rest of the batch to preadv on all the threads, so that the disk reads
- * overlap. */
+ * page-cache pass of the map path checks the first record of each chunk with a one-byte
+ * RWF_NOWAIT read and then watches the clock: when the second record, or a group of SF_MAP_GROUP
+ * records, takes longer than SF_MAP_SLOW_NS plus 1 ns per record byte (copies from the page cache
+ * run at several GB/s; one read from disk takes tens of microseconds or more), the pass stops
+ * using the map for the batch. */
 #define SF_MAP_GROUP 8
 #define SF_MAP_SLOW_NS 20000
 

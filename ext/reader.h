@@ -30,7 +30,10 @@ typedef struct sf_field_out {
 } sf_field_out;
 
 /* Reads records `indices[0..n)` into each field's output row of the same position. Fields must be
- * sorted by src_offset and not overlap. use_map != 0 copies from shards->maps instead of preadv. */
+ * sorted by src_offset and not overlap. A first pass on at most one thread per CPU (and at most
+ * `threads`) takes the records that are in the page cache without waiting for the disk: copied
+ * from shards->maps when use_map != 0, else preadv2(RWF_NOWAIT) on Linux. The records left are
+ * read with blocking preadv on `threads` threads. */
 int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
                     const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
                     sf_error *err);
