@@ -9,6 +9,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -212,10 +213,22 @@ done:
  * page-cache pass of the map path checks the first record of each chunk with a one-byte
  * RWF_NOWAIT read and then watches the clock: when the second record, or a group of SF_MAP_GROUP
  * records, takes longer than SF_MAP_SLOW_NS plus 1 ns per record byte (copies from the page cache
- * run at several GB/s; one read from disk takes tens of microseconds or more), the pass stops
- * using the map for the batch. */
+ * run at several GB/s; one read from disk takes tens of microseconds or more) and the thread's
+ * count of major page faults went up (not just a preemption), the pass stops using the map for
+ * the batch. */
 #define SF_MAP_GROUP 8
 #define SF_MAP_SLOW_NS 20000
+
+/* Major page faults (reads from disk) of the calling thread so far, or -1 when unknown. */
+static long major_faults(void)
+{
+#if defined(__linux__) && defined(RUSAGE_THREAD)
+    struct rusage usage;
+    if (getrusage(RUSAGE_THREAD, &usage) == 0)
+        return usage.ru_majflt;
+#endif
+    return -1;
+}
 
 static uint64_t now_ns(void)
 {
@@ -273,6 +286,7 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
     void (*convert)(int, float *, const void *, size_t, const sf_affine *, size_t) =
         ctx->stream ? sf_convert_stream : sf_convert;
     uint64_t since = ctx->missed ? now_ns() : 0;
+    long faults = ctx->missed ? major_faults() : -1;
     size_t checked = begin; /* records before this one were timed already */
     for (size_t r = begin; r < end; r++) {
         if (ctx->missed && (r == begin || r == begin + 1 || (r - begin) % SF_MAP_GROUP == 0)) {
@@ -281,7 +295,8 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
                     __atomic_store_n(&ctx->slow, 1, __ATOMIC_RELAXED);
             } else {
                 uint64_t t = now_ns();
-                if (t - since > SF_MAP_SLOW_NS + (r - checked) * sh->record_bytes)
+                if (t - since > SF_MAP_SLOW_NS + (r - checked) * sh->record_bytes &&
+                    (faults < 0 || major_faults() != faults))
                     __atomic_store_n(&ctx->slow, 1, __ATOMIC_RELAXED);
                 since = t;
                 checked = r;
