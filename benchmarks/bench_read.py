@@ -56,7 +56,8 @@ def test_random_batch(benchmark, bench_data, timing_enabled: bool, reader: str):
                                 output_bytes_per_sample=profile.output_bytes,
                                 dataset_samples=bench_data.count,
                                 threads=bench_data.dataset.threads,
-                                mmap_path=bool(bench_data.dataset._use_map))
+                                mmap_path=bool(bench_data.dataset._use_map),
+                                pages_pinned=bench_data.pinned)
 
     # Correctness: the same batches through this reader and through the baseline, bit for bit.
     checks = bench_data.batches(seed=1)
@@ -66,6 +67,7 @@ def test_random_batch(benchmark, bench_data, timing_enabled: bool, reader: str):
 
     batches = bench_data.batches()
     if timing_enabled:
+        bench_data.warm()
         rounds = _rounds(read, batches)
         warmup = min(200, rounds // 10)
     else:

@@ -9,6 +9,7 @@ in a summary table.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import tempfile
@@ -75,6 +76,14 @@ def _write(path: str, profile: Profile, count: int, rng: np.random.Generator) ->
             writer.extend({"x": values})
 
 
+def pin_in_memory(array: np.ndarray) -> bool:
+    """mlock()s the pages under a memory-mapped array: page-cached benchmarks then stay
+    page-cached. (Machines with proactive reclaim, such as DAMON pageout in some VMs, evict a
+    file's pages seconds after it was read, even with most memory free.) False when not allowed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.mlock(ctypes.c_void_p(array.ctypes.data), ctypes.c_size_t(array.nbytes)) == 0
+
+
 class BenchData:
     """One profile's dataset: shardfeed handle, a memmap of the same records, and index batches."""
 
@@ -88,12 +97,14 @@ class BenchData:
         self.record_file = os.path.join(self.path, shards[0].file)
         self.memmap = np.memmap(self.record_file, dtype=profile.dtype, mode="r", offset=HEADER_BYTES,
                                 shape=(count,) + profile.shape)
+        self.pinned = pin_in_memory(self.memmap)
         self.dataset = shardfeed.open(self.path)
-        self._warm()
+        self.warm()
 
-    def _warm(self) -> None:
-        """Page cache and page tables: the file was just written (so it is cached); touch one
-        byte per page through each memory map so neither reader pays first-touch faults."""
+    def warm(self) -> None:
+        """Page cache and page tables: the file was just written (so it is cached, and pinned if
+        mlock is allowed); touch one byte per page through each memory map so that neither reader
+        pays first-touch faults. Run again before each benchmark in case pages were evicted."""
         flat = self.memmap.reshape(-1).view(np.uint8)
         int(flat[::4096].sum())
         every = max(1, 4096 // self.profile.record_bytes)

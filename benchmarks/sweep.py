@@ -13,6 +13,7 @@ one random permutation, so no record is read twice.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import statistics
@@ -68,11 +69,20 @@ def evict(path: str) -> None:
             os.close(fd)
 
 
-def warm(path: str) -> None:
+def warm(path: str) -> List[np.memmap]:
+    """Reads every shard file and mlock()s its pages where allowed, so page-cached runs stay
+    page-cached (some VMs evict a file's pages seconds after a read, e.g. DAMON pageout). Keep the
+    returned maps while timing page-cached reads; drop them before evicting."""
+    pins = []
+    libc = ctypes.CDLL(None, use_errno=True)
     for name in shard_files(path):
         with open(name, "rb") as f:
             while f.read(1 << 24):
                 pass
+        pages = np.memmap(name, dtype=np.uint8, mode="r")
+        if libc.mlock(ctypes.c_void_p(pages.ctypes.data), ctypes.c_size_t(pages.nbytes)) == 0:
+            pins.append(pages)
+    return pins
 
 
 def batches(count: int, batch: int, seed: int) -> List[np.ndarray]:
@@ -137,12 +147,13 @@ def sweep_threads(root: str, size: int, cold: bool) -> None:
     for name, (dtype, shape, batch, normalise) in PROFILES.items():
         path = os.path.join(root, name)
         count = write_dataset(path, dtype, shape, size)
-        warm(path)
+        pins = warm(path)
         ds = shardfeed.open(path)
         ds.read(np.arange(0, count, max(1, 4096 // ds._record_bytes)), "x")  # fault in the map
         readers = {str(t): reader(ds, normalise, batch, shape, t) for t in THREADS}
         cached_rows[name] = cached_rates(readers, count, batch)
         ds.close()
+        del pins
         if cold and name != "f16-128B":
             openers = {str(t): lambda t=t: shardfeed.open(path, threads=t) for t in THREADS}
             cold_rows[name] = cold_rates(path, openers, lambda d, _: reader(d, normalise, batch, shape), count,
@@ -160,7 +171,7 @@ def sweep_mmap(root: str, size: int, cold: bool) -> None:
         shape = (record // 2,)
         path = os.path.join(root, f"f16-{record}")
         count = write_dataset(path, "float16", shape, size)
-        warm(path)
+        pins = warm(path)
         readers = {}
         handles = []
         for mapped in (True, False):
@@ -172,6 +183,7 @@ def sweep_mmap(root: str, size: int, cold: bool) -> None:
         cached_rows[label] = cached_rates(readers, count, 256)
         for ds in handles:
             ds.close()
+        del pins
         if cold:
             openers = {"mmap": lambda: shardfeed.open(path, mmap=True),
                        "preadv": lambda: shardfeed.open(path, mmap=False)}
