@@ -285,6 +285,10 @@ cdef class ShardSet:
                 _fill_affine(&outs[k].affine, views, scale, offset, inner, period, what)
             if n == 0 or nf == 0:
                 return
+            if use_map:
+                rc = sf_guard_mapped_reads()
+                if rc != 0:
+                    raise OSError(rc, "cannot install the SIGBUS handler for mapped reads: " + os.strerror(rc))
             self._begin()
             with nogil:
                 rc = sf_read_records(&self.c, &indices[0], n, outs, nf, use_map, threads, &err)

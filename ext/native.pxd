@@ -73,6 +73,7 @@ cdef extern from "reader.h":
         size_t pad_bytes
         sf_affine affine
 
+    int sf_guard_mapped_reads()
     int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
                         const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
                         sf_error *err) nogil

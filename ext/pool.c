@@ -125,10 +125,13 @@ static void grow_pool(size_t wanted)
         return;
     int ok = pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED) == 0 &&
              pthread_attr_setstacksize(&attr, 256 * 1024) == 0;
-    /* Threads inherit the signal mask: block everything so signals (SIGINT) reach Python's
+    /* Threads inherit the signal mask: block signals so the asynchronous ones (SIGINT) reach Python's
      * main thread and reads in workers are never interrupted. */
     sigset_t all, old;
-    sigfillset(&all);
+    /* Except the synchronous faults: a blocked SIGBUS kills the process instead of reaching the
+     * handler that guards copies from a map (reader.c). */
+    ok = ok && sigfillset(&all) == 0 && sigdelset(&all, SIGBUS) == 0 && sigdelset(&all, SIGSEGV) == 0 &&
+         sigdelset(&all, SIGFPE) == 0 && sigdelset(&all, SIGILL) == 0;
     if (ok && pthread_sigmask(SIG_BLOCK, &all, &old) == 0) {
         while (pool.threads < wanted) {
             pthread_t tid;

@@ -7,6 +7,8 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -204,6 +206,49 @@ done:
     return rc == SF_OK ? 0 : -1;
 }
 
+/* A mapped shard that shrinks after it was opened (truncated by someone else) turns a copy from
+ * the map into SIGBUS. While a thread copies from a map, guard_jump points at its recovery point:
+ * the handler jumps back there and the read fails with SF_ERR_EOF, as on the preadv path. A SIGBUS
+ * outside a guarded copy goes to whatever handler was installed before. */
+#if defined(__GNUC__) || defined(__clang__)
+static __thread sigjmp_buf *guard_jump __attribute__((tls_model("initial-exec")));
+#else
+static _Thread_local sigjmp_buf *guard_jump;
+#endif
+static struct sigaction previous_bus;
+
+static void on_sigbus(int sig, siginfo_t *info, void *context)
+{
+    sigjmp_buf *jump = guard_jump;
+    if (jump != NULL)
+        siglongjmp(*jump, 1);
+    if (previous_bus.sa_flags & SA_SIGINFO) {
+        previous_bus.sa_sigaction(sig, info, context);
+    } else if (previous_bus.sa_handler == SIG_DFL || previous_bus.sa_handler == SIG_IGN) {
+        /* Returning re-runs the faulting instruction, which now gets the default action. */
+        signal(SIGBUS, SIG_DFL);
+    } else {
+        previous_bus.sa_handler(sig);
+    }
+}
+
+int sf_guard_mapped_reads(void)
+{
+    struct sigaction current;
+    if (sigaction(SIGBUS, NULL, &current) != 0)
+        return errno;
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == on_sigbus)
+        return 0;
+    struct sigaction mine;
+    memset(&mine, 0, sizeof mine);
+    mine.sa_sigaction = on_sigbus;
+    /* SA_NODEFER: the handler leaves by siglongjmp, so SIGBUS must not stay blocked. */
+    mine.sa_flags = SA_SIGINFO | SA_NODEFER;
+    if (sigemptyset(&mine.sa_mask) != 0 || sigaction(SIGBUS, &mine, &previous_bus) != 0)
+        return errno;
+    return 0;
+}
+
 /* Records are copied from the map one after another; asking for the one SF_PREFETCH_AHEAD places
  * later lets its cache (and TLB) misses overlap the copies in between. */
 #define SF_PREFETCH_AHEAD 8
@@ -283,6 +328,17 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
 {
     record_ctx *ctx = vctx;
     const sf_shards *sh = ctx->shards;
+    sigjmp_buf jump;
+    volatile size_t current = begin; /* the record being copied, for the SIGBUS error */
+    if (sigsetjmp(jump, 0) != 0) {
+        guard_jump = NULL;
+        int64_t index = ctx->indices[current];
+        size_t s = shard_of(sh, index);
+        int64_t at = (int64_t)sh->header_bytes + (index - sh->starts[s]) * (int64_t)sh->record_bytes;
+        set_error(err, SF_ERR_EOF, SF_FILE_RECORDS, s, at, index);
+        return -1;
+    }
+    guard_jump = &jump;
     void (*convert)(int, float *, const void *, size_t, const sf_affine *, size_t) =
         ctx->stream ? sf_convert_stream : sf_convert;
     uint64_t since = ctx->missed ? now_ns() : 0;
@@ -303,6 +359,7 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
             }
             if (__atomic_load_n(&ctx->slow, __ATOMIC_RELAXED)) {
 #ifdef SF_HAVE_NOWAIT
+                guard_jump = NULL;
                 return read_records_pread(ctx, r, end, err);
 #else
                 memset(ctx->missed + r, 1, end - r);
@@ -312,6 +369,7 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
         }
         if (r + SF_PREFETCH_AHEAD < end)
             prefetch_record(sh, ctx->indices[r + SF_PREFETCH_AHEAD]);
+        current = r;
         const char *record = map_record(sh, ctx->indices[r]);
         for (size_t k = 0; k < ctx->n_fields; k++) {
             const sf_field_out *f = &ctx->fields[k];
@@ -322,7 +380,7 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
                 convert(f->cast, (float *)row, record + f->src_offset, f->count, &f->affine, 0);
         }
     }
-    (void)err;
+    guard_jump = NULL;
     return 0;
 }
 

@@ -34,6 +34,11 @@ typedef struct sf_field_out {
  * `threads`) takes the records that are in the page cache without waiting for the disk: copied
  * from shards->maps when use_map != 0, else preadv2(RWF_NOWAIT) on Linux. The records left are
  * read with blocking preadv on `threads` threads. */
+/* Installs the SIGBUS handler that turns a fault in a copy from a map (a shard truncated after it
+ * was mapped) into SF_ERR_EOF; reinstalls it if another handler replaced it. Call before each read
+ * with use_map, from one thread at a time. Returns 0 or an errno value. */
+int sf_guard_mapped_reads(void);
+
 int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
                     const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
                     sf_error *err);
