@@ -3,16 +3,22 @@
 Write samples once into compact binary shards with :class:`Writer`, then read any samples by index
 with :func:`open` and :meth:`Dataset.read`: a pool of native threads reads the records straight
 into float32 batch buffers, converting in place, with the GIL released.
+
+Training: views without copies (``ds.split``, ``subset``, ``head``, ``shard``: :class:`Subset`),
+a new uniformly random order every epoch (:class:`Sampler`, :class:`Permutation`), the prefetching
+generator ``ds.batches(...)`` and, imported on demand, ``shardfeed.keras.ShardSequence`` and
+``ds.to_tf_dataset(...)`` (``shardfeed.tf``). ``import shardfeed`` never imports TensorFlow or Keras.
 """
 
 from .dataset import Batch, Dataset, get_num_threads, open, set_num_threads
 from .errors import SchemaError, ShardfeedError, ShardFormatError, ShardReadError, ValueRangeError
 from .format import Field
+from .order import Permutation, Sampler, Subset
 from .writer import Writer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "Dataset", "Field", "SchemaError", "ShardFormatError", "ShardReadError", "ShardfeedError",
-    "ValueRangeError", "Writer", "get_num_threads", "open", "set_num_threads",
+    "Batch", "Dataset", "Field", "Permutation", "Sampler", "SchemaError", "ShardFormatError", "ShardReadError",
+    "ShardfeedError", "Subset", "ValueRangeError", "Writer", "get_num_threads", "open", "set_num_threads",
 ]

@@ -1,0 +1,313 @@
+"""Batches for training: what a batch is (:class:`BatchPlan`), and the prefetching generator
+(:func:`batches`) that reads the next batches on a background thread while the model trains.
+
+Every batch is read into freshly allocated arrays, and an array handed to the consumer is never
+written again: Keras (TensorFlow backend) wraps suitably aligned numpy arrays without copying and
+reads them later, keeps the first batches of a generator, and queues batches between workers, so
+reusing output buffers corrupts training batches (see tests/test_keras.py, the buffer-reuse test).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections import abc
+from typing import Any, Callable, Dict, Generator, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from .order import Sampler, as_subset
+
+DEFAULT_PREFETCH = 2
+
+# A normalised structure: ("one", name), ("seq", (names...)) or ("map", ((key, name), ...)).
+_Structure = Tuple[str, Any]
+
+
+def _structure(value: Any, what: str) -> Optional[_Structure]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return ("one", value)
+    if isinstance(value, abc.Mapping):
+        items = tuple(value.items())
+        if not items or not all(isinstance(k, str) and isinstance(v, str) for k, v in items):
+            raise TypeError(f"{what} as a dict must map names (str) to field names (str), got {value!r}")
+        return ("map", items)
+    if isinstance(value, (list, tuple)):
+        names = tuple(value)
+        if not names or not all(isinstance(v, str) for v in names):
+            raise TypeError(f"{what} as a list must hold field names (str), got {value!r}")
+        return ("seq", names)
+    raise TypeError(f"{what} must be a field name, a list of names or a dict {{name: field}}, got {value!r}")
+
+
+def _names(structure: Optional[_Structure]) -> List[str]:
+    if structure is None:
+        return []
+    kind, value = structure
+    if kind == "one":
+        return [value]
+    if kind == "seq":
+        return list(value)
+    return [name for _, name in value]
+
+
+def _arrange(structure: _Structure, arrays: Mapping[str, Any]) -> Any:
+    kind, value = structure
+    try:
+        if kind == "one":
+            return arrays[value]
+        if kind == "seq":
+            return tuple(arrays[name] for name in value)
+        return {key: arrays[name] for key, name in value}
+    except KeyError as exc:
+        raise KeyError(f"the batch has no field {exc.args[0]!r} (it has {sorted(arrays)}); a transform must "
+                       "return every field named in inputs, targets and sample_weights") from None
+
+
+class BatchPlan:
+    """Everything about a batch except when it is read: which samples (a :class:`~shardfeed.Sampler`
+    over a dataset or view), which fields and how they are read (``dtype``, ``scale``, ``offset``,
+    ``maxlen``, ``pad_value`` as in ``Dataset.read``), an optional ``transform``, and how the
+    fields are arranged into the ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` tuples that
+    Keras expects. ``plan.load(step)`` reads global step ``step``; it is thread-safe, and the plan
+    pickles (with its dataset, by path) for worker processes when ``transform`` does."""
+
+    def __init__(self, source: Any, batch_size: int, *, inputs: Any = None, targets: Any = None,
+                 sample_weights: Any = None, shuffle: bool = True, seed: int = 0, drop_remainder: bool = False,
+                 transform: Optional[Callable[[Any], Mapping[str, Any]]] = None, dtype: Any = "float32",
+                 fields: Any = None, scale: Any = None, offset: Any = None, maxlen: Any = None, pad_value: Any = 0):
+        self.view = as_subset(source)
+        self.dataset = self.view.dataset
+        self.sampler = Sampler(self.view, batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder)
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, got {transform!r}")
+        self.transform = transform
+        self.inputs = _structure(inputs, "inputs")
+        self.targets = _structure(targets, "targets")
+        self.sample_weights = _structure(sample_weights, "sample_weights")
+        if self.inputs is None and (self.targets is not None or self.sample_weights is not None):
+            raise ValueError("targets and sample_weights need inputs")
+        if self.targets is None and self.sample_weights is not None:
+            raise ValueError("sample_weights need targets (Keras reads (x, y, sample_weight))")
+        named = list(dict.fromkeys(_names(self.inputs) + _names(self.targets) + _names(self.sample_weights)))
+        available = self.dataset.fields
+        if fields is None:
+            read = [name for name in named if name in available] if named else list(available)
+        else:
+            read = [fields] if isinstance(fields, str) else list(fields)
+        missing = [name for name in read if name not in available]
+        if missing:
+            raise KeyError(f"no field {missing[0]!r}; the dataset has {list(available)}")
+        unread = [name for name in named if name not in read]
+        if unread and transform is None:
+            raise KeyError(f"no field {unread[0]!r} to read; the dataset has {list(available)} "
+                           "(a transform can add fields)")
+        self.fields = read
+        self.read_options: Dict[str, Any] = {"dtype": dtype, "scale": scale, "offset": offset, "maxlen": maxlen,
+                                             "pad_value": pad_value}
+        # A read of no samples checks the options now (dtype, scale/offset shapes, pad values)
+        # and gives each field's output dtype and shape.
+        self.empty = self.dataset.read(np.empty(0, np.int64), self.fields, **self.read_options)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.sampler)
+
+    def read(self, step: int):
+        """Global step ``step`` as a :class:`~shardfeed.Batch` of fields (transformed, if the plan
+        has a transform). It carries ``indices`` (dataset indices), ``epoch`` and ``step``."""
+        indices = self.sampler.indices(step)
+        batch = self.dataset.read(indices, self.fields, **self.read_options)
+        batch.indices = indices
+        batch.epoch = step // len(self.sampler)
+        batch.step = step
+        if self.transform is not None:
+            result = self.transform(batch)
+            if not isinstance(result, abc.Mapping):
+                raise TypeError(f"transform must return a mapping of field name -> array, got {type(result).__name__}")
+            return result
+        return batch
+
+    def arrange(self, batch: Mapping[str, Any]) -> Any:
+        """Fields -> ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``; the batch itself without inputs."""
+        if self.inputs is None:
+            return batch
+        x = _arrange(self.inputs, batch)
+        if self.targets is None:
+            return (x,)
+        y = _arrange(self.targets, batch)
+        if self.sample_weights is None:
+            return (x, y)
+        return (x, y, _arrange(self.sample_weights, batch))
+
+    def load(self, step: int) -> Any:
+        """Reads and arranges global step ``step``: what the generator yields and a Sequence returns."""
+        return self.arrange(self.read(step))
+
+    def steps(self, epochs: Optional[int], start: Any = None) -> Iterable[int]:
+        """Global steps from ``start`` (a step, ``(epoch, batch)`` or a saved position) to the end of
+        epoch ``epochs - 1``, or forever when ``epochs`` is None."""
+        first = 0 if start is None else self.sampler.step_of(start)
+        if epochs is None:
+            if len(self.sampler) == 0:
+                raise ValueError(f"no batches to repeat: {self.sampler.samples} samples with batch_size "
+                                 f"{self.sampler.batch_size} and drop_remainder={self.sampler.drop_remainder}")
+            return itertools.count(first)
+        epochs = int(epochs)
+        if epochs < 0:
+            raise ValueError(f"epochs must be None (forever) or an int >= 0, got {epochs}")
+        stop = epochs * len(self.sampler)
+        if first > stop:
+            raise ValueError(f"start step {first} is past the end of epoch {epochs - 1} (step {stop})")
+        return range(first, stop)
+
+
+_VALUE, _END, _ERROR = range(3)
+
+
+class Prefetcher:
+    """Computes ``produce(item)`` for each of ``items``, in order, on a named daemon thread, up to
+    ``depth`` results ahead of the consumer (a bounded queue). :meth:`get` returns the next result,
+    raises StopIteration at the end and re-raises an exception of ``produce`` (or of ``items``).
+    :meth:`close` stops the thread promptly (after the call to ``produce`` in progress, if any),
+    drops the results not consumed and joins the thread; it is idempotent."""
+
+    POLL_S = 0.1
+
+    def __init__(self, produce: Callable[[Any], Any], items: Iterable[Any], depth: int = DEFAULT_PREFETCH,
+                 name: str = "shardfeed-prefetch"):
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"prefetch depth must be an int >= 1, got {depth!r}")
+        self._queue: "queue.Queue[Tuple[int, Any]]" = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, args=(produce, iter(items)), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Callable[[Any], Any], items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if self._stop.is_set():
+                    return
+                value = produce(item)
+                if not self._put((_VALUE, value)):
+                    return
+                del value
+            self._put((_END, None))
+        except BaseException as exc:  # noqa: B902 - handed to the consumer, whatever it is
+            self._put((_ERROR, exc))
+
+    def _put(self, message: Tuple[int, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(message, timeout=self.POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def get(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    self._finished = True
+                    raise RuntimeError("the prefetch thread stopped without a result (was the loader closed?)") from None
+        if kind == _VALUE:
+            return value
+        self._finished = True
+        if kind == _END:
+            raise StopIteration
+        raise value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._finished = True
+        if threading.current_thread() is not self._thread:
+            while self._thread.is_alive():
+                self._drain()  # unblocks a producer waiting on a full queue at once
+                self._thread.join(timeout=0.01)
+        self._drain()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _stream(plan: BatchPlan, steps: Iterable[int], prefetch: int) -> Generator[Any, None, None]:
+    if prefetch == 0:
+        for step in steps:
+            yield plan.load(step)
+        return
+    fetcher = Prefetcher(plan.load, steps, prefetch)
+    try:
+        while True:
+            try:
+                value = fetcher.get()
+            except StopIteration:
+                return
+            yield value
+            del value
+    finally:
+        fetcher.close()
+
+
+def batches(source: Any, batch_size: int, *, inputs: Any = None, targets: Any = None, sample_weights: Any = None,
+            shuffle: bool = True, seed: int = 0, epochs: Optional[int] = None, prefetch: int = DEFAULT_PREFETCH,
+            drop_remainder: bool = False, transform: Optional[Callable[[Any], Mapping[str, Any]]] = None,
+            dtype: Any = "float32", start: Any = None, fields: Any = None, scale: Any = None, offset: Any = None,
+            maxlen: Any = None, pad_value: Any = 0) -> Generator[Any, None, None]:
+    """A generator of batches of a dataset or view, read ahead on a background thread.
+
+    Yields ``(x, y)`` tuples (``(x,)`` without ``targets``, ``(x, y, sample_weight)`` with
+    ``sample_weights``), as ``model.fit`` expects; ``inputs``, ``targets`` and ``sample_weights``
+    are each a field name, a list of names (a tuple of arrays, for a model with several inputs or
+    outputs) or a dict ``{model input/output name: field}`` (named inputs/outputs). Without
+    ``inputs`` it yields each batch's dict of fields (a :class:`~shardfeed.Batch`).
+
+    Every epoch is a new uniformly random order of all the samples (a pure function of ``seed``
+    and the epoch; storage order without ``shuffle``), cut into ``batch_size`` batches; the last
+    one is smaller unless ``drop_remainder``. ``epochs=None`` never ends (for
+    ``model.fit(gen, steps_per_epoch=...)``); otherwise the generator ends with epoch
+    ``epochs - 1``. ``start`` resumes exactly: a global step (``epoch * batches_per_epoch +
+    batch``), ``(epoch, batch)`` or a ``Sampler.position`` dict; the batches are then the very
+    ones an uninterrupted run would have read.
+
+    ``fields`` (default: those named above), ``dtype`` (default float32 for every field),
+    ``scale``, ``offset``, ``maxlen`` and ``pad_value`` are passed to ``Dataset.read``.
+    ``transform(batch) -> dict`` (augmentation) runs on the prefetch thread on each batch's dict
+    of fields, which also carries ``batch.indices``, ``batch.epoch`` and ``batch.step`` (seed an
+    augmentation's randomness from them to keep runs reproducible).
+
+    ``prefetch`` batches are read ahead (0: read in the consumer's thread); the reads run on the
+    native threads with the GIL released, so they overlap the training step. Each batch is a new
+    array, never written again once yielded. ``close()`` (or leaving ``with
+    contextlib.closing(gen):``, or dropping the generator) stops the thread. Do not use a generator
+    as Keras ``validation_data`` (Keras 3 replays its first batches every validation run): use
+    :class:`shardfeed.keras.ShardSequence` there."""
+    plan = BatchPlan(source, batch_size, inputs=inputs, targets=targets, sample_weights=sample_weights,
+                     shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, transform=transform, dtype=dtype,
+                     fields=fields, scale=scale, offset=offset, maxlen=maxlen, pad_value=pad_value)
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
+    return _stream(plan, plan.steps(epochs, start), prefetch)

@@ -1,0 +1,320 @@
+"""The prefetching generator (ds.batches): batches equal numpy references in the sampler's order,
+Keras-shaped tuples, exact resume, transforms on the prefetch thread, errors passed through,
+prompt close, no leaks, fresh arrays, and flat private memory over epochs."""
+
+import contextlib
+import gc
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shardfeed
+from shardfeed import Sampler
+from shardfeed.loader import BatchPlan, Prefetcher
+
+N = 600
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rng = np.random.default_rng(8)
+    columns = {
+        "image": rng.integers(0, 256, (N, 2, 3, 3), dtype=np.uint8),
+        "meta": rng.standard_normal((N, 4)).astype(np.float16),
+        "label": rng.integers(0, 10, N),
+        "weight": rng.random(N).astype(np.float32),
+        "id": np.arange(N),
+    }
+    fields = {"image": ("uint8", (2, 3, 3)), "meta": ("float16", (4,)), "label": ("int64", ()),
+              "weight": ("float32", ()), "id": ("int64", ())}
+    path = str(tmp_path_factory.mktemp("loader") / "ds")
+    with shardfeed.Writer(path, fields=fields, shard_size=8192) as w:
+        w.extend(columns)
+    with shardfeed.open(path) as ds:
+        yield ds, columns
+
+
+def prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "shardfeed-prefetch"]
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def private_bytes():
+    """Anonymous resident memory (RSS minus file-backed and shared pages)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def test_batches_match_numpy_in_sampler_order(data):
+    ds, columns = data
+    sampler = Sampler(ds, 64, seed=4)
+    seen = []
+    for step, (x, y) in enumerate(ds.batches(64, inputs="image", targets="label", seed=4, epochs=2)):
+        indices = sampler.indices(step)
+        assert x.dtype == np.float32 and y.dtype == np.float32
+        np.testing.assert_array_equal(x, columns["image"][indices].astype(np.float32))
+        np.testing.assert_array_equal(y, columns["label"][indices].astype(np.float32))
+        seen.append(indices)
+    assert len(seen) == 2 * len(sampler) == 20
+    for epoch in range(2):  # every epoch visits every sample exactly once
+        order = np.concatenate(seen[epoch * 10:(epoch + 1) * 10])
+        np.testing.assert_array_equal(np.sort(order), np.arange(N))
+    assert not np.array_equal(np.concatenate(seen[:10]), np.concatenate(seen[10:]))
+
+
+def test_structures_for_keras(data):
+    ds, columns = data
+    gen = ds.batches(50, inputs={"pixels": "image", "extra": "meta"}, targets=["label", "id"],
+                     sample_weights="weight", seed=1, epochs=1, dtype={"image": "float32", "meta": "float32"},
+                     scale={"image": 1 / 255}, offset={"image": -0.5})
+    x, y, w = next(gen)
+    indices = Sampler(ds, 50, seed=1).indices(0)
+    assert set(x) == {"pixels", "extra"} and isinstance(y, tuple) and len(y) == 2
+    expected = columns["image"][indices].astype(np.float32) * np.float32(1 / 255) + np.float32(-0.5)
+    np.testing.assert_array_equal(x["pixels"], expected)
+    np.testing.assert_array_equal(x["extra"], columns["meta"][indices].astype(np.float32))
+    assert y[0].dtype == np.int64 and y[1].dtype == np.int64  # fields not named in a dtype dict stay as stored
+    np.testing.assert_array_equal(y[1], indices)
+    np.testing.assert_array_equal(w, columns["weight"][indices])
+    gen.close()
+    (x_only,) = next(ds.batches(8, inputs="meta", shuffle=False))
+    np.testing.assert_array_equal(x_only, columns["meta"][:8].astype(np.float32))
+    batch = next(ds.batches(8, shuffle=False, dtype=None))  # no inputs: the dict of fields
+    assert isinstance(batch, shardfeed.Batch) and set(batch) == set(columns)
+    np.testing.assert_array_equal(batch["id"], np.arange(8))
+
+
+def test_epochs_drop_remainder_and_shuffle_off(data):
+    ds, _ = data
+    lengths = [len(y) for _, y in ds.batches(256, inputs="meta", targets="id", epochs=2, dtype=None)]
+    assert lengths == [256, 256, 88] * 2
+    lengths = [len(y) for _, y in ds.batches(256, inputs="meta", targets="id", epochs=2, drop_remainder=True)]
+    assert lengths == [256, 256] * 2
+    ids = np.concatenate([y for _, y in ds.batches(100, inputs="meta", targets="id", epochs=1, shuffle=False,
+                                                   dtype=None)])
+    np.testing.assert_array_equal(ids, np.arange(N))
+    forever = ds.batches(256, inputs="meta", targets="id", dtype=None)
+    assert len([next(forever) for _ in range(10)]) == 10  # epochs=None never ends
+    forever.close()
+    assert list(ds.batches(256, inputs="meta", epochs=0)) == []
+
+
+@pytest.mark.parametrize("start", [1, 7, 10, 13, (1, 0), (2, 4)])
+def test_resume_is_bit_identical(data, start):
+    ds, _ = data
+    options = dict(inputs="meta", targets="id", seed=9, epochs=3, dtype=None)
+    whole = [y for _, y in ds.batches(60, **options)]
+    sampler = Sampler(ds, 60, seed=9)
+    step = sampler.step_of(start)
+    position = sampler.position(step)
+    for resume_at in (start, position, step):
+        resumed = [y for _, y in ds.batches(60, start=resume_at, **options)]
+        assert len(resumed) == len(whole) - step
+        for a, b in zip(resumed, whole[step:]):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="seed"):
+        ds.batches(60, start=position, **{**options, "seed": 10})
+    with pytest.raises(ValueError, match="past the end"):
+        ds.batches(60, start=31, **options)
+
+
+def test_determinism_by_seed_and_views(data):
+    ds, _ = data
+    train = ds.split({"train": 0.75, "val": 0.25}, seed=0)["train"]
+
+    def ids(seed):
+        return np.concatenate([y for _, y in train.batches(32, inputs="meta", targets="id", seed=seed, epochs=2,
+                                                             dtype=None)])
+    np.testing.assert_array_equal(ids(5), ids(5))
+    assert not np.array_equal(ids(5), ids(6))
+    assert set(ids(5)) == set(train.indices())
+    shard_ids = [np.concatenate([y for _, y in train.shard(r, 2).batches(25, inputs="meta", targets="id",
+                                                                           epochs=1, dtype=None)])
+                 for r in range(2)]
+    assert len(shard_ids[0]) == len(shard_ids[1]) == 225 and not set(shard_ids[0]) & set(shard_ids[1])
+
+
+def test_transform_runs_on_the_prefetch_thread(data):
+    ds, columns = data
+    calls = []
+
+    def transform(batch):
+        calls.append((threading.current_thread().name, batch.epoch, batch.step, batch.indices.copy()))
+        return {"double": batch["meta"] * 2, "id": batch["id"]}
+
+    gen = ds.batches(100, inputs="double", targets="id", transform=transform, seed=2, epochs=2, dtype=None,
+                     fields=["meta", "id"])
+    out = list(gen)
+    assert len(out) == 12 and {name for name, *_ in calls} == {"shardfeed-prefetch"}
+    assert [(e, s) for _, e, s, _ in calls] == [(s // 6, s) for s in range(12)]
+    for (x, y), (_, _, _, indices) in zip(out, calls):
+        np.testing.assert_array_equal(y, indices)
+        np.testing.assert_array_equal(x, columns["meta"][indices] * 2)
+    with pytest.raises(TypeError, match="mapping"):
+        next(ds.batches(10, inputs="meta", transform=lambda b: [1]))
+    with pytest.raises(KeyError, match="transform"):
+        next(ds.batches(10, inputs="nope", transform=lambda b: b))
+    with pytest.raises(KeyError, match="no field 'nope'"):
+        ds.batches(10, inputs="nope")
+
+
+def test_errors_in_the_prefetch_thread_reach_the_consumer(data):
+    ds, _ = data
+
+    def transform(batch):
+        if batch.step == 3:
+            raise ZeroDivisionError(f"bad batch {batch.step}")
+        return batch
+
+    gen = ds.batches(50, inputs="meta", transform=transform, epochs=1)
+    assert len([next(gen) for _ in range(3)]) == 3
+    with pytest.raises(ZeroDivisionError, match="bad batch 3"):
+        next(gen)
+    with pytest.raises(StopIteration):
+        next(gen)
+    deadline = time.monotonic() + 5
+    while prefetch_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not prefetch_threads()
+
+
+def test_read_errors_reach_the_consumer(tmp_path):
+    path = str(tmp_path / "ds")
+    with shardfeed.Writer(path, fields={"x": ("float32", (4,))}, shard_size=64 * 16 + 4096) as w:
+        w.extend({"x": np.zeros((300, 4), np.float32)})
+    ds = shardfeed.open(path, mmap=False)
+    shard = os.path.join(path, ds._manifest.shards[-1].file)
+    os.truncate(shard, 100)
+    with pytest.raises(shardfeed.ShardReadError):
+        for _ in ds.batches(32, inputs="x", shuffle=False, epochs=1):
+            pass
+    ds.close()
+
+
+def test_close_stops_promptly_and_leaks_nothing(data):
+    ds, _ = data
+    gc.collect()
+    threads, fds = len(threading.enumerate()), open_fds()
+    gen = ds.batches(64, inputs="image", targets="label", prefetch=3)
+    next(gen)
+    time.sleep(0.05)  # the queue fills and the thread waits on it
+    assert len(prefetch_threads()) == 1
+    start = time.perf_counter()
+    gen.close()
+    assert time.perf_counter() - start < 0.5
+    assert not prefetch_threads()
+    with pytest.raises(StopIteration):
+        next(gen)
+    # Leaving a `with closing(...)` block, and dropping an unfinished generator, stop it too.
+    with contextlib.closing(ds.batches(64, inputs="image", prefetch=2)) as gen:
+        next(gen)
+    assert not prefetch_threads()
+    gen = ds.batches(64, inputs="image")
+    next(gen)
+    del gen
+    assert not prefetch_threads()
+    # A generator never iterated starts no thread.
+    unused = ds.batches(64, inputs="image")
+    assert not prefetch_threads()
+    del unused
+    assert len(threading.enumerate()) == threads and open_fds() == fds
+
+
+def test_close_waits_only_for_the_batch_in_progress(data):
+    ds, _ = data
+
+    def slow(batch):
+        time.sleep(0.3)
+        return batch
+
+    gen = ds.batches(64, inputs="image", transform=slow, prefetch=4)
+    next(gen)
+    start = time.perf_counter()
+    gen.close()
+    assert time.perf_counter() - start < 0.6
+    assert not prefetch_threads()
+
+
+def test_yielded_arrays_are_never_written_again(data):
+    ds, columns = data
+    sampler = Sampler(ds, 32, seed=3)
+    kept = list(ds.batches(32, inputs="meta", targets="id", seed=3, prefetch=4, epochs=3, dtype=None))
+    buffers = set()
+    for step, (x, y) in enumerate(kept):  # compared only after every batch was read
+        indices = sampler.indices(step)
+        np.testing.assert_array_equal(y, indices)
+        np.testing.assert_array_equal(x, columns["meta"][indices].astype(np.float32))
+        buffers.add(x.__array_interface__["data"][0])
+    assert len(buffers) == len(kept)
+
+
+def test_prefetch_zero_reads_in_the_consumer(data):
+    ds, columns = data
+    gen = ds.batches(16, inputs="meta", prefetch=0, shuffle=False)
+    (x,) = next(gen)
+    assert not prefetch_threads()
+    np.testing.assert_array_equal(x, columns["meta"][:16].astype(np.float32))
+
+
+def test_argument_checks(data):
+    ds, _ = data
+    for kwargs, error in (
+        (dict(batch_size=0), ValueError), (dict(prefetch=-1), ValueError), (dict(seed=-2), ValueError),
+        (dict(targets="label", inputs=None), ValueError), (dict(inputs=3), TypeError),
+        (dict(inputs={"a": 1}), TypeError), (dict(dtype="int8"), ValueError), (dict(epochs=-1), ValueError),
+        (dict(inputs="image", scale={"image": np.ones(5)}), ValueError),
+    ):
+        options = {"batch_size": 8, "inputs": "meta", **kwargs}
+        with pytest.raises(error):
+            ds.batches(options.pop("batch_size"), **options)
+
+
+def test_prefetcher_contract():
+    with Prefetcher(lambda k: k * k, range(5), depth=2) as fetcher:
+        got = []
+        with pytest.raises(StopIteration):
+            while True:
+                got.append(fetcher.get())
+        assert got == [0, 1, 4, 9, 16] and fetcher.thread.name == "shardfeed-prefetch" and fetcher.thread.daemon
+
+    def items():
+        yield 1
+        raise KeyError("from items")
+    fetcher = Prefetcher(lambda k: k, items(), depth=1)
+    assert fetcher.get() == 1
+    with pytest.raises(KeyError, match="from items"):
+        fetcher.get()
+    fetcher.close()
+    with pytest.raises(ValueError):
+        Prefetcher(lambda k: k, [], depth=0)
+
+
+def test_private_memory_stays_flat_over_epochs(tmp_path):
+    """Several epochs over a dataset much larger than the prefetch depth (40 MiB, 1 MiB batches,
+    prefetch 2): the anonymous memory (file pages of the dataset excluded) does not grow."""
+    path = str(tmp_path / "big")
+    n, shape = 2560, (64, 64)
+    with shardfeed.Writer(path, fields={"x": ("float32", shape), "y": ("int64", ())}) as w:
+        for start in range(0, n, 512):
+            w.extend({"x": np.full((512,) + shape, 1.5, np.float32), "y": np.arange(start, start + 512)})
+    with shardfeed.open(path) as ds:
+        plan = BatchPlan(ds, 64, inputs="x", targets="y")
+        steps_per_epoch = len(plan)
+        readings = []
+        gen = ds.batches(64, inputs="x", targets="y", prefetch=2, epochs=6)
+        for step, (x, y) in enumerate(gen):
+            assert x.shape == (64,) + shape
+            if (step + 1) % steps_per_epoch == 0:
+                gc.collect()
+                readings.append(private_bytes())
+    growth = max(readings[1:]) - readings[1]
+    assert growth < 8 << 20, [f"{r / 2 ** 20:.1f} MiB" for r in readings]

@@ -1,0 +1,306 @@
+"""Epoch orders: the keyed permutation (bijective, deterministic, uniform by chi-square tests, O(1)
+memory and vectorised), views (split, subset, head, shard) and the batch sampler with its
+resumable positions, checked against plain numpy computations."""
+
+import json
+import math
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+import shardfeed
+from shardfeed import Permutation, Sampler, Subset
+from shardfeed.order import TABLE_MAX, epoch_permutation
+
+N = 1000
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("order") / "ds")
+    with shardfeed.Writer(path, fields={"id": ("int64", ()), "x": ("float16", (3,))}, shard_size=4096) as w:
+        w.extend({"id": np.arange(N), "x": np.arange(3 * N).reshape(N, 3) % 1000})
+    with shardfeed.open(path) as dataset:
+        yield dataset
+
+
+def chi2_sf(statistic, dof):
+    """Upper tail of the chi-square distribution (Wilson-Hilferty; good for dof >= 10)."""
+    z = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def chi2_uniform(counts):
+    """p-value of counts (any shape) under a uniform distribution over the cells."""
+    counts = np.asarray(counts, dtype=np.float64)
+    expected = counts.sum() / counts.size
+    return chi2_sf(((counts - expected) ** 2 / expected).sum(), counts.size - 1)
+
+
+def chi2_independent(table):
+    """p-value of a contingency table under independence of rows and columns."""
+    table = np.asarray(table, dtype=np.float64)
+    expected = np.outer(table.sum(1), table.sum(0)) / table.sum()
+    dof = (table.shape[0] - 1) * (table.shape[1] - 1)
+    return chi2_sf(((table - expected) ** 2 / expected).sum(), dof)
+
+
+P_MIN = 1e-4  # fixed keys make these tests deterministic; a structural bias gives p < 1e-10
+
+
+# ---- the permutation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 10, 1000, TABLE_MAX, TABLE_MAX + 1, 100_003, 2 ** 18, 3 * 2 ** 17 + 5])
+def test_permutation_is_a_bijection(n):
+    perm = Permutation(n, (7, 1))
+    values = perm(np.arange(n))
+    assert values.dtype == np.int64 and values.shape == (n,)
+    np.testing.assert_array_equal(np.sort(values), np.arange(n))
+
+
+def test_permutation_evaluates_any_positions_in_any_order(rng):
+    for n in (500, 200_001):
+        perm = Permutation(n, (3,))
+        full = perm(np.arange(n))
+        positions = rng.integers(0, n, 5000)
+        np.testing.assert_array_equal(perm(positions), full[positions])
+        np.testing.assert_array_equal(perm(positions.astype(np.uint32)), full[positions])
+        assert perm(np.empty(0, np.int64)).shape == (0,)
+
+
+def test_permutation_depends_only_on_n_and_key():
+    a, b = Permutation(100_000, (1, 2)), Permutation(100_000, (1, 2))
+    positions = np.arange(0, 100_000, 7)
+    np.testing.assert_array_equal(a(positions), b(positions))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(a))(positions), a(positions))
+    assert not np.array_equal(a(positions), Permutation(100_000, (1, 3))(positions))
+    assert not np.array_equal(a(positions[:100]), Permutation(100_001, (1, 2))(positions[:100]))
+    # Epoch permutations: a new order every epoch, the same order for the same (seed, epoch).
+    e0, e1 = epoch_permutation(5000, 0, 0)(np.arange(5000)), epoch_permutation(5000, 0, 1)(np.arange(5000))
+    assert not np.array_equal(e0, e1)
+    np.testing.assert_array_equal(e0, epoch_permutation(5000, 0, 0)(np.arange(5000)))
+
+
+def test_permutation_checks_positions():
+    perm = Permutation(10, (0,))
+    with pytest.raises(IndexError, match="position 10 is out of range"):
+        perm([1, 10])
+    with pytest.raises(IndexError, match="position -1"):
+        perm([-1])
+    with pytest.raises(TypeError):
+        perm([0.5])
+    with pytest.raises(ValueError):
+        Permutation(-1, (0,))
+
+
+def test_huge_permutation_needs_no_table_and_is_fast():
+    """O(1) memory per epoch for any n, and a batch's positions cost microseconds (vectorised)."""
+    n = 10 ** 12 + 39
+    perm = epoch_permutation(n, 5, 3)
+    assert perm._table is None
+    assert len(pickle.dumps(perm)) < 200
+    positions = np.arange(10 ** 9, 10 ** 9 + 256, dtype=np.int64)
+    values = perm(positions)
+    assert values.min() >= 0 and values.max() < n and len(np.unique(values)) == 256
+    timings = []
+    for k in range(300):
+        start = time.perf_counter()
+        perm.apply(positions + 256 * k)
+        timings.append(time.perf_counter() - start)
+    assert np.median(timings) < 2e-3, f"{np.median(timings) * 1e6:.0f} us for a batch of 256 positions"
+    # Injective on a large sample of positions (a bijection can't be checked exhaustively here).
+    sample = perm(np.arange(5 * 10 ** 11, 5 * 10 ** 11 + 300_000))
+    assert len(np.unique(sample)) == len(sample)
+
+
+def test_permutation_uniformity_position_of_element_small_n():
+    """Chi-square on position-of-element counts over many keys (the table regime)."""
+    n, keys = 10, 20_000
+    counts = np.zeros((n, n))
+    for key in range(keys):
+        values = Permutation(n, (key,))(np.arange(n))
+        counts[values, np.arange(n)] += 1  # element values[j] sits at position j
+    assert chi2_uniform(counts) > P_MIN
+
+
+@pytest.mark.parametrize("n", [TABLE_MAX + 1, 100_003, 2 ** 20, 10 ** 9 + 7])
+def test_permutation_uniformity_over_keys_feistel(n):
+    """The Feistel regime, over 4000 keys: the element at each of a few positions is uniform over
+    20 bins, and the elements at two adjacent positions are jointly uniform (10 x 10 bins)."""
+    keys, bins = 4000, 20
+    positions = np.array([0, 1, n // 2, n - 1])
+    values = np.array([Permutation(n, (key, 99))(positions) for key in range(keys)])
+    binned = values * bins // n
+    for column in range(len(positions)):
+        assert chi2_uniform(np.bincount(binned[:, column], minlength=bins)) > P_MIN, positions[column]
+    pairs = np.zeros((10, 10))
+    np.add.at(pairs, (values[:, 0] * 10 // n, values[:, 1] * 10 // n), 1)
+    assert chi2_uniform(pairs) > P_MIN
+
+
+@pytest.mark.parametrize("n", [TABLE_MAX + 1, 100_003, 2 ** 20, 2 ** 20 + 1, 3 * 2 ** 18])
+def test_permutation_uniformity_single_key(n):
+    """One permutation: no dependence between position and element (residues mod 16 and 7, high
+    bins) and none between successive elements."""
+    values = Permutation(n, (12345,))(np.arange(n))
+    positions = np.arange(n)
+    for name, f in (("mod 16", lambda v: v % 16), ("mod 7", lambda v: v % 7), ("high bins", lambda v: v * 16 // n)):
+        table = np.zeros((16, 16))
+        np.add.at(table, (f(values), f(positions)), 1)
+        table = table[table.sum(1) > 0][:, table.sum(0) > 0]
+        assert chi2_independent(table) > P_MIN, name
+    successive = np.zeros((16, 16))
+    np.add.at(successive, ((values[1:] - values[:-1]) % 16, values[:-1] % 16), 1)
+    assert chi2_independent(successive) > P_MIN
+
+
+def test_uniformity_tests_catch_a_biased_permutation():
+    """The same statistics reject a 'shuffle' that only rotates (uniform marginals, no mixing)."""
+    n, keys = 100_003, 4000
+    offsets = np.random.default_rng(0).integers(0, n, keys)
+    values = (offsets[:, None] + np.array([0, 1])) % n
+    pairs = np.zeros((10, 10))
+    np.add.at(pairs, (values[:, 0] * 10 // n, values[:, 1] * 10 // n), 1)
+    assert chi2_uniform(np.bincount(values[:, 0] * 20 // n, minlength=20)) > P_MIN  # marginals look fine
+    assert chi2_uniform(pairs) < 1e-10
+    rotated = (np.arange(n) + 17) % n
+    table = np.zeros((16, 16))
+    np.add.at(table, (rotated % 16, np.arange(n) % 16), 1)
+    assert chi2_independent(table) < 1e-10
+
+
+# ---- views ----------------------------------------------------------------------------------
+
+
+def test_split_fractions_are_disjoint_deterministic_and_cover_everything(ds):
+    parts = ds.split({"train": 0.8, "val": 0.1, "test": 0.1}, seed=3)
+    assert list(parts) == ["train", "val", "test"]
+    assert [len(p) for p in parts.values()] == [800, 100, 100]
+    ids = [p.indices() for p in parts.values()]
+    np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N))
+    again = ds.split({"train": 0.8, "val": 0.1, "test": 0.1}, seed=3)
+    for name in parts:
+        np.testing.assert_array_equal(again[name].indices(), parts[name].indices())
+    other = ds.split({"train": 0.8, "val": 0.1, "test": 0.1}, seed=4)
+    assert not np.array_equal(other["val"].indices(), parts["val"].indices())
+    # The parts are pseudo-random samples, not ranges: the validation part spans the dataset.
+    assert parts["val"].indices().min() < 100 and parts["val"].indices().max() > 900
+    # Reading a view reads the dataset's samples.
+    np.testing.assert_array_equal(parts["val"].read([0, 5])["id"], ids[1][[0, 5]])
+    assert parts["val"][5]["id"] == ids[1][5]
+    np.testing.assert_array_equal(parts["val"][2:6]["id"], ids[1][2:6])
+
+
+def test_split_counts_lists_rounding_and_no_shuffle(ds):
+    first, second = ds.split([300, 200], seed=1)
+    assert (len(first), len(second)) == (300, 200)
+    assert not set(first.indices()) & set(second.indices())
+    sizes = [len(p) for p in ds.split([1 / 3, 1 / 3, 1 / 3])]
+    assert sizes == [334, 333, 333]  # the leftover goes to the largest remainder
+    assert [len(p) for p in ds.split([0.25, 0.5])] == [250, 500]  # less than everything: the rest unused
+    head, tail = ds.split([0.9, 0.1], shuffle=False)
+    np.testing.assert_array_equal(head.indices(), np.arange(900))
+    np.testing.assert_array_equal(tail.indices(), np.arange(900, 1000))
+    for bad in ([0.8, 0.3], [600, 500], [-1, 2], [0.5, 300], [True, 1]):
+        with pytest.raises((ValueError, TypeError)):
+            ds.split(bad)
+    with pytest.raises(ValueError, match="seed"):
+        ds.split([0.5, 0.5], seed=-1)
+
+
+def test_subset_head_and_views_of_views(ds):
+    sub = ds.subset([5, -1, 7, 5])
+    np.testing.assert_array_equal(sub.indices(), [5, N - 1, 7, 5])
+    np.testing.assert_array_equal(sub.read(np.arange(4))["id"], [5, N - 1, 7, 5])
+    mask = np.zeros(N, bool)
+    mask[[3, 9]] = True
+    np.testing.assert_array_equal(ds.subset(mask).indices(), [3, 9])
+    with pytest.raises(IndexError):
+        ds.subset([N])
+    with pytest.raises(TypeError):
+        ds.subset([1.5])
+    np.testing.assert_array_equal(ds.head(10).indices(), np.arange(10))
+    assert len(ds.head(10 ** 6)) == N
+    train = ds.split({"train": 0.5, "rest": 0.5}, seed=2)["train"]
+    np.testing.assert_array_equal(train.head(7).indices(), train.indices()[:7])
+    np.testing.assert_array_equal(train.subset([3, 1]).indices(), train.indices()[[3, 1]])
+    inner = train.split([0.5, 0.5], seed=9)
+    np.testing.assert_array_equal(np.sort(np.concatenate([p.indices() for p in inner])), np.sort(train.indices()))
+    restored = pickle.loads(pickle.dumps(inner[0]))
+    np.testing.assert_array_equal(restored.indices(), inner[0].indices())
+    assert isinstance(restored, Subset) and "Subset" in repr(restored)
+
+
+def test_shards_are_disjoint_equal_and_change_every_epoch(ds):
+    view = ds.head(998)
+    world = 4
+    shards = [view.shard(rank, world) for rank in range(world)]
+    assert [len(s) for s in shards] == [249] * world
+    for epoch in range(3):
+        parts = [s.epoch_indices(epoch, 0, len(s), seed=5) for s in shards]
+        together = np.concatenate(parts)
+        assert len(np.unique(together)) == len(together) == 996  # disjoint; two samples left over
+        order = view.epoch_indices(epoch, 0, len(view), seed=5)
+        for rank in range(world):  # rank r takes positions r, r + 4, ... of the epoch's order
+            np.testing.assert_array_equal(parts[rank], order[rank:996:world])
+    assert not np.array_equal(shards[0].epoch_indices(0, 0, 249, seed=5), shards[0].epoch_indices(1, 0, 249, seed=5))
+    # Without shuffling a shard is the interleaved storage-order part; read() reads that.
+    np.testing.assert_array_equal(shards[1].epoch_indices(0, 0, 5, shuffle=False), [1, 5, 9, 13, 17])
+    np.testing.assert_array_equal(shards[1].indices()[:3], [1, 5, 9])
+    np.testing.assert_array_equal(shards[1].read([0, 1])["id"], [1, 5])
+    # A shard of a shard is a shard of the parent.
+    nested = view.shard(1, 2).shard(1, 2)
+    assert (nested.rank, nested.world_size, len(nested)) == (3, 4, 249)
+    np.testing.assert_array_equal(nested.epoch_indices(2, 0, 249, seed=5), shards[3].epoch_indices(2, 0, 249, seed=5))
+    for bad in ((4, 4), (-1, 4), (0, 0)):
+        with pytest.raises(ValueError):
+            view.shard(*bad)
+    with pytest.raises(ValueError, match="shard"):
+        shards[0].split([0.5, 0.5])
+
+
+# ---- the sampler ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_sampler_epochs_visit_every_sample_once(ds, drop_remainder):
+    view = ds.split({"a": 0.7, "b": 0.3}, seed=1)["a"]
+    sampler = Sampler(view, 64, seed=11, drop_remainder=drop_remainder)
+    assert len(sampler) == (700 // 64 if drop_remainder else math.ceil(700 / 64))
+    orders = []
+    for epoch in range(3):
+        batches = [sampler.batch(epoch, b) for b in range(len(sampler))]
+        assert all(len(b) == 64 for b in batches[:-1])
+        order = np.concatenate(batches)
+        if drop_remainder:
+            assert len(order) == 640 and len(np.unique(order)) == 640 and set(order) <= set(view.indices())
+        else:
+            np.testing.assert_array_equal(np.sort(order), np.sort(view.indices()))
+        orders.append(order)
+    assert not np.array_equal(orders[0], orders[1])
+    np.testing.assert_array_equal(np.concatenate([Sampler(view, 64, seed=11).batch(1, b) for b in range(3)]),
+                                  np.concatenate([Sampler(view, 64, seed=11).batch(1, b) for b in range(3)]))
+    plain = Sampler(view, 64, shuffle=False)
+    np.testing.assert_array_equal(np.concatenate([plain.batch(2, b) for b in range(len(plain))]), view.indices())
+    with pytest.raises(IndexError):
+        sampler.batch(0, len(sampler))
+
+
+def test_sampler_positions_are_small_json_and_checked(ds):
+    sampler = Sampler(ds, 100, seed=2)
+    position = sampler.position(23)
+    assert (position["epoch"], position["batch"]) == (2, 3)
+    assert json.loads(json.dumps(position)) == position and len(json.dumps(position)) < 200
+    assert sampler.step_of(position) == 23 == sampler.step_of((2, 3)) == sampler.step_of(23)
+    np.testing.assert_array_equal(sampler.indices(23), sampler.batch(2, 3))
+    with pytest.raises(ValueError, match="batches_per_epoch"):
+        Sampler(ds, 50, seed=2).step_of(position)
+    with pytest.raises(ValueError, match="seed"):
+        Sampler(ds, 100, seed=3).step_of(position)
+    with pytest.raises(ValueError, match="out of range"):
+        sampler.step_of((0, 10))
+    restored = pickle.loads(pickle.dumps(sampler))
+    np.testing.assert_array_equal(restored.indices(23), sampler.indices(23))
