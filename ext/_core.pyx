@@ -44,6 +44,13 @@ if _fork_rc != 0:
 cdef size_t _ITEMSIZE_LIMIT = 4  # stored elements up to 4 bytes convert in place in a float32 slot
 
 
+def allow_f16c(bint allowed):
+    """Switches the F16C float16 path on or off (off: the portable code); returns whether F16C is
+    now in use. For tests; do not call while other threads read."""
+    sf_cast_allow_f16c(allowed)
+    return bool(sf_cast_has_f16c())
+
+
 def pool_size():
     """Native threads started so far in this process."""
     return sf_pool_size()

@@ -60,6 +60,8 @@ __attribute__((target("avx,f16c"))) static void f16_block_f16c(float *out, const
     f16_block_soft(out + j, in + 2 * j, m - j);
 }
 
+static int f16c_allowed = 1; /* tests switch the vector path off to check the portable one */
+
 static int have_f16c(void)
 {
     static int cached = -1;
@@ -67,9 +69,18 @@ static int have_f16c(void)
         __builtin_cpu_init();
         cached = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
     }
-    return cached;
+    return cached && f16c_allowed;
 }
 #endif
+
+void sf_cast_allow_f16c(int allowed)
+{
+#ifdef SF_HAVE_F16C_PATH
+    f16c_allowed = allowed != 0;
+#else
+    (void)allowed;
+#endif
+}
 
 int sf_cast_has_f16c(void)
 {

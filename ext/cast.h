@@ -57,6 +57,10 @@ void sf_convert_stream(int cast, float *dst, const void *src, size_t n, const sf
 /* 1 when the F16C vector path is in use on this CPU. */
 int sf_cast_has_f16c(void);
 
+/* allowed == 0 makes float16 conversions use the portable code even where F16C exists (for tests:
+ * not synchronised with reads running in other threads). */
+void sf_cast_allow_f16c(int allowed);
+
 /* Elements per conversion block; a per-element (inner == 1) parameter tile must hold at least
  * period + SF_BLOCK entries. */
 #define SF_BLOCK 256

@@ -32,6 +32,7 @@ cdef extern from "cast.h":
         SF_BLOCK
     size_t sf_cast_itemsize(int cast)
     int sf_cast_has_f16c()
+    void sf_cast_allow_f16c(int allowed)
     void sf_convert(int cast, float *dst, const void *src, size_t n, const sf_affine *affine,
                     size_t first) nogil
 

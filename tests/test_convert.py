@@ -34,8 +34,30 @@ def test_numpy_keeps_signalling_nans_so_the_comparison_has_teeth():
     assert f16_expected()[0x7C00] == 0x7F800000
 
 
+@pytest.fixture(params=["f16c", "portable"])
+def f16_path(request):
+    """Runs a test on the F16C vector path and on the portable code."""
+    use_f16c = request.param == "f16c"
+    try:
+        if _core.allow_f16c(use_f16c) != use_f16c:
+            pytest.skip("this CPU has no F16C")
+        yield request.param
+    finally:
+        _core.allow_f16c(True)
+
+
+def test_f16c_switch_changes_the_path_in_use():
+    if not _core.BUILD_INFO["f16c"]:
+        pytest.skip("this CPU has no F16C")
+    try:
+        assert _core.allow_f16c(False) is False
+        assert _core.allow_f16c(True) is True
+    finally:
+        _core.allow_f16c(True)
+
+
 @pytest.mark.parametrize("start", [0, 1, 3, 7, 8, 255, 257])
-def test_kernel_float16_all_bit_patterns(start):
+def test_kernel_float16_all_bit_patterns(start, f16_path):
     src = ALL_HALF[start:]
     dst = np.full(src.size, np.nan, np.float32)
     _core.convert(1, src.view(np.uint8), dst)
@@ -124,7 +146,7 @@ def test_writer_stores_every_half_pattern_unchanged(half_datasets):
 
 
 @pytest.mark.parametrize("layout", ["rows", "one"])
-def test_read_float16_all_bit_patterns(half_datasets, rng, mmap_mode, layout):
+def test_read_float16_all_bit_patterns(half_datasets, rng, mmap_mode, layout, f16_path):
     paths, _ = half_datasets
     ds = shardfeed.open(paths[layout], mmap=mmap_mode, threads=4)
     order = rng.permutation(len(ds))
