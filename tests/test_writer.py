@@ -343,3 +343,37 @@ def test_variable_field_accepts_a_2d_array_batch(tools, new_path):
     batch = read_all(path)
     tools.assert_identical(batch["v"], np.arange(12, dtype=np.int16).reshape(3, 4))
     tools.assert_identical(batch.lengths["v"], np.array([4, 4, 4]))
+
+
+WRITE_BIG = """
+import resource, sys
+import numpy as np
+import shardfeed
+path, total_mb = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+chunk = rng.standard_normal((256, 64, 64)).astype(np.float32)  # 4 MiB per extend
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with shardfeed.Writer(path, fields={"x": ("float16", (64, 64)), "y": ("int64", ())}, shard_size=64 << 20) as w:
+    for i in range(total_mb * 2 // 4):  # float16 records: 2 MiB of shard data per extend
+        w.extend({"x": chunk, "y": np.arange(i * 256, (i + 1) * 256)})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) // 1024)
+"""
+
+
+def test_writer_memory_stays_bounded_whatever_the_dataset_size(new_path):
+    """Writing 8x more data than the allowed memory growth: peak RSS grows by about one write
+    buffer and one batch, not with the dataset (page cache is not counted in RSS)."""
+    import subprocess
+    import sys
+
+    path = new_path()
+    total_mb = 256
+    done = subprocess.run([sys.executable, "-c", WRITE_BIG, path, str(total_mb)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth_mb = int(done.stdout.strip())
+    assert growth_mb < total_mb // 8, f"peak RSS grew by {growth_mb} MiB writing {total_mb} MiB"
+    ds = shardfeed.open(path)
+    assert len(ds) == total_mb * 2 // 4 * 256 and ds.num_shards >= 4
+    np.testing.assert_array_equal(ds.read([0, len(ds) - 1], "y")["y"], [0, len(ds) - 1])
