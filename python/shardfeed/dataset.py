@@ -31,8 +31,8 @@ _NO_AFFINE = (None, None, 1, 1)
 # preadv() each. Page-cached, the map is 2-8x faster up to 1 KiB and 1.3-1.7x up to 64 KiB (no
 # system call, one pass over the bytes); records that are not in the page cache are read by
 # preadv on either path, so cold reads are the same. Above 64 KiB the gain is small or nil
-# (none for uint8 images with a fused normalisation) and not worth the map's costs: a shard
-# truncated under a reader is a SIGBUS rather than an error, mapped pages count in the RSS.
+# (none for uint8 images with a fused normalisation) and not worth the map's costs: mapped pages
+# count in the RSS, and a shard truncated under a reader needs the SIGBUS guard (ext/reader.c).
 # Figures: benchmarks/RESULTS.md.
 MMAP_MAX_RECORD_BYTES = 64 * 1024
 
