@@ -169,44 +169,72 @@ _VALUE, _END, _ERROR = range(3)
 
 
 class Prefetcher:
-    """Computes ``produce(item)`` for each of ``items``, in order, on a named daemon thread, up to
-    ``depth`` results ahead of the consumer (a bounded queue). :meth:`get` returns the next result,
-    raises StopIteration at the end and re-raises an exception of ``produce`` (or of ``items``).
-    :meth:`close` stops the thread promptly (after the call to ``produce`` in progress, if any),
-    drops the results not consumed and joins the thread; it is idempotent."""
+    """Computes ``produce(step)`` for the steps ``first, first + 1, ...`` (up to ``stop``, or
+    forever when ``stop`` is None), in order, on a named daemon thread, up to ``depth`` results
+    ahead of the consumer (a bounded queue). :meth:`get` returns the next result, raises
+    StopIteration after the last one and re-raises an exception of ``produce``. :meth:`close`
+    stops the thread promptly (after the call to ``produce`` in progress, if any), drops the
+    results not consumed and joins the thread; it is idempotent.
+
+    When the consumer takes nothing for ``idle_s`` seconds, the thread drops its results and
+    exits; the next :meth:`get` starts a new one at the first step not consumed. (TensorFlow
+    never frees a generator that ``model.fit`` consumed, so a generator that is not closed
+    would otherwise keep its thread and ``depth`` batches for the life of the process.) The
+    steps are recomputed, so ``produce`` must be a pure function of the step, as ``BatchPlan.load``
+    is (a transform included, if its randomness is seeded from the step)."""
 
     POLL_S = 0.1
+    IDLE_S = 10.0
 
-    def __init__(self, produce: Callable[[Any], Any], items: Iterable[Any], depth: int = DEFAULT_PREFETCH,
-                 name: str = "shardfeed-prefetch"):
+    def __init__(self, produce: Callable[[int], Any], first: int = 0, stop: Optional[int] = None,
+                 depth: int = DEFAULT_PREFETCH, name: str = "shardfeed-prefetch", idle_s: Optional[float] = None):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"prefetch depth must be an int >= 1, got {depth!r}")
-        self._queue: "queue.Queue[Tuple[int, Any]]" = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._produce = produce
+        self._stop_step = stop
+        self._name = name
+        self._idle_s = self.IDLE_S if idle_s is None else idle_s
+        self._queue: "queue.Queue[Tuple[int, int, Any]]" = queue.Queue(maxsize=depth)
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._finished = False
-        self._thread = threading.Thread(target=self._run, args=(produce, iter(items)), name=name, daemon=True)
+        self._next = first  # the step the consumer receives next
+        self._thread: Optional[threading.Thread] = None
+        self._parked = threading.Event()  # set by a thread that stops for idleness
+        self._start(first)
+
+    def _start(self, first: int) -> None:
+        self._parked = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(first, self._parked), name=self._name, daemon=True)
         self._thread.start()
 
-    def _run(self, produce: Callable[[Any], Any], items: Iterator[Any]) -> None:
+    def _run(self, first: int, parked: threading.Event) -> None:
+        steps: Iterable[int] = itertools.count(first) if self._stop_step is None else range(first, self._stop_step)
         try:
-            for item in items:
-                if self._stop.is_set():
+            for step in steps:
+                if self._closed.is_set():
                     return
-                value = produce(item)
-                if not self._put((_VALUE, value)):
+                value = self._produce(step)
+                if not self._put((step, _VALUE, value), parked):
                     return
                 del value
-            self._put((_END, None))
+            self._put((-1, _END, None), parked)
         except BaseException as exc:  # noqa: B902 - handed to the consumer, whatever it is
-            self._put((_ERROR, exc))
+            self._put((-1, _ERROR, exc), parked)
 
-    def _put(self, message: Tuple[int, Any]) -> bool:
-        while not self._stop.is_set():
+    def _put(self, message: Tuple[int, int, Any], parked: threading.Event) -> bool:
+        waited = 0.0
+        while not self._closed.is_set():
             try:
                 self._queue.put(message, timeout=self.POLL_S)
                 return True
             except queue.Full:
-                pass
+                waited += self.POLL_S
+                if waited >= self._idle_s:
+                    with self._lock:  # the consumer is away: free the batches and stop
+                        parked.set()
+                        self._drain()
+                    return False
         return False
 
     def get(self) -> Any:
@@ -214,26 +242,35 @@ class Prefetcher:
             raise StopIteration
         while True:
             try:
-                kind, value = self._queue.get(timeout=1.0)
-                break
+                step, kind, value = self._queue.get(timeout=self.POLL_S)
             except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    self._finished = True
-                    raise RuntimeError("the prefetch thread stopped without a result (was the loader closed?)") from None
-        if kind == _VALUE:
-            return value
-        self._finished = True
-        if kind == _END:
-            raise StopIteration
-        raise value
+                with self._lock:
+                    if self._parked.is_set():  # restart where the consumer is
+                        self._drain()
+                        self._start(self._next)
+                    elif self._thread is not None and not self._thread.is_alive() and self._queue.empty():
+                        self._finished = True
+                        raise RuntimeError("the prefetch thread stopped without a result (was it closed?)") from None
+                continue
+            with self._lock:
+                if self._parked.is_set() or (kind == _VALUE and step != self._next):
+                    continue  # from a thread that parked: dropped, it will be recomputed
+                if kind == _VALUE:
+                    self._next = step + 1
+                    return value
+            self._finished = True
+            if kind == _END:
+                raise StopIteration
+            raise value
 
     def close(self) -> None:
-        self._stop.set()
+        self._closed.set()
         self._finished = True
-        if threading.current_thread() is not self._thread:
-            while self._thread.is_alive():
+        thread = self._thread
+        if thread is not None and threading.current_thread() is not thread:
+            while thread.is_alive():
                 self._drain()  # unblocks a producer waiting on a full queue at once
-                self._thread.join(timeout=0.01)
+                thread.join(timeout=0.01)
         self._drain()
 
     def _drain(self) -> None:
@@ -244,7 +281,7 @@ class Prefetcher:
             pass
 
     @property
-    def thread(self) -> threading.Thread:
+    def thread(self) -> Optional[threading.Thread]:
         return self._thread
 
     def __enter__(self) -> "Prefetcher":
@@ -254,20 +291,18 @@ class Prefetcher:
         self.close()
 
 
-def _stream(plan: BatchPlan, steps: Iterable[int], prefetch: int) -> Generator[Any, None, None]:
+def _stream(plan: BatchPlan, first: int, stop: Optional[int], prefetch: int) -> Generator[Any, None, None]:
     if prefetch == 0:
+        steps: Iterable[int] = itertools.count(first) if stop is None else range(first, stop)
         for step in steps:
             yield plan.load(step)
         return
-    fetcher = Prefetcher(plan.load, steps, prefetch)
+    fetcher = Prefetcher(plan.load, first, stop, prefetch)
     try:
         while True:
-            try:
-                value = fetcher.get()
-            except StopIteration:
-                return
-            yield value
-            del value
+            yield fetcher.get()  # not held in a local: the frame keeps no batch while suspended
+    except StopIteration:
+        return
     finally:
         fetcher.close()
 
@@ -310,4 +345,6 @@ def batches(source: Any, batch_size: int, *, inputs: Any = None, targets: Any = 
                      fields=fields, scale=scale, offset=offset, maxlen=maxlen, pad_value=pad_value)
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
-    return _stream(plan, plan.steps(epochs, start), prefetch)
+    steps = plan.steps(epochs, start)
+    first = 0 if start is None else plan.sampler.step_of(start)
+    return _stream(plan, first, steps.stop if isinstance(steps, range) else None, prefetch)
