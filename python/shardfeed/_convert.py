@@ -40,7 +40,9 @@ def _first_bad(bad: np.ndarray, field: Field, first_sample: int, values: np.ndar
     per_sample = max(1, bad.size // max(1, bad.shape[0])) if bad.ndim else 1
     value = (values.reshape(-1)[flat] if values.ndim else values).item()
     sample = first_sample + (flat // per_sample if bad.ndim else 0)
-    return ValueRangeError(f"field {field.name!r}, sample {sample}: value {value!r} {why} {dtype}")
+    error = ValueRangeError(f"field {field.name!r}, sample {sample}: value {value!r} {why} {dtype}")
+    error.field, error.sample = field.name, sample
+    return error
 
 
 def cast_to_stored(values: np.ndarray, field: Field, first_sample: int) -> np.ndarray:

@@ -14,7 +14,12 @@ class SchemaError(ShardfeedError, ValueError):
 
 
 class ValueRangeError(ShardfeedError, ValueError):
-    """A value does not fit in the dtype its field stores (overflow, out-of-range integer)."""
+    """A value does not fit in the dtype its field stores (overflow, out-of-range integer).
+
+    ``field`` and ``sample`` name the field and the sample index, where known."""
+
+    field = None
+    sample = None
 
 
 class ShardFormatError(ShardfeedError, ValueError):

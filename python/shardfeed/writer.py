@@ -81,6 +81,16 @@ class _OutputFile:
             pass
 
 
+def _is_stored(values: np.ndarray, field: Field) -> bool:
+    """Values already in the field's stored dtype (bfloat16 excepted: its stored uint16 is not a
+    value dtype) need no cast and no range check."""
+    return values.dtype == field.stored_dtype and field.dtype != "bfloat16"
+
+
+def _cast(values: np.ndarray, field: Field, first_sample: int) -> np.ndarray:
+    return values if _is_stored(values, field) else cast_to_stored(values, field, first_sample)
+
+
 class Writer:
     """Writes a dataset directory of shards.
 
@@ -127,6 +137,11 @@ class Writer:
         self._buffer = np.zeros(max(1, min(self._records_per_shard, _BUFFER_BYTES // record_bytes)),
                                 dtype=self.schema.record_dtype)
         self._buffered = 0
+        # One fixed field filling the whole record (no padding): large batches skip the write buffer
+        # and go from the caller's array (or its cast) straight to the shard file.
+        only = next(iter(self.schema.fields.values()))
+        self._direct = (only if len(self.schema.fields) == 1 and not only.variable
+                        and only.record_bytes == record_bytes else None)
         self._shard: Optional[_ShardFile] = None
         self._closed = False
         if mode == "w":
@@ -156,6 +171,11 @@ class Writer:
         while position < count:
             if self._shard is None:
                 self._shard = _ShardFile(self.path, len(self._manifest.shards), self.schema)
+            if self._direct is not None and not self._buffered and count - position >= len(self._buffer):
+                position += self._write_direct(columns[self._direct.name], position, count)
+                if self._shard_full():
+                    self._finish_shard()
+                continue
             room = min(len(self._buffer) - self._buffered,
                        self._records_per_shard - self._shard.num_samples - self._buffered)
             take = self._heap_take(columns, position, min(count - position, room))
@@ -232,6 +252,20 @@ class Writer:
             columns[name] = column
         return columns, count or 0
 
+    def _write_direct(self, column: np.ndarray, position: int, count: int) -> int:
+        """Writes the next piece of a large single-field batch without the write buffer: values
+        already in the stored dtype and contiguous go to the file as they are (no copy, no check:
+        they cannot be out of range), others are cast or copied a buffer's worth at a time. Returns
+        the number of samples written."""
+        field = self._direct
+        take = min(count - position, self._records_per_shard - self._shard.num_samples)
+        if not (_is_stored(column, field) and column.flags.c_contiguous):
+            take = min(take, len(self._buffer))  # a cast or a copy: bounded like the buffer
+        values = _cast(column[position:position + take], field, len(self))
+        self._shard.records.write(np.ascontiguousarray(values))
+        self._shard.num_samples += take
+        return take
+
     def _store(self, columns: Dict[str, Any], position: int, take: int) -> None:
         """Casts samples [position, position + take) and places them in the write buffer; checks
         every field before anything is stored."""
@@ -243,7 +277,7 @@ class Writer:
                 variable[name] = [self._cast_rows(field, columns[name][i], first + i - position)
                                   for i in range(position, position + take)]
             else:
-                fixed[name] = cast_to_stored(columns[name][position:position + take], field, first)
+                fixed[name] = _cast(columns[name][position:position + take], field, first)
         rows = self._buffer[self._buffered:self._buffered + take]
         for name, values in fixed.items():
             rows[name] = values

@@ -1,0 +1,65 @@
+"""The writer's direct path (one fixed field filling the record, batches of at least a write buffer):
+the converters feed it large chunks. It must write exactly what the buffered path writes."""
+
+import os
+
+import numpy as np
+import pytest
+
+import shardfeed
+from shardfeed.format import read_manifest
+
+BUFFER_BYTES = 4 << 20  # writer._BUFFER_BYTES
+
+
+def write(path, fields, batches, shard_size):
+    with shardfeed.Writer(path, fields=fields, shard_size=shard_size) as w:
+        for batch in batches:
+            w.extend(batch)
+    return path
+
+
+def shard_bytes(path):
+    contents = []
+    for shard in read_manifest(path).shards:
+        with open(os.path.join(path, shard.file), "rb") as f:
+            contents.append(f.read())
+    return contents
+
+
+@pytest.mark.parametrize("source, stored", [("float32", "float32"), ("float64", "float16"), (">f4", "float32"),
+                                            ("float32", "bfloat16"), ("int64", "uint8")])
+def test_large_batches_write_what_small_batches_write(tmp_path, rng, tools, source, stored):
+    row = 1024  # 4 KiB of float32 per sample: 1024 samples fill a write buffer
+    count = BUFFER_BYTES // (row * 4) * 3 + 77
+    values = (rng.integers(0, 200, (count, row)) if stored == "uint8"
+              else rng.standard_normal((count, row)) * 3).astype(source)
+    fields = {"x": (stored, (row,))}
+    shard_size = 64 + row * np.dtype(shardfeed.Field("x", stored, ()).stored_dtype).itemsize * 1500
+    big = write(str(tmp_path / "big"), fields, [{"x": values[:5]}, {"x": values[5:]}], shard_size)
+    small = write(str(tmp_path / "small"), fields,
+                  [{"x": values[i:i + 100]} for i in range(0, count, 100)], shard_size)
+    assert shard_bytes(big) == shard_bytes(small)
+    assert [s.checksum for s in read_manifest(big).shards] == [s.checksum for s in read_manifest(small).shards]
+    assert len(read_manifest(big).shards) == -(-count // 1500)
+
+
+def test_non_contiguous_batch_goes_through_in_bounded_pieces(tmp_path, rng, tools):
+    values = np.asfortranarray(rng.standard_normal((3000, 512)).astype(np.float32))
+    path = write(str(tmp_path / "f"), {"x": ("float32", (512,))}, [{"x": values}], 1 << 30)
+    tools.assert_identical(shardfeed.open(path).read(np.arange(3000))["x"], np.ascontiguousarray(values))
+
+
+def test_overflow_in_a_later_piece_keeps_the_pieces_before(tmp_path, rng):
+    row = 1024
+    per_buffer = BUFFER_BYTES // (row * 2)
+    values = rng.standard_normal((per_buffer * 3, row))
+    values[per_buffer * 2 + 5, 7] = 1e6  # overflows float16, in the third piece
+    path = str(tmp_path / "o")
+    w = shardfeed.Writer(path, fields={"x": ("float16", (row,))})
+    with pytest.raises(shardfeed.ValueRangeError, match=f"sample {per_buffer * 2 + 5}") as info:
+        w.extend({"x": values})
+    assert (info.value.field, info.value.sample) == ("x", per_buffer * 2 + 5)
+    assert len(w) == per_buffer * 2
+    w.close()
+    np.testing.assert_array_equal(shardfeed.open(path)[len(w) - 1]["x"], values[len(w) - 1].astype(np.float16))
