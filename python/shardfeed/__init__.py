@@ -11,14 +11,19 @@ generator ``ds.batches(...)`` and, imported on demand, ``shardfeed.keras.ShardSe
 """
 
 from .dataset import Batch, Dataset, get_num_threads, open, set_num_threads
-from .errors import SchemaError, ShardfeedError, ShardFormatError, ShardReadError, ValueRangeError
+from .errors import (
+    SchemaError, ShardfeedError, ShardfeedWarning, ShardFormatError, ShardReadError, ShardWriteError, ValueRangeError,
+    WriterLockedError,
+)
 from .format import Field
 from .order import Permutation, Sampler, Subset
+from ._verify import VerifyReport, verify
 from .writer import Writer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Batch", "Dataset", "Field", "Permutation", "Sampler", "SchemaError", "ShardFormatError", "ShardReadError",
-    "ShardfeedError", "Subset", "ValueRangeError", "Writer", "get_num_threads", "open", "set_num_threads",
+    "ShardWriteError", "ShardfeedError", "ShardfeedWarning", "Subset", "ValueRangeError", "VerifyReport", "Writer",
+    "WriterLockedError", "get_num_threads", "open", "set_num_threads", "verify",
 ]

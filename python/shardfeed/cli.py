@@ -45,6 +45,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    """Checks every shard's checksum, size, header and records; exit status 0 when the dataset is
+    intact, 1 when something is bad (listed with the shards and samples it affects)."""
+    from ._verify import verify
+
+    report = verify(args.path)
+    print(json.dumps(report.to_json(), indent=1) if args.json else report)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardfeed", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
     info.set_defaults(run=_info)
+
+    check = commands.add_parser("verify", help="check every shard's checksum and structure (exit status 0: "
+                                "intact, 1: bad, 2: usage)", description=_verify.__doc__)
+    check.add_argument("path")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(run=_verify)
     return parser
 
 

@@ -247,6 +247,13 @@ class Dataset:
     def __reduce__(self):
         return (_reopen, (self.path, self._threads, self._mmap_option))
 
+    def verify(self) -> Any:
+        """Checks every shard this dataset lists (checksums, sizes, headers, records) and returns a
+        :class:`shardfeed.VerifyReport` naming the bad shards and, where the structure shows them,
+        the bad samples. See :func:`shardfeed.verify`."""
+        from ._verify import verify_manifest
+        return verify_manifest(self.path, self._manifest)
+
     def __getitem__(self, index: Any) -> Any:
         """``ds[i]``: one sample as a dict of arrays (variable fields unpadded); ``ds[a:b]``: a Batch."""
         if isinstance(index, slice):

@@ -28,3 +28,20 @@ class ShardFormatError(ShardfeedError, ValueError):
 
 class ShardReadError(ShardfeedError, OSError):
     """Reading a shard failed; ``filename`` is the shard path and ``errno`` the system error."""
+
+
+class ShardWriteError(ShardfeedError, OSError):
+    """Writing a shard or the manifest failed (disk full, file-size limit, I/O error); ``filename``
+    is the file being written. The dataset keeps the shards committed before the failure."""
+
+
+class WriterLockedError(ShardfeedError, OSError):
+    """Another writer holds the dataset's lock file; ``pid`` is its process id (None if unknown)."""
+
+    def __init__(self, *args, pid=None):
+        super().__init__(*args)
+        self.pid = pid
+
+
+class ShardfeedWarning(UserWarning):
+    """Something worth knowing that is not an error, e.g. leftovers of a writer that was killed."""

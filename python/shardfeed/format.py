@@ -400,13 +400,24 @@ def write_manifest(path: str, manifest: Manifest) -> None:
     data = json.dumps(manifest.to_json(), indent=1, allow_nan=False).encode() + b"\n"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, final)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.filename is None:  # os.write and os.fsync do not name the file
+                raise OSError(exc.errno, exc.strerror, temporary) from exc
+            raise
+        finally:
+            os.close(fd)
+        os.replace(temporary, final)
+    except BaseException:  # disk full, file-size limit: the old manifest stays, no litter
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
     fsync_directory(path)
 
 

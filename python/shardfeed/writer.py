@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
+import re
+import socket
+import warnings
+import weakref
 import zlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ._convert import cast_to_stored
-from .errors import SchemaError
+from .errors import SchemaError, ShardfeedWarning, ShardWriteError, WriterLockedError
 from .format import (
     FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field, Manifest, Schema, ShardEntry,
     format_checksum, pack_header, read_manifest, write_manifest,
@@ -19,6 +25,93 @@ from .format import (
 
 DEFAULT_SHARD_SIZE = 256 << 20
 _BUFFER_BYTES = 4 << 20  # records are written to the shard file in pieces of about this size
+LOCK_NAME = "writer.lock"
+# Files a writer may leave behind when it is killed: the shard it was filling, a manifest it had
+# not yet renamed into place. Only these names are ever removed, and only by the lock holder.
+_SHARD_FILE = re.compile(r"shard-\d{6,}\.(rec|var)")
+_TEMPORARY_MANIFEST = re.compile(re.escape(MANIFEST_NAME) + r"\.tmp-\d+")
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file is larger than the file-size limit (ulimit -f) or the file system allows; "
+                 "a smaller shard_size may help",
+}
+
+
+class _WriterLock:
+    """``writer.lock`` in the dataset directory, flock()ed while a writer is open; it holds the
+    writer's pid and host. The kernel drops the lock when its holder dies, so a lock file that can
+    be locked is a leftover of a writer that was killed (its pid is reported, never trusted)."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, LOCK_NAME)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                pid = holder[0] if holder else None
+                who = f"pid {pid} on host {holder[1]}" if holder else "a process that has not written its pid yet"
+                raise WriterLockedError(errno.EAGAIN, f"another writer ({who}) has this dataset open; "
+                                        "shardfeed allows one writer per dataset at a time", self.path,
+                                        pid=pid) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The previous holder may have removed the file between our open() and flock(): then
+            # we locked a file nobody else will look at, and must start again.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        try:
+            self.stale = self._holder(fd)  # a lock file we could lock: its writer did not finish
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except BaseException:
+            self.release()
+            raise
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    @staticmethod
+    def _holder(fd: int) -> Optional[Tuple[int, str]]:
+        """(pid, host) from the lock file, or None when it is empty or unreadable."""
+        parts = os.pread(fd, 4096, 0).decode("utf-8", "replace").split()
+        if len(parts) == 2 and parts[0].isdigit():
+            return int(parts[0]), parts[1]
+        return None
+
+    def release(self) -> None:
+        """Removes the lock file (a clean finish), then drops the lock."""
+        if self.fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            finalizer = getattr(self, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+            os.close(self.fd)
+            self.fd = -1
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+    """Gives an OSError without a file name (a failed write or flush) the name of the file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, path) from exc
+        raise
 
 
 class _ShardFile:
@@ -27,10 +120,14 @@ class _ShardFile:
     def __init__(self, directory: str, number: int, schema: Schema):
         self.name = f"shard-{number:06d}"
         self.records = _OutputFile(os.path.join(directory, self.name + ".rec"), pack_header(FILE_KIND_RECORDS, schema))
-        self.heap = (
-            _OutputFile(os.path.join(directory, self.name + ".var"), pack_header(FILE_KIND_HEAP, schema))
-            if schema.variable_fields else None
-        )
+        try:
+            self.heap = (
+                _OutputFile(os.path.join(directory, self.name + ".var"), pack_header(FILE_KIND_HEAP, schema))
+                if schema.variable_fields else None
+            )
+        except BaseException:
+            self.records.discard()
+            raise
         self.num_samples = 0
 
     def finish(self) -> ShardEntry:
@@ -49,6 +146,11 @@ class _ShardFile:
             if out is not None:
                 out.discard()
 
+    def close(self) -> None:
+        for out in (self.records, self.heap):
+            if out is not None:
+                out.close()
+
 
 class _OutputFile:
     def __init__(self, path: str, header: bytes):
@@ -56,25 +158,37 @@ class _OutputFile:
         self.file = open(path, "wb", buffering=1 << 20)
         self.size = 0
         self.crc = 0
-        self.write(np.frombuffer(header, dtype=np.uint8))
+        try:
+            self.write(np.frombuffer(header, dtype=np.uint8))
+        except BaseException:
+            self.discard()
+            raise
 
     def write(self, data: np.ndarray) -> int:
         """Appends the bytes of a contiguous array; returns the byte offset they start at."""
         start = self.size
         raw = data.reshape(-1).view(np.uint8)
         self.crc = zlib.crc32(raw, self.crc)
-        self.file.write(raw)
+        with _naming(self.path):
+            self.file.write(raw)
         self.size = start + raw.size
         return start
 
     def finish(self) -> str:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        with _naming(self.path):
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
         return format_checksum(self.crc)
 
+    def close(self) -> None:
+        try:
+            self.file.close()  # flushes the buffer, which fails again after a failed write
+        except OSError:
+            pass
+
     def discard(self) -> None:
-        self.file.close()
+        self.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -109,6 +223,8 @@ class Writer:
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= HEADER_BYTES:
             raise ValueError(f"shard_size must be an int of more than {HEADER_BYTES} bytes, got {shard_size!r}")
         manifest_path = os.path.join(self.path, MANIFEST_NAME)
+        if mode not in ("w", "a"):
+            raise ValueError(f"mode must be 'w' (create) or 'a' (append), got {mode!r}")
         if mode == "w":
             if os.path.exists(manifest_path):
                 raise FileExistsError(errno.EEXIST, "a dataset already exists here (use mode='a' to append)",
@@ -117,19 +233,31 @@ class Writer:
                 raise SchemaError("fields are required to create a dataset")
             schema = Schema.from_spec(fields)
             os.makedirs(self.path, exist_ok=True)
-            self._manifest = Manifest(schema, [], {})
-        elif mode == "a":
-            self._manifest = read_manifest(self.path)
-            if fields is not None and Schema.from_spec(fields) != self._manifest.schema:
-                raise SchemaError(f"{manifest_path}: fields {Schema.from_spec(fields)!r} differ from the "
-                                  f"dataset's {self._manifest.schema!r}")
-        else:
-            raise ValueError(f"mode must be 'w' (create) or 'a' (append), got {mode!r}")
-        self.schema = self._manifest.schema
-        self.metadata: Dict[str, Any] = dict(self._manifest.metadata)
-        if metadata is not None:
-            self.metadata.update(metadata)
-        self._check_metadata()
+        elif not os.path.exists(manifest_path):
+            raise FileNotFoundError(errno.ENOENT, "no dataset to append to (no manifest.json; a writer killed "
+                                    "before its first commit leaves none: create the dataset with mode='w')",
+                                    manifest_path)
+        self._lock: Optional[_WriterLock] = _WriterLock(self.path)
+        try:
+            if mode == "w":
+                if os.path.exists(manifest_path):  # created while we were taking the lock
+                    raise FileExistsError(errno.EEXIST, "a dataset already exists here (use mode='a' to append)",
+                                          self.path)
+                self._manifest = Manifest(schema, [], {})
+            else:
+                self._manifest = read_manifest(self.path)
+                if fields is not None and Schema.from_spec(fields) != self._manifest.schema:
+                    raise SchemaError(f"{manifest_path}: fields {Schema.from_spec(fields)!r} differ from the "
+                                      f"dataset's {self._manifest.schema!r}")
+            self.schema = self._manifest.schema
+            self.metadata: Dict[str, Any] = dict(self._manifest.metadata)
+            if metadata is not None:
+                self.metadata.update(metadata)
+            self._check_metadata()
+            self._remove_leftovers()
+        except BaseException:
+            self._lock.release()
+            raise
 
         record_bytes = self.schema.record_bytes
         self._records_per_shard = max(1, (shard_size - HEADER_BYTES) // record_bytes)
@@ -145,7 +273,7 @@ class Writer:
         self._shard: Optional[_ShardFile] = None
         self._closed = False
         if mode == "w":
-            self._commit()  # an empty dataset is a valid dataset
+            self._guarded(self._commit)  # an empty dataset is a valid dataset
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -167,6 +295,9 @@ class Writer:
         write buffer, in which case the pieces before the offending one are kept."""
         self._check_open()
         columns, count = self._check_batch(batch)
+        self._guarded(self._extend, columns, count)
+
+    def _extend(self, columns: Dict[str, Any], count: int) -> None:
         position = 0
         while position < count:
             if self._shard is None:
@@ -190,7 +321,11 @@ class Writer:
         """Writes what is buffered and commits the manifest. Safe to call twice."""
         if self._closed:
             return
+        self._guarded(self._close)
         self._closed = True
+        self._release_lock()
+
+    def _close(self) -> None:
         if self._shard is not None:
             self._flush()
             if self._shard.num_samples:
@@ -211,6 +346,72 @@ class Writer:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"writer for {self.path} is closed")
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _guarded(self, work, *args: Any) -> None:
+        """Runs ``work``; an OSError (disk full, file-size limit, I/O error) ends the writer: the
+        shard being written is discarded, the lock released, and ShardWriteError raised. What the
+        manifest lists stays as it was, so the dataset keeps every committed sample."""
+        try:
+            work(*args)
+        except OSError as exc:
+            written = len(self)
+            committed = self._abandon()
+            kept = ("no manifest was committed" if committed is None else
+                    f"the dataset keeps its {committed} committed samples")
+            lost = written - (committed or 0)
+            hint = _WRITE_HINTS.get(exc.errno, "")
+            raise ShardWriteError(
+                exc.errno, f"writing the dataset failed: {exc.strerror or exc}{' (' + hint + ')' if hint else ''}; "
+                f"{kept}, the {lost} samples written since are lost; after fixing the cause, continue "
+                "with Writer(path, mode='a')", exc.filename or self.path) from exc
+        except Exception:  # a value or schema error: checked before anything is written, go on
+            raise
+        except BaseException:  # KeyboardInterrupt, SystemExit: the shard may be half written
+            self._abandon()
+            raise
+
+    def _abandon(self) -> Optional[int]:
+        """Ends the writer without committing more: removes the files of the shard being written
+        unless the manifest on disk lists them (a failure after the rename), drops the lock.
+        Returns the number of committed samples, None if there is no readable manifest."""
+        self._closed = True
+        shard, self._shard, self._buffered = self._shard, None, 0
+        try:
+            committed: Optional[Manifest] = read_manifest(self.path)
+        except (OSError, ValueError):
+            committed = None
+        if shard is not None:
+            if committed is not None and any(s.file == shard.name + ".rec" for s in committed.shards):
+                shard.close()
+            else:
+                shard.discard()
+        self._release_lock()
+        return None if committed is None else committed.num_samples
+
+    def _remove_leftovers(self) -> None:
+        """With the lock held: removes what a killed writer left (uncommitted shard files, temporary
+        manifests) and warns naming it."""
+        listed = {name for s in self._manifest.shards for name in (s.file, s.heap_file) if name}
+        leftovers = sorted(name for name in os.listdir(self.path)
+                           if (_SHARD_FILE.fullmatch(name) and name not in listed)
+                           or _TEMPORARY_MANIFEST.fullmatch(name))
+        stale = self._lock.stale if self._lock is not None else None
+        if not leftovers and stale is None:
+            return
+        for name in leftovers:
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except FileNotFoundError:
+                pass
+        who = f"a writer (pid {stale[0]} on host {stale[1]})" if stale else "a writer"
+        warnings.warn(f"{self.path}: {who} did not finish; continuing after the {self._manifest.num_samples} "
+                      f"committed samples, removed its uncommitted files {leftovers}", ShardfeedWarning,
+                      stacklevel=3)
 
     def _check_metadata(self) -> None:
         try:
@@ -324,8 +525,12 @@ class Writer:
 
     def _finish_shard(self) -> None:
         self._manifest.shards.append(self._shard.finish())
+        try:
+            self._commit()
+        except BaseException:
+            self._manifest.shards.pop()  # not committed: _abandon removes the shard's files
+            raise
         self._shard = None
-        self._commit()
 
     def _commit(self) -> None:
         self._check_metadata()

@@ -1,0 +1,308 @@
+"""Checking a dataset on disk: every shard's checksum and structure (``shardfeed.verify``).
+
+Checksums are CRC-32s of whole files (docs/format.md), so a checksum mismatch marks all samples of
+that shard as suspect. Problems the structure shows are pinned to samples: records missing from a
+truncated file, variable-length rows that point outside their heap file (or past the end of a
+truncated one), bool values other than 0 and 1.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .errors import ShardFormatError
+from .format import (
+    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Manifest, ShardEntry, check_header,
+    format_checksum, read_manifest,
+)
+
+_CHUNK_BYTES = 4 << 20
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a dataset: ``file`` at fault, ``shard`` its number in the manifest
+    (None for the manifest itself) and the global sample ranges ``[start, stop)`` it affects."""
+
+    file: str
+    message: str
+    shard: Optional[int] = None
+    samples: List[Tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(stop - start for start, stop in self.samples)
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found. ``ok`` is true when nothing is wrong; ``notes`` tell about things
+    that are not errors (a writer at work, or leftovers of one that was killed)."""
+
+    path: str
+    num_samples: int = 0
+    num_shards: int = 0
+    problems: List[Problem] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def bad_shards(self) -> List[int]:
+        """Numbers of the shards with a problem."""
+        return sorted({p.shard for p in self.problems if p.shard is not None})
+
+    @property
+    def bad_ranges(self) -> List[Tuple[int, int]]:
+        """Sorted, merged ``[start, stop)`` ranges of the samples that are bad or suspect."""
+        merged: List[List[int]] = []
+        for start, stop in sorted(r for p in self.problems for r in p.samples):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        return [(start, stop) for start, stop in merged]
+
+    @property
+    def num_bad_samples(self) -> int:
+        return sum(stop - start for start, stop in self.bad_ranges)
+
+    def good_indices(self) -> np.ndarray:
+        """Indices of the samples outside :attr:`bad_ranges`, e.g. for ``ds.subset(...)`` to train
+        on the rest of a damaged dataset."""
+        keep = np.ones(self.num_samples, dtype=bool)
+        for start, stop in self.bad_ranges:
+            keep[start:stop] = False
+        return np.flatnonzero(keep).astype(np.int64)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "path": self.path, "ok": self.ok, "num_samples": self.num_samples, "num_shards": self.num_shards,
+            "bad_shards": self.bad_shards, "bad_ranges": [list(r) for r in self.bad_ranges],
+            "num_bad_samples": self.num_bad_samples,
+            "problems": [{"file": p.file, "shard": p.shard, "message": p.message,
+                          "samples": [list(r) for r in p.samples]} for p in self.problems],
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        if self.ok:
+            lines = [f"{self.path}: ok, {self.num_samples} samples in {self.num_shards} shard(s)"]
+        else:
+            lines = [f"{self.path}: {len(self.problems)} problem(s) in shard(s) {self.bad_shards or '-'}; "
+                     f"{self.num_bad_samples} of {self.num_samples} samples bad or suspect"]
+            lines += [f"  {p}" for p in self.problems]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def verify(path: "os.PathLike[str] | str") -> VerifyReport:
+    """Checks the dataset at ``path``: the manifest, and every shard file's size, header, CRC-32
+    checksum and records. Reads every byte once, in pieces of a few MiB. Problems are reported, not
+    raised (an unreadable manifest is a problem too)."""
+    path = os.fspath(path)
+    report = VerifyReport(path)
+    manifest_path = os.path.join(path, MANIFEST_NAME)
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ShardFormatError) as exc:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if message.startswith(manifest_path + ": "):
+            message = message[len(manifest_path) + 2:]
+        report.problems.append(Problem(manifest_path, f"cannot read the manifest: {message}"))
+        _note_writer(path, None, report)
+        return report
+    return verify_manifest(path, manifest, report)
+
+
+def verify_manifest(path: str, manifest: Manifest, report: Optional[VerifyReport] = None) -> VerifyReport:
+    """:func:`verify` for an already parsed manifest (what :meth:`Dataset.verify` checks)."""
+    report = report or VerifyReport(path)
+    report.num_samples = manifest.num_samples
+    report.num_shards = len(manifest.shards)
+    first = 0
+    for number, shard in enumerate(manifest.shards):
+        _verify_shard(path, manifest, number, shard, first, report)
+        first += shard.num_samples
+    _note_writer(path, manifest, report)
+    return report
+
+
+def _ranges(samples: np.ndarray) -> List[Tuple[int, int]]:
+    """Sorted unique indices -> [start, stop) ranges."""
+    if samples.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(samples) != 1)
+    starts = np.concatenate([[samples[0]], samples[breaks + 1]])
+    stops = np.concatenate([samples[breaks], [samples[-1]]]) + 1
+    return [(int(a), int(b)) for a, b in zip(starts, stops)]
+
+
+def _describe(samples: np.ndarray) -> str:
+    shown = ", ".join(str(int(s)) for s in samples[:10])
+    return f"sample{'s' if len(samples) > 1 else ''} {shown}{' ...' if len(samples) > 10 else ''}"
+
+
+def _open_checked(file: str, expected_size: int, kind: int, manifest: Manifest, number: int,
+                  whole: Tuple[int, int], report: VerifyReport):
+    """Opens a shard file and checks its header. Returns (file object, actual size), or None after
+    reporting why the whole shard is bad."""
+    try:
+        f = open(file, "rb")
+    except OSError as exc:
+        report.problems.append(Problem(file, f"cannot open: {exc.strerror}", number, [whole]))
+        return None
+    try:
+        size = os.fstat(f.fileno()).st_size
+        check_header(file, f.read(HEADER_BYTES), kind, manifest.schema)
+    except (OSError, ShardFormatError) as exc:
+        f.close()
+        message = str(exc)[len(file) + 2:] if str(exc).startswith(file + ": ") else str(exc)
+        report.problems.append(Problem(file, message, number, [whole]))
+        return None
+    if size != expected_size:
+        word = "truncated" if size < expected_size else "extra data"
+        report.problems.append(Problem(file, f"file is {size} bytes, the manifest says {expected_size} ({word})",
+                                       number, [whole] if size > expected_size else []))
+    return f, size
+
+
+def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry, first: int,
+                  report: VerifyReport) -> None:
+    schema = manifest.schema
+    whole = (first, first + shard.num_samples)
+    rec_path = os.path.join(path, shard.file)
+    heap_path = os.path.join(path, shard.heap_file) if shard.heap_file else None
+    heap_size = None
+    if heap_path is not None:  # its size tells which rows a truncated heap still holds
+        opened = _open_checked(heap_path, shard.heap_size, FILE_KIND_HEAP, manifest, number, whole, report)
+        if opened is not None:
+            f, heap_size = opened
+            crc = 0
+            with f:
+                f.seek(0)
+                while chunk := f.read(_CHUNK_BYTES):
+                    crc = zlib.crc32(chunk, crc)
+            if format_checksum(crc) != shard.heap_checksum:
+                report.problems.append(Problem(heap_path, f"checksum {format_checksum(crc)} does not match the "
+                                               f"manifest's {shard.heap_checksum}", number, [whole]))
+
+    opened = _open_checked(rec_path, shard.size, FILE_KIND_RECORDS, manifest, number, whole, report)
+    if opened is None:
+        return
+    f, size = opened
+    record_bytes = schema.record_bytes
+    per_chunk = max(1, _CHUNK_BYTES // record_bytes)
+    bad: Dict[Tuple[str, str], List[np.ndarray]] = {}
+    crc = 0
+    with f:
+        f.seek(0)
+        crc = zlib.crc32(f.read(HEADER_BYTES), crc)
+        done = 0
+        while chunk := f.read(per_chunk * record_bytes):
+            crc = zlib.crc32(chunk, crc)
+            complete = min(len(chunk) // record_bytes, shard.num_samples - done)
+            if complete > 0:
+                records = np.frombuffer(chunk, dtype=schema.record_dtype, count=complete)
+                for file, what, rows in _bad_records(records, schema, shard, rec_path, heap_path, heap_size):
+                    bad.setdefault((file, what), []).append(rows + first + done)
+                done += complete
+    if format_checksum(crc) != shard.checksum:
+        report.problems.append(Problem(rec_path, f"checksum {format_checksum(crc)} does not match the manifest's "
+                                       f"{shard.checksum}: all samples of the shard are suspect", number, [whole]))
+    if done < shard.num_samples:
+        missing = np.arange(first + done, whole[1])
+        report.problems.append(Problem(rec_path, f"the records of {_describe(missing)} are missing (file of "
+                                       f"{size} bytes)", number, _ranges(missing)))
+    for (file, what), pieces in bad.items():
+        samples = np.concatenate(pieces)
+        report.problems.append(Problem(file, f"{_describe(samples)}: {what}", number, _ranges(samples)))
+
+
+def _outside(offsets: np.ndarray, counts: np.ndarray, row_bytes: np.uint64, end: int) -> np.ndarray:
+    """Descriptors whose rows are not all inside bytes [HEADER_BYTES, end) of the heap file."""
+    end = np.uint64(end)
+    with np.errstate(over="ignore"):  # (end - offsets) wraps where offsets > end, which is caught first
+        return (offsets < HEADER_BYTES) | (offsets > end) | (counts > (end - offsets) // row_bytes)
+
+
+def _bad_records(records: np.ndarray, schema, shard: ShardEntry, rec_path: str, heap_path: Optional[str],
+                 heap_size: Optional[int]):
+    """Yields (file at fault, what is wrong, record numbers in the chunk) for records whose contents
+    no writer produces, or whose rows a truncated heap file lost."""
+    for f in schema.fields.values():
+        if f.dtype == "bool" and f.count:
+            values = records[f.name].reshape(len(records), -1).view(np.uint8)
+            rows = np.flatnonzero((values > 1).any(axis=1))
+            if rows.size:
+                yield rec_path, f"bool field {f.name!r} holds values other than 0 and 1", rows
+        if not f.variable:
+            continue
+        offsets, counts = records[f.name][:, 0], records[f.name][:, 1]
+        row_bytes = np.uint64(max(f.count * f.stored_dtype.itemsize, 1))
+        outside = _outside(offsets, counts, row_bytes, shard.heap_size)
+        if outside.any():
+            yield rec_path, f"variable field {f.name!r} points outside its heap file", np.flatnonzero(outside)
+        if heap_size is not None and heap_size < shard.heap_size:
+            cut = _outside(offsets, counts, row_bytes, heap_size) & ~outside & (counts > 0)
+            if cut.any():
+                yield heap_path, f"the rows of variable field {f.name!r} are past the end of the truncated file", \
+                    np.flatnonzero(cut)
+
+
+def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) -> None:
+    """Notes about writers: one at work now, or leftovers of one that was killed."""
+    from .writer import LOCK_NAME, _SHARD_FILE, _TEMPORARY_MANIFEST
+
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    listed = set() if manifest is None else {n for s in manifest.shards for n in (s.file, s.heap_file) if n}
+    leftovers = sorted(n for n in names if (_SHARD_FILE.fullmatch(n) and n not in listed)
+                       or _TEMPORARY_MANIFEST.fullmatch(n))
+    if LOCK_NAME not in names and not leftovers:
+        return
+    holder = None
+    try:
+        with open(os.path.join(path, LOCK_NAME), "rb") as f:
+            parts = f.read(4096).decode("utf-8", "replace").split()
+        if len(parts) == 2 and parts[0].isdigit():
+            holder = int(parts[0]), parts[1]
+    except OSError:
+        pass
+    if holder is None:
+        state = "a writer did not finish (killed?)" if leftovers else None
+    elif holder[1] != os.uname().nodename:
+        state = f"a writer (pid {holder[0]} on host {holder[1]}) is at work or did not finish"
+    elif _alive(holder[0]):
+        state = f"a writer (pid {holder[0]}) is at work: samples after the {report.num_samples} committed are " \
+                "not listed yet"
+    else:
+        state = f"the writer pid {holder[0]} did not finish (killed?): the dataset holds the " \
+                f"{report.num_samples} samples it committed"
+    if state:
+        report.notes.append(state)
+    if leftovers:
+        report.notes.append(f"uncommitted files {leftovers}: ignored by readers, removed by the next "
+                            "Writer(path, mode='a')")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
