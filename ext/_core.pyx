@@ -9,6 +9,7 @@ and turns the C status into a Python exception afterwards, in :meth:`ShardSet._r
 from native cimport *
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
                              PyObject_GetBuffer)
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.errno cimport errno
 from libc.stdint cimport int64_t
@@ -42,6 +43,19 @@ if _fork_rc != 0:
     raise OSError(_fork_rc, "pthread_atfork failed: the reader could not be made fork-safe")
 
 cdef size_t _ITEMSIZE_LIMIT = 4  # stored elements up to 4 bytes convert in place in a float32 slot
+
+# A batch larger than this is read in slices, with a check for signals (Ctrl-C) between them, so a
+# KeyboardInterrupt does not wait for a whole huge batch: at most this many samples or about this
+# many output bytes per slice (the training batches of a few hundred samples are one slice).
+cdef size_t _SLICE_SAMPLES = 1 << 16
+cdef size_t _SLICE_BYTES = 64 << 20
+
+
+cdef inline size_t _slice_samples(size_t bytes_per_sample) nogil:
+    cdef size_t by_bytes = _SLICE_BYTES // bytes_per_sample if bytes_per_sample else _SLICE_SAMPLES
+    if by_bytes < 1:
+        return 1
+    return by_bytes if by_bytes < _SLICE_SAMPLES else _SLICE_SAMPLES
 
 
 def allow_f16c(bint allowed):
@@ -249,7 +263,7 @@ cdef class ShardSet:
         of ``(cast, src_offset, src_bytes, count, out, scale, offset, inner, period)``, sorted by
         src_offset; ``out`` is a C-contiguous writable buffer of ``len(indices)`` rows."""
         cdef size_t n = indices.shape[0], nf = len(fields), k, dst_bytes, itemsize
-        cdef size_t end = 0
+        cdef size_t end = 0, start, count, step, sample_bytes = 0
         cdef sf_error err
         cdef int rc
         cdef Py_buffer *view
@@ -290,16 +304,29 @@ cdef class ShardSet:
                 outs[k].dst = <char *>view.buf
                 outs[k].dst_bytes = dst_bytes
                 _fill_affine(&outs[k].affine, views, scale, offset, inner, period, what)
+                sample_bytes += dst_bytes
             if n == 0 or nf == 0:
                 return
             if use_map:
                 rc = sf_guard_mapped_reads()
                 if rc != 0:
                     raise OSError(rc, "cannot install the SIGBUS handler for mapped reads: " + os.strerror(rc))
+            step = _slice_samples(sample_bytes)
+            start = 0
+            rc = 0
             self._begin()
-            with nogil:
-                rc = sf_read_records(&self.c, &indices[0], n, outs, nf, use_map, threads, &err)
-            self._end()
+            try:
+                while start < n and rc == 0:
+                    count = n - start if n - start < step else step
+                    with nogil:
+                        rc = sf_read_records(&self.c, &indices[start], count, outs, nf, use_map, threads, &err)
+                    start += count
+                    for k in range(nf):
+                        outs[k].dst += count * outs[k].dst_bytes
+                    if start < n:
+                        PyErr_CheckSignals()
+            finally:
+                self._end()
             if rc != 0:
                 self._raise(&err)
         finally:
@@ -311,7 +338,7 @@ cdef class ShardSet:
                   size_t inner, size_t period, size_t threads):
         """Reads variable-length rows: sample r has ``rows[r]`` rows at byte ``offsets[r]`` of heap
         file ``shards[r]``; ``out`` holds ``len(samples) * max_rows`` rows, padded with ``pad``."""
-        cdef size_t n = samples.shape[0], r, dst_row_bytes
+        cdef size_t n = samples.shape[0], r, dst_row_bytes, start, count, step
         cdef sf_heap_out field
         cdef sf_error err
         cdef int rc
@@ -351,11 +378,22 @@ cdef class ShardSet:
         _fill_affine(&field.affine, views, scale, offset, inner, period, "variable field")
         if n == 0:
             return
+        step = _slice_samples(max_rows * dst_row_bytes)
+        start = 0
+        rc = 0
         self._begin()
-        with nogil:
-            rc = sf_read_heap(&self.c, &samples[0], &shards[0], &offsets[0], &rows[0], n, &field,
-                              threads, &err)
-        self._end()
+        try:
+            while start < n and rc == 0:
+                count = n - start if n - start < step else step
+                with nogil:
+                    rc = sf_read_heap(&self.c, &samples[start], &shards[start], &offsets[start], &rows[start],
+                                      count, &field, threads, &err)
+                start += count
+                field.dst += count * max_rows * dst_row_bytes
+                if start < n:
+                    PyErr_CheckSignals()
+        finally:
+            self._end()
         if rc != 0:
             self._raise(&err)
 
