@@ -304,3 +304,24 @@ def test_sampler_positions_are_small_json_and_checked(ds):
         sampler.step_of((0, 10))
     restored = pickle.loads(pickle.dumps(sampler))
     np.testing.assert_array_equal(restored.indices(23), sampler.indices(23))
+
+
+def test_sampler_blocks_give_the_epoch_order(tmp_path):
+    """The sampler computes orders 8192 positions at a time: batches across block boundaries, in
+    any order of access, equal the epoch order computed in one piece; the indices are read-only."""
+    n = 20_000
+    path = str(tmp_path / "ids")
+    with shardfeed.Writer(path, fields={"id": ("int64", ())}) as w:
+        w.extend({"id": np.arange(n)})
+    with shardfeed.open(path) as dataset:
+        view = dataset.split([0.9, 0.1], seed=4)[0]
+        for shuffle in (True, False):
+            sampler = Sampler(view, 300, seed=6, shuffle=shuffle)
+            for epoch in (0, 3):
+                whole = view.epoch_indices(epoch, 0, len(view), seed=6, shuffle=shuffle)
+                order = list(range(len(sampler)))
+                np.random.default_rng(epoch).shuffle(order)
+                for b in order:
+                    batch = sampler.batch(epoch, b)
+                    assert not batch.flags.writeable
+                    np.testing.assert_array_equal(batch, whole[b * 300:(b + 1) * 300])

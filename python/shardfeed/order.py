@@ -22,6 +22,8 @@ import numpy as np
 # generator): exactly uniform, and at most 512 KiB. Above it, a Feistel network (O(1) memory).
 TABLE_MAX = 1 << 16
 FEISTEL_ROUNDS = 6
+# A Sampler computes the order of an epoch this many positions at a time (64 KiB of indices).
+BLOCK = 8192
 
 # Key derivation tags: the permutation of an epoch and the one that splits a dataset never share a key.
 _TAG_EPOCH = 0x45504F43  # "EPOC"
@@ -403,6 +405,7 @@ class Sampler:
         full, rest = divmod(self.samples, self.batch_size)
         self.batches_per_epoch = full + (1 if rest and not self.drop_remainder else 0)
         self._perms: Dict[int, Permutation] = {}
+        self._blocks: Dict[Tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -414,7 +417,7 @@ class Sampler:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_perms"] = {}
+        state["_perms"], state["_blocks"] = {}, {}
         del state["_lock"]
         return state
 
@@ -433,13 +436,36 @@ class Sampler:
         return perm
 
     def batch(self, epoch: int, batch: int) -> np.ndarray:
-        """Dataset indices of batch ``batch`` of epoch ``epoch``."""
+        """Dataset indices of batch ``batch`` of epoch ``epoch`` (a read-only array)."""
         if not 0 <= batch < self.batches_per_epoch:
             raise IndexError(f"batch {batch} is out of range: an epoch has {self.batches_per_epoch} batches")
         start = batch * self.batch_size
         stop = min(start + self.batch_size, self.samples)
-        perm = self._permutation(epoch) if self.shuffle else None
-        return self.view.epoch_indices(epoch, start, stop, shuffle=self.shuffle, seed=self.seed, _perm=perm)
+        first, last = start // BLOCK, (stop - 1) // BLOCK
+        if first == last:
+            return self._block(epoch, first)[start - first * BLOCK:stop - first * BLOCK]
+        pieces = [self._block(epoch, k) for k in range(first, last + 1)]
+        joined = np.concatenate(pieces)[start - first * BLOCK:stop - first * BLOCK]
+        joined.flags.writeable = False
+        return joined
+
+    def _block(self, epoch: int, block: int) -> np.ndarray:
+        """Dataset indices of the epoch's positions ``[block * BLOCK, (block + 1) * BLOCK)``, computed
+        at once (a numpy call costs about a microsecond whatever its size, and a Feistel pass is about
+        fifty calls) and kept for the next batches: a few of them, so memory stays O(1) per epoch."""
+        key = (epoch, block)
+        indices = self._blocks.get(key)
+        if indices is None:
+            start = block * BLOCK
+            perm = self._permutation(epoch) if self.shuffle else None
+            indices = self.view.epoch_indices(epoch, start, min(start + BLOCK, self.samples), shuffle=self.shuffle,
+                                              seed=self.seed, _perm=perm)
+            indices.flags.writeable = False
+            with self._lock:
+                if len(self._blocks) >= 8:
+                    self._blocks.pop(min(self._blocks))
+                self._blocks[key] = indices
+        return indices
 
     def indices(self, step: int) -> np.ndarray:
         """Dataset indices of global step ``step`` (batch ``step % len`` of epoch ``step // len``)."""

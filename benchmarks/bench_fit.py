@@ -1,0 +1,131 @@
+"""model.fit throughput of a small MLP fed from shards, against fit on in-memory numpy arrays.
+
+One group, four feeds of the same samples (float16[256] features stored, read as float32; int64
+labels) into the same model (Dense 128 relu, Dense 10; batch 256; SGD):
+
+- ``numpy``: the baseline, ``model.fit(x, y, batch_size=256, shuffle=True)`` on float32 arrays in
+  memory (Keras shuffles them each epoch);
+- ``sequence``: ``shardfeed.keras.ShardSequence`` (workers=1);
+- ``generator``: ``ds.batches(...)`` with ``steps_per_epoch``;
+- ``tf.data``: ``ds.to_tf_dataset(...)`` with ``steps_per_epoch``.
+
+One round is one ``model.fit(..., epochs=1)`` over the whole dataset (setup included), after one
+warm-up epoch that traces the model. ``extra_info`` also has the epoch time measured inside fit
+by a callback (setup excluded), ``fit_samples_per_s`` from it, and ``ratio_to_numpy`` (the
+baseline's median time over this feed's: 1.0 = as fast as training from RAM). Every run, timed
+or not, checks that each feed's first batches are exactly the samples the sampler names, and that
+training gives a finite loss.
+
+With ``--benchmark-disable`` (the test suite's default) each feed runs one round on 2048 samples.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+tf = pytest.importorskip("tensorflow", reason="the tensorflow extra is not installed")
+keras = pytest.importorskip("keras", reason="the tensorflow extra is not installed")
+
+import shardfeed  # noqa: E402
+from shardfeed import Sampler  # noqa: E402
+from shardfeed.keras import ShardSequence  # noqa: E402
+
+FEATURES, CLASSES, BATCH, HIDDEN = 256, 10, 256, 128
+TIMED_SAMPLES = 200_000  # 100 MiB stored, 200 MB of float32 for the in-memory baseline
+TIMED_ROUNDS = 7
+FEEDS = ["numpy", "sequence", "generator", "tf.data"]
+_medians: dict = {}
+
+
+def _timing_enabled(config) -> bool:
+    return not config.getoption("benchmark_disable") or bool(config.getoption("benchmark_enable"))
+
+
+@pytest.fixture(scope="module")
+def fit_data(request, tmp_path_factory):
+    n = TIMED_SAMPLES if _timing_enabled(request.config) else 2048
+    rng = np.random.default_rng(20240607)
+    x = rng.standard_normal((n, FEATURES), dtype=np.float32).astype(np.float16)
+    y = rng.integers(0, CLASSES, n)
+    path = str(tmp_path_factory.mktemp("fit") / "ds")
+    with shardfeed.Writer(path, fields={"x": ("float16", (FEATURES,)), "y": ("int64", ())}) as writer:
+        for start in range(0, n, 65536):
+            writer.extend({"x": x[start:start + 65536], "y": y[start:start + 65536]})
+    with shardfeed.open(path) as ds:
+        yield ds, x.astype(np.float32), y
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(HIDDEN, activation="relu"),
+                              keras.layers.Dense(CLASSES)])
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds, self.losses = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._started)
+        self.losses.append(logs["loss"])
+
+
+def _feed(name, ds, x, y):
+    """(fit arguments, the first two batches as (x, y) numpy pairs) for one feed."""
+    steps = -(-len(ds) // BATCH)
+    read = dict(dtype={"x": "float32"}, seed=1)
+    if name == "numpy":
+        return dict(x=x, y=y, batch_size=BATCH, shuffle=True), None
+    if name == "sequence":
+        seq = ShardSequence(ds, BATCH, "x", "y", **read)
+        return dict(x=seq, shuffle=False), [seq[0], seq[1]]
+    if name == "generator":
+        first = ds.batches(BATCH, inputs="x", targets="y", epochs=1, **read)
+        batches = [next(first), next(first)]
+        first.close()
+        return dict(x=ds.batches(BATCH, inputs="x", targets="y", **read), steps_per_epoch=steps, shuffle=False), batches
+    dataset = ds.to_tf_dataset(BATCH, inputs="x", targets="y", **read)
+    batches = [tuple(t.numpy() for t in element) for element in dataset.take(2)]
+    return dict(x=dataset, steps_per_epoch=steps, shuffle=False), batches
+
+
+@pytest.mark.benchmark(group="fit-mlp-256x128x10")
+@pytest.mark.parametrize("feed", FEEDS)
+def test_fit_throughput(benchmark, fit_data, feed):
+    ds, x, y = fit_data
+    kwargs, first_batches = _feed(feed, ds, x, y)
+    correct = True
+    if first_batches is not None:  # exactly the samples the sampler names, converted like numpy does
+        sampler = Sampler(ds, BATCH, seed=1)
+        for step, (bx, by) in enumerate(first_batches):
+            indices = sampler.indices(step)
+            correct &= bool(np.array_equal(bx, x[indices]) and np.array_equal(by, y[indices].astype(np.float32)))
+    model = _model()
+    timer = _EpochTimer()
+    fit = dict(kwargs, verbose=0, callbacks=[timer], epochs=1)
+    rounds = TIMED_ROUNDS if len(ds) == TIMED_SAMPLES else 1
+    warmup = 1 if rounds > 1 else 0
+    benchmark.pedantic(model.fit, kwargs=fit, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    correct &= all(np.isfinite(timer.losses))
+    epoch_seconds = statistics.median(timer.seconds[warmup:])
+    benchmark.extra_info.update(
+        feed=feed, baseline=feed == "numpy", samples=len(ds), batch=BATCH, model=f"{FEATURES}-{HIDDEN}-{CLASSES} MLP",
+        epoch_seconds_in_fit=epoch_seconds, fit_samples_per_s=len(ds) / epoch_seconds,
+        threads=ds.threads, cpus=len(os.sched_getaffinity(0)), correct=correct)
+    _medians[feed] = benchmark.stats.stats.median if benchmark.stats else None
+    if feed != "numpy" and _medians.get("numpy") and _medians[feed]:
+        benchmark.extra_info["ratio_to_numpy"] = _medians["numpy"] / _medians[feed]
+    assert correct, f"{feed}: the batches differ from the sampler's samples, or the loss is not finite"
