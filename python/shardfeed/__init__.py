@@ -8,14 +8,19 @@ Training: views without copies (``ds.split``, ``subset``, ``head``, ``shard``: :
 a new uniformly random order every epoch (:class:`Sampler`, :class:`Permutation`), the prefetching
 generator ``ds.batches(...)`` and, imported on demand, ``shardfeed.keras.ShardSequence`` and
 ``ds.to_tf_dataset(...)`` (``shardfeed.tf``). ``import shardfeed`` never imports TensorFlow or Keras.
+
+Getting data in: ``shardfeed.convert`` (numpy arrays, .npy/.npz, per-sample files and images, CSV,
+HDF5, any iterable; imported on first use) and :func:`merge`, which joins datasets written in parts
+by parallel processes without copying shard data.
 """
 
 from .dataset import Batch, Dataset, get_num_threads, open, set_num_threads
 from .errors import (
-    SchemaError, ShardfeedError, ShardfeedWarning, ShardFormatError, ShardReadError, ShardWriteError, ValueRangeError,
-    WriterLockedError,
+    SchemaError, ShardfeedError, ShardfeedWarning, ShardFormatError, ShardReadError, ShardWriteError, SourceError,
+    ValueRangeError, WriterLockedError,
 )
 from .format import Field
+from .merge import MergeResult, merge
 from .order import Permutation, Sampler, Subset
 from ._verify import VerifyReport, verify
 from .writer import Writer
@@ -23,7 +28,15 @@ from .writer import Writer
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "Dataset", "Field", "Permutation", "Sampler", "SchemaError", "ShardFormatError", "ShardReadError",
-    "ShardWriteError", "ShardfeedError", "ShardfeedWarning", "Subset", "ValueRangeError", "VerifyReport", "Writer",
-    "WriterLockedError", "get_num_threads", "open", "set_num_threads", "verify",
+    "Batch", "Dataset", "Field", "MergeResult", "Permutation", "Sampler", "SchemaError", "ShardFormatError",
+    "ShardReadError", "ShardWriteError", "ShardfeedError", "ShardfeedWarning", "SourceError", "Subset",
+    "ValueRangeError", "VerifyReport", "Writer", "WriterLockedError", "convert", "get_num_threads", "merge", "open",
+    "set_num_threads", "verify",
 ]
+
+
+def __getattr__(name: str):
+    if name == "convert":  # converters import more of the standard library: only when used
+        import importlib
+        return importlib.import_module(".convert", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

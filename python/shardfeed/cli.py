@@ -36,6 +36,13 @@ def _info(args: argparse.Namespace) -> int:
             return 0
         print(f"{ds.path}: {len(ds)} samples in {ds.num_shards} shard(s), "
               f"{_human_bytes(sum(s.size + s.heap_size for s in manifest.shards))}")
+        sizes = [s.size + s.heap_size for s in manifest.shards]
+        if sizes:
+            print(f"shards: {len(sizes)}, {_human_bytes(min(sizes))} to {_human_bytes(max(sizes))} each")
+        if args.shards:
+            for shard in manifest.shards:
+                heap = f" + {shard.heap_file} {_human_bytes(shard.heap_size)}" if shard.heap_file else ""
+                print(f"  {shard.file}: {shard.num_samples} samples, {_human_bytes(shard.size)}{heap}")
         print(f"record: {ds.schema.record_bytes} bytes")
         for field in ds.fields.values():
             shape = ", ".join("*" if d is None else str(d) for d in field.shape)
@@ -68,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a dataset's schema, size and metadata")
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    info.add_argument("--shards", action="store_true", help="list every shard file with its samples and size")
     info.set_defaults(run=_info)
 
     check = commands.add_parser("verify", help="check every shard's checksum and structure (exit status 0: "
@@ -75,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(run=_verify)
+
+    from ._cli_data import add_commands  # convert, head, merge, bench
+    add_commands(commands)
     return parser
 
 

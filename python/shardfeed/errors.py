@@ -22,6 +22,12 @@ class ValueRangeError(ShardfeedError, ValueError):
     sample = None
 
 
+class SourceError(ShardfeedError, ValueError):
+    """Source data cannot be converted or merged: a value that does not parse, a row with the wrong
+    number of columns, a file that cannot be read or decoded, inputs that do not match each other.
+    The message names the file and, where there is one, the line or row."""
+
+
 class ShardFormatError(ShardfeedError, ValueError):
     """A manifest or shard file is malformed, of another version, or inconsistent with the manifest."""
 
