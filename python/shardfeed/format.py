@@ -120,13 +120,14 @@ def make_field(name: Any, dtype: Any, shape: Any = ()) -> Field:
         dtype_name = dtype
     else:
         try:
-            dtype_name = np.dtype(dtype).name
-        except TypeError:
-            dtype_name = str(dtype)
-        if dtype_name not in STORED_DTYPES or np.dtype(dtype).byteorder == ">":
+            parsed: Optional[np.dtype] = np.dtype(dtype)
+        except (TypeError, ValueError):  # not a dtype at all, e.g. a dict numpy cannot read as one
+            parsed = None
+        if parsed is None or parsed.name not in STORED_DTYPES or parsed.byteorder == ">":
             raise SchemaError(
                 f"field {name!r}: unsupported dtype {dtype!r}; supported: {', '.join(STORED_DTYPES)}"
             )
+        dtype_name = parsed.name
     return Field(name, dtype_name, _parse_shape(name, shape))
 
 
@@ -337,6 +338,8 @@ def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
     unknown, missing = set(doc) - _MANIFEST_KEYS, _MANIFEST_KEYS - set(doc)
     if unknown or missing:
         raise ShardFormatError(f"{manifest_path}: unknown keys {sorted(unknown)} / missing keys {sorted(missing)}")
+    if not isinstance(doc["fields"], list):  # (a dict would be read as the Writer's {name: spec} form)
+        raise ShardFormatError(f"{manifest_path}: fields must be a list")
     try:
         schema = Schema.from_spec(doc["fields"])
     except SchemaError as exc:
