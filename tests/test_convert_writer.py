@@ -1,6 +1,7 @@
 """The writer's direct path (one fixed field filling the record, batches of at least a write buffer):
 the converters feed it large chunks. It must write exactly what the buffered path writes."""
 
+import errno
 import os
 
 import numpy as np
@@ -63,3 +64,65 @@ def test_overflow_in_a_later_piece_keeps_the_pieces_before(tmp_path, rng):
     assert len(w) == per_buffer * 2
     w.close()
     np.testing.assert_array_equal(shardfeed.open(path)[len(w) - 1]["x"], values[len(w) - 1].astype(np.float16))
+
+
+def _npy_records(tmp_path, values):
+    """A .npy file of ``values`` and (descriptor, data offset, memory map of the rows)."""
+    path = tmp_path / "src.npy"
+    np.save(path, values)
+    rows = np.load(path, mmap_mode="r")
+    fd = os.open(path, os.O_RDONLY)
+    return fd, rows.offset, rows
+
+
+@pytest.mark.parametrize("kernel", ["copy_file_range", "sendfile", "write"])
+def test_copy_records_writes_what_extend_writes(tmp_path, rng, monkeypatch, kernel):
+    """The kernel's file-to-file copy (used for .npy files already in the record layout) gives the
+    same shards and checksums as extend, across shard boundaries and after buffered samples; where
+    the kernel cannot copy between the files, the bytes are written instead."""
+    values = rng.standard_normal((1000, 64)).astype(np.float32)
+    fd, offset, rows = _npy_records(tmp_path, values)
+    if kernel != "copy_file_range":
+        def no_range(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", no_range, raising=False)
+    if kernel == "write":
+        def no_sendfile(*args):
+            raise OSError(errno.EINVAL, "not supported")
+        monkeypatch.setattr(os, "sendfile", no_sendfile, raising=False)
+    fields, shard_size = {"x": ("float32", (64,))}, 64 + 256 * 300
+    try:
+        with shardfeed.Writer(tmp_path / "copied", fields=fields, shard_size=shard_size) as w:
+            w.extend({"x": values[:7]})
+            w._copy_records(fd, offset + 7 * 256, rows[7:650])
+            w._copy_records(fd, offset + 650 * 256, rows[650:])
+    finally:
+        os.close(fd)
+    write(str(tmp_path / "extended"), fields, [{"x": values}], shard_size)
+    assert shard_bytes(str(tmp_path / "copied")) == shard_bytes(str(tmp_path / "extended"))
+    copied, extended = read_manifest(str(tmp_path / "copied")), read_manifest(str(tmp_path / "extended"))
+    assert [s.checksum for s in copied.shards] == [s.checksum for s in extended.shards]
+    assert len(copied.shards) == 4
+
+
+def test_copy_records_refuses_other_layouts(tmp_path, rng):
+    fd, offset, rows = _npy_records(tmp_path, rng.standard_normal((10, 4)))
+    try:
+        for fields in ({"x": ("float32", (4,))}, {"x": ("float64", (5,))}, {"x": ("float64", (4,)), "y": "int8"}):
+            with shardfeed.Writer(tmp_path / f"w{len(fields)}{fields['x'][0]}{fields['x'][1][0]}", fields=fields) as w:
+                with pytest.raises(ValueError, match="_copy_records needs one fixed field"):
+                    w._copy_records(fd, offset, rows)
+    finally:
+        os.close(fd)
+
+
+def test_copy_records_from_a_truncated_source_fails_cleanly(tmp_path, rng):
+    fd, offset, rows = _npy_records(tmp_path, rng.standard_normal((100, 4)))
+    os.truncate(tmp_path / "src.npy", offset + 50 * 32)
+    try:
+        w = shardfeed.Writer(tmp_path / "t", fields={"x": ("float64", (4,))})
+        with pytest.raises(OSError, match="ended .* bytes early"):
+            w._copy_records(fd, offset, np.zeros((100, 4)))
+    finally:
+        os.close(fd)
+    assert len(shardfeed.open(tmp_path / "t")) == 0

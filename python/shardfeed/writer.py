@@ -9,6 +9,8 @@ import json
 import os
 import re
 import socket
+import sys
+import threading
 import warnings
 import weakref
 import zlib
@@ -24,6 +26,10 @@ from .format import (
 )
 
 DEFAULT_SHARD_SIZE = 256 << 20
+# copy_file_range()/sendfile() failing with these on their first call: the kernel cannot copy between
+# these two files (another file system, an old kernel, no support); the bytes are written instead.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTSOCK,
+                   errno.EBADF}
 _BUFFER_BYTES = 4 << 20  # records are written to the shard file in pieces of about this size
 LOCK_NAME = "writer.lock"
 # Files a writer may leave behind when it is killed: the shard it was filling, a manifest it had
@@ -174,6 +180,36 @@ class _OutputFile:
         self.size = start + raw.size
         return start
 
+    def copy_range(self, source: int, offset: int, data: np.ndarray) -> bool:
+        """Appends the bytes at ``offset`` of the open file ``source``, which are ``data`` (a memory
+        map of them): the kernel copies them file to file (copy_file_range, else sendfile) while
+        another thread checksums ``data``. Returns False, having written nothing, where the kernel
+        cannot copy between these files; the caller writes ``data`` instead."""
+        raw = data.reshape(-1).view(np.uint8)
+        with _naming(self.path):
+            self.file.flush()
+        out = self.file.fileno()
+        crc = [self.crc]
+
+        def checksum() -> None:
+            for start in range(0, raw.size, 8 << 20):
+                crc[0] = zlib.crc32(raw[start:start + (8 << 20)], crc[0])
+
+        thread = threading.Thread(target=checksum, name="shardfeed-crc", daemon=True)
+        thread.start()
+        done = 0
+        try:
+            with _naming(self.path):
+                done = _kernel_copy(source, out, offset, self.size, raw.size)
+        finally:
+            thread.join()
+        if done is None:
+            return False
+        self.crc = crc[0]
+        self.size += raw.size
+        self.file.seek(self.size)  # copy_file_range leaves the file position where it was
+        return True
+
     def finish(self) -> str:
         with _naming(self.path):
             self.file.flush()
@@ -193,6 +229,34 @@ class _OutputFile:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _kernel_copy(source: int, out: int, offset: int, position: int, count: int) -> Optional[int]:
+    """Copies ``count`` bytes from ``offset`` of ``source`` to ``position`` of ``out`` inside the
+    kernel; None when it cannot (see _NO_KERNEL_COPY) before anything was copied."""
+    done = 0
+    use_range = hasattr(os, "copy_file_range")
+    while done < count:
+        try:
+            if use_range:
+                n = os.copy_file_range(source, out, count - done, offset + done, position + done)
+            elif sys.platform.startswith("linux"):  # sendfile to a regular file: Linux only
+                os.lseek(out, position + done, os.SEEK_SET)
+                n = os.sendfile(out, source, offset + done, count - done)
+            else:
+                return None
+        except OSError as exc:
+            if done or exc.errno not in _NO_KERNEL_COPY:
+                raise
+            if use_range:
+                use_range = False  # e.g. EXDEV on kernels that copy within one file system only
+                continue
+            return None
+        if n == 0:
+            raise OSError(errno.EIO, f"the source file ended {count - done} bytes early (truncated while "
+                          "being converted?)")
+        done += n
+    return done
 
 
 def _is_stored(values: np.ndarray, field: Field) -> bool:
@@ -466,6 +530,36 @@ class Writer:
         self._shard.records.write(np.ascontiguousarray(values))
         self._shard.num_samples += take
         return take
+
+    def _copy_records(self, source: int, offset: int, records: np.ndarray) -> None:
+        """Appends records whose stored bytes are at ``offset`` of the open file ``source``;
+        ``records`` are the same bytes (a memory map of them), of the stored dtype and the field's
+        shape. For a schema of one fixed field that fills the record (as ``_direct``): the shards
+        are filled by the kernel's file-to-file copy, checksummed on a second thread. Used by
+        shardfeed.convert for .npy files whose layout already is the record layout."""
+        self._check_open()
+        field = self._direct
+        if (field is None or not _is_stored(records, field) or not records.flags.c_contiguous
+                or records.shape[1:] != field.shape):
+            raise ValueError("_copy_records needs one fixed field filling the record and contiguous records "
+                             "of its stored dtype and shape")
+        self._guarded(self._copy, source, offset, records)
+
+    def _copy(self, source: int, offset: int, records: np.ndarray) -> None:
+        position, count = 0, len(records)
+        record_bytes = self.schema.record_bytes
+        while position < count:
+            if self._shard is None:
+                self._shard = _ShardFile(self.path, len(self._manifest.shards), self.schema)
+            self._flush()
+            take = min(count - position, self._records_per_shard - self._shard.num_samples)
+            piece = records[position:position + take]
+            if not self._shard.records.copy_range(source, offset + position * record_bytes, piece):
+                self._shard.records.write(piece)
+            self._shard.num_samples += take
+            position += take
+            if self._shard_full():
+                self._finish_shard()
 
     def _store(self, columns: Dict[str, Any], position: int, take: int) -> None:
         """Casts samples [position, position + take) and places them in the write buffer; checks
