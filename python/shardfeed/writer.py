@@ -277,6 +277,11 @@ class Writer:
     context manager, or call :meth:`close`. Each completed shard is committed to the manifest at once,
     so an interrupted run keeps every completed shard; :meth:`close` commits the rest.
 
+    One writer per dataset: another one raises :class:`WriterLockedError` naming its pid. A failed
+    write (disk full, file-size limit) raises :class:`ShardWriteError` and ends the writer; so does
+    an interrupt (``KeyboardInterrupt``) in :meth:`extend` or :meth:`close`. Either way the dataset
+    keeps what was committed, and ``mode="a"`` continues it.
+
     Memory stays bounded by one write buffer of about 4 MiB (plus the batch passed to ``extend``).
     """
 
