@@ -222,3 +222,36 @@ def test_notes_on_writers(dataset):
                                                         r"\['shard-000005.rec'\]"):
         shardfeed.Writer(dataset, mode="a").close()
     assert shardfeed.verify(dataset).notes == []
+
+
+def test_an_io_error_while_reading_is_reported_not_raised(dataset, monkeypatch):
+    """EIO half-way through a shard (a failing disk): a problem for that shard, the others checked."""
+    module = importlib.import_module("shardfeed._verify")
+
+    class Failing:
+        def __init__(self, file):
+            self.file, self.reads = open(file, "rb"), 0
+
+        def read(self, size=-1):
+            self.reads += 1
+            if self.reads > 3:  # the header (twice), then one piece of 4 records
+                raise OSError(5, "Input/output error")
+            return self.file.read(size)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    def fake_open(file, mode="r"):
+        return Failing(file) if file == shard(dataset, 1) else open(file, mode)
+    monkeypatch.setattr(module, "_CHUNK_BYTES", RECORD * 4)
+    monkeypatch.setattr(module, "open", fake_open, raising=False)
+    report = shardfeed.verify(dataset)
+    assert report.bad_shards == [1] and report.bad_ranges == [(10, 20)]
+    [problem] = report.problems
+    assert problem.message == "cannot read past sample 14: Input/output error"

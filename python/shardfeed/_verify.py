@@ -189,13 +189,18 @@ def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry,
         if opened is not None:
             f, heap_size = opened
             crc = 0
-            with f:
-                f.seek(0)
-                while chunk := f.read(_CHUNK_BYTES):
-                    crc = zlib.crc32(chunk, crc)
-            if format_checksum(crc) != shard.heap_checksum:
-                report.problems.append(Problem(heap_path, f"checksum {format_checksum(crc)} does not match the "
-                                               f"manifest's {shard.heap_checksum}", number, [whole]))
+            try:
+                with f:
+                    f.seek(0)
+                    while chunk := f.read(_CHUNK_BYTES):
+                        crc = zlib.crc32(chunk, crc)
+            except OSError as exc:
+                report.problems.append(Problem(heap_path, f"cannot read: {exc.strerror}", number, [whole]))
+            else:
+                if format_checksum(crc) != shard.heap_checksum:
+                    report.problems.append(Problem(heap_path, f"checksum {format_checksum(crc)} does not match the "
+                                                   f"manifest's {shard.heap_checksum}: all samples of the shard are "
+                                                   "suspect", number, [whole]))
 
     opened = _open_checked(rec_path, shard.size, FILE_KIND_RECORDS, manifest, number, whole, report)
     if opened is None:
@@ -205,22 +210,28 @@ def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry,
     per_chunk = max(1, _CHUNK_BYTES // record_bytes)
     bad: Dict[Tuple[str, str], List[np.ndarray]] = {}
     crc = 0
-    with f:
-        f.seek(0)
-        crc = zlib.crc32(f.read(HEADER_BYTES), crc)
-        done = 0
-        while chunk := f.read(per_chunk * record_bytes):
-            crc = zlib.crc32(chunk, crc)
-            complete = min(len(chunk) // record_bytes, shard.num_samples - done)
-            if complete > 0:
-                records = np.frombuffer(chunk, dtype=schema.record_dtype, count=complete)
-                for file, what, rows in _bad_records(records, schema, shard, rec_path, heap_path, heap_size):
-                    bad.setdefault((file, what), []).append(rows + first + done)
-                done += complete
-    if format_checksum(crc) != shard.checksum:
-        report.problems.append(Problem(rec_path, f"checksum {format_checksum(crc)} does not match the manifest's "
-                                       f"{shard.checksum}: all samples of the shard are suspect", number, [whole]))
-    if done < shard.num_samples:
+    done = 0
+    try:
+        with f:
+            f.seek(0)
+            crc = zlib.crc32(f.read(HEADER_BYTES), crc)
+            while chunk := f.read(per_chunk * record_bytes):
+                crc = zlib.crc32(chunk, crc)
+                complete = min(len(chunk) // record_bytes, shard.num_samples - done)
+                if complete > 0:
+                    records = np.frombuffer(chunk, dtype=schema.record_dtype, count=complete)
+                    for file, what, rows in _bad_records(records, schema, shard, rec_path, heap_path, heap_size):
+                        bad.setdefault((file, what), []).append(rows + first + done)
+                    done += complete
+    except OSError as exc:  # an I/O error: what was read is reported, the rest of the shard is suspect
+        report.problems.append(Problem(rec_path, f"cannot read past sample {first + done}: {exc.strerror}",
+                                       number, [whole]))
+    else:
+        if format_checksum(crc) != shard.checksum:
+            report.problems.append(Problem(rec_path, f"checksum {format_checksum(crc)} does not match the "
+                                           f"manifest's {shard.checksum}: all samples of the shard are suspect",
+                                           number, [whole]))
+    if done < shard.num_samples and size < shard.size:
         missing = np.arange(first + done, whole[1])
         report.problems.append(Problem(rec_path, f"the records of {_describe(missing)} are missing (file of "
                                        f"{size} bytes)", number, _ranges(missing)))
