@@ -129,3 +129,47 @@ def test_fit_throughput(benchmark, fit_data, feed):
     if feed != "numpy" and _medians.get("numpy") and _medians[feed]:
         benchmark.extra_info["ratio_to_numpy"] = _medians["numpy"] / _medians[feed]
     assert correct, f"{feed}: the batches differ from the sampler's samples, or the loss is not finite"
+
+
+def interleaved(cycles: int = 9, samples: int = TIMED_SAMPLES) -> None:
+    """``python benchmarks/bench_fit.py [cycles]``: the same four feeds, one epoch each in turn,
+    ``cycles`` times (the order rotating), so that a shared machine's load hits every feed alike;
+    prints each feed's median samples/s (epoch timed inside fit), median ratio to the numpy epoch of
+    the same cycle, and median CPU time (all threads) per sample."""
+    import tempfile
+
+    rng = np.random.default_rng(20240607)
+    x16 = rng.standard_normal((samples, FEATURES), dtype=np.float32).astype(np.float16)
+    y = rng.integers(0, CLASSES, samples)
+    with tempfile.TemporaryDirectory(prefix="shardfeed-fit-") as root:
+        path = os.path.join(root, "ds")
+        with shardfeed.Writer(path, fields={"x": ("float16", (FEATURES,)), "y": ("int64", ())}) as writer:
+            writer.extend({"x": x16, "y": y})
+        with shardfeed.open(path) as ds:
+            x = x16.astype(np.float32)
+            runs = {}
+            for feed in FEEDS:
+                kwargs, _ = _feed(feed, ds, x, y)
+                model, timer = _model(), _EpochTimer()
+                model.fit(**dict(kwargs, verbose=0, callbacks=[timer], epochs=1))  # warm-up: tracing
+                runs[feed] = (model, timer, kwargs)
+            results = {feed: [] for feed in FEEDS}
+            for cycle in range(cycles):
+                order = FEEDS[cycle % len(FEEDS):] + FEEDS[:cycle % len(FEEDS)]
+                for feed in order:
+                    model, timer, kwargs = runs[feed]
+                    cpu = time.process_time()
+                    model.fit(**dict(kwargs, verbose=0, callbacks=[timer], epochs=1))
+                    results[feed].append((samples / timer.seconds[-1], (time.process_time() - cpu) / samples))
+    print(f"model.fit, {samples:,} samples per epoch, {cycles} interleaved cycles, "
+          f"{len(os.sched_getaffinity(0))} CPUs; medians")
+    print(f"{'feed':<10} {'samples/s':>10} {'ratio':>6} {'CPU us/sample':>14}")
+    for feed in FEEDS:
+        ratios = [a[0] / b[0] for a, b in zip(results[feed], results["numpy"])]
+        print(f"{feed:<10} {statistics.median(r[0] for r in results[feed]):>10,.0f} {statistics.median(ratios):>6.2f} "
+              f"{statistics.median(r[1] for r in results[feed]) * 1e6:>14.2f}")
+
+
+if __name__ == "__main__":
+    import sys
+    interleaved(*(int(a) for a in sys.argv[1:2]))

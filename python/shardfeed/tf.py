@@ -36,15 +36,16 @@ def to_tf_dataset(source: Any, batch_size: int, *, inputs: Any = None, targets: 
                   shuffle: bool = True, seed: int = 0, epochs: Optional[int] = None, prefetch: int = tf.data.AUTOTUNE,
                   drop_remainder: bool = False, transform: Optional[Callable[[Any], Mapping[str, Any]]] = None,
                   dtype: Any = "float32", start: Any = None, fields: Any = None, scale: Any = None, offset: Any = None,
-                  maxlen: Any = None, pad_value: Any = 0, num_parallel_calls: int = tf.data.AUTOTUNE,
+                  maxlen: Any = None, pad_value: Any = 0, num_parallel_calls: int = 1,
                   output_signature: Any = None) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` whose elements are whole batches, the same batches, in the same order,
     as :func:`shardfeed.loader.batches` with the same options yields: ``(x, y)`` tuples (or
     ``(x,)``, ``(x, y, sample_weight)``, or a dict of fields without ``inputs``).
 
     The dataset maps a range of global step numbers through ``tf.numpy_function`` calls that read
-    each batch with the native reader (GIL released), ``num_parallel_calls`` at a time, in order,
-    then prefetches ``prefetch`` batches. ``element_spec`` is exact: dtypes and shapes of the
+    each batch with the native reader (GIL released), ``num_parallel_calls`` at a time (default 1:
+    a read already runs on all the native threads, and more calls at once only compete for the
+    CPUs; raise it for a slow transform), in order, then prefetches ``prefetch`` batches. ``element_spec`` is exact: dtypes and shapes of the
     fields as read (the batch dimension is ``batch_size`` with ``drop_remainder``, else None; a
     variable-length dimension is ``maxlen`` or None). With a ``transform``, the spec is taken
     from the first batch (all but the batch dimension fixed) unless ``output_signature`` is given.
