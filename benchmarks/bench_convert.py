@@ -12,9 +12,9 @@ shard they complete):
 - ``convert-csv``: one CSV file of 16 float columns (6 decimals) and an integer label, parsed in
   chunks into a float32[16] field and an int64 label.
 
-One round converts (or copies) the whole source; before each round the previous output is removed
-and ``os.sync()`` writes dirty pages back (not timed), so every round starts from the same state
-with the source in the page cache. ``extra_info``: ``source_bytes``, ``mb_per_s`` (from the median
+One round converts (or copies) the whole source; before each round (not timed) the previous output
+is removed, ``os.sync()`` writes dirty pages back and the source is read once, so every round
+starts from the same state with the source in the page cache. ``extra_info``: ``source_bytes``, ``mb_per_s`` (from the median
 round), ``ratio_to_copy`` (copy's median time over this entry's: 0.5 = half the speed of a copy),
 ``fsync`` and ``correct`` (the dataset read back equals the source, checked every run).
 
@@ -71,10 +71,15 @@ def sources(request, tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _fresh(path, timed: bool) -> None:
+def _fresh(path, files, timed: bool) -> None:
+    """Before each round (not timed): no output, no dirty pages, the source in the page cache."""
     shutil.rmtree(path, ignore_errors=True)
     if timed:  # system-wide, so it can take a while on a busy machine: only when timing
         os.sync()
+        for name in files:  # DAMON pageout (see RESULTS.md) may have evicted the source since
+            with open(name, "rb", buffering=0) as f:
+                while f.read(8 << 20):
+                    pass
 
 
 def _copy(files, out):
@@ -137,7 +142,7 @@ def test_conversion_throughput(benchmark, sources, group, converter):
 
     rounds = TIMED_ROUNDS if sources["timed"] else 1
     benchmark.group = group
-    benchmark.pedantic(work, setup=lambda: _fresh(out, sources["timed"]), rounds=rounds, warmup_rounds=1 if sources["timed"] else 0,
+    benchmark.pedantic(work, setup=lambda: _fresh(out, files, sources["timed"]), rounds=rounds, warmup_rounds=1 if sources["timed"] else 0,
                        iterations=1)
     if converter == "copy":
         correct = all(os.path.getsize(os.path.join(out, os.path.basename(n))) == os.path.getsize(n) for n in files)

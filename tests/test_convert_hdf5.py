@@ -35,7 +35,7 @@ def test_round_trip_of_chunked_and_contiguous_datasets(tmp_path, rng, tools):
 
 
 def test_several_files_chosen_datasets_and_precision(tmp_path, rng, tools):
-    xs = [rng.standard_normal((n, 5)) for n in (40, 0, 17)]
+    xs = [np.round(rng.standard_normal((n, 5)), 3) for n in (40, 0, 17)]  # no float16 subnormals
     for i, x in enumerate(xs):
         with h5py.File(tmp_path / f"{i}.h5", "w") as f:
             f.create_dataset("group/features", data=x, maxshape=(None, 5))

@@ -41,6 +41,7 @@ def test_tuples_name_their_fields(tmp_path, tools):
 
 def test_variable_length_fields_need_a_declared_schema(tmp_path, rng, tools):
     sequences = [rng.integers(0, 100, int(rng.integers(0, 9))) for _ in range(60)]
+    sequences[0], sequences[1] = np.arange(3), np.arange(5)  # inferred from the first: int64[3]; the second differs
     samples = ({"tokens": s, "y": len(s)} for s in sequences)
     with pytest.raises(shardfeed.SchemaError, match="different shapes"):
         convert.from_iterable(tmp_path / "bad", ({"tokens": s} for s in sequences))

@@ -637,12 +637,13 @@ class _MappedPiece(_Piece):
 
 
 class _StreamPiece(_Piece):
-    """An array read sequentially from a stream (a compressed ``.npz`` member)."""
+    """An array read sequentially from a compressed ``.npz`` member."""
 
-    def __init__(self, open_stream: Callable[[], Any], name: str):
+    def __init__(self, archive: str, member: zipfile.ZipInfo, name: str):
         self.name = name
-        self._open = open_stream
-        self._stream = open_stream()
+        self._archive, self._member = archive, member
+        self._zip: Optional[zipfile.ZipFile] = None
+        self._stream = self._open()
         self.dtype, shape, fortran, _ = _read_npy_header(self._stream, name)
         if fortran and len(shape) > 1:
             raise SourceError(f"{name}: a compressed Fortran-ordered array cannot be streamed by rows; "
@@ -656,7 +657,7 @@ class _StreamPiece(_Piece):
 
     def read(self, start: int, stop: int) -> np.ndarray:
         if start < self.position:  # only when a conversion restarts: reopen
-            self._stream.close()
+            self.close()
             self._stream = self._open()
             _read_npy_header(self._stream, self.name)
             self.position = 0
@@ -676,8 +677,15 @@ class _StreamPiece(_Piece):
         self.position += count
         return out
 
+    def _open(self) -> Any:
+        self._zip = zipfile.ZipFile(self._archive)
+        return self._zip.open(self._member)
+
     def close(self) -> None:
         self._stream.close()
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
 
 
 def _read_npy_header(f: Any, name: str) -> Tuple[np.dtype, Tuple[int, ...], bool, int]:
@@ -724,7 +732,7 @@ def _npz_pieces(path: str) -> Dict[str, _Piece]:
                 dtype, shape, fortran, offset = _read_npy_header(raw, name)
                 pieces[member] = _MappedPiece(path, offset, dtype, shape, fortran, name=name)
             else:
-                pieces[member] = _StreamPiece(lambda info=info: zipfile.ZipFile(path).open(info), name)
+                pieces[member] = _StreamPiece(path, info, name)
     return pieces
 
 
@@ -1690,6 +1698,9 @@ def _scan_labels(files: List[str], index: int, delimiter: str, header: bool, hea
     return sorted(names)
 
 
+_BLANK_INNER_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
 class _CsvParser:
     """Lines -> arrays per field: numpy's loadtxt for clean chunks, a row-by-row parse that finds
     (and raises or skips) the bad rows otherwise."""
@@ -1700,29 +1711,33 @@ class _CsvParser:
         kinds = set(layout.kinds)
         self.dtype = (np.dtype(kinds.pop()) if len(kinds) == 1 else
                       np.dtype([(f"c{i}", kind) for i, kind in zip(layout.numeric, layout.kinds)]))
+        # Every column parsed: loadtxt itself then refuses rows with another number of columns.
+        self.every_column = layout.numeric == list(range(len(layout.columns)))
 
-    def parse(self, name: str, raw: List[bytes], first_line: int, sink: _Sink) -> Tuple[Optional[Dict[str, np.ndarray]], List[int]]:
+    def parse(self, name: str, raw: List[bytes], first_line: int, sink: _Sink) -> Tuple[Optional[Dict[str, np.ndarray]], Sequence[int]]:
+        """A chunk of lines -> (the fields' arrays or None, the line number of each row)."""
         try:
-            text = [line.decode("utf-8") for line in raw]
+            joined = b"".join(raw).decode("utf-8")
         except UnicodeDecodeError:
-            text = []
+            pieces = []
             for k, line in enumerate(raw):
                 try:
-                    text.append(line.decode("utf-8"))
+                    pieces.append(line.decode("utf-8"))
                 except UnicodeDecodeError as exc:
                     self._bad(sink, f"{name}, line {first_line + k}: not UTF-8 ({exc.reason})")
-                    text.append("\n")  # skipped like a blank line
-        if first_line == 1 and text and text[0].startswith("\ufeff"):
-            text[0] = text[0][1:]
-        numbers = list(range(first_line, first_line + len(text)))
-        if any(not line.strip() for line in text):
+                    pieces.append("\n")  # skipped like a blank line
+            joined = "".join(pieces)
+        if first_line == 1 and joined.startswith("\ufeff"):
+            joined = joined[1:]
+        body = joined[:-1] if joined.endswith("\n") else joined
+        text = body.split("\n")  # the lines as readlines() cut them
+        numbers: Sequence[int] = range(first_line, first_line + len(text))
+        if not text[0].strip() or not text[-1].strip() or _BLANK_INNER_LINE.search(body):
             keep = [k for k, line in enumerate(text) if line.strip()]
             text, numbers = [text[k] for k in keep], [numbers[k] for k in keep]
         if not text:
             return None, []
-        batch = None
-        if not any('"' in line for line in text) and all(line.count(self.delimiter) == self.expected for line in text):
-            batch = self._fast(text)
+        batch = self._fast(text) if '"' not in body else None
         if batch is None:
             batch, numbers = self._slow(name, text, numbers, sink)
         return batch, numbers
@@ -1751,16 +1766,20 @@ class _CsvParser:
                                      np.int64, len(text))
             except KeyError:
                 return None
+        if not self.every_column and not all(line.count(self.delimiter) == self.expected for line in text):
+            return None
         if not self.layout.numeric:
             return self._assemble(np.empty((len(text), 0)), labels)
         try:
-            table = np.loadtxt(text, delimiter=self.delimiter, usecols=self.layout.numeric, dtype=self.dtype,
-                               ndmin=1 if self.dtype.names else 2, comments=None, encoding=None)
+            table = np.loadtxt(text, delimiter=self.delimiter, usecols=None if self.every_column else self.layout.numeric,
+                               dtype=self.dtype, ndmin=1 if self.dtype.names else 2, comments=None, encoding=None)
         except ValueError:
             return None
+        if not self.dtype.names and table.shape[1] != len(self.layout.numeric):
+            return None  # every row has another number of columns than the header
         return self._assemble(table, labels)
 
-    def _slow(self, name: str, text: List[str], numbers: List[int], sink: _Sink) -> Tuple[Optional[Dict[str, np.ndarray]], List[int]]:
+    def _slow(self, name: str, text: List[str], numbers: Sequence[int], sink: _Sink) -> Tuple[Optional[Dict[str, np.ndarray]], List[int]]:
         parsers = {"f8": float, "i8": int, "u8": int}
         columns = self.layout.columns
         rows, labels, kept = [], [], []
