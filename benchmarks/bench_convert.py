@@ -1,8 +1,9 @@
 """Conversion throughput (MB/s of source data) against copying the source file, in the same run.
 
 Three groups, each with ``copy`` as its baseline (``shutil.copyfile`` of the source files: what
-"simply copying the data" costs on this machine; it does not fsync, the converters fsync every
-shard they complete):
+"simply copying the data" costs on this machine). A copy does not wait for the disk, while the
+converters fsync every shard they complete (the format's commit rule), so the .npy groups also
+time ``copy-fsync``: the same copy followed by an fsync of each copied file, a durable copy.
 
 - ``convert-npy``: one float32[N, 1024] ``.npy`` file; ``npy`` stores it as float32 (the
   converter's fast path: mapped pages checksummed and written as they are), ``npy-float16``
@@ -16,7 +17,8 @@ One round converts (or copies) the whole source; before each round (not timed) t
 is removed, ``os.sync()`` writes dirty pages back and the source is read once, so every round
 starts from the same state with the source in the page cache. ``extra_info``: ``source_bytes``, ``mb_per_s`` (from the median
 round), ``ratio_to_copy`` (copy's median time over this entry's: 0.5 = half the speed of a copy),
-``fsync`` and ``correct`` (the dataset read back equals the source, checked every run).
+``ratio_to_copy_fsync`` (the same against the durable copy), ``fsync`` and ``correct`` (the
+dataset read back equals the source, checked every run).
 
 With ``--benchmark-disable`` (the test suite's default) each entry runs once on a small source.
 """
@@ -82,10 +84,17 @@ def _fresh(path, files, timed: bool) -> None:
                     pass
 
 
-def _copy(files, out):
+def _copy(files, out, fsync=False):
     os.makedirs(out, exist_ok=True)
     for name in files:
-        shutil.copyfile(name, os.path.join(out, os.path.basename(name)))
+        copied = os.path.join(out, os.path.basename(name))
+        shutil.copyfile(name, copied)
+        if fsync:
+            fd = os.open(copied, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _check_npy(out, converter, root) -> bool:
@@ -114,8 +123,8 @@ def _check_csv(out, root) -> bool:
 
 
 CASES = {
-    "convert-npy": ["copy", "npy", "npy-float16"],
-    "convert-npy-2-fields": ["copy", "npy"],
+    "convert-npy": ["copy", "copy-fsync", "npy", "npy-float16"],
+    "convert-npy-2-fields": ["copy", "copy-fsync", "npy"],
     "convert-csv": ["copy", "csv"],
 }
 
@@ -127,9 +136,9 @@ def test_conversion_throughput(benchmark, sources, group, converter):
     files = {"convert-npy": ["x.npy"], "convert-npy-2-fields": ["f.npy", "l.npy"], "convert-csv": ["t.csv"]}[group]
     files = [str(root / name) for name in files]
     source_bytes = sum(os.path.getsize(name) for name in files)
-    if converter == "copy":
+    if converter.startswith("copy"):
         def work():
-            _copy(files, out)
+            _copy(files, out, fsync=converter == "copy-fsync")
     elif group == "convert-npy":
         def work():
             convert.from_npy(out, files[0], dtypes=None if converter == "npy" else "float16")
@@ -144,7 +153,7 @@ def test_conversion_throughput(benchmark, sources, group, converter):
     benchmark.group = group
     benchmark.pedantic(work, setup=lambda: _fresh(out, files, sources["timed"]), rounds=rounds, warmup_rounds=1 if sources["timed"] else 0,
                        iterations=1)
-    if converter == "copy":
+    if converter.startswith("copy"):
         correct = all(os.path.getsize(os.path.join(out, os.path.basename(n))) == os.path.getsize(n) for n in files)
     elif group == "convert-npy":
         correct = _check_npy(out, converter, root)
@@ -158,8 +167,9 @@ def test_conversion_throughput(benchmark, sources, group, converter):
                                 fsync=converter != "copy", correct=correct)
     if median:
         benchmark.extra_info["mb_per_s"] = source_bytes / median / 1e6
-        copy = _medians.get((group, "copy"))
-        if copy and converter != "copy":
-            benchmark.extra_info["ratio_to_copy"] = copy / median
+        for reference in ("copy", "copy-fsync"):
+            base = _medians.get((group, reference))
+            if base and converter != reference:
+                benchmark.extra_info[f"ratio_to_{reference.replace('-', '_')}"] = base / median
     shutil.rmtree(out, ignore_errors=True)
     assert correct, f"{group}/{converter}: the dataset differs from the source"

@@ -1,7 +1,6 @@
 """The writer's direct path (one fixed field filling the record, batches of at least a write buffer):
 the converters feed it large chunks. It must write exactly what the buffered path writes."""
 
-import errno
 import os
 import sys
 
@@ -67,66 +66,68 @@ def test_overflow_in_a_later_piece_keeps_the_pieces_before(tmp_path, rng):
     np.testing.assert_array_equal(shardfeed.open(path)[len(w) - 1]["x"], values[len(w) - 1].astype(np.float16))
 
 
-def _npy_records(tmp_path, values):
-    """A .npy file of ``values`` and (descriptor, data offset, memory map of the rows)."""
-    path = tmp_path / "src.npy"
-    np.save(path, values)
-    rows = np.load(path, mmap_mode="r")
-    fd = os.open(path, os.O_RDONLY)
-    return fd, rows.offset, rows
+def test_large_writes_are_checksummed_piece_by_piece_exactly(tmp_path, rng):
+    """Large writes go in 1 MiB pieces with the CRC-32 computed on a second thread: the manifest's
+    CRC-32 is the whole file's, whatever the sizes of the writes."""
+    import zlib
+
+    values = rng.standard_normal((3000, 700)).astype(np.float32)  # 2.8 KB records, writes of 0.3 to 8 MB
+    path = write(str(tmp_path / "d"), {"x": ("float32", (700,))},
+                 [{"x": values[:100]}, {"x": values[100:2900]}, {"x": values[2900:]}], 64 + 2800 * 2000)
+    for shard in read_manifest(path).shards:
+        with open(os.path.join(path, shard.file), "rb") as f:
+            assert shard.checksum == f"crc32:{zlib.crc32(f.read()):08x}"
 
 
-@pytest.mark.parametrize("kernel", ["copy_file_range", "sendfile", "write"])
-def test_copy_records_writes_what_extend_writes(tmp_path, rng, monkeypatch, kernel):
-    """The kernel's file-to-file copy (used for .npy files already in the record layout) gives the
-    same shards and checksums as extend, across shard boundaries and after buffered samples; where
-    the kernel cannot copy between the files, the bytes are written instead."""
-    values = rng.standard_normal((1000, 64)).astype(np.float32)
-    fd, offset, rows = _npy_records(tmp_path, values)
-    if kernel != "copy_file_range":
-        def no_range(*args):
-            raise OSError(errno.EXDEV, "cross-device")
-        monkeypatch.setattr(os, "copy_file_range", no_range, raising=False)
-    if kernel == "write":
-        def no_sendfile(*args):
-            raise OSError(errno.EINVAL, "not supported")
-        monkeypatch.setattr(os, "sendfile", no_sendfile, raising=False)
-    fields, shard_size = {"x": ("float32", (64,))}, 64 + 256 * 300
-    try:
-        with shardfeed.Writer(tmp_path / "copied", fields=fields, shard_size=shard_size) as w:
-            w.extend({"x": values[:7]})
-            w._copy_records(fd, offset + 7 * 256, rows[7:650])
-            w._copy_records(fd, offset + 650 * 256, rows[650:])
-    finally:
-        os.close(fd)
-    write(str(tmp_path / "extended"), fields, [{"x": values}], shard_size)
-    assert shard_bytes(str(tmp_path / "copied")) == shard_bytes(str(tmp_path / "extended"))
-    copied, extended = read_manifest(str(tmp_path / "copied")), read_manifest(str(tmp_path / "extended"))
-    assert [s.checksum for s in copied.shards] == [s.checksum for s in extended.shards]
-    assert len(copied.shards) == 4
+@pytest.mark.parametrize("piece", [4096, 5000, 1 << 20])
+def test_checksum_thread_with_any_piece_size(tmp_path, rng, monkeypatch, piece):
+    import zlib
+
+    from shardfeed import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "_WRITE_PIECE", piece)
+    values = rng.integers(0, 255, (300, 999), dtype=np.uint8)
+    path = write(str(tmp_path / "d"), {"x": ("uint8", (999,))}, [{"x": values[:1]}, {"x": values[1:]}], 1 << 30)
+    (shard,) = read_manifest(path).shards
+    with open(os.path.join(path, shard.file), "rb") as f:
+        assert shard.checksum == f"crc32:{zlib.crc32(f.read()):08x}"
+    np.testing.assert_array_equal(shardfeed.open(path).read(np.arange(300))["x"], values)
 
 
-def test_copy_records_refuses_other_layouts(tmp_path, rng):
-    fd, offset, rows = _npy_records(tmp_path, rng.standard_normal((10, 4)))
-    try:
-        for fields in ({"x": ("float32", (4,))}, {"x": ("float64", (5,))}, {"x": ("float64", (4,)), "y": "int8"}):
-            with shardfeed.Writer(tmp_path / f"w{len(fields)}{fields['x'][0]}{fields['x'][1][0]}", fields=fields) as w:
-                with pytest.raises(ValueError, match="_copy_records needs one fixed field"):
-                    w._copy_records(fd, offset, rows)
-    finally:
-        os.close(fd)
+def test_a_failed_large_write_stops_the_checksum_thread(tmp_path, rng, monkeypatch):
+    import errno
+    import threading
 
+    from shardfeed import writer as writer_module
 
-def test_copy_records_from_a_truncated_source_fails_cleanly(tmp_path, rng):
-    fd, offset, rows = _npy_records(tmp_path, rng.standard_normal((100, 4)))
-    os.truncate(tmp_path / "src.npy", offset + 50 * 32)
-    try:
-        w = shardfeed.Writer(tmp_path / "t", fields={"x": ("float64", (4,))})
-        with pytest.raises(OSError, match="ended .* bytes early"):
-            w._copy_records(fd, offset, np.zeros((100, 4)))
-    finally:
-        os.close(fd)
-    assert len(shardfeed.open(tmp_path / "t")) == 0
+    class Full:
+        """A shard file whose third piece finds the disk full."""
+
+        def __init__(self, file):
+            self.file, self.pieces = file, 0
+
+        def write(self, data):
+            self.pieces += 1
+            if self.pieces == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    original = writer_module._OutputFile.__init__
+
+    def init(self, path, header):
+        original(self, path, header)
+        self.file = Full(self.file)
+
+    monkeypatch.setattr(writer_module._OutputFile, "__init__", init)
+    before = threading.active_count()
+    w = shardfeed.Writer(tmp_path / "d", fields={"x": ("float32", (1024,))})
+    with pytest.raises(shardfeed.ShardWriteError, match="the disk is full"):
+        w.extend({"x": rng.standard_normal((4096, 1024)).astype(np.float32)})
+    assert threading.active_count() == before
+    assert len(shardfeed.open(tmp_path / "d")) == 0
 
 
 def test_writes_start_writeback_every_few_megabytes(tmp_path, rng, monkeypatch, tools):

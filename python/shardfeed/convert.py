@@ -367,18 +367,6 @@ class _Sink:
         self.report.source_bytes += nbytes
         self.bar.update(nbytes if advance is None else advance)
 
-    def takes_raw(self, name: str, source: np.dtype) -> bool:
-        """Whether rows of ``source`` dtype are stored byte for byte (one field filling the record)."""
-        field = self.fields[name]
-        return (self.writer._direct is not None and field.dtype != "bfloat16" and source == field.stored_dtype
-                and not field.variable)
-
-    def put_raw(self, fd: int, offset: int, rows: np.ndarray, nbytes: int) -> None:
-        """Writes rows that are already records, from bytes at ``offset`` of file ``fd``."""
-        self.writer._copy_records(fd, offset, rows)
-        self.report.source_bytes += nbytes
-        self.bar.update(nbytes)
-
     def _prepare(self, field: Any, values: np.ndarray, locate: Optional[Callable[[int], str]]) -> np.ndarray:
         """Casts a fixed field's chunk to what the writer stores, measuring the error a narrower float
         introduces and applying the overflow policy; returns values the writer stores exactly."""
@@ -586,15 +574,11 @@ class _MappedPiece(_Piece):
         size = self.row_bytes * self.rows
         self._map: Optional[mmap.mmap] = None
         self.array: Optional[np.ndarray] = None
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # for the kernel's file-to-file copy
-        try:
-            if os.fstat(self.fd).st_size < offset + size:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < offset + size:
                 raise SourceError(f"{self.name}: file is shorter than its header says ({offset + size} bytes)")
             if size:
-                self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-        except BaseException:
-            os.close(self.fd)
-            raise
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         if self._map is not None:
             if hasattr(mmap, "MADV_SEQUENTIAL") and not self.fortran:
                 self._map.madvise(mmap.MADV_SEQUENTIAL)
@@ -608,12 +592,6 @@ class _MappedPiece(_Piece):
         if self.array is None:
             return np.empty((stop - start,) + self.shape, self.dtype)
         return self.array[start:stop]
-
-    def raw(self, start: int, stop: int) -> Optional[Tuple[int, int, np.ndarray]]:
-        """(file descriptor, byte offset, the rows) where rows [start, stop) are contiguous bytes."""
-        if self.array is None or self.fortran:
-            return None
-        return self.fd, self.offset + start * self.row_bytes, self.array[start:stop]
 
     def release(self, stop: int) -> None:
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
@@ -631,9 +609,6 @@ class _MappedPiece(_Piece):
             except BufferError:  # a view of it is still alive; the map goes when that does
                 pass
             self._map = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class _StreamPiece(_Piece):
@@ -768,13 +743,6 @@ class _Column:
             if self.starts[k] < stop:
                 piece.release(min(stop, self.starts[k + 1]) - self.starts[k])
 
-    def raw(self, start: int, stop: int) -> Optional[Tuple[int, int, np.ndarray]]:
-        """The rows' file and offset when they lie in one memory-mapped C-ordered piece."""
-        k = int(np.searchsorted(self.starts, start, side="right")) - 1
-        if not 0 <= k < len(self.pieces) or stop > self.starts[k + 1] or not isinstance(self.pieces[k], _MappedPiece):
-            return None
-        return self.pieces[k].raw(start - self.starts[k], stop - self.starts[k])
-
     def where(self, row: int) -> str:
         k = int(np.searchsorted(self.starts, row, side="right")) - 1
         k = min(k, len(self.pieces) - 1)
@@ -803,20 +771,15 @@ def _convert_columns(path: PathLike, columns: Dict[str, _Column], *, dtypes: Any
         rows = max(1, chunk_bytes // max(1, row_bytes))
         if align > 1 and rows > align:
             rows -= rows % align
-        # Chunks end at the source files' boundaries too, so that a chunk is one file's bytes.
+        # Chunks end at the source files' boundaries too: a chunk is then a view of one file, not a copy.
         some = next(iter(columns.values()))
         cuts = sorted(set(range(start, stop, rows)) | {s for c in columns.values() for s in c.starts if start < s < stop})
         with _Sink(path, spec, source_dtypes, shard_size=shard_size, metadata=metadata, mode=mode,
                    overflow=overflow, progress=progress, total=(stop - start) * row_bytes) as sink:
-            copy_as_is = len(columns) == 1 and sink.takes_raw(next(iter(spec)), some.dtype)
             for a, b in zip(cuts, cuts[1:] + [stop]):
-                raw = some.raw(a, b) if copy_as_is else None
-                if raw is not None:  # the source bytes are the records: the kernel copies them
-                    sink.put_raw(*raw, nbytes=(b - a) * row_bytes)
-                else:
-                    batch = {name: c.read(a, b) for name, c in columns.items()}
-                    sink.put(batch, (b - a) * row_bytes, locate=lambda row, a=a: some.where(a + row))
-                    del batch, raw
+                batch = {name: c.read(a, b) for name, c in columns.items()}
+                sink.put(batch, (b - a) * row_bytes, locate=lambda row, a=a: some.where(a + row))
+                del batch
                 for c in columns.values():
                     c.release(b)
         return sink.report
