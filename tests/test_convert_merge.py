@@ -1,7 +1,6 @@
 """shardfeed.merge joins parts without copying shard data; parallel conversion (processes writing
 parts, then a merge) gives what a single-process conversion gives."""
 
-import json
 import os
 import subprocess
 import sys

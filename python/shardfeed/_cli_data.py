@@ -182,7 +182,6 @@ def _convert(args: argparse.Namespace) -> int:
         parser.error("--workers and --part do not go together")
     if args.workers > 1 and args.append:
         parser.error("--workers writes a new dataset; it cannot --append")
-    used = {"field": bool(fields)}
     for option, allowed in (("label", "csv"), ("labels", "files"), ("files", "files"), ("split", "files"),
                             ("image_mode", "files"), ("size", "files"), ("channels_first", "files"),
                             ("delimiter", "csv"), ("no_header", "csv"), ("threads", "files")):

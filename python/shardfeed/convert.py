@@ -29,14 +29,11 @@ fails leaves no dataset behind (``mode="a"``: the dataset as it was).
 
 from __future__ import annotations
 
-import bz2
 import csv
 import glob as _glob
-import gzip
-import io
+import importlib
 import itertools
 import json
-import lzma
 import mmap
 import os
 import re
@@ -48,7 +45,7 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field as _dataclass_field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -344,9 +341,6 @@ class _Sink:
         self.report.skipped += 1
         if len(self.report.skipped_examples) < _MAX_EXAMPLES:
             self.report.skipped_examples.append(what)
-
-    def set_metadata(self, key: str, value: Any) -> None:
-        self.writer.metadata[key] = value
 
     def put(self, batch: Mapping[str, Any], nbytes: int, locate: Optional[Callable[[int], str]] = None,
             advance: Optional[int] = None) -> None:
@@ -1365,11 +1359,12 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
 # ---- CSV -------------------------------------------------------------------------------------------
 
 _CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".csv.bz2", ".csv.xz")
-_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_OPENERS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}  # imported when used (bz2, lzma are optional in CPython)
 
 
 def _compressed(name: str) -> Optional[Callable[..., Any]]:
-    return _OPENERS.get(os.path.splitext(name)[1].lower())
+    module = _OPENERS.get(os.path.splitext(name)[1].lower())
+    return importlib.import_module(module).open if module else None
 
 
 def _parse_kind(dtype: str) -> str:
