@@ -8,15 +8,8 @@ import sys
 from typing import List, Optional
 
 from . import dataset as _dataset
+from ._demo import human_bytes as _human_bytes
 from .errors import ShardfeedError
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _demo(args: argparse.Namespace) -> int:
