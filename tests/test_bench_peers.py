@@ -1,0 +1,267 @@
+"""The read benchmark's peers (benchmarks/peers.py: h5py, tf.data, torch DataLoader) and its disk
+limit (benchmarks/fio.py), on small datasets: every pass yields each sample once, equal to numpy's
+``memmap[ids].astype(float32)`` (+ normalisation), and fio reads each record once, record-aligned.
+
+The data object is a stand-in for the benchmark's with the same interface (profile, count, path,
+record_file, peer_dir, open_memmap, normalise, reference), at small shapes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+import pytest
+
+import shardfeed
+from shardfeed.format import HEADER_BYTES, read_manifest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import fio  # noqa: E402
+import peers  # noqa: E402
+
+_MEAN = np.array([0.485, 0.456, 0.406])
+_STD = np.array([0.229, 0.224, 0.225])
+NORM_SCALE = (1.0 / (255.0 * _STD)).astype(np.float32).reshape(3, 1, 1)
+NORM_OFFSET = (-_MEAN / _STD).astype(np.float32).reshape(3, 1, 1)
+
+LIBRARY = {peers.H5pyReader: "h5py", peers.TFDataReader: "tensorflow",
+           peers.TorchW0Reader: "torch", peers.TorchW2Reader: "torch"}
+# Python 3.12+ warns at every fork of a process with threads (numpy's BLAS, TensorFlow's pools);
+# the torch workers are forked, and only run numpy.
+FORK_WARNING = "ignore:This process .* is multi-threaded:DeprecationWarning"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    batch: int
+    normalise: bool
+
+    @property
+    def record_bytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def output_bytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    def kwargs(self) -> dict:
+        return {"scale": NORM_SCALE, "offset": NORM_OFFSET} if self.normalise else {}
+
+
+PROFILES = [
+    Profile("f16-128B", "float16", (64,), 32, False),
+    Profile("f16-8KiB", "float16", (64, 64), 32, False),
+    Profile("u8-norm", "uint8", (3, 8, 8), 16, True),  # the image profile's normalisation, small
+]
+COUNT = 300  # ids cross 128, where a TFRecord id's varint gets a byte longer; a partial last batch
+
+
+class Data:
+    def __init__(self, root: str, profile: Profile, count: int):
+        self.profile, self.count = profile, count
+        self.path = os.path.join(root, profile.name)
+        self.peer_dir = self.path + "-peers"
+        os.makedirs(self.peer_dir)
+        rng = np.random.default_rng(len(profile.name))
+        shape = (count,) + profile.shape
+        if profile.dtype == "uint8":
+            values = rng.integers(0, 256, shape, dtype=np.uint8)
+        else:
+            values = rng.standard_normal(shape, dtype=np.float32).astype(profile.dtype)
+        with shardfeed.Writer(self.path, {"x": (profile.dtype, profile.shape)}, shard_size=1 << 40) as writer:
+            writer.extend({"x": values})
+        self.record_file = os.path.join(self.path, read_manifest(self.path).shards[0].file)
+
+    def open_memmap(self) -> np.memmap:
+        return np.memmap(self.record_file, dtype=self.profile.dtype, mode="r", offset=HEADER_BYTES,
+                         shape=(self.count,) + self.profile.shape)
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        if self.profile.normalise:
+            x *= NORM_SCALE
+            x += NORM_OFFSET
+        return x
+
+    def reference(self, ids: np.ndarray) -> np.ndarray:
+        return self.normalise(self.open_memmap()[ids].astype(np.float32))
+
+
+@pytest.fixture(scope="module", params=PROFILES, ids=[p.name for p in PROFILES])
+def data(request, tmp_path_factory):
+    return Data(os.fspath(tmp_path_factory.mktemp("peers")), request.param, COUNT)
+
+
+def check_pass(reader, data: Data, order: np.ndarray) -> None:
+    seen = []
+    for ids, x in reader.read_pass(order):
+        expected = data.reference(ids)
+        assert isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape == expected.shape
+        if getattr(reader, "exact", True):
+            np.testing.assert_array_equal(x.view(np.uint32), expected.view(np.uint32))
+        else:
+            np.testing.assert_allclose(x, expected, rtol=reader.tolerance, atol=0)
+        seen.append(np.asarray(ids, np.int64))
+    seen = np.concatenate(seen)
+    assert len(seen) == len(order) and len(np.unique(seen)) == len(seen)
+    if reader.follows_order:
+        np.testing.assert_array_equal(seen, order)
+    else:
+        assert ((seen >= 0) & (seen < data.count)).all()
+
+
+@pytest.mark.filterwarnings(FORK_WARNING)
+@pytest.mark.parametrize("cls", peers.PEERS, ids=[cls.name for cls in peers.PEERS])
+def test_peer_passes(cls, data):
+    pytest.importorskip(LIBRARY[cls])
+    assert cls.unavailable() is None
+    reader = cls(data)
+    assert reader.files()
+    assert sum(os.path.getsize(f) for f in reader.files()) >= data.count * data.profile.record_bytes
+    order = np.random.default_rng(7).permutation(data.count)
+    reader.open()
+    try:
+        check_pass(reader, data, order)                               # an epoch: every sample once
+        check_pass(reader, data, order[:data.count // 2 + 3].copy())  # part of one, partial batch
+        cut = reader.read_pass(order)                                 # cut short, as a timed pass is
+        next(cut)
+        cut.close()
+    finally:
+        reader.close()
+    reader.open()  # reopens after close (a cold pass closes, evicts, opens)
+    try:
+        check_pass(reader, data, order[::-1].copy())
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("cls", peers.PEERS, ids=[cls.name for cls in peers.PEERS])
+def test_peer_unavailable_names_the_library(cls, monkeypatch):
+    monkeypatch.setitem(sys.modules, LIBRARY[cls], None)  # import raises ImportError
+    assert LIBRARY[cls] in cls.unavailable()
+
+
+def test_tfrecord_examples_parse():
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(3)
+    for lo, hi, size in [(0, 128, 150), (128, 130, 150), (16383, 16384, 37), (16384, 16386, 3 * 224 * 224),
+                         (2**21, 2**21 + 1, 8192), (2**35, 2**35 + 2, 128)]:
+        ids = np.arange(lo, hi)
+        records = rng.integers(0, 256, (len(ids), size), dtype=np.uint8)
+        rows = peers.serialize_examples(ids, records)
+        for i, row in enumerate(rows):
+            example = tf.train.Example.FromString(row.tobytes())
+            assert list(example.features.feature["id"].int64_list.value) == [ids[i]]
+            assert example.features.feature["x"].bytes_list.value == [records[i].tobytes()]
+
+
+# ---- fio --------------------------------------------------------------------------------------
+
+
+def _shard(path, record_bytes: int, records: int) -> str:
+    with open(path, "wb") as f:
+        f.write(b"\xff" * HEADER_BYTES)
+        f.write(np.random.default_rng(records).integers(0, 256, records * record_bytes, dtype=np.uint8).tobytes())
+    return os.fspath(path)
+
+
+def _evict(files):
+    for name in files:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _fio_reads(args, tmp_path):
+    """Runs fio, returning each job's reads as (offset, size) pairs, from per-job latency logs
+    (fio's I/O log is one file that parallel jobs corrupt)."""
+    prefix = os.fspath(tmp_path / "reads")
+    read = fio.run_fio(args + [f"--write_lat_log={prefix}", "--log_offset=1", "--per_job_logs=1"])
+    jobs = []
+    for name in sorted(os.listdir(tmp_path), key=lambda n: n.split(".")):
+        if name.startswith("reads_lat.") and name.endswith(".log"):
+            with open(tmp_path / name) as f:
+                rows = [[int(v) for v in line.split(",")[2:5]] for line in f if line.strip()]
+            jobs.append([(offset, size) for ddir, size, offset in rows if ddir == 0])
+    assert sum(map(len, jobs)) == read["total_ios"]
+    return jobs
+
+
+@pytest.fixture
+def fio_here():
+    why = fio.unavailable()
+    if why:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("record_bytes,records,reads,engine,parallel",
+                         [(128, 1000, 600, "psync", 4), (3 * 224 * 224, 24, 20, "psync", 2),
+                          (128, 1000, 1000, "libaio", 4)])
+def test_fio_reads_each_record_once(fio_here, tmp_path, record_bytes, records, reads, engine, parallel):
+    """Every read is one whole record at ``header + k * record_bytes`` (block sizes that are not
+    powers of two included), and parallel jobs read disjoint records."""
+    files = [_shard(tmp_path / "a.rec", record_bytes, records)]
+    args = fio.fio_command(files, record_bytes, HEADER_BYTES, reads, engine, parallel, os.fspath(tmp_path / "out.json"))
+    ios = [io for job in _fio_reads(args, tmp_path) for io in job]
+    jobs = parallel if engine == "psync" else 1
+    offsets = np.array([offset for offset, _ in ios])
+    assert {size for _, size in ios} == {record_bytes}
+    assert len(offsets) == reads // jobs * jobs and len(np.unique(offsets)) == len(offsets)
+    assert ((offsets - HEADER_BYTES) % record_bytes == 0).all()
+    assert offsets.min() >= HEADER_BYTES and offsets.max() + record_bytes <= HEADER_BYTES + records * record_bytes
+
+
+def test_fio_reads_every_file(fio_here, tmp_path):
+    """Several (equally sized) shards: each job reads its own part of each, every record once."""
+    files = [_shard(tmp_path / f"{k}.rec", 256, 400) for k in range(2)]
+    jobs = _fio_reads(fio.fio_command(files, 256, HEADER_BYTES, 800, "psync", 2, os.fspath(tmp_path / "out.json")),
+                      tmp_path)
+    assert len(jobs) == 2
+    for j, job in enumerate(jobs):  # the log has no file name: each offset read once in each file
+        offsets, counts = np.unique([offset for offset, _ in job], return_counts=True)
+        np.testing.assert_array_equal(offsets, HEADER_BYTES + 256 * np.arange(200 * j, 200 * (j + 1)))
+        assert (counts == 2).all()
+    with pytest.raises(ValueError, match="equally sized"):
+        fio.fio_command(files + [_shard(tmp_path / "short.rec", 256, 10)], 256, HEADER_BYTES, 800, "psync", 2, "x")
+
+
+def test_best_fio(fio_here, tmp_path):
+    files = [_shard(tmp_path / "a.rec", 4096, 2048)]
+    evictions = []
+    configurations = fio.QUICK_CONFIGURATIONS + [("psync", 1), ("psync", 4096)]  # the last cannot split
+    result = fio.best_fio(files, 4096, HEADER_BYTES, 1024, evict=lambda: (evictions.append(1), _evict(files)),
+                          configurations=configurations)
+    labels = [fio.label(*c) for c in configurations]
+    assert list(result["by_configuration"]) == labels
+    assert result["by_configuration"]["psync-j4096"] is None and "psync-j4096" in result["errors"]
+    ran = {k: v for k, v in result["by_configuration"].items() if v is not None}
+    assert ran and all(v > 0 for v in ran.values())
+    assert result["iops"] == max(ran.values()) == ran[result["best"]] and result["bytes_per_s"] > 0
+    assert len(evictions) == len(configurations) - 1
+
+
+def test_best_fio_in_memory_cgroup(fio_here, tmp_path):
+    root = "/sys/fs/cgroup/memory"
+    if os.geteuid() != 0 or not os.access(os.path.join(root, "cgroup.procs"), os.W_OK):
+        pytest.skip("needs root and a cgroup v1 memory controller")
+    files = [_shard(tmp_path / "a.rec", 8192, 1024)]
+    _evict(files)
+    group = os.path.join(root, f"shardfeed-test-fio-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        with open(os.path.join(group, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(64 << 20))
+        result = fio.best_fio(files, 8192, HEADER_BYTES, 512, cgroup_procs=os.path.join(group, "cgroup.procs"),
+                              configurations=[("psync", 2)])
+        with open(os.path.join(group, "memory.max_usage_in_bytes")) as f:
+            assert int(f.read()) > 0  # fio's reads were charged here
+        assert result["iops"] > 0
+    finally:
+        os.rmdir(group)
