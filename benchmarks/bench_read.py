@@ -1,80 +1,230 @@
-"""Random batch reads, page-cached: shardfeed vs numpy.memmap fancy indexing + astype(float32).
+"""Random-order epoch reads: shardfeed and its peers, page-cached, cold and out-of-core.
 
-One group per profile (see conftest.PROFILES); in each, three readers run on the same records and
-the same index batches (consecutive batches of fresh random permutations):
+One pytest-benchmark group per regime and profile (``<regime>-<profile>``). In each, every reader
+of readers.py and peers.py reads passes of fresh uniformly random permutations of the dataset
+into float32 batches (see readers.py for what each reader does), and a limit is measured in the
+same run: the same records memcpy'd from a memory map and cast (page-cached), or the best of
+fio's random-read configurations at the record size (cold, out-of-core).
 
-- ``memmap``: ``mm[indices].astype(np.float32)`` (+ ``x *= scale; x += offset`` for images);
-- ``shardfeed``: ``ds.read(indices, "x", dtype="float32", out={"x": buffer})`` into a reused
-  buffer, the way a training loop reads;
-- ``shardfeed-alloc``: the same without ``out=``, so a new array per batch, like memmap's.
+- page-cached: the reader's files are read and mlock()ed first; ``PAGE_CACHED_ROUNDS`` passes.
+- cold: before each pass every reader is closed and the files are evicted from the page cache
+  (``posix_fadvise(POSIX_FADV_DONTNEED)``; the fraction still resident is recorded).
+- out-of-core: the files are evicted, then the passes run inside a memory cgroup capped at a
+  quarter of the dataset, so the page cache can hold at most a quarter of it and every pass goes
+  to the disk for most records. Needs root (cgroup v1); skipped otherwise.
 
-Each round times one batch; choosing the indices is not timed. Every run, timed or not, asserts
-that the reader returns exactly (bit for bit) what the memmap baseline computes.
+A pass is ``pass_samples()`` samples, cut short after ``PASS_SECONDS`` for slow readers, so
+``samples_per_s`` is what was read over how long it took (median over the passes). Every run,
+timed or not, first checks each reader's batches against numpy (``data.reference``).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from typing import List, Tuple
 
 import numpy as np
 import pytest
 
-BASELINE = "memmap"
-READERS = [BASELINE, "shardfeed", "shardfeed-alloc"]
-SECONDS_PER_BENCH = 2.0
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fio  # noqa: E402
+import peers  # noqa: E402
+import readers  # noqa: E402
+from regimes import (COLD, OUT_OF_CORE, PAGE_CACHED, BenchData, MemoryLimit, evict,  # noqa: E402
+                     Pin, memory_cgroup_unavailable, out_of_core_limit, peak_rss_bytes, reset_peak_rss, resident_fraction)
+from shardfeed.format import HEADER_BYTES  # noqa: E402
+
+READERS = {cls.name: cls for cls in readers.READERS + peers.PEERS}
+PAGE_CACHED_ROUNDS, DISK_ROUNDS = 5, 3
+PASS_SECONDS = 4.0
+
+# torch forks DataLoader workers from this multi-threaded process (Python >= 3.12 warns).
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
 
 
-def _reader(data, name: str):
-    if name == BASELINE:
-        return data.read_memmap
-    if name == "shardfeed":
-        buffer = np.empty((data.profile.batch,) + data.profile.shape, np.float32)
-        return lambda indices: data.read_shardfeed(indices, buffer)
-    return data.read_shardfeed
+def _cases() -> List[Tuple[str, str]]:
+    cases = []
+    for regime in (PAGE_CACHED, COLD, OUT_OF_CORE):
+        for name in READERS:
+            if name == readers.CopyCeilingReader.name and regime != PAGE_CACHED:
+                continue  # a memcpy from memory is the page-cached limit only
+            cases.append((regime, name))
+    return cases
 
 
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype == np.float32 and \
-        bool(np.array_equal(a.view(np.uint32), b.view(np.uint32)))
-
-
-def _rounds(read, batches) -> int:
-    """Rounds for about SECONDS_PER_BENCH of timed reads (choosing indices is not counted)."""
-    work = [next(batches) for _ in range(5)]
-    start = time.perf_counter()
-    for indices in work:
-        read(indices)
-    per_round = (time.perf_counter() - start) / len(work)
-    return int(min(20000, max(50, SECONDS_PER_BENCH / per_round)))
-
-
-@pytest.mark.parametrize("reader", READERS)
-def test_random_batch(benchmark, bench_data, timing_enabled: bool, reader: str):
-    profile = bench_data.profile
-    read = _reader(bench_data, reader)
-    benchmark.group = f"random-batch-{profile.name}"
-    benchmark.extra_info.update(reader=reader, baseline=reader == BASELINE, profile=profile.name, batch=profile.batch,
-                                record_bytes=profile.record_bytes,
-                                output_bytes_per_sample=profile.output_bytes,
-                                dataset_samples=bench_data.count,
-                                threads=bench_data.dataset.threads,
-                                mmap_path=bool(bench_data.dataset._use_map),
-                                pages_pinned=bench_data.pinned)
-
-    # Correctness: the same batches through this reader and through the baseline, bit for bit.
-    checks = bench_data.batches(seed=1)
-    correct = all(_same_bits(np.array(read(indices)), bench_data.read_memmap(indices))
-                  for indices in (next(checks), next(checks)))
-    benchmark.extra_info["correct"] = correct
-
-    batches = bench_data.batches()
-    if timing_enabled:
-        bench_data.warm()
-        rounds = _rounds(read, batches)
-        warmup = min(200, rounds // 10)
+def pass_samples(data: BenchData, regime: str, timing: bool) -> int:
+    """Samples per pass: enough to time (64 MiB of records page-cached, 32 Ki samples from disk,
+    at least 64 batches), at most the dataset (half of it from disk, so a pass is mostly cold)."""
+    batch = data.profile.batch
+    if not timing:
+        return 2 * batch
+    if regime == PAGE_CACHED:
+        want, most = max(64 * batch, (64 << 20) // data.profile.record_bytes), data.count
     else:
-        rounds, warmup = 1, 0
-    result = benchmark.pedantic(read, setup=lambda: ((next(batches),), {}), rounds=rounds,
-                                warmup_rounds=warmup, iterations=1)
-    assert result.shape == (profile.batch,) + profile.shape and result.dtype == np.float32
-    assert correct, f"{reader} differs from numpy.memmap + astype on profile {profile.name}"
+        want, most = max(64 * batch, 32768), data.count // 2
+    return max(batch, min(want, most) // batch * batch)
+
+
+def _same(reader, x: np.ndarray, expected: np.ndarray) -> bool:
+    if x.shape != expected.shape or x.dtype != np.float32:
+        return False
+    if getattr(reader, "exact", True):
+        return bool(np.array_equal(x.view(np.uint32), expected.view(np.uint32)))
+    return bool(np.allclose(x, expected, rtol=reader.tolerance, atol=0))
+
+
+def check_pass(reader, data: BenchData, order: np.ndarray) -> None:
+    """One pass over ``order``: every sample once (in ``order`` for readers that follow it), and
+    every batch equal to numpy's."""
+    seen = []
+    for ids, x in reader.read_pass(order):
+        x = np.asarray(x)
+        assert _same(reader, x, data.reference(ids)), \
+            f"{reader.name} differs from numpy.memmap + astype on profile {data.profile.name}"
+        seen.append(np.asarray(ids, np.int64))
+    seen = np.concatenate(seen)
+    assert len(seen) == len(order) and len(np.unique(seen)) == len(seen), \
+        f"{reader.name}: a pass of {len(order)} samples gave {len(seen)} ({len(np.unique(seen))} distinct)"
+    if reader.follows_order:
+        assert np.array_equal(seen, order), f"{reader.name} did not read in the order given"
+    else:
+        assert np.isin(seen, np.arange(data.count)).all()
+
+
+class Passes:
+    """The timed function: one pass of a fresh permutation, cut short after PASS_SECONDS; records
+    (samples, seconds, peak RSS) of every pass."""
+
+    def __init__(self, reader, data: BenchData, samples: int):
+        self.reader, self.samples = reader, samples
+        self.orders = data.orders(seed=len(reader.name))
+        self.records: List[Tuple[int, float, int]] = []
+
+    def __call__(self) -> None:
+        order = next(self.orders)[:self.samples]
+        reset_peak_rss()
+        read = 0
+        start = time.perf_counter()
+        batches = self.reader.read_pass(order)
+        try:
+            for ids, _ in batches:
+                read += len(ids)
+                if time.perf_counter() - start > PASS_SECONDS:
+                    break
+        finally:
+            batches.close()
+        self.records.append((read, time.perf_counter() - start, peak_rss_bytes()))
+
+    def summary(self, data: BenchData) -> dict:
+        rates = [n / t for n, t, _ in self.records]
+        rate = float(np.median(rates))
+        return {"samples_per_s": rate, "samples_per_s_best": max(rates),
+                "output_gb_per_s": rate * data.profile.output_bytes / 1e9,
+                "peak_rss_bytes": max(r for _, _, r in self.records),
+                "pass_samples": [n for n, _, _ in self.records]}
+
+
+def _describe(benchmark, data: BenchData, regime: str, reader_name: str, samples: int) -> None:
+    profile = data.profile
+    benchmark.group = f"{regime}-{profile.name}"
+    benchmark.extra_info.update(regime=regime, reader=reader_name, profile=profile.name, batch=profile.batch,
+                                record_bytes=profile.record_bytes, output_bytes_per_sample=profile.output_bytes,
+                                dataset_samples=data.count, dataset_bytes=data.count * profile.record_bytes,
+                                samples_per_pass=samples)
+
+
+@pytest.mark.parametrize("regime,reader_name", _cases(), ids=[f"{r}-{n}" for r, n in _cases()])
+def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regime: str, reader_name: str):
+    cls = READERS[reader_name]
+    why = cls.unavailable() or (memory_cgroup_unavailable() if regime == OUT_OF_CORE else None)
+    if why:
+        pytest.skip(why)
+    data = bench_data
+    reader = data.reader(cls)
+    samples = pass_samples(data, regime, timing_enabled)
+    _describe(benchmark, data, regime, reader_name, samples)
+    files = reader.files()
+
+    # Correctness, every run: one short pass checked against numpy.
+    reader.open()
+    try:
+        check_pass(reader, data, next(data.orders(seed=1))[:2 * data.profile.batch])
+    finally:
+        reader.close()
+
+    passes = Passes(reader, data, samples)
+    rounds = (PAGE_CACHED_ROUNDS if regime == PAGE_CACHED else DISK_ROUNDS) if timing_enabled else 1
+    if regime == PAGE_CACHED:
+        data.release()
+        data.pin = Pin(files)
+        benchmark.extra_info["pages_pinned"] = data.pin.locked
+        reader.open()
+        try:
+            benchmark.pedantic(passes, rounds=rounds, warmup_rounds=1 if timing_enabled else 0, iterations=1)
+        finally:
+            reader.close()
+            data.release()
+    elif regime == COLD:
+        resident = []
+
+        def cold_start():
+            data.release()
+            evict(files)
+            resident.append(resident_fraction(files))
+            reader.open()
+
+        try:
+            benchmark.pedantic(passes, setup=cold_start, rounds=rounds, iterations=1)
+        finally:
+            reader.close()
+        benchmark.extra_info["resident_before_pass"] = max(resident)
+    else:
+        data.release()
+        evict(files)
+        limit = MemoryLimit(out_of_core_limit(data.count * data.profile.record_bytes))
+        try:
+            with limit:
+                reader.open()
+                try:
+                    benchmark.pedantic(passes, rounds=rounds, iterations=1)
+                finally:
+                    reader.close()
+            benchmark.extra_info.update(memory_limit_bytes=limit.limit_bytes, limit_hits=limit.failcnt())
+        finally:
+            limit.remove()
+    benchmark.extra_info.update(passes.summary(data))
+    assert sum(n for n, _, _ in passes.records) > 0
+
+
+@pytest.mark.parametrize("regime", [COLD, OUT_OF_CORE])
+def test_disk_limit(benchmark, bench_data: BenchData, timing_enabled: bool, regime: str):
+    """The physical limit from disk: fio's best random-read rate at the record size, over the same
+    shard file, as many reads as a pass, evicted before each configuration."""
+    why = fio.unavailable() or (memory_cgroup_unavailable() if regime == OUT_OF_CORE else None)
+    if why:
+        pytest.skip(why)
+    data = bench_data
+    samples = pass_samples(data, regime, timing_enabled)
+    _describe(benchmark, data, regime, "fio-best", samples)
+    files = [data.record_file]
+    data.release()
+    configurations = None if timing_enabled else fio.QUICK_CONFIGURATIONS
+    if regime == COLD:
+        result = benchmark.pedantic(fio.best_fio, args=(files, data.profile.record_bytes, HEADER_BYTES, samples),
+                                    kwargs=dict(evict=lambda: evict(files), configurations=configurations),
+                                    rounds=1, iterations=1)
+    else:
+        limit = MemoryLimit(out_of_core_limit(data.count * data.profile.record_bytes))
+        try:
+            result = benchmark.pedantic(fio.best_fio, args=(files, data.profile.record_bytes, HEADER_BYTES, samples),
+                                        kwargs=dict(evict=lambda: evict(files), cgroup_procs=limit.procs,
+                                                    configurations=configurations),
+                                        rounds=1, iterations=1)
+        finally:
+            limit.remove()
+    assert result["iops"] > 0
+    benchmark.extra_info.update(samples_per_s=result["iops"],
+                                output_gb_per_s=result["iops"] * data.profile.output_bytes / 1e9,
+                                fio_best=result["best"], fio_iops=result["by_configuration"])

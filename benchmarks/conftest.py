@@ -1,141 +1,35 @@
 """Fixtures and reporting for the read benchmarks (see benchmarks/README.md).
 
-With ``--benchmark-disable`` (the default in pyproject's addopts) every benchmark runs once on a
-small dataset as a correctness test. With ``--benchmark-enable`` the datasets are a few hundred MB
-each, page-cached, and each group times shardfeed against ``numpy.memmap`` in the same run; the
-ratios to memmap are added to ``extra_info`` (and the JSON) at the end of the session and printed
-in a summary table.
+With ``--benchmark-disable`` (the default in pyproject's addopts) every benchmark runs one short
+pass on a small dataset as a correctness test. With ``--benchmark-enable`` each profile's dataset
+is ``--bench-dataset-mb`` MiB (default 1024) and every reader is timed in every regime; at the end
+of the session each entry gets ``ratio_to_memmap`` and ``ratio_to_limit`` in its ``extra_info``
+(and the JSON), and a summary table is printed.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
+import sys
 import tempfile
-from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator
 
-import numpy as np
 import pytest
 
-import shardfeed
-from shardfeed.format import HEADER_BYTES, read_manifest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from regimes import LIMITS, PROFILES, REGIMES, BenchData, Profile  # noqa: E402
 
-# ImageNet statistics: x_float = (x_uint8 / 255 - mean) / std = x * scale + offset, per channel.
-_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)
-_STD = np.array([0.229, 0.224, 0.225], dtype=np.float64)
-NORM_SCALE = (1.0 / (255.0 * _STD)).astype(np.float32).reshape(3, 1, 1)
-NORM_OFFSET = (-_MEAN / _STD).astype(np.float32).reshape(3, 1, 1)
-
-ENABLED_DATASET_BYTES = 320 << 20  # per profile, when timing
-SEED = 20240607
+DEFAULT_DATASET_MB = 1024
 
 
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    dtype: str
-    shape: Tuple[int, ...]
-    batch: int
-    normalise: bool  # uint8 -> (x * scale + offset) per channel
-
-    @property
-    def record_bytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
-
-    @property
-    def output_bytes(self) -> int:
-        """float32 bytes of one output sample."""
-        return int(np.prod(self.shape)) * 4
-
-    def kwargs(self) -> dict:
-        return {"scale": NORM_SCALE, "offset": NORM_OFFSET} if self.normalise else {}
-
-
-PROFILES = [
-    Profile("f16-128B", "float16", (64,), 256, False),
-    Profile("f16-8KiB", "float16", (64, 64), 256, False),
-    Profile("u8-147KiB-norm", "uint8", (3, 224, 224), 64, True),
-]
+def pytest_addoption(parser):
+    parser.addoption("--bench-dataset-mb", type=int, default=DEFAULT_DATASET_MB,
+                     help="size of each profile's dataset when timing (MiB)")
 
 
 def _timing_enabled(config) -> bool:
     return not config.getoption("benchmark_disable") or bool(config.getoption("benchmark_enable"))
-
-
-def _write(path: str, profile: Profile, count: int, rng: np.random.Generator) -> None:
-    step = max(1, (32 << 20) // profile.record_bytes)
-    with shardfeed.Writer(path, {"x": (profile.dtype, profile.shape)}, shard_size=1 << 40) as writer:
-        for start in range(0, count, step):
-            rows = (min(step, count - start),) + profile.shape
-            if profile.dtype == "uint8":
-                values = rng.integers(0, 256, rows, dtype=np.uint8)
-            else:
-                values = rng.standard_normal(rows, dtype=np.float32).astype(profile.dtype)
-            writer.extend({"x": values})
-
-
-def pin_in_memory(array: np.ndarray) -> bool:
-    """mlock()s the pages under a memory-mapped array: page-cached benchmarks then stay
-    page-cached. (Machines with proactive reclaim, such as DAMON pageout in some VMs, evict a
-    file's pages seconds after it was read, even with most memory free.) False when not allowed."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.mlock(ctypes.c_void_p(array.ctypes.data), ctypes.c_size_t(array.nbytes)) == 0
-
-
-class BenchData:
-    """One profile's dataset: shardfeed handle, a memmap of the same records, and index batches."""
-
-    def __init__(self, root: str, profile: Profile, count: int):
-        self.profile = profile
-        self.count = count
-        self.path = os.path.join(root, profile.name)
-        _write(self.path, profile, count, np.random.default_rng(SEED))
-        shards = read_manifest(self.path).shards
-        assert len(shards) == 1, "the memmap baseline expects a single shard"
-        self.record_file = os.path.join(self.path, shards[0].file)
-        self.memmap = np.memmap(self.record_file, dtype=profile.dtype, mode="r", offset=HEADER_BYTES,
-                                shape=(count,) + profile.shape)
-        self.pinned = pin_in_memory(self.memmap)
-        self.dataset = shardfeed.open(self.path)
-        self.warm()
-
-    def warm(self) -> None:
-        """Page cache and page tables: the file was just written (so it is cached, and pinned if
-        mlock is allowed); touch one byte per page through each memory map so that neither reader
-        pays first-touch faults. Run again before each benchmark in case pages were evicted."""
-        flat = self.memmap.reshape(-1).view(np.uint8)
-        int(flat[::4096].sum())
-        every = max(1, 4096 // self.profile.record_bytes)
-        for start in range(0, self.count, every * 4096):
-            self.dataset.read(np.arange(start, min(self.count, start + every * 4096), every), "x")
-
-    def batches(self, seed: int = SEED) -> Iterator[np.ndarray]:
-        """Consecutive batches of fresh uniformly random permutations (a new one each epoch)."""
-        rng = np.random.default_rng(seed)
-        batch = self.profile.batch
-        while True:
-            order = rng.permutation(self.count)
-            for start in range(0, self.count - batch + 1, batch):
-                yield order[start:start + batch]
-
-    def read_memmap(self, indices: np.ndarray) -> np.ndarray:
-        """The baseline: fancy indexing on numpy.memmap, astype(float32), numpy normalisation."""
-        x = self.memmap[indices].astype(np.float32)
-        if self.profile.normalise:
-            x *= NORM_SCALE
-            x += NORM_OFFSET
-        return x
-
-    def read_shardfeed(self, indices: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
-        batch = self.dataset.read(indices, "x", dtype="float32", out=None if out is None else {"x": out},
-                                  **self.profile.kwargs())
-        return batch["x"]
-
-    def close(self) -> None:
-        self.dataset.close()
-        del self.memmap
 
 
 @pytest.fixture(scope="session")
@@ -149,76 +43,78 @@ def bench_root() -> Iterator[str]:
 
 @pytest.fixture(scope="session", params=PROFILES, ids=lambda p: p.name)
 def bench_data(request, bench_root) -> Iterator[BenchData]:
-    """Session-scoped and parametrized, so pytest builds one profile's dataset at a time and
-    removes it before building the next."""
+    """Session-scoped and parametrized, so pytest builds one profile's dataset (and the peers'
+    copies of it) at a time and removes them before building the next."""
     profile: Profile = request.param
     if _timing_enabled(request.config):
-        count = ENABLED_DATASET_BYTES // profile.record_bytes
+        count = (request.config.getoption("bench_dataset_mb") << 20) // profile.record_bytes
     else:
-        count = 2 * profile.batch + 3
+        count = 4 * profile.batch + 3
     data = BenchData(bench_root, profile, count)
     try:
         yield data
     finally:
         data.close()
         shutil.rmtree(data.path, ignore_errors=True)
+        shutil.rmtree(data.peer_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def timing_enabled(request) -> bool:
-    """False under --benchmark-disable (unless --benchmark-enable): run once, small data."""
+    """False under --benchmark-disable (unless --benchmark-enable): one short pass, small data."""
     return _timing_enabled(request.config)
 
 
-# ---- ratios to the same-run baseline ---------------------------------------------------------
+# ---- ratios to the same-run baseline and limit ---------------------------------------------------
+
+def add_ratios(benches) -> None:
+    """ratio_to_memmap and ratio_to_limit (samples/s over theirs, same group, same run)."""
+    by_group: Dict[str, Dict[str, object]] = {}
+    for bench in benches:
+        by_group.setdefault(bench.group, {})[bench.extra_info["reader"]] = bench
+    for group in by_group.values():
+        for bench in group.values():
+            info = bench.extra_info
+            base = group.get("memmap")
+            limit = group.get(LIMITS[info["regime"]])
+            if base is not None:
+                info["ratio_to_memmap"] = info["samples_per_s"] / base.extra_info["samples_per_s"]
+            if limit is not None:
+                info["ratio_to_limit"] = info["samples_per_s"] / limit.extra_info["samples_per_s"]
 
 
-def _throughput(bench) -> Dict[str, float]:
-    info = bench.extra_info
-    batch, out_bytes = info["batch"], info["output_bytes_per_sample"]
-    median, best = bench.stats.median, bench.stats.min
-    return {
-        "samples_per_s": batch / median,
-        "output_gb_per_s": batch * out_bytes / median / 1e9,
-        "samples_per_s_best": batch / best,
-    }
-
-
-def _add_ratios(config) -> None:
+def _benches(config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
-        return
-    benches = [b for b in session.benchmarks if b and "reader" in b.extra_info]
-    baseline = {b.group: b for b in benches if b.extra_info.get("baseline")}
-    for bench in benches:
-        bench.extra_info.update(_throughput(bench))
-        base = baseline.get(bench.group)
-        if base is not None:
-            bench.extra_info["ratio_to_memmap"] = base.stats.median / bench.stats.median
-            bench.extra_info["ratio_to_memmap_best"] = base.stats.min / bench.stats.min
+        return []
+    return [b for b in session.benchmarks if b and "regime" in b.extra_info]
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
     # Before pytest-benchmark's own hook saves the JSON, so the ratios are in it.
-    _add_ratios(session.config)
+    add_ratios(_benches(session.config))
     yield
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    session = getattr(config, "_benchmarksession", None)
-    if session is None or session.disabled:
-        return
-    benches = [b for b in session.benchmarks if b and "samples_per_s" in b.extra_info]
+    benches = _benches(config)
     if not benches:
         return
     write = terminalreporter.write_line
     write("")
-    write("shardfeed vs numpy.memmap (median round; ratio > 1 means faster than memmap)")
-    write(f"{'group':<28} {'reader':<18} {'samples/s':>12} {'out GB/s':>9} {'ratio':>7} {'ratio(min)':>10} "
-          f"{'correct':>7}")
-    for bench in sorted(benches, key=lambda b: (b.group, b.extra_info["reader"])):
+    write("samples/s: median of the passes; ratios to numpy.memmap and to the limit (memcpy ceiling "
+          "page-cached, best fio cold and out-of-core) in the same run")
+    write(f"{'group':<30} {'reader':<17} {'samples/s':>11} {'out GB/s':>8} {'peak RSS':>9} "
+          f"{'x memmap':>8} {'x limit':>7}")
+    order = {r: k for k, r in enumerate(REGIMES)}
+    for bench in sorted(benches, key=lambda b: (b.extra_info["profile"], order[b.extra_info["regime"]],
+                                                -b.extra_info["samples_per_s"])):
         info = bench.extra_info
-        write(f"{bench.group:<28} {info['reader']:<18} {info['samples_per_s']:>12,.0f} "
-              f"{info['output_gb_per_s']:>9.2f} {info.get('ratio_to_memmap', float('nan')):>7.2f} "
-              f"{info.get('ratio_to_memmap_best', float('nan')):>10.2f} {str(info['correct']):>7}")
+        rss = info.get("peak_rss_bytes")
+        write(f"{bench.group:<30} {info['reader']:<17} {info['samples_per_s']:>11,.0f} "
+              f"{info.get('output_gb_per_s', float('nan')):>8.2f} "
+              f"{'' if rss is None else f'{rss / 2**20:,.0f} MiB':>9} "
+              f"{info.get('ratio_to_memmap', float('nan')):>8.2f} {info.get('ratio_to_limit', float('nan')):>7.2f}")
+
+

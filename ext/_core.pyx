@@ -400,7 +400,8 @@ cdef class ShardSet:
 
 def convert(int cast, const unsigned char[::1] src not None, float[::1] dst not None, scale=None,
             offset=None, size_t inner=1, size_t period=1):
-    """Runs one conversion kernel from ``src`` (stored bytes) into ``dst``; for tests."""
+    """Runs one conversion kernel from ``src`` (stored bytes) into ``dst``, without the GIL; for
+    tests and the benchmarks' copy ceiling."""
     cdef size_t itemsize = sf_cast_itemsize(cast)
     cdef size_t n = dst.shape[0]
     cdef sf_affine affine
@@ -409,4 +410,5 @@ def convert(int cast, const unsigned char[::1] src not None, float[::1] dst not 
         raise ValueError("bad cast or sizes")
     _fill_affine(&affine, views, scale, offset, inner, period, "convert")
     if n:
-        sf_convert(cast, &dst[0], &src[0], n, &affine, 0)
+        with nogil:
+            sf_convert(cast, &dst[0], &src[0], n, &affine, 0)

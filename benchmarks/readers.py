@@ -1,0 +1,169 @@
+"""The readers a benchmark pass times: shardfeed, and what users would pick instead.
+
+A reader turns an epoch order into float32 batches of one profile's records. The benchmark
+(bench_read.py) builds each reader once per dataset, then for every timed pass: ``close()``,
+evict ``files()`` from the page cache when the regime is cold, ``open()``, and iterate
+``read_pass(order)`` to the end. Building a reader's own copy of the data (an HDF5 file, TFRecord
+shards) happens in ``__init__`` and is never timed.
+
+Every reader yields ``(ids, x)``: ``ids`` the dataset indices of the batch's samples, ``x`` a
+float32 array ``(len(ids),) + profile.shape`` equal, bit for bit, to ``data.reference(ids)``
+(numpy.memmap fancy indexing + ``astype(np.float32)``, then ``x *= scale; x += offset`` for the
+normalised images). Most readers follow ``order``; a reader whose pipeline picks its own order
+(tf.data's shuffle buffer) sets ``follows_order = False`` and yields ``len(order)`` distinct
+samples in its order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+
+Batches = Iterator[Tuple[np.ndarray, np.ndarray]]
+
+
+class Reader:
+    name = "?"
+    follows_order = True
+    baseline = False  # the same-run baseline that ratios are computed against (memmap)
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        """Why this reader cannot run here (a peer library is not installed), or None."""
+        return None
+
+    def __init__(self, data):
+        self.data = data
+        self.profile = data.profile
+
+    def files(self) -> List[str]:
+        """Every file a pass reads: evicted before cold passes, pinned for page-cached ones."""
+        return [self.data.record_file]
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Drops every handle and memory map, so that eviction can drop the pages."""
+
+    def batches(self, order: np.ndarray) -> Iterator[np.ndarray]:
+        batch = self.profile.batch
+        for start in range(0, len(order), batch):
+            yield order[start:start + batch]
+
+    def read_pass(self, order: np.ndarray) -> Batches:
+        raise NotImplementedError
+
+
+class MemmapReader(Reader):
+    """The baseline everyone writes by hand: ``np.memmap`` fancy indexing, then ``astype``."""
+
+    name = "memmap"
+    baseline = True
+
+    def open(self) -> None:
+        self.memmap = self.data.open_memmap()
+
+    def close(self) -> None:
+        self.memmap = None
+
+    def read_pass(self, order: np.ndarray) -> Batches:
+        for ids in self.batches(order):
+            yield ids, self.data.normalise(self.memmap[ids].astype(np.float32))
+
+
+class ShardfeedReader(Reader):
+    """``ds.read(ids, "x", dtype="float32", out=...)`` into one reused buffer, the way a training
+    loop that owns its batch buffer reads."""
+
+    name = "shardfeed"
+    reuse_buffer = True
+
+    def open(self) -> None:
+        import shardfeed
+        self.dataset = shardfeed.open(self.data.path)
+        self.buffer = np.empty((self.profile.batch,) + self.profile.shape, np.float32)
+
+    def close(self) -> None:
+        if getattr(self, "dataset", None) is not None:
+            self.dataset.close()
+        self.dataset = None
+
+    def read_pass(self, order: np.ndarray) -> Batches:
+        kwargs = self.profile.kwargs()
+        for ids in self.batches(order):
+            out = {"x": self.buffer[:len(ids)]} if self.reuse_buffer else None
+            yield ids, self.dataset.read(ids, "x", dtype="float32", out=out, **kwargs)["x"]
+
+
+class ShardfeedAllocReader(ShardfeedReader):
+    """The same with a new array per batch, as memmap returns (and as a prefetching loader must)."""
+
+    name = "shardfeed-alloc"
+    reuse_buffer = False
+
+
+class ShardfeedLoaderReader(ShardfeedReader):
+    """``ds.batches(...)``: the prefetching generator a ``model.fit`` user iterates, in the given
+    order (a new array per batch, read ahead on a background thread)."""
+
+    name = "shardfeed-loader"
+
+    def read_pass(self, order: np.ndarray) -> Batches:
+        from shardfeed.order import Subset
+        subset = Subset(self.dataset).subset(order)
+        kwargs = self.profile.kwargs()
+        batches = subset.batches(self.profile.batch, fields="x", shuffle=False, dtype="float32", **kwargs)
+        for ids, batch in zip(self.batches(order), batches):
+            yield ids, batch["x"]
+
+
+class CopyCeilingReader(Reader):
+    """The page-cached ceiling: the same records copied with one memcpy each from a memory map
+    (``np.take``), then cast (and normalised) by shardfeed's conversion kernel into a reused
+    buffer, a few hundred KiB at a time so the copy is still in cache when it is cast. Batches of
+    more than 1 MiB are split over one thread per CPU (both calls release the GIL); smaller ones
+    run on the calling thread, where handing them to threads would cost more than it saves."""
+
+    name = "memcpy-ceiling"
+    CHUNK_BYTES = 256 << 10
+    THREADED_BATCH_BYTES = 1 << 20
+
+    def open(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        self.memmap = self.data.open_memmap()
+        shape = (self.profile.batch,) + self.profile.shape
+        self.stored = np.empty(shape, self.profile.dtype)
+        self.buffer = np.empty(shape, np.float32)
+        self.chunk = max(1, self.CHUNK_BYTES // self.profile.record_bytes)
+        self.workers = len(os.sched_getaffinity(0))
+        threaded = self.profile.batch * self.profile.record_bytes > self.THREADED_BATCH_BYTES
+        self.pool = ThreadPoolExecutor(self.workers) if threaded and self.workers > 1 else None
+
+    def close(self) -> None:
+        self.memmap = None
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown()
+        self.pool = None
+
+    def _copy_cast(self, ids: np.ndarray, lo: int, hi: int) -> None:
+        for start in range(lo, hi, self.chunk):
+            stop = min(hi, start + self.chunk)
+            np.take(self.memmap, ids[start:stop], axis=0, out=self.stored[start:stop])
+            self.data.convert(self.stored[start:stop], self.buffer[start:stop])
+
+    def read_pass(self, order: np.ndarray) -> Batches:
+        for ids in self.batches(order):
+            n = len(ids)
+            if self.pool is None:
+                self._copy_cast(ids, 0, n)
+            else:
+                bounds = np.linspace(0, n, self.workers + 1).astype(int)
+                for done in [self.pool.submit(self._copy_cast, ids, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
+                    done.result()
+            yield ids, self.buffer[:n]
+
+
+READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedLoaderReader, CopyCeilingReader]

@@ -1,0 +1,101 @@
+"""benchmarks/compare (the regression gate) and benchmarks/plot.py, on synthetic results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def results(rates: dict) -> dict:
+    """A pytest-benchmark JSON as bench_read.py writes it: {(regime, profile, reader): samples/s}."""
+    benches = []
+    for (regime, profile, reader), rate in rates.items():
+        base = rates[(regime, profile, "memmap")]
+        benches.append({"group": f"{regime}-{profile}", "extra_info": {
+            "regime": regime, "profile": profile, "reader": reader, "samples_per_s": rate,
+            "ratio_to_memmap": rate / base}})
+    return {"benchmarks": benches}
+
+
+def write(tmp_path, name: str, content: dict) -> str:
+    path = os.path.join(tmp_path, name)
+    with open(path, "w") as f:
+        json.dump(content, f)
+    return path
+
+
+def compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(BENCHMARKS, "compare"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+REFERENCE = {("cold", "f16-8KiB", "memmap"): 1000.0, ("cold", "f16-8KiB", "shardfeed"): 3000.0,
+             ("cold", "f16-8KiB", "h5py"): 500.0, ("page-cached", "f16-128B", "memmap"): 10.0,
+             ("page-cached", "f16-128B", "shardfeed"): 20.0}
+
+
+def test_compare_stores_then_passes_within_tolerance_and_fails_beyond(tmp_path):
+    stored = os.path.join(tmp_path, "ratios.json")
+    run = write(tmp_path, "ref.json", results(REFERENCE))
+    done = compare("--json", run, "--stored", stored, "--update")
+    assert done.returncode == 0, done.stderr
+    with open(stored) as f:
+        assert json.load(f) == {"cold-f16-8KiB/shardfeed": 3.0, "page-cached-f16-128B/shardfeed": 2.0}
+
+    # Absolute speeds halve (a busier machine) but the ratio holds: no regression.
+    slower = {k: v / 2 for k, v in REFERENCE.items()}
+    slower[("cold", "f16-8KiB", "shardfeed")] = 1500 * 0.92  # -8%: within 10%
+    done = compare("--json", write(tmp_path, "a.json", results(slower)), "--stored", stored)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    slower[("cold", "f16-8KiB", "shardfeed")] = 1500 * 0.85  # -15%
+    done = compare("--json", write(tmp_path, "b.json", results(slower)), "--stored", stored)
+    assert done.returncode == 1
+    assert "cold-f16-8KiB/shardfeed" in done.stdout and "REGRESSION" in done.stdout
+
+    # A peer's ratio is not gated; a faster memmap is (it lowers shardfeed's ratio).
+    peer_slow = dict(REFERENCE)
+    peer_slow[("cold", "f16-8KiB", "h5py")] = 1.0
+    assert compare("--json", write(tmp_path, "c.json", results(peer_slow)), "--stored", stored).returncode == 0
+    memmap_fast = dict(REFERENCE)
+    memmap_fast[("page-cached", "f16-128B", "memmap")] = 15.0
+    assert compare("--json", write(tmp_path, "d.json", results(memmap_fast)), "--stored", stored).returncode == 1
+
+
+def test_compare_missing_entries_are_listed_not_failed(tmp_path):
+    stored = write(tmp_path, "ratios.json", {"cold-f16-8KiB/shardfeed": 3.0, "out-of-core-f16-8KiB/shardfeed": 9.0})
+    done = compare("--json", write(tmp_path, "r.json", results(REFERENCE)), "--stored", stored)
+    assert done.returncode == 0, done.stdout
+    assert "out-of-core-f16-8KiB/shardfeed" in done.stdout and "only one side" in done.stdout
+
+
+def test_compare_bad_input(tmp_path):
+    done = compare("--json", os.path.join(tmp_path, "missing.json"), "--stored", os.path.join(tmp_path, "s.json"))
+    assert done.returncode == 2 and "missing.json" in done.stderr
+    broken = os.path.join(tmp_path, "broken.json")
+    with open(broken, "w") as f:
+        f.write("{not json")
+    done = compare("--json", broken)
+    assert done.returncode == 2 and "broken.json" in done.stderr
+    done = compare("--json", write(tmp_path, "empty.json", {"benchmarks": []}))
+    assert done.returncode == 2 and "no shardfeed entries" in done.stderr
+    assert compare("--tolerance", "1.5", "--json", broken).returncode == 2
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = os.path.join(tmp_path, "plot.png")
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "plot.py"), write(tmp_path, "r.json", results(REFERENCE)),
+                           "-o", out], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "plot.py"), write(tmp_path, "e.json", {"benchmarks": []}),
+                           "-o", out], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no bench_read.py entries" in done.stderr
