@@ -274,13 +274,27 @@ class MemmapBatches:
         return dict(self.__dict__, _memmap=None, _pid=None)
 
 
+class _Order:
+    """A sampler whose order is set before each pass: a persistent DataLoader keeps its sampler."""
+
+    def __init__(self):
+        self.order = np.empty(0, np.int64)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 class TorchReader(Reader):
     """``torch.utils.data.DataLoader`` with a ``BatchSampler`` over ``order`` and a dataset of
     batches (:class:`MemmapBatches`): one ``__getitem__`` per batch, ``batch_size=None`` (no
-    collation), ``num_workers`` worker processes of the default start method (fork on Linux), not
-    persistent (started each pass, as a ``for batch in loader`` epoch does), ``prefetch_factor=2``
-    with workers. The sampler iterates the order array itself, not a list of 8 million ints.
-    Forking workers after TensorFlow has started its threads works: they run numpy only."""
+    collation), ``num_workers`` worker processes of the default start method (fork on Linux),
+    ``prefetch_factor=2``. With workers, ``persistent_workers=True``, as a user running many epochs
+    sets it: the workers start when the reader opens, not in every pass. The sampler iterates the
+    order array itself, not a list of 8 million ints. Forking workers after TensorFlow has started
+    its threads works: they run numpy only."""
 
     num_workers = 0
 
@@ -291,30 +305,38 @@ class TorchReader(Reader):
     def __init__(self, data):
         super().__init__(data)
         self.memmap_batches: Optional[MemmapBatches] = None
+        self.loader = None
 
     def open(self) -> None:
+        from torch.utils.data import BatchSampler, DataLoader
         kwargs = self.profile.kwargs()
         memmap = self.data.open_memmap()
         self.memmap_batches = MemmapBatches(memmap, kwargs.get("scale"), kwargs.get("offset"))
         del memmap
+        self.order = _Order()
+        workers = self.num_workers
+        sampler = BatchSampler(self.order, batch_size=self.profile.batch, drop_last=False)
+        self.loader = DataLoader(self.memmap_batches, sampler=sampler, batch_size=None, num_workers=workers,
+                                 persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+        if workers:
+            self.order.order = np.arange(min(len(self.memmap_batches), self.profile.batch), dtype=np.int64)
+            for _ in self.loader:  # start the workers now, untimed
+                pass
 
     def close(self) -> None:
+        self.loader = None  # the last reference: its persistent workers stop
         if self.memmap_batches is not None:
             self.memmap_batches.close()
         self.memmap_batches = None
 
     def read_pass(self, order: np.ndarray) -> Batches:
-        from torch.utils.data import BatchSampler, DataLoader
-        workers = self.num_workers
-        sampler = BatchSampler(order, batch_size=self.profile.batch, drop_last=False)
-        loader = DataLoader(self.memmap_batches, sampler=sampler, batch_size=None, num_workers=workers,
-                            persistent_workers=False, prefetch_factor=2 if workers else None)
-        batches = iter(loader)
+        self.order.order = order
+        batches = iter(self.loader)
         try:
             for ids in self.batches(order):
                 yield ids, next(batches).numpy()
         finally:
-            del batches  # the last reference: stops the workers now if the pass was cut short
+            del batches
 
 
 class TorchW0Reader(TorchReader):
