@@ -98,11 +98,11 @@ def test_unsupported_output_dtype(dataset):
 @pytest.mark.parametrize("threads", [0, -1, 257, 2.0, True, "4"])
 def test_bad_thread_counts(dataset, threads):
     path, _ = dataset
-    with pytest.raises(ValueError, match=r"threads must be an int in \[1, 256\]"):
+    with pytest.raises(ValueError, match=r"threads must be 'auto' or an int in \[1, 256\]"):
         shardfeed.open(path, threads=threads)
-    with pytest.raises(ValueError, match=r"threads must be an int in \[1, 256\]"):
+    with pytest.raises(ValueError, match=r"threads must be 'auto' or an int in \[1, 256\]"):
         shardfeed.open(path).read([0], threads=threads)
-    with pytest.raises(ValueError, match=r"threads must be an int in \[1, 256\]"):
+    with pytest.raises(ValueError, match=r"threads must be 'auto' or an int in \[1, 256\]"):
         shardfeed.set_num_threads(threads)
 
 
@@ -322,3 +322,26 @@ def test_shard_truncated_after_open_mmap(new_path, faulthandler):
         assert "truncated" in line
     assert f"sample 4999 at byte offset {64 + 16 * 4999}" in lines[0]
     assert lines[4] == "still [0.0, 396.0]"
+
+
+def test_threads_auto_is_the_automatic_choice(tmp_path):
+    path = str(tmp_path / "d")
+    with shardfeed.Writer(path, {"x": ("float16", (4,))}) as writer:
+        writer.extend({"x": np.arange(40, dtype=np.float16).reshape(10, 4)})
+    auto = shardfeed.get_num_threads()
+    assert auto >= shardfeed.dataset.AUTO_MIN_THREADS
+    with shardfeed.open(path, threads="auto") as ds:
+        assert ds.threads == auto
+        assert np.array_equal(ds.read([3, 1], "x", threads="auto")["x"], np.arange(40, dtype=np.float16).reshape(10, 4)[[3, 1]])
+    try:
+        shardfeed.set_num_threads(2)
+        assert shardfeed.open(path).threads == 2 and shardfeed.open(path, threads="auto").threads == 2
+        shardfeed.set_num_threads("auto")
+        assert shardfeed.get_num_threads() == auto
+    finally:
+        shardfeed.set_num_threads(None)
+    for bad in ("many", "AUTO", 0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="threads must be 'auto' or an int"):
+            shardfeed.open(path, threads=bad)
+        with pytest.raises(ValueError, match="threads must be 'auto' or an int"):
+            shardfeed.set_num_threads(bad)

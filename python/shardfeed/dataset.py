@@ -36,6 +36,9 @@ _NO_AFFINE = (None, None, 1, 1)
 # Figures: benchmarks/RESULTS.md.
 MMAP_MAX_RECORD_BYTES = 64 * 1024
 
+# threads="auto": at least this many reader threads (the queue depth for cold reads; measured in
+# benchmarks/RESULTS.md, "Thread count").
+AUTO_MIN_THREADS = 16
 _default_threads: Optional[int] = None
 _auto_threads: Optional[int] = None
 
@@ -53,23 +56,27 @@ def get_num_threads() -> int:
     if _default_threads is not None:
         return _default_threads
     if _auto_threads is None:  # once: the affinity query is a system call
-        _auto_threads = max(16, 2 * _cpu_count())
+        _auto_threads = max(AUTO_MIN_THREADS, 2 * _cpu_count())
     return _auto_threads
 
 
-def set_num_threads(threads: Optional[int]) -> None:
-    """Sets the default number of native reader threads; ``None`` restores the automatic choice
-    (16, or twice the CPUs if more: cold random reads want many requests in flight). The threads
-    are C threads that never hold the GIL. They read the records that are not in the page cache;
-    records that are (found without waiting for the disk, on Linux) are read by at most one thread
-    per CPU whatever this number, since more would only add thread switches."""
+def set_num_threads(threads: Union[None, str, int]) -> None:
+    """Sets the default number of native reader threads; ``"auto"`` (or ``None``) restores the
+    automatic choice: ``AUTO_MIN_THREADS``, or twice the CPUs if more. The threads are C threads
+    that never hold the GIL. They are the reader's queue depth for records that are not in the
+    page cache (cold random reads want many requests in flight: benchmarks/RESULTS.md); records
+    that are in the page cache (found without waiting for the disk, on Linux) are read by at most
+    one thread per CPU whatever this number, since more would only add thread switches."""
     global _default_threads
-    _default_threads = None if threads is None else _check_threads(threads)
+    _default_threads = _check_threads(threads)
 
 
-def _check_threads(threads: Any) -> int:
+def _check_threads(threads: Any) -> Optional[int]:
+    """An explicit thread count, or None for the automatic choice ("auto" or None)."""
+    if threads is None or (isinstance(threads, str) and threads == "auto"):
+        return None
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= _core.BUILD_INFO["max_threads"]:
-        raise ValueError(f"threads must be an int in [1, {_core.BUILD_INFO['max_threads']}], got {threads!r}")
+        raise ValueError(f"threads must be 'auto' or an int in [1, {_core.BUILD_INFO['max_threads']}], got {threads!r}")
     return int(threads)
 
 
@@ -169,9 +176,10 @@ class Dataset:
     """A dataset opened for reading: ``len(ds)``, ``ds.fields``, ``ds.metadata``, ``ds[i]`` and
     :meth:`read` for batches. Thread-safe; pickles by path (the copy reopens the files)."""
 
-    def __init__(self, path: "os.PathLike[str] | str", *, threads: Optional[int] = None, mmap: Union[str, bool] = "auto"):
+    def __init__(self, path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "auto",
+                 mmap: Union[str, bool] = "auto"):
         self.path = os.fspath(path)
-        self._threads = None if threads is None else _check_threads(threads)
+        self._threads = _check_threads(threads)
         if mmap not in ("auto", True, False):
             raise ValueError(f"mmap must be 'auto', True or False, got {mmap!r}")
         self._mmap_option = mmap
@@ -356,7 +364,7 @@ class Dataset:
     def read(self, indices: Any, fields: Union[None, str, Sequence[str]] = None, *, dtype: Any = None,
              out: Optional[Mapping[str, np.ndarray]] = None, scale: Any = None, offset: Any = None,
              maxlen: Union[None, int, Mapping[str, int]] = None, pad_value: Any = 0,
-             threads: Optional[int] = None) -> Batch:
+             threads: Union[None, str, int] = None) -> Batch:
         """Reads the samples ``indices`` (any order, duplicates allowed, negative counts from the end)
         and returns a :class:`Batch` of arrays with a leading batch dimension.
 
@@ -375,7 +383,8 @@ class Dataset:
         unknown = [k for k in out if k not in names]
         if unknown:
             raise KeyError(f"out has arrays for fields not being read: {unknown}")
-        thread_count = self.threads if threads is None else _check_threads(threads)
+        chosen = _check_threads(threads)
+        thread_count = self.threads if chosen is None else chosen
 
         record_reads = []
         variable = []
@@ -466,9 +475,10 @@ def _reopen(path: str, threads: Optional[int], mmap: Union[str, bool]) -> Datase
     return Dataset(path, threads=threads, mmap=mmap)
 
 
-def open(path: "os.PathLike[str] | str", *, threads: Optional[int] = None, mmap: Union[str, bool] = "auto") -> Dataset:
-    """Opens a dataset directory for reading. ``threads``: native reader threads per batch (default
-    :func:`get_num_threads`; see :func:`set_num_threads`). ``mmap``: copy records that are in the
+def open(path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "auto",
+         mmap: Union[str, bool] = "auto") -> Dataset:
+    """Opens a dataset directory for reading. ``threads``: native reader threads per batch, or
+    ``"auto"`` (the default: :func:`get_num_threads`, see :func:`set_num_threads`). ``mmap``: copy records that are in the
     page cache from a read-only memory map instead of ``preadv`` — ``"auto"`` does for records of
     at most 64 KiB."""
     return Dataset(path, threads=threads, mmap=mmap)
