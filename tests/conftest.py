@@ -140,3 +140,30 @@ def tools():
 def mmap_mode(request):
     """Both record read paths: copies from a memory map, and one preadv per record."""
     return request.param
+
+
+# ---- output array allocation ------------------------------------------------------------------
+
+
+def _aligned_empty(shape, dtype=float, order="C"):
+    """Like ``np.empty``, but a 64-byte-aligned view of a larger buffer: an array that does not own
+    its memory, and one TensorFlow wraps without copying (it copies less aligned arrays)."""
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(n) for n in shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape, order=order)
+
+
+@pytest.fixture(params=["owning", "aligned-views"])
+def allocation(request, monkeypatch):
+    """How ``Dataset.read`` allocates output arrays: numpy's ``np.empty`` (arrays owning their
+    memory; glibc aligns them to 16 bytes, so TensorFlow copies them), or 64-byte-aligned views of
+    larger buffers (a view of one points at the buffer, not at it; TensorFlow wraps them)."""
+    if request.param == "aligned-views":
+        from shardfeed import dataset
+        shim = types.SimpleNamespace(**vars(np))
+        shim.empty = _aligned_empty
+        monkeypatch.setattr(dataset, "np", shim)
+    return request.param

@@ -297,6 +297,37 @@ def test_arrays_handed_to_keras_are_never_reused(data):
     np.testing.assert_array_equal(seen[0], expected[1])  # the reuse is caught
 
 
+@pytest.mark.parametrize("feed", ["generator", "sequence", "sequence, 2 workers", "tf.data"])
+def test_recycled_arrays_wait_until_keras_lets_go(data, allocation, feed, monkeypatch):
+    """With recycling (the default) every step still sees its own batch, whether TensorFlow copies
+    the arrays (numpy's own allocations, 16-byte aligned) or wraps them without a copy and reads
+    them later (64-byte-aligned ones), and arrays are recycled all the same."""
+    from shardfeed.loader import ArrayPool
+    pools = []
+    init = ArrayPool.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        pools.append(self)
+    monkeypatch.setattr(ArrayPool, "__init__", recording)
+    ds, _ = data
+    sampler = Sampler(ds, BATCH, seed=8)
+    options = dict(inputs=INPUTS, targets="target", seed=8)
+    if feed == "generator":
+        source, kwargs = ds.batches(BATCH, **options), {"steps_per_epoch": STEPS}
+    elif feed == "tf.data":
+        source, kwargs = ds.to_tf_dataset(BATCH, **options), {"steps_per_epoch": STEPS}
+    else:
+        workers = 2 if "2 workers" in feed else 1
+        source, kwargs = ShardSequence(ds, BATCH, INPUTS, "target", seed=8, workers=workers, max_queue_size=2), {}
+    model = H.mlp(6, 3 * STEPS, BATCH)
+    model.fit(source, epochs=3, verbose=0, shuffle=False, **kwargs)
+    assert_saw(model, [sampler.indices(s) for s in range(3 * STEPS)])
+    assert len(pools) == 1 and pools[0].reused >= STEPS, (pools[0].allocated, pools[0].reused)
+    if feed.startswith("sequence"):
+        assert len(pools[0]) == 0  # dropped at the end of every epoch
+
+
 def test_private_memory_stays_flat_during_fit(tmp_path):
     """Six epochs of fit over a 24 MiB dataset (1 MiB batches): RssAnon (RSS minus file-backed
     pages) at the end of epochs 2 to 6 stays within a few batches of epoch 2's."""
