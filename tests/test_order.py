@@ -5,6 +5,7 @@ resumable positions, checked against plain numpy computations."""
 import json
 import math
 import pickle
+import re
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 import shardfeed
 from shardfeed import Permutation, Sampler, Subset
-from shardfeed.order import TABLE_MAX, epoch_permutation
+from shardfeed.order import TABLE_MAX, BlockPermutation, epoch_permutation
 
 N = 1000
 
@@ -325,3 +326,116 @@ def test_sampler_blocks_give_the_epoch_order(tmp_path):
                     batch = sampler.batch(epoch, b)
                     assert not batch.flags.writeable
                     np.testing.assert_array_equal(batch, whole[b * 300:(b + 1) * 300])
+
+
+# ---- block shuffles ---------------------------------------------------------------------------
+
+
+def assert_block_order(order, n, block):
+    """order visits [0, n) once, as the blocks [b * block, (b + 1) * block) (the last one short),
+    each whole, ascending and contiguous; returns the block numbers in order of visit."""
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    starts = np.flatnonzero(order % block == 0)
+    blocks = order[starts] // block
+    lengths = np.diff(np.append(starts, n))
+    np.testing.assert_array_equal(lengths, np.minimum(block, n - blocks * block))
+    steps = np.diff(order)
+    inside = np.ones(len(steps), bool)
+    inside[starts[1:] - 1] = False  # the step into the next block
+    np.testing.assert_array_equal(steps[inside], 1)
+    return blocks
+
+
+@pytest.mark.parametrize("n, block", [(0, 4), (1, 4), (3, 4), (4, 4), (1000, 7), (1000, 8), (1000, 1000),
+                                      (1000, 5000), (TABLE_MAX * 3 + 5, 3), (10 ** 6 + 17, 64)])
+def test_block_shuffle_visits_every_sample_once_in_whole_blocks(n, block):
+    order = epoch_permutation(n, 3, 1, block).apply(np.arange(n, dtype=np.int64))
+    blocks = assert_block_order(order, n, block)
+    assert len(blocks) == -(-n // block)
+    again = epoch_permutation(n, 3, 1, block).apply(np.arange(n, dtype=np.int64))
+    np.testing.assert_array_equal(again, order)  # a pure function of (seed, epoch)
+    if len(blocks) > 20:
+        assert not np.array_equal(epoch_permutation(n, 3, 2, block).apply(np.arange(n)), order)  # epoch
+        assert not np.array_equal(epoch_permutation(n, 4, 1, block).apply(np.arange(n)), order)  # seed
+        assert not np.array_equal(np.sort(blocks), blocks)  # shuffled, not storage order
+    positions = np.random.default_rng(n).integers(0, max(n, 1), 100) if n else np.zeros(0, np.int64)
+    np.testing.assert_array_equal(epoch_permutation(n, 3, 1, block).apply(positions), order[positions])
+
+
+def test_block_size_one_is_the_plain_shuffle():
+    plain = epoch_permutation(5000, 9, 2)
+    np.testing.assert_array_equal(epoch_permutation(5000, 9, 2, 1).apply(np.arange(5000)), plain(np.arange(5000)))
+    blocked = epoch_permutation(5000, 9, 2, 10)
+    assert isinstance(blocked, BlockPermutation) and len(blocked) == 5000 and "block=10" in repr(blocked)
+    restored = pickle.loads(pickle.dumps(blocked))
+    np.testing.assert_array_equal(restored.apply(np.arange(5000)), blocked.apply(np.arange(5000)))
+
+
+@pytest.mark.parametrize("n, block", [(60, 6), (64, 6)], ids=["full-blocks", "short-last-block"])
+def test_block_shuffle_uniformity_block_positions(n, block):
+    """Chi-square on the slot of every block over 20,000 epochs: uniform, also for the short block."""
+    epochs = 20_000
+    count = -(-n // block)
+    counts = np.zeros((count, count))
+    for epoch in range(epochs):
+        blocks = epoch_permutation(n, 1, epoch, block).apply(np.arange(0, n, dtype=np.int64))
+        visited = np.unique(blocks // block, return_index=True)  # block -> first position
+        first = visited[1]
+        slots = np.argsort(np.argsort(first))
+        counts[visited[0], slots] += 1
+    assert chi2_uniform(counts) > P_MIN
+
+
+def test_block_shuffle_uniformity_feistel_regime():
+    """More than 65,536 full blocks (a Feistel permutation of block numbers): the blocks at a few
+    slots, over 4000 epochs, are uniform over 20 bins, and so is the short block's slot."""
+    block, full = 3, TABLE_MAX + 11
+    n = full * block + 2
+    keys, bins = 4000, 20
+    slots = np.array([0, 1, full // 2, full])
+    firsts, short_slots = [], []
+    for epoch in range(keys):
+        perm = epoch_permutation(n, 5, epoch, block)
+        firsts.append(perm.apply(slots * block) // block)
+        short_slots.append(perm._short_at // block)
+    binned = np.array(firsts) * bins // (full + 1)
+    for column in range(len(slots)):
+        assert chi2_uniform(np.bincount(binned[:, column], minlength=bins)) > P_MIN, slots[column]
+    assert chi2_uniform(np.bincount(np.array(short_slots) * bins // (full + 1), minlength=bins)) > P_MIN
+
+
+def test_sampler_and_batches_with_shuffle_block(ds):
+    sampler = Sampler(ds, 64, seed=7, shuffle_block=10)
+    assert "shuffle_block=10" in repr(sampler)
+    for epoch in range(2):
+        order = np.concatenate([sampler.batch(epoch, b) for b in range(len(sampler))])
+        assert_block_order(order, N, 10)
+        np.testing.assert_array_equal(order, ds.head(N).epoch_indices(epoch, 0, N, seed=7, shuffle_block=10))
+    gen = ds.batches(64, inputs="id", seed=7, shuffle_block=10, epochs=1, prefetch=2)
+    ids = np.concatenate([x[0] for x in gen])
+    np.testing.assert_array_equal(ids, np.concatenate([sampler.batch(0, b) for b in range(len(sampler))]))
+    position = sampler.position(5)
+    assert position["shuffle_block"] == 10
+    assert Sampler(ds, 64, seed=7, shuffle_block=10).step_of(position) == 5
+    with pytest.raises(ValueError, match="shuffle_block"):
+        Sampler(ds, 64, seed=7).step_of(position)
+    restored = pickle.loads(pickle.dumps(sampler))
+    np.testing.assert_array_equal(restored.indices(17), sampler.indices(17))
+    # Without shuffle the block size changes nothing; on a shard, the parts stay disjoint and equal.
+    np.testing.assert_array_equal(Sampler(ds, 64, shuffle=False, shuffle_block=10).batch(0, 1), np.arange(64, 128))
+    parts = [ds.shard(rank, 3).epoch_indices(0, 0, N // 3, seed=1, shuffle_block=10) for rank in range(3)]
+    together = np.concatenate(parts)
+    assert len(np.unique(together)) == len(together) == 3 * (N // 3)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, "8", True, None])
+def test_bad_shuffle_block(ds, bad):
+    message = f"shuffle_block must be an int >= 1, got {bad!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Sampler(ds, 10, shuffle_block=bad)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ds.batches(10, shuffle_block=bad)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ds.head(10).epoch_indices(0, 0, 10, shuffle_block=bad)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BlockPermutation(10, bad, (1,))

@@ -25,7 +25,8 @@ class ShardSequence(keras.utils.PyDataset):
 
     The options are those of :func:`shardfeed.loader.batches`: ``inputs``, ``targets`` and
     ``sample_weights`` (a field name, a list, or a dict of model input/output name -> field),
-    ``shuffle``, ``seed``, ``drop_remainder``, ``transform``, ``dtype`` and the other read options.
+    ``shuffle``, ``seed``, ``shuffle_block``, ``drop_remainder``, ``transform``, ``dtype`` and the
+    other read options.
     ``workers``, ``use_multiprocessing`` and ``max_queue_size`` go to ``PyDataset`` (Keras reads
     batches on that many threads or processes; with processes the sequence is pickled, its
     dataset reopened by path, so ``transform`` must be picklable).
@@ -52,12 +53,12 @@ class ShardSequence(keras.utils.PyDataset):
                  transform: Optional[Callable[[Any], Mapping[str, Any]]] = None, dtype: Any = "float32",
                  fields: Any = None, scale: Any = None, offset: Any = None, maxlen: Any = None, pad_value: Any = 0,
                  workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10,
-                 recycle: bool = True):
+                 shuffle_block: int = 1, recycle: bool = True):
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
         self.plan = BatchPlan(source, batch_size, inputs=inputs, targets=targets, sample_weights=sample_weights,
                               shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, transform=transform,
                               dtype=dtype, fields=fields, scale=scale, offset=offset, maxlen=maxlen,
-                              pad_value=pad_value, recycle=recycle,
+                              pad_value=pad_value, shuffle_block=shuffle_block, recycle=recycle,
                               pool_size=max(1, max_queue_size + workers + 2))
         if len(self.plan) == 0:
             raise ValueError(f"no batches: {self.plan.sampler.samples} samples with batch_size {batch_size} "

@@ -232,10 +232,11 @@ class BatchPlan:
                  sample_weights: Any = None, shuffle: bool = True, seed: int = 0, drop_remainder: bool = False,
                  transform: Optional[Callable[[Any], Mapping[str, Any]]] = None, dtype: Any = "float32",
                  fields: Any = None, scale: Any = None, offset: Any = None, maxlen: Any = None, pad_value: Any = 0,
-                 recycle: bool = True, pool_size: int = DEFAULT_POOL_SIZE):
+                 shuffle_block: int = 1, recycle: bool = True, pool_size: int = DEFAULT_POOL_SIZE):
         self.view = as_subset(source)
         self.dataset = self.view.dataset
-        self.sampler = Sampler(self.view, batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder)
+        self.sampler = Sampler(self.view, batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder,
+                               shuffle_block=shuffle_block)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {transform!r}")
         self.transform = transform
@@ -490,7 +491,8 @@ def batches(source: Any, batch_size: int, *, inputs: Any = None, targets: Any = 
             shuffle: bool = True, seed: int = 0, epochs: Optional[int] = None, prefetch: int = DEFAULT_PREFETCH,
             drop_remainder: bool = False, transform: Optional[Callable[[Any], Mapping[str, Any]]] = None,
             dtype: Any = "float32", start: Any = None, fields: Any = None, scale: Any = None, offset: Any = None,
-            maxlen: Any = None, pad_value: Any = 0, recycle: bool = True) -> Generator[Any, None, None]:
+            maxlen: Any = None, pad_value: Any = 0, shuffle_block: int = 1,
+            recycle: bool = True) -> Generator[Any, None, None]:
     """A generator of batches of a dataset or view, read ahead on a background thread.
 
     Yields ``(x, y)`` tuples (``(x,)`` without ``targets``, ``(x, y, sample_weight)`` with
@@ -501,7 +503,9 @@ def batches(source: Any, batch_size: int, *, inputs: Any = None, targets: Any = 
 
     Every epoch is a new uniformly random order of all the samples (a pure function of ``seed``
     and the epoch; storage order without ``shuffle``), cut into ``batch_size`` batches; the last
-    one is smaller unless ``drop_remainder``. ``epochs=None`` never ends (for
+    one is smaller unless ``drop_remainder``. ``shuffle_block=k`` shuffles blocks of ``k``
+    consecutive samples instead (see :class:`~shardfeed.Sampler`): for slow disks, where reading
+    runs of adjacent records is much faster. ``epochs=None`` never ends (for
     ``model.fit(gen, steps_per_epoch=...)``); otherwise the generator ends with epoch
     ``epochs - 1``. ``start`` resumes exactly: a global step (``epoch * batches_per_epoch +
     batch``), ``(epoch, batch)`` or a ``Sampler.position`` dict; the batches are then the very
@@ -527,7 +531,7 @@ def batches(source: Any, batch_size: int, *, inputs: Any = None, targets: Any = 
     plan = BatchPlan(source, batch_size, inputs=inputs, targets=targets, sample_weights=sample_weights,
                      shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, transform=transform, dtype=dtype,
                      fields=fields, scale=scale, offset=offset, maxlen=maxlen, pad_value=pad_value,
-                     recycle=recycle, pool_size=prefetch + GENERATOR_POOL_EXTRA)
+                     shuffle_block=shuffle_block, recycle=recycle, pool_size=prefetch + GENERATOR_POOL_EXTRA)
     if prefetch == 0:
         plan.pool = None  # no prefetch thread to drop the kept arrays of a generator TensorFlow keeps
     steps = plan.steps(epochs, start)

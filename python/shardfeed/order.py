@@ -28,6 +28,7 @@ BLOCK = 8192
 # Key derivation tags: the permutation of an epoch and the one that splits a dataset never share a key.
 _TAG_EPOCH = 0x45504F43  # "EPOC"
 _TAG_SPLIT = 0x53504C54  # "SPLT"
+_TAG_BLOCKS = 0x424C4B53  # "BLKS"
 
 _U32 = np.uint64(32)
 _U29 = np.uint64(29)
@@ -127,9 +128,68 @@ class Permutation:
         return left * np.uint64(self._b) + right  # an even number of rounds: Z_a x Z_b again
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> Permutation:
-    """The permutation of epoch ``epoch`` of a view of ``n`` samples shuffled with ``seed``."""
-    return Permutation(n, (_TAG_EPOCH, seed, epoch))
+def epoch_permutation(n: int, seed: int, epoch: int, block: int = 1) -> Union[Permutation, "BlockPermutation"]:
+    """The permutation of epoch ``epoch`` of a view of ``n`` samples shuffled with ``seed``, in
+    blocks of ``block`` consecutive samples (see :class:`BlockPermutation`; 1: every sample on
+    its own)."""
+    if block == 1:
+        return Permutation(n, (_TAG_EPOCH, seed, epoch))
+    return BlockPermutation(n, block, (_TAG_BLOCKS, seed, epoch))
+
+
+def check_block(block: Any) -> int:
+    return _check_count(block, "shuffle_block", 1)
+
+
+class BlockPermutation:
+    """A block shuffle of ``range(n)``: the elements cut into blocks of ``block`` consecutive ones
+    (the last block shorter when ``block`` does not divide ``n``), the blocks in a uniformly random
+    order, the elements of a block consecutive and ascending. For slow disks: a batch then reads
+    runs of records that are adjacent in the shard files, which the reader fetches with one
+    system call per run.
+
+    O(1) memory: the full blocks are ordered by a :class:`Permutation` of the block numbers, and
+    the short block, if any, goes in at a uniformly random slot among them (uniform order of the
+    full blocks + uniform slot = uniform order of all the blocks). ``apply(positions)`` returns
+    the elements at ``positions`` (an int64 array in ``[0, n)``)."""
+
+    __slots__ = ("n", "block", "key", "_full", "_short", "_short_at", "_perm")
+
+    def __init__(self, n: int, block: int, key: Sequence[int]):
+        self.n = _check_count(n, "n")
+        self.block = check_block(block)
+        self.key = tuple(int(k) for k in key)
+        self._full, self._short = divmod(self.n, self.block)  # full blocks; elements of the short one
+        self._perm = Permutation(self._full, self.key + (self.block,))
+        slot = 0
+        if self._short:
+            seeds = np.random.SeedSequence(list(self.key) + [self.block, self.n])
+            slot = int(np.random.Generator(np.random.PCG64(seeds)).integers(0, self._full + 1))
+        self._short_at = slot * self.block  # position of the short block's first element
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"BlockPermutation(n={self.n}, block={self.block}, key={self.key})"
+
+    def __reduce__(self):
+        return (BlockPermutation, (self.n, self.block, self.key))
+
+    def apply(self, positions: np.ndarray) -> np.ndarray:
+        p = np.asarray(positions, dtype=np.int64)
+        if not self._short:
+            blocks, within = np.divmod(p, self.block)
+            return self._perm.apply(blocks) * self.block + within
+        start, stop = self._short_at, self._short_at + self._short
+        in_short = (p >= start) & (p < stop)
+        out = np.empty(p.shape, dtype=np.int64)
+        out[in_short] = self._full * self.block + (p[in_short] - start)
+        rest = p[~in_short]
+        rest = np.where(rest >= stop, rest - self._short, rest)  # as if the short block were not there
+        blocks, within = np.divmod(rest, self.block)
+        out[~in_short] = self._perm.apply(blocks) * self.block + within
+        return out
 
 
 # ---- index maps: view positions -> dataset indices -----------------------------------------------
@@ -365,15 +425,17 @@ class Subset:
     # ---- epoch orders ------------------------------------------------------------------------
 
     def epoch_indices(self, epoch: int, start: int, stop: int, *, shuffle: bool = True, seed: int = 0,
-                      _perm: Optional[Permutation] = None) -> np.ndarray:
+                      shuffle_block: int = 1, _perm: Any = None) -> np.ndarray:
         """Dataset indices at positions ``[start, stop)`` of epoch ``epoch``'s order of this view:
         a uniformly random order, a pure function of ``(seed, epoch)``, or storage order without
-        ``shuffle``."""
+        ``shuffle``. ``shuffle_block`` > 1 shuffles blocks of that many consecutive positions of
+        the view instead of single samples (:class:`BlockPermutation`)."""
         positions = np.arange(start, stop, dtype=np.int64)
         if self.sharded:
             positions = positions * self.world_size + self.rank
         if shuffle:
-            perm = _perm if _perm is not None else epoch_permutation(len(self._map), seed, epoch)
+            perm = _perm if _perm is not None else epoch_permutation(len(self._map), seed, epoch,
+                                                                      check_block(shuffle_block))
             positions = perm.apply(positions)
         return self._map(positions)
 
@@ -392,19 +454,27 @@ class Sampler:
     """Cuts the epoch orders of a view into batches. Batch ``b`` of epoch ``e`` is a pure function
     of ``(seed, e, b)``; a *step* numbers batches across epochs (``step = e * len(sampler) + b``)
     and :meth:`position` / :meth:`step_of` convert to and from the resumable state
-    ``{"epoch": e, "batch": b, ...}``."""
+    ``{"epoch": e, "batch": b, ...}``.
+
+    ``shuffle_block=k`` (k > 1) makes each epoch's order a block shuffle: the view's positions cut
+    into blocks of ``k`` consecutive ones, the blocks in a uniformly random order, the samples of a
+    block together and in storage order (:class:`BlockPermutation`). Still every sample once per
+    epoch, a pure function of ``(seed, epoch)``. For slow disks: records adjacent on disk are read
+    with one system call per run, not one per sample, at the price of a coarser shuffle (a batch
+    holds about ``batch_size / k`` blocks)."""
 
     def __init__(self, source: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 drop_remainder: bool = False):
+                 drop_remainder: bool = False, shuffle_block: int = 1):
         self.view = as_subset(source)
         self.batch_size = _check_count(batch_size, "batch_size", 1)
         self.shuffle = bool(shuffle)
         self.seed = check_seed(seed)
+        self.shuffle_block = check_block(shuffle_block)
         self.drop_remainder = bool(drop_remainder)
         self.samples = len(self.view)
         full, rest = divmod(self.samples, self.batch_size)
         self.batches_per_epoch = full + (1 if rest and not self.drop_remainder else 0)
-        self._perms: Dict[int, Permutation] = {}
+        self._perms: Dict[int, Any] = {}
         self._blocks: Dict[Tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -412,7 +482,8 @@ class Sampler:
         return self.batches_per_epoch
 
     def __repr__(self) -> str:
-        return (f"Sampler({self.view!r}, batch_size={self.batch_size}, shuffle={self.shuffle}, seed={self.seed}, "
+        block = f", shuffle_block={self.shuffle_block}" if self.shuffle_block != 1 else ""
+        return (f"Sampler({self.view!r}, batch_size={self.batch_size}, shuffle={self.shuffle}{block}, seed={self.seed}, "
                 f"drop_remainder={self.drop_remainder}): {len(self)} batches per epoch")
 
     def __getstate__(self):
@@ -425,10 +496,10 @@ class Sampler:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _permutation(self, epoch: int) -> Permutation:
+    def _permutation(self, epoch: int) -> Any:
         perm = self._perms.get(epoch)
         if perm is None:
-            perm = epoch_permutation(len(self.view._map), self.seed, epoch)
+            perm = epoch_permutation(len(self.view._map), self.seed, epoch, self.shuffle_block)
             with self._lock:  # keep the last few epochs (a resumed Keras epoch straddles two)
                 if len(self._perms) >= 4:
                     self._perms.pop(min(self._perms))
@@ -482,14 +553,15 @@ class Sampler:
         """The resumable state of the stream just before global step ``step``: a small JSON-able dict."""
         epoch, batch = self.split_step(step)
         return {"epoch": epoch, "batch": batch, "batches_per_epoch": self.batches_per_epoch,
-                "samples": self.samples, "seed": self.seed, "shuffle": self.shuffle}
+                "samples": self.samples, "seed": self.seed, "shuffle": self.shuffle,
+                "shuffle_block": self.shuffle_block}
 
     def step_of(self, position: Any) -> int:
         """The global step at ``position``: a dict from :meth:`position`, ``(epoch, batch)``, or a step.
         Refuses a position saved with another batch count, sample count, seed or shuffle setting."""
         if isinstance(position, abc.Mapping):
             for key, mine in (("batches_per_epoch", self.batches_per_epoch), ("samples", self.samples),
-                              ("seed", self.seed), ("shuffle", self.shuffle)):
+                              ("seed", self.seed), ("shuffle", self.shuffle), ("shuffle_block", self.shuffle_block)):
                 if key in position and position[key] != mine:
                     raise ValueError(f"cannot resume at {dict(position)}: it was saved with {key}={position[key]!r}, "
                                      f"this stream has {key}={mine!r}")

@@ -38,7 +38,7 @@ def to_tf_dataset(source: Any, batch_size: int, *, inputs: Any = None, targets: 
                   drop_remainder: bool = False, transform: Optional[Callable[[Any], Mapping[str, Any]]] = None,
                   dtype: Any = "float32", start: Any = None, fields: Any = None, scale: Any = None, offset: Any = None,
                   maxlen: Any = None, pad_value: Any = 0, num_parallel_calls: int = 1,
-                  output_signature: Any = None, recycle: bool = True) -> tf.data.Dataset:
+                  output_signature: Any = None, shuffle_block: int = 1, recycle: bool = True) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` whose elements are whole batches, the same batches, in the same order,
     as :func:`shardfeed.loader.batches` with the same options yields: ``(x, y)`` tuples (or
     ``(x,)``, ``(x, y, sample_weight)``, or a dict of fields without ``inputs``).
@@ -70,7 +70,7 @@ def to_tf_dataset(source: Any, batch_size: int, *, inputs: Any = None, targets: 
     plan = BatchPlan(source, batch_size, inputs=inputs, targets=targets, sample_weights=sample_weights,
                      shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, transform=transform, dtype=dtype,
                      fields=fields, scale=scale, offset=offset, maxlen=maxlen, pad_value=pad_value,
-                     recycle=recycle, pool_size=DEFAULT_POOL_SIZE + (
+                     shuffle_block=shuffle_block, recycle=recycle, pool_size=DEFAULT_POOL_SIZE + (
                          num_parallel_calls if isinstance(num_parallel_calls, int) and num_parallel_calls > 0
                          else os.cpu_count() or 1))
     steps = plan.steps(epochs, start)
