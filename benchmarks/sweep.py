@@ -2,12 +2,14 @@
 
     python benchmarks/sweep.py threads            # page-cached and cold, threads = 1..32
     python benchmarks/sweep.py mmap               # mmap vs preadv by record size, cached and cold
+    python benchmarks/sweep.py order              # sequential, block-shuffled and random batches
     python benchmarks/sweep.py threads --no-cold  # skip the cold runs
 
 Writes the datasets under a temporary directory (removed at exit) and prints markdown tables of
 samples/s. Page-cached figures are the median per-batch time over interleaved passes; cold figures
 evict every shard file (posix_fadvise DONTNEED) right before each pass, and a pass reads batches of
-one random permutation, so no record is read twice.
+one random permutation (or, for `order`, of one sequential or block-shuffled pass), so no record is
+read twice.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ PROFILES = {
 }
 THREADS = [1, 2, 4, 8, 16, 32]
 MMAP_SIZES = [128, 512, 1024, 4096, 8192, 16384, 32768, 65536, 131072]  # float16 records of these byte sizes
+ORDERS = ["sequential", "block64", "random"]
+ORDER_SIZES = [512, 8192]  # float16 records of these byte sizes
 
 
 def write_dataset(path: str, dtype: str, shape: Tuple[int, ...], total_bytes: int) -> int:
@@ -85,16 +89,25 @@ def warm(path: str) -> List[np.memmap]:
     return pins
 
 
-def batches(count: int, batch: int, seed: int) -> List[np.ndarray]:
-    order = np.random.default_rng(seed).permutation(count)
-    return [order[i:i + batch] for i in range(0, count - batch + 1, batch)]
+def batches(count: int, batch: int, seed: int, order: str = "random") -> List[np.ndarray]:
+    """The batches of one pass: a random permutation, `sequential` (storage order from a random
+    start) or `block<k>` (blocks of k consecutive records in random order, the tail left out)."""
+    rng = np.random.default_rng(seed)
+    if order == "random":
+        indices = rng.permutation(count)
+    elif order == "sequential":
+        indices = np.roll(np.arange(count), -int(rng.integers(count)))
+    else:
+        block = int(order[len("block"):])
+        indices = (rng.permutation(count // block)[:, None] * block + np.arange(block)).reshape(-1)
+    return [indices[i:i + batch] for i in range(0, len(indices) - batch + 1, batch)]
 
 
 def cached_rates(readers: Dict[str, Callable[[np.ndarray], object]], count: int, batch: int,
-                 seconds: float = 0.6, passes: int = 3) -> Dict[str, float]:
+                 seconds: float = 0.6, passes: int = 3, order: str = "random") -> Dict[str, float]:
     """Median samples/s per reader, passes interleaved so machine noise hits all alike."""
     times: Dict[str, List[float]] = {name: [] for name in readers}
-    work = batches(count, batch, seed=1)
+    work = batches(count, batch, seed=1, order=order)
     for _ in range(passes):
         for name, read in readers.items():
             read(work[0])
@@ -111,13 +124,13 @@ def cached_rates(readers: Dict[str, Callable[[np.ndarray], object]], count: int,
 
 def cold_rates(path: str, openers: Dict[str, Callable[[], "shardfeed.Dataset"]],
                make_reader: Callable[[object, str], Callable[[np.ndarray], object]], count: int,
-               batch: int, max_batches: int, passes: int = 2) -> Dict[str, float]:
+               batch: int, max_batches: int, passes: int = 2, order: str = "random") -> Dict[str, float]:
     """samples/s of each reader right after eviction; best of `passes` (each a fresh order). The
     dataset is reopened after eviction: pages mapped by an open dataset would not be evicted."""
     rates: Dict[str, float] = {name: 0.0 for name in openers}
     for p in range(passes):
         for k, (name, opener) in enumerate(openers.items()):
-            work = batches(count, batch, seed=100 + p * 100 + k)[:max_batches]
+            work = batches(count, batch, seed=100 + p * 100 + k, order=order)[:max_batches]
             evict(path)
             with opener() as ds:
                 read = make_reader(ds, name)
@@ -196,9 +209,36 @@ def sweep_mmap(root: str, size: int, cold: bool) -> None:
         table("Cold samples/s, same", ["mmap", "preadv"], cold_rows)
 
 
+def sweep_order(root: str, size: int, cold: bool) -> None:
+    """Batches of 256 in storage order, in blocks of 64 and at random, on both read paths: records
+    adjacent on disk are read by one preadv per run (ext/reader.c)."""
+    cached_rows, cold_rows = {}, {}
+    for record in ORDER_SIZES:
+        shape = (record // 2,)
+        path = os.path.join(root, f"f16-{record}")
+        count = write_dataset(path, "float16", shape, size)
+        for mapped in (True, False):
+            label = f"{record} B, {'mmap' if mapped else 'preadv'}"
+            pins = warm(path)
+            with shardfeed.open(path, mmap=mapped) as ds:
+                ds.read(np.arange(0, count, max(1, 4096 // record)), "x")
+                read = reader(ds, False, 256, shape)
+                cached_rows[label] = {o: cached_rates({o: read}, count, 256, order=o)[o] for o in ORDERS}
+            del pins
+            if cold:
+                opener = {label: lambda: shardfeed.open(path, mmap=mapped)}
+                cold_rows[label] = {o: cold_rates(path, opener, lambda d, _: reader(d, False, 256, shape), count, 256,
+                                                  max_batches=16, order=o)[label] for o in ORDERS}
+        shutil.rmtree(path)
+    table(f"Page-cached samples/s by order, float16 records, batch 256, threads {shardfeed.get_num_threads()}",
+          ORDERS, cached_rows)
+    if cold_rows:
+        table("Cold samples/s by order, same", ORDERS, cold_rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["threads", "mmap"])
+    parser.add_argument("what", choices=["threads", "mmap", "order"])
     parser.add_argument("--no-cold", action="store_true", help="page-cached runs only")
     parser.add_argument("--mb", type=int, default=320, help="dataset size per profile in MiB")
     parser.add_argument("--threads", default=",".join(map(str, THREADS)), help="thread counts to try")
@@ -209,7 +249,7 @@ def main() -> None:
         del PROFILES[name]
     root = tempfile.mkdtemp(prefix="shardfeed-sweep-")
     try:
-        sweep = sweep_threads if args.what == "threads" else sweep_mmap
+        sweep = {"threads": sweep_threads, "mmap": sweep_mmap, "order": sweep_order}[args.what]
         sweep(root, args.mb << 20, not args.no_cold)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -30,6 +30,14 @@
 #define IOV_MAX 1024
 #endif
 
+/* Records that follow one another in a shard file and in a thread's part of the batch (sequential
+ * orders, block shuffles) are read by one preadv of up to SF_RUN_BYTES and IOV_MAX iovecs instead
+ * of one preadv each: one system call instead of dozens. Unless more than SF_RUN_MAX_SKIP
+ * unrequested bytes lie between one record's requested bytes and the next one's (a small field
+ * of large records): reading those into a discard buffer would cost more than the calls saved. */
+#define SF_RUN_BYTES ((size_t)1 << 20)
+#define SF_RUN_MAX_SKIP ((size_t)4096)
+
 /* Bytes of work below which a chunk is not worth handing to another thread (memory copies). */
 #define SF_MAP_CHUNK_BYTES (64 * 1024)
 
@@ -40,9 +48,11 @@
 #define SF_STREAM_MIN_BYTES ((size_t)16 << 20)
 
 /* Reads exactly the bytes described by iov[0..count) from fd at offset. Consumes the iov array.
- * Returns SF_OK, SF_ERR_IO (errno kept) or SF_ERR_EOF. */
-static int preadv_full(int fd, struct iovec *iov, int count, off_t offset)
+ * Returns SF_OK, SF_ERR_IO (errno kept) or SF_ERR_EOF; *done_bytes is how many bytes were read
+ * (all of them on SF_OK). */
+static int preadv_full(int fd, struct iovec *iov, int count, off_t offset, size_t *done_bytes)
 {
+    *done_bytes = 0;
     while (count > 0) {
         ssize_t got = preadv(fd, iov, count > IOV_MAX ? IOV_MAX : count, offset);
         if (got < 0) {
@@ -53,6 +63,7 @@ static int preadv_full(int fd, struct iovec *iov, int count, off_t offset)
         if (got == 0)
             return SF_ERR_EOF;
         offset += got;
+        *done_bytes += (size_t)got;
         size_t left = (size_t)got;
         while (count > 0 && left >= iov->iov_len) {
             left -= iov->iov_len;
@@ -97,8 +108,11 @@ typedef struct record_ctx {
     const int64_t *indices;
     const sf_field_out *fields;
     size_t n_fields;
-    size_t gap_bytes;      /* largest gap between requested fields (read into a discard buffer) */
-    size_t scratch_bytes;  /* stored bytes of the fields that land in a scratch buffer */
+    size_t span_bytes;      /* a record's bytes from the first requested byte to the last */
+    size_t iovs_per_record; /* iovecs of one record in a run, the one for the skip before it included */
+    size_t max_run;         /* most records one preadv reads (1: records are read one by one) */
+    size_t discard_bytes;   /* unwanted bytes between fields or records (read into a discard buffer) */
+    size_t scratch_bytes;   /* stored bytes of the fields of one record that land in a scratch buffer */
     int stream;            /* convert with non-temporal stores (sf_convert_stream) */
     const size_t *rows;    /* the batch rows to read, items [begin, end) index it; NULL: all rows */
     unsigned char *missed; /* non-NULL: page-cache pass: rows left for the blocking pass get a 1 */
@@ -113,96 +127,211 @@ static int lands_in_scratch(const record_ctx *ctx, const sf_field_out *f)
     return f->cast != SF_CAST_COPY && (ctx->stream || sf_cast_itemsize(f->cast) > 4);
 }
 
+/* The batch row that item `item` of a range reads. */
+static size_t row_of(const record_ctx *ctx, size_t item)
+{
+    return ctx->rows ? ctx->rows[item] : item;
+}
+
+/* Where field f of batch row r lands: its output slot, the tail of it (converted in place), or
+ * `scratch` past the *scratch_used bytes that earlier fields of the record took. */
+static char *landing_of(const record_ctx *ctx, const sf_field_out *f, size_t r, char *scratch,
+                        size_t *scratch_used)
+{
+    char *row = f->dst + r * f->dst_bytes;
+    if (f->cast == SF_CAST_COPY)
+        return row;
+    if (!lands_in_scratch(ctx, f))
+        return row + (f->dst_bytes - f->src_bytes);
+    char *landing = scratch + *scratch_used;
+    *scratch_used += f->src_bytes;
+    return landing;
+}
+
+/* Fills iov with the iovecs that land the requested bytes of batch row r (the gaps between fields
+ * go to `discard`), from the record's first requested byte on; returns how many. */
+static size_t record_iovecs(const record_ctx *ctx, size_t r, char *scratch, char *discard,
+                            struct iovec *iov)
+{
+    size_t count = 0, scratch_used = 0;
+    size_t cursor = ctx->fields[0].src_offset;
+    for (size_t k = 0; k < ctx->n_fields; k++) {
+        const sf_field_out *f = &ctx->fields[k];
+        char *landing = landing_of(ctx, f, r, scratch, &scratch_used);
+        if (f->src_bytes == 0)
+            continue;
+        if (f->src_offset > cursor) {
+            iov[count].iov_base = discard;
+            iov[count++].iov_len = f->src_offset - cursor;
+        }
+        iov[count].iov_base = landing;
+        iov[count++].iov_len = f->src_bytes;
+        cursor = f->src_offset + f->src_bytes;
+    }
+    return count;
+}
+
+/* Converts the cast fields of batch row r from where record_iovecs landed them. */
+static void convert_record(const record_ctx *ctx, size_t r, char *scratch)
+{
+    void (*convert)(int, float *, const void *, size_t, const sf_affine *, size_t) =
+        ctx->stream ? sf_convert_stream : sf_convert;
+    size_t scratch_used = 0;
+    for (size_t k = 0; k < ctx->n_fields; k++) {
+        const sf_field_out *f = &ctx->fields[k];
+        char *landing = landing_of(ctx, f, r, scratch, &scratch_used);
+        if (f->cast != SF_CAST_COPY)
+            convert(f->cast, (float *)(f->dst + r * f->dst_bytes), landing, f->count, &f->affine, 0);
+    }
+}
+
 #ifdef SF_HAVE_NOWAIT
-/* One attempt that never waits for the disk: 1 when the whole record came from the page cache; 0
- * when it did not (not cached, partly cached, or any error: the blocking pass reads it again and
- * reports errors). */
-static int preadv_cached(int fd, const struct iovec *iov, int count, off_t offset, size_t total)
+/* One attempt that never waits for the disk: 1 when all `total` bytes came from the page cache; 0
+ * when they did not (not cached, partly cached, or any error: the blocking pass reads them again
+ * and reports errors). */
+static int preadv_cached(int fd, const struct iovec *iov, size_t count, off_t offset, size_t total)
 {
     if (count > IOV_MAX)
         return 0;
-    ssize_t got = preadv2(fd, iov, count, offset, RWF_NOWAIT);
+    ssize_t got = preadv2(fd, iov, (int)count, offset, RWF_NOWAIT);
     return got >= 0 && (size_t)got == total;
 }
 #endif
 
+/* A run: items [item, stop) of a range whose records follow one another in one shard file (record
+ * k, k+1, k+2, ... in item order), read by one preadv. Returns stop (> item): at most
+ * ctx->max_run records, and the run ends at the shard's end. *shard: the run's shard. */
+static size_t collect_run(const record_ctx *ctx, size_t item, size_t end, size_t *shard)
+{
+    const sf_shards *sh = ctx->shards;
+    int64_t first = ctx->indices[row_of(ctx, item)];
+    *shard = shard_of(sh, first);
+    int64_t shard_end = sh->starts[*shard + 1];
+    size_t stop = item + 1;
+    while (stop < end && stop - item < ctx->max_run) {
+        int64_t next = first + (int64_t)(stop - item);
+        if (next >= shard_end || ctx->indices[row_of(ctx, stop)] != next)
+            break;
+        stop++;
+    }
+    return stop;
+}
+
+/* Per-thread buffers of the preadv path: the discard buffer, and iovecs and scratch space for a run
+ * of up to `records` records. */
+typedef struct run_buffers {
+    char *discard;
+    struct iovec *iov;
+    char *scratch;
+    size_t records;
+} run_buffers;
+
+/* Makes buf hold a run of `records` records (<= ctx->max_run). The buffers grow with the longest
+ * run so far, at least doubling, so a batch of scattered records allocates what one record needs.
+ * Returns 0, or -1 when out of memory. */
+static int fit_run(const record_ctx *ctx, run_buffers *buf, size_t records)
+{
+    if (records <= buf->records)
+        return 0;
+    size_t doubled = 2 * buf->records < ctx->max_run ? 2 * buf->records : ctx->max_run;
+    if (records < doubled)
+        records = doubled;
+    struct iovec *iov = realloc(buf->iov, sizeof *iov * records * ctx->iovs_per_record);
+    if (!iov)
+        return -1;
+    buf->iov = iov;
+    if (ctx->scratch_bytes) {
+        char *scratch = realloc(buf->scratch, records * ctx->scratch_bytes);
+        if (!scratch)
+            return -1;
+        buf->scratch = scratch;
+    }
+    buf->records = records;
+    return 0;
+}
+
+/* The scratch space of record k of a run (NULL when no field lands in scratch). */
+static char *run_scratch(const record_ctx *ctx, const run_buffers *buf, size_t k)
+{
+    return buf->scratch ? buf->scratch + k * ctx->scratch_bytes : NULL;
+}
+
+/* Reads the run [item, stop) of shard s with one preadv (several if a signal or a short read cuts
+ * it), then converts its records. In the page-cache pass, a run that is not wholly in the page
+ * cache is flagged for the blocking pass, all of it. An error names the first record that was not
+ * read in full. Returns SF_OK or the error kind (err filled). */
+static int read_run(const record_ctx *ctx, size_t item, size_t stop, size_t s, const run_buffers *buf,
+                    sf_error *err)
+{
+    const sf_shards *sh = ctx->shards;
+    int64_t first = ctx->indices[row_of(ctx, item)];
+    off_t at = (off_t)sh->header_bytes + (off_t)(first - sh->starts[s]) * (off_t)sh->record_bytes +
+               (off_t)ctx->fields[0].src_offset;
+    size_t skip = sh->record_bytes - ctx->span_bytes; /* from one record's span to the next one's */
+    size_t count = 0;
+    for (size_t i = item; i < stop; i++) {
+        if (i > item && skip > 0) {
+            buf->iov[count].iov_base = buf->discard;
+            buf->iov[count++].iov_len = skip;
+        }
+        count += record_iovecs(ctx, row_of(ctx, i), run_scratch(ctx, buf, i - item), buf->discard,
+                               buf->iov + count);
+    }
+    size_t total = (stop - item - 1) * sh->record_bytes + ctx->span_bytes;
+    if (count > 0) {
+#ifdef SF_HAVE_NOWAIT
+        if (ctx->missed) {
+            if (!preadv_cached(sh->fds[s], buf->iov, count, at, total)) {
+                for (size_t i = item; i < stop; i++)
+                    ctx->missed[row_of(ctx, i)] = 1;
+                return SF_OK;
+            }
+        } else
+#endif
+        {
+            size_t done = 0;
+            int rc = preadv_full(sh->fds[s], buf->iov, (int)count, at, &done);
+            if (rc != SF_OK) {
+                /* Record j of the run is whole once j * record_bytes + span_bytes were read. */
+                size_t failed = done < ctx->span_bytes ? 0 : (done - ctx->span_bytes) / sh->record_bytes + 1;
+                set_error(err, rc, SF_FILE_RECORDS, s, (int64_t)(at + (off_t)(failed * sh->record_bytes)),
+                          first + (int64_t)failed);
+                return rc;
+            }
+        }
+    }
+    for (size_t i = item; i < stop; i++)
+        convert_record(ctx, row_of(ctx, i), run_scratch(ctx, buf, i - item));
+    return SF_OK;
+}
+
+/* Reads items [begin, end): records adjacent on disk in runs (see collect_run), others one by one. */
 static int read_records_pread(void *vctx, size_t begin, size_t end, sf_error *err)
 {
     const record_ctx *ctx = vctx;
-    const sf_shards *sh = ctx->shards;
-    const sf_field_out *fields = ctx->fields;
-    void (*convert)(int, float *, const void *, size_t, const sf_affine *, size_t) =
-        ctx->stream ? sf_convert_stream : sf_convert;
+    run_buffers buf = {NULL, NULL, NULL, 0};
+    buf.discard = ctx->discard_bytes ? malloc(ctx->discard_bytes) : NULL;
     int rc = SF_OK;
-    struct iovec *iov = malloc(sizeof *iov * (2 * ctx->n_fields + 1));
-    char *discard = ctx->gap_bytes ? malloc(ctx->gap_bytes) : NULL;
-    char *scratch = ctx->scratch_bytes ? malloc(ctx->scratch_bytes) : NULL;
-    char **landing = malloc(sizeof *landing * (ctx->n_fields + 1));
-    if (!iov || !landing || (ctx->gap_bytes && !discard) || (ctx->scratch_bytes && !scratch)) {
+    if (ctx->discard_bytes && !buf.discard)
+        rc = SF_ERR_NOMEM;
+    size_t item = begin;
+    while (rc == SF_OK && item < end) {
+        size_t s = 0;
+        size_t stop = collect_run(ctx, item, end, &s);
+        if (fit_run(ctx, &buf, stop - item) != 0) {
+            rc = SF_ERR_NOMEM;
+            break;
+        }
+        rc = read_run(ctx, item, stop, s, &buf, err);
+        item = stop;
+    }
+    if (rc == SF_ERR_NOMEM) {
         set_error(err, SF_ERR_NOMEM, SF_FILE_RECORDS, 0, -1, -1);
         err->shard = -1;
-        rc = SF_ERR_NOMEM;
-        goto done;
     }
-
-    for (size_t item = begin; item < end; item++) {
-        size_t r = ctx->rows ? ctx->rows[item] : item;
-        int64_t index = ctx->indices[r];
-        size_t s = shard_of(sh, index);
-        off_t record = (off_t)sh->header_bytes + (off_t)(index - sh->starts[s]) * (off_t)sh->record_bytes;
-
-        int count = 0;
-        size_t cursor = fields[0].src_offset, scratch_used = 0;
-        for (size_t k = 0; k < ctx->n_fields; k++) {
-            const sf_field_out *f = &fields[k];
-            char *row = f->dst + r * f->dst_bytes;
-            if (f->cast == SF_CAST_COPY)
-                landing[k] = row;
-            else if (!lands_in_scratch(ctx, f))
-                landing[k] = row + (f->dst_bytes - f->src_bytes);
-            else {
-                landing[k] = scratch + scratch_used;
-                scratch_used += f->src_bytes;
-            }
-            if (f->src_bytes == 0)
-                continue;
-            if (f->src_offset > cursor) {
-                iov[count].iov_base = discard;
-                iov[count++].iov_len = f->src_offset - cursor;
-            }
-            iov[count].iov_base = landing[k];
-            iov[count++].iov_len = f->src_bytes;
-            cursor = f->src_offset + f->src_bytes;
-        }
-        if (count > 0) {
-            off_t at = record + (off_t)fields[0].src_offset;
-#ifdef SF_HAVE_NOWAIT
-            if (ctx->missed) {
-                if (!preadv_cached(sh->fds[s], iov, count, at, cursor - fields[0].src_offset)) {
-                    ctx->missed[r] = 1;
-                    continue;
-                }
-            } else
-#endif
-            {
-                rc = preadv_full(sh->fds[s], iov, count, at);
-                if (rc != SF_OK) {
-                    set_error(err, rc, SF_FILE_RECORDS, s, (int64_t)at, index);
-                    goto done;
-                }
-            }
-        }
-        for (size_t k = 0; k < ctx->n_fields; k++) {
-            const sf_field_out *f = &fields[k];
-            if (f->cast != SF_CAST_COPY)
-                convert(f->cast, (float *)(f->dst + r * f->dst_bytes), landing[k], f->count, &f->affine, 0);
-        }
-    }
-done:
-    free(iov);
-    free(discard);
-    free(scratch);
-    free(landing);
+    free(buf.discard);
+    free(buf.iov);
+    free(buf.scratch);
     return rc == SF_OK ? 0 : -1;
 }
 
@@ -405,6 +534,42 @@ static size_t cpu_count(void)
     return n > 0 ? (size_t)n : 1;
 }
 
+/* The items of a blocking pass cut into runs (collect_run): item starts[j] begins run j, and
+ * starts[runs] is the item count. */
+typedef struct run_split {
+    record_ctx *ctx;
+    const size_t *starts;
+} run_split;
+
+static int read_run_range(void *vsplit, size_t begin, size_t end, sf_error *err)
+{
+    const run_split *split = vsplit;
+    return read_records_pread(split->ctx, split->starts[begin], split->starts[end], err);
+}
+
+/* Blocking preadv of items [0, items) on `threads` threads, handed out in whole runs: a run of
+ * adjacent records stays one read from the disk, not one per thread's share of it. */
+static int read_blocking(record_ctx *ctx, size_t items, size_t threads, sf_error *err)
+{
+    size_t *starts = malloc((items + 1) * sizeof *starts);
+    if (!starts) {
+        set_error(err, SF_ERR_NOMEM, SF_FILE_RECORDS, 0, -1, -1);
+        err->shard = -1;
+        return -1;
+    }
+    size_t runs = 0;
+    for (size_t item = 0; item < items; runs++) {
+        size_t shard = 0;
+        starts[runs] = item;
+        item = collect_run(ctx, item, items, &shard);
+    }
+    starts[runs] = items;
+    run_split split = {ctx, starts};
+    int rc = sf_parallel_for(runs, pick_chunk(runs, threads, 1), threads, read_run_range, &split, err);
+    free(starts);
+    return rc;
+}
+
 /* More threads than CPUs only help records that wait for the disk; for records in the page cache
  * they only add thread switches. So a first pass `fn` on at most one thread per CPU reads what is
  * in the page cache without waiting (preadv2 RWF_NOWAIT; on the map path, until copies turn slow),
@@ -432,7 +597,7 @@ static int read_cached_first(record_ctx *ctx, sf_range_fn fn, size_t n, size_t m
             rows[m++] = r;
     ctx->rows = rows;
     if (m > 0)
-        rc = sf_parallel_for(m, pick_chunk(m, threads, 1), threads, read_records_pread, ctx, err);
+        rc = read_blocking(ctx, m, threads, err);
     ctx->rows = NULL;
 done:
     free(missed);
@@ -450,25 +615,46 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
     ctx.indices = indices;
     ctx.fields = fields;
     ctx.n_fields = n_fields;
+    sf_error_clear(err);
+    if (n_fields == 0 || n == 0)
+        return 0;
     size_t bytes = 0, converted_bytes = 0;
     for (size_t k = 0; k < n_fields; k++) {
         bytes += fields[k].src_bytes;
         if (fields[k].cast != SF_CAST_COPY)
             converted_bytes += fields[k].dst_bytes;
     }
-    ctx.stream = n > 0 && converted_bytes >= SF_STREAM_MIN_BYTES / n;
+    ctx.stream = converted_bytes >= SF_STREAM_MIN_BYTES / n;
+    /* The iovecs of one record as record_iovecs builds them: one per field with bytes, one per gap
+     * before such a field; plus one for the skip from the previous record of a run. */
+    size_t cursor = fields[0].src_offset;
+    ctx.iovs_per_record = 1;
     for (size_t k = 0; k < n_fields; k++) {
-        if (lands_in_scratch(&ctx, &fields[k]))
-            ctx.scratch_bytes += fields[k].src_bytes;
-        if (k > 0) {
-            size_t prev_end = fields[k - 1].src_offset + fields[k - 1].src_bytes;
-            if (fields[k].src_offset - prev_end > ctx.gap_bytes)
-                ctx.gap_bytes = fields[k].src_offset - prev_end;
+        const sf_field_out *f = &fields[k];
+        if (lands_in_scratch(&ctx, f))
+            ctx.scratch_bytes += f->src_bytes;
+        if (f->src_bytes == 0)
+            continue;
+        if (f->src_offset > cursor) {
+            ctx.iovs_per_record++;
+            if (f->src_offset - cursor > ctx.discard_bytes)
+                ctx.discard_bytes = f->src_offset - cursor;
         }
+        ctx.iovs_per_record++;
+        cursor = f->src_offset + f->src_bytes;
     }
-    sf_error_clear(err);
-    if (n_fields == 0 || n == 0)
-        return 0;
+    ctx.span_bytes = cursor - fields[0].src_offset;
+    size_t skip = shards->record_bytes - ctx.span_bytes;
+    ctx.max_run = 1;
+    if (ctx.span_bytes > 0 && skip <= SF_RUN_MAX_SKIP && ctx.iovs_per_record <= IOV_MAX) {
+        size_t by_iovecs = IOV_MAX / ctx.iovs_per_record;
+        size_t by_bytes = SF_RUN_BYTES / shards->record_bytes;
+        ctx.max_run = by_iovecs < by_bytes ? by_iovecs : by_bytes;
+        if (ctx.max_run < 1)
+            ctx.max_run = 1;
+    }
+    if (ctx.max_run > 1 && skip > ctx.discard_bytes)
+        ctx.discard_bytes = skip;
     size_t cpus = threads > 1 ? cpu_count() : 1;
     if (cpus > threads)
         cpus = threads;
@@ -482,7 +668,7 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
 #ifdef SF_HAVE_NOWAIT
     return read_cached_first(&ctx, read_records_pread, n, 1, cpus, threads, err);
 #endif
-    return sf_parallel_for(n, pick_chunk(n, threads, 1), threads, read_records_pread, &ctx, err);
+    return read_blocking(&ctx, n, threads, err);
 }
 
 typedef struct heap_ctx {
@@ -522,7 +708,8 @@ static int read_heap_range(void *vctx, size_t begin, size_t end, sf_error *err)
                                                 : out + rows * (f->dst_row_bytes - f->src_row_bytes);
         if (src_bytes > 0) {
             struct iovec iov = {landing, src_bytes};
-            rc = preadv_full(ctx->shards->heap_fds[s], &iov, 1, (off_t)ctx->offsets[r]);
+            size_t done = 0;
+            rc = preadv_full(ctx->shards->heap_fds[s], &iov, 1, (off_t)ctx->offsets[r], &done);
             if (rc != SF_OK) {
                 set_error(err, rc, SF_FILE_HEAP, s, ctx->offsets[r], ctx->sample[r]);
                 break;

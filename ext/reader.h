@@ -33,7 +33,9 @@ typedef struct sf_field_out {
  * sorted by src_offset and not overlap. A first pass on at most one thread per CPU (and at most
  * `threads`) takes the records that are in the page cache without waiting for the disk: copied
  * from shards->maps when use_map != 0, else preadv2(RWF_NOWAIT) on Linux. The records left are
- * read with blocking preadv on `threads` threads. */
+ * read with blocking preadv on `threads` threads. Consecutive items that are adjacent records of
+ * one shard (k, k+1, ...) are read by one preadv per run (up to 1 MiB and IOV_MAX iovecs) on the
+ * preadv paths. */
 /* Installs the SIGBUS handler that turns a fault in a copy from a map (a shard truncated after it
  * was mapped) into SF_ERR_EOF; reinstalls it if another handler replaced it. Call before each read
  * with use_map, from one thread at a time. Returns 0 or an errno value. */
