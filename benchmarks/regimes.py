@@ -206,12 +206,25 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_bytes() -> int:
+def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def peak_rss_bytes() -> int:
+    return _status_bytes("VmHWM:")
+
+
+def rss_bytes() -> int:
+    return _status_bytes("VmRSS:")
+
+
+def anon_bytes() -> int:
+    """Private (anonymous) resident memory: RSS without the pages of mapped files."""
+    return _status_bytes("RssAnon:")
 
 
 # ---- one profile's data ------------------------------------------------------------------------
