@@ -68,32 +68,6 @@ def pass_samples(data: BenchData, regime: str, timing: bool) -> int:
     return max(batch, min(want, most) // batch * batch)
 
 
-def _same(reader, x: np.ndarray, expected: np.ndarray) -> bool:
-    if x.shape != expected.shape or x.dtype != np.float32:
-        return False
-    if getattr(reader, "exact", True):
-        return bool(np.array_equal(x.view(np.uint32), expected.view(np.uint32)))
-    return bool(np.allclose(x, expected, rtol=reader.tolerance, atol=0))
-
-
-def check_pass(reader, data: BenchData, order: np.ndarray) -> None:
-    """One pass over ``order``: every sample once (in ``order`` for readers that follow it), and
-    every batch equal to numpy's."""
-    seen = []
-    for ids, x in reader.read_pass(order):
-        x = np.asarray(x)
-        assert _same(reader, x, data.reference(ids)), \
-            f"{reader.name} differs from numpy.memmap + astype on profile {data.profile.name}"
-        seen.append(np.asarray(ids, np.int64))
-    seen = np.concatenate(seen)
-    assert len(seen) == len(order) and len(np.unique(seen)) == len(seen), \
-        f"{reader.name}: a pass of {len(order)} samples gave {len(seen)} ({len(np.unique(seen))} distinct)"
-    if reader.follows_order:
-        assert np.array_equal(seen, order), f"{reader.name} did not read in the order given"
-    else:
-        assert np.isin(seen, np.arange(data.count)).all()
-
-
 class Passes:
     """The timed function: one pass of a fresh permutation, cut short after PASS_SECONDS; records
     (samples, seconds, peak RSS growth, anonymous memory growth) of every pass: how far the
@@ -159,7 +133,7 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
     # Correctness, every run: one short pass checked against numpy.
     reader.open()
     try:
-        check_pass(reader, data, next(data.orders(seed=1))[:2 * data.profile.batch])
+        readers.check_pass(reader, data, next(data.orders(seed=1))[:2 * data.profile.batch])
     finally:
         reader.close()
 

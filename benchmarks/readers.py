@@ -57,6 +57,32 @@ class Reader:
         raise NotImplementedError
 
 
+def same_values(reader, x: np.ndarray, expected: np.ndarray) -> bool:
+    if x.shape != expected.shape or x.dtype != np.float32:
+        return False
+    if getattr(reader, "exact", True):
+        return bool(np.array_equal(x.view(np.uint32), expected.view(np.uint32)))
+    return bool(np.allclose(x, expected, rtol=reader.tolerance, atol=0))
+
+
+def check_pass(reader: Reader, data, order: np.ndarray) -> None:
+    """One pass over ``order``: every sample once (in ``order`` for readers that follow it), and
+    every batch equal to numpy's."""
+    seen = []
+    for ids, x in reader.read_pass(order):
+        x = np.asarray(x)
+        assert same_values(reader, x, data.reference(ids)), \
+            f"{reader.name} differs from numpy.memmap + astype on profile {data.profile.name}"
+        seen.append(np.asarray(ids, np.int64))
+    seen = np.concatenate(seen)
+    assert len(seen) == len(order) and len(np.unique(seen)) == len(seen), \
+        f"{reader.name}: a pass of {len(order)} samples gave {len(seen)} ({len(np.unique(seen))} distinct)"
+    if reader.follows_order:
+        assert np.array_equal(seen, order), f"{reader.name} did not read in the order given"
+    else:
+        assert np.isin(seen, np.arange(data.count)).all()
+
+
 class MemmapReader(Reader):
     """The baseline everyone writes by hand: ``np.memmap`` fancy indexing, then ``astype``."""
 

@@ -2,56 +2,29 @@
 limit (benchmarks/fio.py), on small datasets: every pass yields each sample once, equal to numpy's
 ``memmap[ids].astype(float32)`` (+ normalisation), and fio reads each record once, record-aligned.
 
-The data object is a stand-in for the benchmark's with the same interface (profile, count, path,
-record_file, peer_dir, open_memmap, normalise, reference), at small shapes."""
+The data object is the benchmark's own (benchmarks/regimes.py), at small shapes."""
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from typing import Tuple
 
 import numpy as np
 import pytest
 
-import shardfeed
-from shardfeed.format import HEADER_BYTES, read_manifest
+from shardfeed.format import HEADER_BYTES
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import fio  # noqa: E402
 import peers  # noqa: E402
-
-_MEAN = np.array([0.485, 0.456, 0.406])
-_STD = np.array([0.229, 0.224, 0.225])
-NORM_SCALE = (1.0 / (255.0 * _STD)).astype(np.float32).reshape(3, 1, 1)
-NORM_OFFSET = (-_MEAN / _STD).astype(np.float32).reshape(3, 1, 1)
+from readers import check_pass  # noqa: E402
+from regimes import BenchData, Profile  # noqa: E402
 
 LIBRARY = {peers.H5pyReader: "h5py", peers.TFDataReader: "tensorflow",
            peers.TorchW0Reader: "torch", peers.TorchW2Reader: "torch"}
 # Python 3.12+ warns at every fork of a process with threads (numpy's BLAS, TensorFlow's pools);
 # the torch workers are forked, and only run numpy.
 FORK_WARNING = "ignore:This process .* is multi-threaded:DeprecationWarning"
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    dtype: str
-    shape: Tuple[int, ...]
-    batch: int
-    normalise: bool
-
-    @property
-    def record_bytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
-
-    @property
-    def output_bytes(self) -> int:
-        return int(np.prod(self.shape)) * 4
-
-    def kwargs(self) -> dict:
-        return {"scale": NORM_SCALE, "offset": NORM_OFFSET} if self.normalise else {}
 
 
 PROFILES = [
@@ -62,57 +35,11 @@ PROFILES = [
 COUNT = 300  # ids cross 128, where a TFRecord id's varint gets a byte longer; a partial last batch
 
 
-class Data:
-    def __init__(self, root: str, profile: Profile, count: int):
-        self.profile, self.count = profile, count
-        self.path = os.path.join(root, profile.name)
-        self.peer_dir = self.path + "-peers"
-        os.makedirs(self.peer_dir)
-        rng = np.random.default_rng(len(profile.name))
-        shape = (count,) + profile.shape
-        if profile.dtype == "uint8":
-            values = rng.integers(0, 256, shape, dtype=np.uint8)
-        else:
-            values = rng.standard_normal(shape, dtype=np.float32).astype(profile.dtype)
-        with shardfeed.Writer(self.path, {"x": (profile.dtype, profile.shape)}, shard_size=1 << 40) as writer:
-            writer.extend({"x": values})
-        self.record_file = os.path.join(self.path, read_manifest(self.path).shards[0].file)
-
-    def open_memmap(self) -> np.memmap:
-        return np.memmap(self.record_file, dtype=self.profile.dtype, mode="r", offset=HEADER_BYTES,
-                         shape=(self.count,) + self.profile.shape)
-
-    def normalise(self, x: np.ndarray) -> np.ndarray:
-        if self.profile.normalise:
-            x *= NORM_SCALE
-            x += NORM_OFFSET
-        return x
-
-    def reference(self, ids: np.ndarray) -> np.ndarray:
-        return self.normalise(self.open_memmap()[ids].astype(np.float32))
-
-
 @pytest.fixture(scope="module", params=PROFILES, ids=[p.name for p in PROFILES])
 def data(request, tmp_path_factory):
-    return Data(os.fspath(tmp_path_factory.mktemp("peers")), request.param, COUNT)
-
-
-def check_pass(reader, data: Data, order: np.ndarray) -> None:
-    seen = []
-    for ids, x in reader.read_pass(order):
-        expected = data.reference(ids)
-        assert isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape == expected.shape
-        if getattr(reader, "exact", True):
-            np.testing.assert_array_equal(x.view(np.uint32), expected.view(np.uint32))
-        else:
-            np.testing.assert_allclose(x, expected, rtol=reader.tolerance, atol=0)
-        seen.append(np.asarray(ids, np.int64))
-    seen = np.concatenate(seen)
-    assert len(seen) == len(order) and len(np.unique(seen)) == len(seen)
-    if reader.follows_order:
-        np.testing.assert_array_equal(seen, order)
-    else:
-        assert ((seen >= 0) & (seen < data.count)).all()
+    data = BenchData(os.fspath(tmp_path_factory.mktemp("peers")), request.param, COUNT)
+    yield data
+    data.close()
 
 
 @pytest.mark.filterwarnings(FORK_WARNING)
