@@ -481,7 +481,8 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
     const sf_field_out *g = &ctx->fields[0];
     size_t group = 0; /* records per gathered group; 0: convert record by record */
     if (ctx->n_fields == 1 && !ctx->rows && g->cast != SF_CAST_COPY &&
-        g->src_bytes <= SF_GATHER_BYTES / 8 && g->dst_bytes == g->count * sizeof(float) &&
+        g->src_bytes != 0 && g->src_bytes <= SF_GATHER_BYTES / 8 &&
+        g->dst_bytes == g->count * sizeof(float) &&
         (!g->affine.scale || g->count % (g->affine.inner * g->affine.period) == 0))
         group = SF_GATHER_BYTES / g->src_bytes;
     char gathered[SF_GATHER_BYTES];
