@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fio  # noqa: E402
 import peers  # noqa: E402
 import readers  # noqa: E402
-from regimes import (COLD, OUT_OF_CORE, PAGE_CACHED, BenchData, MemoryLimit, evict,  # noqa: E402
-                     Pin, memory_cgroup_unavailable, out_of_core_limit, peak_rss_bytes, reset_peak_rss,
+from regimes import (COLD, OUT_OF_CORE, PAGE_CACHED, BenchData, evict,  # noqa: E402
+                     Pin, memory_cgroup_unavailable, peak_rss_bytes, reset_peak_rss,
                      resident_fraction, rss_bytes, anon_bytes)
 from shardfeed.format import HEADER_BYTES  # noqa: E402
 
@@ -114,7 +114,7 @@ def _describe(benchmark, data: BenchData, regime: str, reader_name: str, samples
     benchmark.group = f"{regime}-{profile.name}"
     benchmark.extra_info.update(regime=regime, reader=reader_name, profile=profile.name, batch=profile.batch,
                                 record_bytes=profile.record_bytes, output_bytes_per_sample=profile.output_bytes,
-                                dataset_samples=data.count, dataset_bytes=data.count * profile.record_bytes,
+                                dataset_samples=data.count, dataset_bytes=data.dataset_bytes,
                                 samples_per_pass=samples)
 
 
@@ -168,7 +168,7 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
     else:
         data.release()
         evict(files)
-        limit = MemoryLimit(out_of_core_limit(data.count * data.profile.record_bytes))
+        limit = data.memory_limit()
         try:
             with limit:
                 reader.open()
@@ -197,18 +197,14 @@ def test_disk_limit(benchmark, bench_data: BenchData, timing_enabled: bool, regi
     files = [data.record_file]
     data.release()
     configurations = None if timing_enabled else fio.QUICK_CONFIGURATIONS
-    if regime == COLD:
+    limit = data.memory_limit() if regime == OUT_OF_CORE else None
+    try:
         result = benchmark.pedantic(fio.best_fio, args=(files, data.profile.record_bytes, HEADER_BYTES, samples),
-                                    kwargs=dict(evict=lambda: evict(files), configurations=configurations),
+                                    kwargs=dict(evict=lambda: evict(files), configurations=configurations,
+                                                cgroup_procs=None if limit is None else limit.procs),
                                     rounds=1, iterations=1)
-    else:
-        limit = MemoryLimit(out_of_core_limit(data.count * data.profile.record_bytes))
-        try:
-            result = benchmark.pedantic(fio.best_fio, args=(files, data.profile.record_bytes, HEADER_BYTES, samples),
-                                        kwargs=dict(evict=lambda: evict(files), cgroup_procs=limit.procs,
-                                                    configurations=configurations),
-                                        rounds=1, iterations=1)
-        finally:
+    finally:
+        if limit is not None:
             limit.remove()
     assert result["iops"] > 0
     benchmark.extra_info.update(samples_per_s=result["iops"],

@@ -138,10 +138,8 @@ class ShardfeedLoaderReader(ShardfeedReader):
     name = "shardfeed-loader"
 
     def read_pass(self, order: np.ndarray) -> Batches:
-        from shardfeed.order import Subset
-        subset = Subset(self.dataset).subset(order)
         kwargs = self.profile.kwargs()
-        batches = subset.batches(self.profile.batch, fields="x", shuffle=False, dtype="float32", **kwargs)
+        batches = self.dataset.subset(order).batches(self.profile.batch, fields="x", shuffle=False, dtype="float32", **kwargs)
         for ids, batch in zip(self.batches(order), batches):
             yield ids, batch["x"]
 

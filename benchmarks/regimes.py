@@ -251,6 +251,14 @@ class BenchData:
         self._cast = CASTS[profile.dtype]
         self._affine = affine_layout(field, NORM_SCALE, NORM_OFFSET) if profile.normalise else (None, None, 1, 1)
 
+    @property
+    def dataset_bytes(self) -> int:
+        return self.count * self.profile.record_bytes
+
+    def memory_limit(self) -> MemoryLimit:
+        """A memory cgroup for the out-of-core regime (see :func:`out_of_core_limit`)."""
+        return MemoryLimit(out_of_core_limit(self.dataset_bytes))
+
     def open_memmap(self) -> np.memmap:
         return np.memmap(self.record_file, dtype=self.profile.dtype, mode="r", offset=HEADER_BYTES,
                          shape=(self.count,) + self.profile.shape)

@@ -15,8 +15,8 @@ read twice.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
+import sys
 import shutil
 import statistics
 import tempfile
@@ -27,6 +27,9 @@ import numpy as np
 
 import shardfeed
 from shardfeed.format import read_manifest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import regimes  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -64,29 +67,12 @@ def shard_files(path: str) -> List[str]:
 
 
 def evict(path: str) -> None:
-    os.sync()
-    for name in shard_files(path):
-        fd = os.open(name, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    regimes.evict(shard_files(path))
 
 
-def warm(path: str) -> List[np.memmap]:
-    """Reads every shard file and mlock()s its pages where allowed, so page-cached runs stay
-    page-cached (some VMs evict a file's pages seconds after a read, e.g. DAMON pageout). Keep the
-    returned maps while timing page-cached reads; drop them before evicting."""
-    pins = []
-    libc = ctypes.CDLL(None, use_errno=True)
-    for name in shard_files(path):
-        with open(name, "rb") as f:
-            while f.read(1 << 24):
-                pass
-        pages = np.memmap(name, dtype=np.uint8, mode="r")
-        if libc.mlock(ctypes.c_void_p(pages.ctypes.data), ctypes.c_size_t(pages.nbytes)) == 0:
-            pins.append(pages)
-    return pins
+def warm(path: str) -> regimes.Pin:
+    """Keeps the dataset's shard files in the page cache until the returned pin is closed."""
+    return regimes.Pin(shard_files(path))
 
 
 def batches(count: int, batch: int, seed: int, order: str = "random") -> List[np.ndarray]:
@@ -166,7 +152,7 @@ def sweep_threads(root: str, size: int, cold: bool) -> None:
         readers = {str(t): reader(ds, normalise, batch, shape, t) for t in THREADS}
         cached_rows[name] = cached_rates(readers, count, batch)
         ds.close()
-        del pins
+        pins.close()
         if cold and name != "f16-128B":
             openers = {str(t): lambda t=t: shardfeed.open(path, threads=t) for t in THREADS}
             cold_rows[name] = cold_rates(path, openers, lambda d, _: reader(d, normalise, batch, shape), count,
@@ -196,7 +182,7 @@ def sweep_mmap(root: str, size: int, cold: bool) -> None:
         cached_rows[label] = cached_rates(readers, count, 256)
         for ds in handles:
             ds.close()
-        del pins
+        pins.close()
         if cold:
             openers = {"mmap": lambda: shardfeed.open(path, mmap=True),
                        "preadv": lambda: shardfeed.open(path, mmap=False)}
@@ -224,7 +210,7 @@ def sweep_order(root: str, size: int, cold: bool) -> None:
                 ds.read(np.arange(0, count, max(1, 4096 // record)), "x")
                 read = reader(ds, False, 256, shape)
                 cached_rows[label] = {o: cached_rates({o: read}, count, 256, order=o)[o] for o in ORDERS}
-            del pins
+            pins.close()
             if cold:
                 opener = {label: lambda: shardfeed.open(path, mmap=mapped)}
                 cold_rows[label] = {o: cold_rates(path, opener, lambda d, _: reader(d, False, 256, shape), count, 256,
