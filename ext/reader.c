@@ -38,8 +38,11 @@
 #define SF_RUN_BYTES ((size_t)1 << 20)
 #define SF_RUN_MAX_SKIP ((size_t)4096)
 
-/* Bytes of work below which a chunk is not worth handing to another thread (memory copies). */
-#define SF_MAP_CHUNK_BYTES (64 * 1024)
+/* Bytes of work below which a chunk is not worth handing to another thread (memory copies): waking
+ * a pool thread costs tens of microseconds on a VM, as long as copying ~100 KiB from the page
+ * cache. 256 KiB: a 133 KiB batch read on the caller alone took 62-71 us against 108-151 us split
+ * in two 64 KiB chunks; 2 MiB and 9 MiB batches unchanged (benchmarks/RESULTS.md). */
+#define SF_MAP_CHUNK_BYTES (256 * 1024)
 
 /* Converted output of a batch from this size on is written with non-temporal stores: it does not
  * fit in the cache anyway, and not reading every output line into the cache first makes the

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import shardfeed
+import shardfeed.loader
 from shardfeed import Sampler
 from shardfeed.loader import ArrayPool, BatchPlan, Prefetcher
 
@@ -40,6 +41,12 @@ def data(tmp_path_factory):
         w.extend(columns)
     with shardfeed.open(path) as ds:
         yield ds, columns
+
+
+@pytest.fixture(autouse=True)
+def recycle_small_batches(monkeypatch):
+    """These batches are small (tens of KiB): recycle them all the same, to test the pool."""
+    monkeypatch.setattr(shardfeed.loader, "RECYCLE_MIN_BYTES", 0)
 
 
 @pytest.fixture
@@ -247,6 +254,23 @@ def test_threads_sharing_a_plan_never_share_arrays(data):
     assert plan.pool.reused > 100 and len(plan.pool) <= 48
 
 
+def test_only_batches_of_at_least_the_threshold_are_recycled(data, monkeypatch):
+    """By default a plan pools its arrays only when a batch's output is at least
+    RECYCLE_MIN_BYTES: below that a new array costs less than the pool's checks."""
+    ds, _ = data
+    monkeypatch.setattr(shardfeed.loader, "RECYCLE_MIN_BYTES", 4 << 20)
+    per_sample = 3 * 8 * 8 * 4 + 4  # float32 image + label
+    assert BatchPlan(ds, 64, inputs="image", targets="label").pool is None
+    large = -(-(4 << 20) // per_sample)
+    assert BatchPlan(ds, large, inputs="image", targets="label").pool is not None
+    assert BatchPlan(ds, large - 1, inputs="image", targets="label").pool is None
+    # a variable-length field counts at its maxlen (float32 rows of one element)
+    assert BatchPlan(ds, 700, inputs="tokens", maxlen=1500).pool is not None
+    assert BatchPlan(ds, 700, inputs="tokens", maxlen=1497).pool is None
+    monkeypatch.setattr(shardfeed.loader, "RECYCLE_MIN_BYTES", 0)
+    assert BatchPlan(ds, 64, inputs="image", targets="label").pool is not None
+
+
 def test_pickled_plans_start_with_an_empty_pool(data):
     ds, _ = data
     plan = BatchPlan(ds, 64, inputs="image", pool_size=5)
@@ -260,7 +284,9 @@ def test_pickled_plans_start_with_an_empty_pool(data):
 FORK_SCRIPT = """
 import os, sys, threading, time
 import shardfeed
+import shardfeed.loader
 from shardfeed.loader import BatchPlan
+shardfeed.loader.RECYCLE_MIN_BYTES = 0
 plan = BatchPlan(shardfeed.open(sys.argv[1]), 64, inputs="image")
 plan.load(0)
 locked = threading.Event()

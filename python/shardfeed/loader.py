@@ -17,7 +17,9 @@ handed out, or for an array that does not own its memory, the owner, whose count
 too), a TensorFlow tensor wrapping it holds it (``tf.numpy_function`` and
 ``Dataset.from_generator`` outputs included, until the tensor is freed), a ``memoryview`` or
 buffer export holds it. The check and the claim (the reader's own reference) happen under the
-pool's lock, so two threads never take the same set. Only arrays the loader allocated are
+pool's lock, so two threads never take the same set. Only batches of at least
+``RECYCLE_MIN_BYTES`` (4 MiB) are recycled: smaller blocks come back from glibc's heap without
+page faults, and the checks would cost more than they save. Only arrays the loader allocated are
 recycled, never arrays a ``transform`` returns (the arrays read before a transform are, once the
 transform and whatever it returned drop them). A variable-length field is recycled only with a
 fixed ``maxlen`` (else its padded length changes with the batch). ``recycle=False`` turns this off
@@ -43,6 +45,10 @@ from .order import Sampler, as_subset
 
 DEFAULT_PREFETCH = 2
 DEFAULT_POOL_SIZE = 4  # sets of output arrays a plan keeps for reuse, unless its caller says otherwise
+# Batches whose output arrays total less than this are read into new arrays even with ``recycle``:
+# glibc's heap hands a freed block of that size back without page faults, so a new array costs
+# nothing, while the pool's checks cost ~30 us a batch (benchmarks/RESULTS.md, "Recycling").
+RECYCLE_MIN_BYTES = 4 << 20
 # A generator's pool: the prefetch queue, the batch being read, the consumer's batch, and Keras's
 # (the two batches it peeks at and keeps, and what tf.data holds; see benchmarks/RESULTS.md).
 GENERATOR_POOL_EXTRA = 4
@@ -272,8 +278,19 @@ class BatchPlan:
         limits = maxlen if isinstance(maxlen, abc.Mapping) else dict.fromkeys(self.fields, maxlen)
         fixed = [name for name in self.fields if name not in self.empty.lengths or limits.get(name) is not None]
         self.pool: Optional[ArrayPool] = None
-        if recycle and fixed and RECYCLING_SUPPORTED:
+        if recycle and fixed and RECYCLING_SUPPORTED and self._batch_bytes(fixed, limits) >= RECYCLE_MIN_BYTES:
             self.pool = ArrayPool(fixed, pool_size)
+
+    def _batch_bytes(self, fixed: List[str], limits: Mapping[str, Any]) -> int:
+        """Bytes of a full batch's output arrays of the fields ``fixed``."""
+        total = 0
+        for name in fixed:
+            empty = self.empty[name]
+            shape = list(empty.shape[1:])
+            if name in self.empty.lengths:
+                shape[0] = int(limits[name])
+            total += int(np.prod(shape, dtype=np.int64)) * empty.dtype.itemsize
+        return total * self.sampler.batch_size
 
     def __len__(self) -> int:
         """Batches per epoch."""
