@@ -261,9 +261,10 @@ cdef class ShardSet:
                      size_t threads):
         """Reads the records ``indices`` into the output buffers described by ``fields``: a list
         of ``(cast, src_offset, src_bytes, count, out, scale, offset, inner, period)``, sorted by
-        src_offset; ``out`` is a C-contiguous writable buffer of ``len(indices)`` rows."""
+        src_offset; ``out`` is a C-contiguous writable buffer of ``len(indices)`` rows. Returns how
+        many records were not in the page cache (all of them where that is not known)."""
         cdef size_t n = indices.shape[0], nf = len(fields), k, dst_bytes, itemsize
-        cdef size_t end = 0, start, count, step, sample_bytes = 0
+        cdef size_t end = 0, start, count, step, sample_bytes = 0, uncached = 0, slice_uncached = 0
         cdef sf_error err
         cdef int rc
         cdef Py_buffer *view
@@ -306,7 +307,7 @@ cdef class ShardSet:
                 _fill_affine(&outs[k].affine, views, scale, offset, inner, period, what)
                 sample_bytes += dst_bytes
             if n == 0 or nf == 0:
-                return
+                return 0
             if use_map:
                 rc = sf_guard_mapped_reads()
                 if rc != 0:
@@ -319,7 +320,9 @@ cdef class ShardSet:
                 while start < n and rc == 0:
                     count = n - start if n - start < step else step
                     with nogil:
-                        rc = sf_read_records(&self.c, &indices[start], count, outs, nf, use_map, threads, &err)
+                        rc = sf_read_records(&self.c, &indices[start], count, outs, nf, use_map, threads,
+                                             &slice_uncached, &err)
+                    uncached += slice_uncached
                     start += count
                     for k in range(nf):
                         outs[k].dst += count * outs[k].dst_bytes
@@ -329,8 +332,24 @@ cdef class ShardSet:
                 self._end()
             if rc != 0:
                 self._raise(&err)
+            return uncached
         finally:
             PyMem_Free(outs)
+
+    def advise(self, const int64_t[::1] indices not None):
+        """Starts reading the records ``indices`` into the page cache without waiting
+        (``POSIX_FADV_WILLNEED``). Advice: returns 0, or the errno value of a call that failed."""
+        cdef int rc = 0
+        self._check_indices(indices)
+        if indices.shape[0] == 0:
+            return 0
+        self._begin()
+        try:
+            with nogil:
+                rc = sf_advise_records(&self.c, &indices[0], <size_t>indices.shape[0])
+        finally:
+            self._end()
+        return rc
 
     def read_heap(self, const int64_t[::1] samples not None, const int64_t[::1] shards not None,
                   const int64_t[::1] offsets not None, const int64_t[::1] rows not None, int cast,

@@ -77,7 +77,8 @@ cdef extern from "reader.h":
     int sf_guard_mapped_reads()
     int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
                         const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
-                        sf_error *err) nogil
+                        size_t *uncached, sf_error *err) nogil
+    int sf_advise_records(const sf_shards *shards, const int64_t *indices, size_t n) nogil
     int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
                      const int64_t *offsets, const int64_t *rows, size_t n,
                      const sf_heap_out *field, size_t threads, sf_error *err) nogil

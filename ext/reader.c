@@ -6,6 +6,7 @@
 #include "reader.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -608,7 +609,7 @@ static int read_blocking(record_ctx *ctx, size_t items, size_t threads, sf_error
  * and only the rest of the batch goes to blocking preadv on all `threads`. `min_items`: the first
  * pass's smallest chunk. */
 static int read_cached_first(record_ctx *ctx, sf_range_fn fn, size_t n, size_t min_items,
-                             size_t cpus, size_t threads, sf_error *err)
+                             size_t cpus, size_t threads, size_t *uncached, sf_error *err)
 {
     unsigned char *missed = calloc(n, 1);
     size_t *rows = malloc(n * sizeof *rows);
@@ -628,6 +629,7 @@ static int read_cached_first(record_ctx *ctx, sf_range_fn fn, size_t n, size_t m
         if (missed[r])
             rows[m++] = r;
     ctx->rows = rows;
+    *uncached = m;
     if (m > 0)
         rc = read_blocking(ctx, m, threads, err);
     ctx->rows = NULL;
@@ -639,7 +641,7 @@ done:
 
 int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
                     const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
-                    sf_error *err)
+                    size_t *uncached, sf_error *err)
 {
     record_ctx ctx;
     memset(&ctx, 0, sizeof ctx);
@@ -648,6 +650,7 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
     ctx.fields = fields;
     ctx.n_fields = n_fields;
     sf_error_clear(err);
+    *uncached = 0;
     if (n_fields == 0 || n == 0)
         return 0;
     size_t bytes = 0, converted_bytes = 0;
@@ -695,12 +698,37 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
      * RWF_NOWAIT misses have every disk read of the batch under way at once. */
     if (use_map) {
         size_t min_items = bytes ? SF_MAP_CHUNK_BYTES / bytes : n;
-        return read_cached_first(&ctx, read_records_map, n, min_items, cpus, threads, err);
+        return read_cached_first(&ctx, read_records_map, n, min_items, cpus, threads, uncached, err);
     }
 #ifdef SF_HAVE_NOWAIT
-    return read_cached_first(&ctx, read_records_pread, n, 1, cpus, threads, err);
+    return read_cached_first(&ctx, read_records_pread, n, 1, cpus, threads, uncached, err);
 #endif
+    *uncached = n;
     return read_blocking(&ctx, n, threads, err);
+}
+
+int sf_advise_records(const sf_shards *shards, const int64_t *indices, size_t n)
+{
+#ifdef POSIX_FADV_WILLNEED
+    size_t r = 0;
+    while (r < n) {
+        size_t s = shard_of(shards, indices[r]);
+        size_t records = 1;
+        while (r + records < n && indices[r + records] == indices[r] + (int64_t)records &&
+               indices[r + records] < shards->starts[s + 1])
+            records++;
+        off_t at = (off_t)shards->header_bytes + (off_t)(indices[r] - shards->starts[s]) * (off_t)shards->record_bytes;
+        int rc = posix_fadvise(shards->fds[s], at, (off_t)(records * shards->record_bytes), POSIX_FADV_WILLNEED);
+        if (rc != 0)
+            return rc;
+        r += records;
+    }
+#else
+    (void)shards;
+    (void)indices;
+    (void)n;
+#endif
+    return 0;
 }
 
 typedef struct heap_ctx {

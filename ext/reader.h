@@ -41,9 +41,17 @@ typedef struct sf_field_out {
  * with use_map, from one thread at a time. Returns 0 or an errno value. */
 int sf_guard_mapped_reads(void);
 
+/* *uncached: how many records the first pass left to the blocking pass (not in the page cache),
+ * or n where there is no first pass. */
 int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
                     const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
-                    sf_error *err);
+                    size_t *uncached, sf_error *err);
+
+/* Asks the kernel to start reading records indices[0..n) (valid indices) into the page cache and
+ * returns without waiting for them: posix_fadvise(POSIX_FADV_WILLNEED), one call per run of
+ * adjacent records. Advice only (nothing where the call does not exist): returns 0, or the errno
+ * value of the first call that failed, the records after it not advised. */
+int sf_advise_records(const sf_shards *shards, const int64_t *indices, size_t n);
 
 /* One variable-length field read: sample r has rows[r] rows (already clipped to max_rows) at byte
  * `offsets[r]` of heap file `shard[r]`. Rows past rows[r] up to max_rows are filled with `pad`. */

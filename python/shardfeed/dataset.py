@@ -82,14 +82,17 @@ def _check_threads(threads: Any) -> Optional[int]:
 
 class Batch(dict):
     """A dict of field name -> batch array; ``lengths`` maps each variable-length field to the
-    number of valid (unpadded) rows of every sample."""
+    number of valid (unpadded) rows of every sample; ``uncached`` is how many of the batch's
+    fixed-size records were not in the page cache when it was read (each field's record reads
+    counted once; all of them on systems where the reader cannot tell)."""
 
-    def __init__(self, *args: Any, lengths: Optional[Dict[str, np.ndarray]] = None):
+    def __init__(self, *args: Any, lengths: Optional[Dict[str, np.ndarray]] = None, uncached: int = 0):
         super().__init__(*args)
         self.lengths: Dict[str, np.ndarray] = lengths or {}
+        self.uncached = uncached
 
     def __reduce__(self):
-        return (Batch, (dict(self),), {"lengths": self.lengths})
+        return (Batch, (dict(self),), {"lengths": self.lengths, "uncached": self.uncached})
 
 
 def _open_file(path: str, size: int, kind: int, manifest: Manifest) -> int:
@@ -411,7 +414,7 @@ class Dataset:
             self._check_disjoint(out)
         if len(record_reads) > 1:
             record_reads.sort(key=lambda spec: (spec[1], spec[2]))  # a zero-size field before the field at its offset
-        self._shards.read_records(index_array, record_reads, self._use_map, thread_count)
+        uncached = self._shards.read_records(index_array, record_reads, self._use_map, thread_count)
 
         lengths: Dict[str, np.ndarray] = {}
         for field, descriptors, out_dtype, cast, params in variable:
@@ -419,7 +422,16 @@ class Dataset:
                 field, index_array, descriptors, out_dtype, cast, params, out.get(field.name),
                 maxlen.get(field.name) if isinstance(maxlen, abc.Mapping) else maxlen,
                 pad_value.get(field.name, 0) if isinstance(pad_value, abc.Mapping) else pad_value, thread_count)
-        return Batch({name: results[name] for name in names}, lengths=lengths)
+        return Batch({name: results[name] for name in names}, lengths=lengths, uncached=uncached)
+
+    def readahead(self, indices: Any) -> None:
+        """Asks the kernel to start reading the records of ``indices`` from disk into the page
+        cache, and returns without waiting: a later ``read`` of them finds them there or under way.
+        The loader calls it for the next batch while it reads this one, once reads miss the page
+        cache, so that the disk always has requests queued. Advice only: a system without
+        ``posix_fadvise(POSIX_FADV_WILLNEED)``, or one that refuses it, reads nothing ahead.
+        Variable-length rows (heap files) are not read ahead; bad indices raise as in ``read``."""
+        self._shards.advise(self._indices(indices))
 
     def _check_disjoint(self, out: Mapping[str, np.ndarray]) -> None:
         arrays = list(out.items())

@@ -49,6 +49,8 @@ DEFAULT_POOL_SIZE = 4  # sets of output arrays a plan keeps for reuse, unless it
 # glibc's heap hands a freed block of that size back without page faults, so a new array costs
 # nothing, while the pool's checks cost ~30 us a batch (benchmarks/RESULTS.md, "Recycling").
 RECYCLE_MIN_BYTES = 4 << 20
+# After a batch that missed the page cache, the next batch is read ahead for this many batches.
+READAHEAD_BATCHES = 8
 # A generator's pool: the prefetch queue, the batch being read, the consumer's batch, and Keras's
 # (the two batches it peeks at and keeps, and what tf.data holds; see benchmarks/RESULTS.md).
 GENERATOR_POOL_EXTRA = 4
@@ -277,6 +279,7 @@ class BatchPlan:
         # A variable-length field has a fixed shape only with a maxlen (else the batch's longest row).
         limits = maxlen if isinstance(maxlen, abc.Mapping) else dict.fromkeys(self.fields, maxlen)
         fixed = [name for name in self.fields if name not in self.empty.lengths or limits.get(name) is not None]
+        self._readahead_left = 0  # batches to read ahead for; see read()
         self.pool: Optional[ArrayPool] = None
         if recycle and fixed and RECYCLING_SUPPORTED and self._batch_bytes(fixed, limits) >= RECYCLE_MIN_BYTES:
             self.pool = ArrayPool(fixed, pool_size)
@@ -298,11 +301,23 @@ class BatchPlan:
 
     def read(self, step: int):
         """Global step ``step`` as a :class:`~shardfeed.Batch` of fields (transformed, if the plan
-        has a transform). It carries ``indices`` (dataset indices), ``epoch`` and ``step``."""
+        has a transform). It carries ``indices`` (dataset indices), ``epoch`` and ``step``.
+
+        While the batches read miss the page cache (and for ``READAHEAD_BATCHES`` batches after
+        the last one that did), the records of step ``step + 1`` are read ahead
+        (``Dataset.readahead``) before this step is read, so the disk has the next batch's requests
+        queued while this one's last reads complete, instead of running dry at the end of every
+        batch. Page-cached data costs no readahead calls."""
         indices = self.sampler.indices(step)
+        if self._readahead_left > 0:
+            self.dataset.readahead(self.sampler.indices(step + 1))
         pool = self.pool
         out = None if pool is None else pool.take(len(indices))
         batch = self.dataset.read(indices, self.fields, out=out, **self.read_options)
+        if batch.uncached:
+            self._readahead_left = READAHEAD_BATCHES
+        elif self._readahead_left > 0:
+            self._readahead_left -= 1
         if pool is not None and out is None:
             pool.add(len(indices), [batch[name] for name in pool.fields])
         del out

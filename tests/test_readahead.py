@@ -1,0 +1,154 @@
+"""Reading ahead from disk: ``Batch.uncached`` (records a read did not find in the page cache),
+``Dataset.readahead`` (posix_fadvise WILLNEED), and the loader's rule of reading the next batch
+ahead while batches miss the page cache, never while they hit it."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+import shardfeed
+import shardfeed.loader
+from shardfeed.dataset import Dataset
+
+N = 2048
+RECORD = 4096  # one page per record: eviction and readahead are exact per record
+
+needs_fadvise = pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise to evict files")
+
+
+def evict(path):
+    """Drops the dataset's files from the page cache (written back first)."""
+    for name in os.listdir(path):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("readahead") / "ds")
+    values = np.arange(N * RECORD, dtype=np.int64).reshape(N, RECORD).astype(np.uint8)
+    with shardfeed.Writer(path, fields={"x": ("uint8", (RECORD,))}) as writer:
+        writer.extend({"x": values})
+    return path, values
+
+
+def evictable(path):
+    """Whether eviction works on this file system (not on tmpfs, say)."""
+    evict(path)
+    with shardfeed.open(path, mmap=False) as ds:
+        return ds.read(np.arange(0, N, 7), threads=1).uncached > 0
+
+
+@needs_fadvise
+@pytest.mark.parametrize("mmap", [False, True], ids=["preadv", "map"])
+def test_uncached_counts_the_records_that_missed_the_page_cache(pages, mmap):
+    path, values = pages
+    if not evictable(path):
+        pytest.skip("files here cannot be evicted from the page cache")
+    ids = np.random.default_rng(1).permutation(N)[:300]
+    evict(path)
+    with shardfeed.open(path, mmap=mmap) as ds:
+        cold = ds.read(ids)
+        warm = ds.read(ids)
+        warm_one_thread = ds.read(ids, threads=1)
+    np.testing.assert_array_equal(cold["x"], values[ids])
+    np.testing.assert_array_equal(warm["x"], values[ids])
+    assert 0 < cold.uncached <= len(ids)
+    assert warm.uncached == 0 and warm_one_thread.uncached == 0
+
+
+@needs_fadvise
+def test_readahead_brings_the_records_into_the_page_cache(pages):
+    path, values = pages
+    if not evictable(path):
+        pytest.skip("files here cannot be evicted from the page cache")
+    ids = np.random.default_rng(2).permutation(N)[:200]
+    others = np.setdiff1d(np.arange(N), ids)[:200]
+    evict(path)
+    with shardfeed.open(path, mmap=False) as ds:
+        assert ds.readahead(ids) is None
+        deadline = time.monotonic() + 10
+        while True:  # the disk reads were started, not awaited: give them time to land
+            time.sleep(0.2)
+            batch = ds.read(ids[-20:], threads=1)
+            if batch.uncached == 0 or time.monotonic() > deadline:
+                break
+        batch = ds.read(ids, threads=1)
+        assert batch.uncached == 0, "records read ahead were not in the page cache"
+        np.testing.assert_array_equal(batch["x"], values[ids])
+        assert ds.read(others, threads=1).uncached > 0  # only what was asked for was read ahead
+        ds.readahead(np.array([], np.int64))
+        ds.readahead([-1, 0, 5, 6, 7])  # negative indices count from the end, as in read
+        with pytest.raises(IndexError, match=f"index {N}"):
+            ds.readahead([0, N])
+        with pytest.raises(TypeError, match="integers"):
+            ds.readahead(np.array([0.5]))
+    with pytest.raises(ValueError, match="closed"):
+        ds.readahead([0])
+
+
+def test_the_loader_reads_ahead_exactly_while_batches_miss_the_cache(pages, monkeypatch):
+    """A stand-in read reports a scripted number of uncached records per step: the loader reads
+    step s + 1 ahead before step s exactly when one of the READAHEAD_BATCHES steps before s
+    missed the cache, and the batches are the sampler's whatever it does."""
+    path, values = pages
+    misses = {3: 5, 4: 1, 30: 2}  # step -> uncached records
+    read, calls = Dataset.read, []
+    steps_read = []
+
+    def scripted_read(self, indices, *args, **kwargs):
+        batch = read(self, indices, *args, **kwargs)
+        if len(indices) == 0:  # the plan's check of the read options
+            return batch
+        batch.uncached = misses.get(len(steps_read), 0)
+        steps_read.append(len(steps_read))
+        return batch
+
+    def recording_readahead(self, indices):
+        calls.append((len(steps_read), np.array(indices)))
+
+    monkeypatch.setattr(Dataset, "read", scripted_read)
+    monkeypatch.setattr(Dataset, "readahead", recording_readahead)
+    batch_size = 32
+    with shardfeed.open(path) as ds:
+        sampler = shardfeed.Sampler(ds, batch_size, seed=3)
+        for step, (x,) in enumerate(ds.batches(batch_size, inputs="x", seed=3, epochs=1, dtype=None)):
+            np.testing.assert_array_equal(x, values[sampler.indices(step)])
+    window = shardfeed.loader.READAHEAD_BATCHES
+    expected = [s for s in range(N // batch_size)
+                if any(0 < s - m <= window for m in misses)]
+    assert [step for step, _ in calls] == expected
+    for step, indices in calls:  # before reading step s, the records of step s + 1
+        np.testing.assert_array_equal(indices, sampler.indices(step + 1))
+
+
+@needs_fadvise
+def test_a_cold_epoch_reads_ahead_and_a_cached_one_does_not(pages, monkeypatch):
+    path, values = pages
+    if not evictable(path):
+        pytest.skip("files here cannot be evicted from the page cache")
+    readahead, calls = Dataset.readahead, []
+
+    def counting(self, indices):
+        calls.append(len(indices))
+        return readahead(self, indices)
+
+    monkeypatch.setattr(Dataset, "readahead", counting)
+    with shardfeed.open(path, mmap=False) as ds:
+        evict(path)
+        cold = [x.copy() for (x,) in ds.batches(64, inputs="x", seed=4, epochs=1, dtype=None)]
+        assert calls and calls[0] == 64  # the first batch missed the cache: the next ones are read ahead
+        calls.clear()
+        ds.read(np.arange(N))  # the whole file in the page cache
+        warm = [x.copy() for (x,) in ds.batches(64, inputs="x", seed=4, epochs=1, dtype=None)]
+    assert calls == []
+    sampler = shardfeed.Sampler(ds, 64, seed=4)
+    for step, (a, b) in enumerate(zip(cold, warm)):
+        np.testing.assert_array_equal(a, values[sampler.indices(step)])
+        np.testing.assert_array_equal(b, a)
