@@ -7,7 +7,13 @@ labels) into the same model (Dense 128 relu, Dense 10; batch 256; SGD):
   memory (Keras shuffles them each epoch);
 - ``sequence``: ``shardfeed.keras.ShardSequence`` (workers=1);
 - ``generator``: ``ds.batches(...)`` with ``steps_per_epoch``;
-- ``tf.data``: ``ds.to_tf_dataset(...)`` with ``steps_per_epoch``.
+- ``tf.data``: ``ds.to_tf_dataset(...)`` with ``steps_per_epoch``;
+- ``keras-sequence-ceiling`` and ``keras-generator-ceiling``: the same batches (the sampler's
+  order), made once from the in-memory float32 arrays, handed out by a ``keras.utils.PyDataset``
+  that only indexes a list and by a generator that only iterates it. No loader can be faster
+  through that Keras route: they measure what Keras's Python-feed path (``from_generator``, the
+  GIL, per-batch structure checks) costs on its own, so the feeds' ``ratio_to_ceiling`` says what
+  the loader itself costs.
 
 One round is one ``model.fit(..., epochs=1)`` over the whole dataset (setup included), after one
 warm-up epoch that traces the model. ``extra_info`` also has the epoch time measured inside fit
@@ -40,7 +46,8 @@ from shardfeed.keras import ShardSequence  # noqa: E402
 FEATURES, CLASSES, BATCH, HIDDEN = 256, 10, 256, 128
 TIMED_SAMPLES = 200_000  # 100 MiB stored, 200 MB of float32 for the in-memory baseline
 TIMED_ROUNDS = 7
-FEEDS = ["numpy", "sequence", "generator", "tf.data"]
+FEEDS = ["numpy", "keras-sequence-ceiling", "keras-generator-ceiling", "sequence", "generator", "tf.data"]
+CEILING = {"sequence": "keras-sequence-ceiling", "generator": "keras-generator-ceiling"}
 _medians: dict = {}
 
 
@@ -83,12 +90,37 @@ class _EpochTimer(keras.callbacks.Callback):
         self.losses.append(logs["loss"])
 
 
+class _InMemoryBatches(keras.utils.PyDataset):
+    """Batches made beforehand: ``__getitem__`` only indexes a list."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        return self.batches[index]
+
+
+def _repeat(batches):
+    while True:
+        yield from batches
+
+
 def _feed(name, ds, x, y):
     """(fit arguments, the first two batches as (x, y) numpy pairs) for one feed."""
     steps = -(-len(ds) // BATCH)
     read = dict(dtype={"x": "float32"}, seed=1)
     if name == "numpy":
         return dict(x=x, y=y, batch_size=BATCH, shuffle=True), None
+    if name.endswith("-ceiling"):
+        sampler = Sampler(ds, BATCH, seed=1)
+        batches = [(x[i], y[i].astype(np.float32)) for i in map(sampler.indices, range(steps))]
+        if name == "keras-sequence-ceiling":
+            return dict(x=_InMemoryBatches(batches), shuffle=False), batches[:2]
+        return dict(x=_repeat(batches), steps_per_epoch=steps, shuffle=False), batches[:2]
     if name == "sequence":
         seq = ShardSequence(ds, BATCH, "x", "y", **read)
         return dict(x=seq, shuffle=False), [seq[0], seq[1]]
@@ -128,14 +160,18 @@ def test_fit_throughput(benchmark, fit_data, feed):
     _medians[feed] = benchmark.stats.stats.median if benchmark.stats else None
     if feed != "numpy" and _medians.get("numpy") and _medians[feed]:
         benchmark.extra_info["ratio_to_numpy"] = _medians["numpy"] / _medians[feed]
+    ceiling = CEILING.get(feed)
+    if ceiling and _medians.get(ceiling) and _medians[feed]:
+        benchmark.extra_info["ratio_to_ceiling"] = _medians[ceiling] / _medians[feed]
     assert correct, f"{feed}: the batches differ from the sampler's samples, or the loss is not finite"
 
 
 def interleaved(cycles: int = 9, samples: int = TIMED_SAMPLES) -> None:
-    """``python benchmarks/bench_fit.py [cycles]``: the same four feeds, one epoch each in turn,
-    ``cycles`` times (the order rotating), so that a shared machine's load hits every feed alike;
-    prints each feed's median samples/s (epoch timed inside fit), median ratio to the numpy epoch of
-    the same cycle, and median CPU time (all threads) per sample."""
+    """``python benchmarks/bench_fit.py [cycles [samples]]``: the same feeds, one epoch each in
+    turn, ``cycles`` times (the order rotating), so that a shared machine's load hits every feed
+    alike; prints each feed's median samples/s (epoch timed inside fit), median ratio to the numpy
+    epoch of the same cycle (and to the ceiling epoch of its Keras route), the ratio of every
+    cycle, and median CPU time (all threads) per sample."""
     import tempfile
 
     rng = np.random.default_rng(20240607)
@@ -163,13 +199,17 @@ def interleaved(cycles: int = 9, samples: int = TIMED_SAMPLES) -> None:
                     results[feed].append((samples / timer.seconds[-1], (time.process_time() - cpu) / samples))
     print(f"model.fit, {samples:,} samples per epoch, {cycles} interleaved cycles, "
           f"{len(os.sched_getaffinity(0))} CPUs; medians")
-    print(f"{'feed':<10} {'samples/s':>10} {'ratio':>6} {'CPU us/sample':>14}")
+    print(f"{'feed':<24} {'samples/s':>10} {'ratio':>6} {'to ceiling':>10} {'CPU us/sample':>14}")
     for feed in FEEDS:
         ratios = [a[0] / b[0] for a, b in zip(results[feed], results["numpy"])]
-        print(f"{feed:<10} {statistics.median(r[0] for r in results[feed]):>10,.0f} {statistics.median(ratios):>6.2f} "
-              f"{statistics.median(r[1] for r in results[feed]) * 1e6:>14.2f}")
+        to_ceiling = ""
+        if feed in CEILING:
+            to_ceiling = f"{statistics.median(a[0] / b[0] for a, b in zip(results[feed], results[CEILING[feed]])):.2f}"
+        print(f"{feed:<24} {statistics.median(r[0] for r in results[feed]):>10,.0f} {statistics.median(ratios):>6.2f} "
+              f"{to_ceiling:>10} {statistics.median(r[1] for r in results[feed]) * 1e6:>14.2f}")
+        print(f"{'':<24} per cycle: {', '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":
     import sys
-    interleaved(*(int(a) for a in sys.argv[1:2]))
+    interleaved(*(int(a) for a in sys.argv[1:3]))
