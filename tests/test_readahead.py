@@ -80,9 +80,12 @@ def test_readahead_brings_the_records_into_the_page_cache(pages):
             if batch.uncached == 0 or time.monotonic() > deadline:
                 break
         batch = ds.read(ids, threads=1)
-        assert batch.uncached == 0, "records read ahead were not in the page cache"
+        # WILLNEED is advice: the kernel gives up on readahead pages it cannot allocate at once (the
+        # sanitizer CI run, under memory pressure, lost 2 of 200), and a page still being read counts
+        # as a miss. Nearly all must have landed, against most of the records never advised.
+        assert batch.uncached <= len(ids) // 10, "records read ahead were not in the page cache"
         np.testing.assert_array_equal(batch["x"], values[ids])
-        assert ds.read(others, threads=1).uncached > 0  # only what was asked for was read ahead
+        assert ds.read(others, threads=1).uncached >= len(others) // 2  # only what was asked for
         ds.readahead(np.array([], np.int64))
         ds.readahead([-1, 0, 5, 6, 7])  # negative indices count from the end, as in read
         with pytest.raises(IndexError, match=f"index {N}"):
