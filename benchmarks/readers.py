@@ -144,6 +144,40 @@ class ShardfeedLoaderReader(ShardfeedReader):
             yield ids, batch["x"]
 
 
+class ShardfeedBlockReader(ShardfeedReader):
+    """``ds.batches(..., shuffle_block=16)``: the loader with a block shuffle, every epoch a uniform
+    order of blocks of 16 records adjacent on disk, each block read by one ``preadv``. Like tf.data's
+    windowed shuffle it trades shuffle quality for larger disk reads, in another way: any block can
+    go anywhere in the epoch, but a batch holds ``batch / 16`` runs of storage neighbours. It picks
+    its own order (``order`` sets only the number of samples), a new seed each pass."""
+
+    name = "shardfeed-block16"
+    follows_order = False
+    SHUFFLE_BLOCK = 16
+
+    def open(self) -> None:
+        super().open()
+        self.passes = getattr(self, "passes", 0)
+
+    def read_pass(self, order: np.ndarray) -> Batches:
+        import shardfeed
+        self.passes += 1
+        batch, left = self.profile.batch, len(order)
+        options = dict(shuffle_block=self.SHUFFLE_BLOCK, seed=self.passes)
+        sampler = shardfeed.Sampler(self.dataset, batch, **options)
+        batches = self.dataset.batches(batch, fields="x", dtype="float32", epochs=1, **options,
+                                       **self.profile.kwargs())
+        try:
+            for step, read in enumerate(batches):
+                take = min(left, batch)
+                yield sampler.indices(step)[:take], read["x"][:take]
+                left -= take
+                if left == 0:
+                    break
+        finally:
+            batches.close()  # stops its prefetch thread before the next pass evicts the files
+
+
 class CopyCeilingReader(Reader):
     """The page-cached ceiling: the same records copied with one memcpy each from a memory map
     (``np.take``), then cast (and normalised) by shardfeed's conversion kernel into a reused
@@ -190,4 +224,5 @@ class CopyCeilingReader(Reader):
             yield ids, self.buffer[:n]
 
 
-READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedLoaderReader, CopyCeilingReader]
+READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedLoaderReader, ShardfeedBlockReader,
+           CopyCeilingReader]

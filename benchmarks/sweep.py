@@ -3,6 +3,7 @@
     python benchmarks/sweep.py threads            # page-cached and cold, threads = 1..32
     python benchmarks/sweep.py mmap               # mmap vs preadv by record size, cached and cold
     python benchmarks/sweep.py order              # sequential, block-shuffled and random batches
+    python benchmarks/sweep.py readahead          # cold loader epochs, reading ahead off and on
     python benchmarks/sweep.py threads --no-cold  # skip the cold runs
 
 Writes the datasets under a temporary directory (removed at exit) and prints markdown tables of
@@ -222,9 +223,47 @@ def sweep_order(root: str, size: int, cold: bool) -> None:
         table("Cold samples/s by order, same", ORDERS, cold_rows)
 
 
+def sweep_readahead(root: str, size: int, cold: bool, rounds: int = 5, samples: int = 32768) -> None:
+    """Cold ``ds.batches`` epochs (random order, new arrays per batch, prefetch 2) with the loader's
+    reading ahead off (``READAHEAD_BATCHES = 0``) and on (the default), alternating, the order
+    swapped every round; each pass reads ``samples`` samples (at most half the dataset) right after
+    eviction. Prints the median samples/s of each and the median of the per-round ratios."""
+    import shardfeed.loader
+    default = shardfeed.loader.READAHEAD_BATCHES
+    rows = {}
+    for name, (dtype, shape, batch, normalise) in PROFILES.items():
+        path = os.path.join(root, name)
+        count = write_dataset(path, dtype, shape, size)
+        take = min(samples, count // 2) // batch
+        rates: Dict[str, List[float]] = {"off": [], "on": []}
+        for r in range(rounds):
+            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                shardfeed.loader.READAHEAD_BATCHES = default if mode == "on" else 0
+                evict(path)
+                with shardfeed.open(path) as ds:
+                    epoch = ds.batches(batch, fields="x", seed=r, epochs=1, dtype="float32",
+                                       **(NORM if normalise else {}))
+                    start = time.perf_counter()
+                    for step, _ in zip(range(take), epoch):
+                        pass
+                    rates[mode].append(take * batch / (time.perf_counter() - start))
+                    epoch.close()
+        shardfeed.loader.READAHEAD_BATCHES = default
+        shutil.rmtree(path)
+        ratio = statistics.median(on / off for on, off in zip(rates["on"], rates["off"]))
+        rows[name] = {"off": statistics.median(rates["off"]), "on": statistics.median(rates["on"]),
+                      "on / off": ratio}
+    print(f"\nCold ds.batches samples/s, reading ahead off and on, {rounds} rounds, "
+          f"{size >> 20} MiB per profile, threads {shardfeed.get_num_threads()}\n")
+    print("| profile | off | on | on / off (median of rounds) |")
+    print("|---|---:|---:|---:|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['off']:,.0f} | {row['on']:,.0f} | {row['on / off']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["threads", "mmap", "order"])
+    parser.add_argument("what", choices=["threads", "mmap", "order", "readahead"])
     parser.add_argument("--no-cold", action="store_true", help="page-cached runs only")
     parser.add_argument("--mb", type=int, default=320, help="dataset size per profile in MiB")
     parser.add_argument("--threads", default=",".join(map(str, THREADS)), help="thread counts to try")
@@ -235,7 +274,8 @@ def main() -> None:
         del PROFILES[name]
     root = tempfile.mkdtemp(prefix="shardfeed-sweep-")
     try:
-        sweep = {"threads": sweep_threads, "mmap": sweep_mmap, "order": sweep_order}[args.what]
+        sweep = {"threads": sweep_threads, "mmap": sweep_mmap, "order": sweep_order,
+                 "readahead": sweep_readahead}[args.what]
         sweep(root, args.mb << 20, not args.no_cold)
     finally:
         shutil.rmtree(root, ignore_errors=True)
