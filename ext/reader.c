@@ -428,16 +428,21 @@ static const char *map_record(const sf_shards *sh, int64_t index)
     return sh->maps[s] + sh->header_bytes + (size_t)(index - sh->starts[s]) * sh->record_bytes;
 }
 
-static void prefetch_record(const sf_shards *sh, int64_t index)
+/* Prefetches the requested bytes of a record (from its first requested field to its last), not
+ * the whole record: a prefetch waits for a free line-fill buffer, and lines nobody reads (the rest
+ * of a record whose small label field is read alone) held the loop up on them. */
+static void prefetch_record(const record_ctx *ctx, int64_t index)
 {
 #if defined(__GNUC__) || defined(__clang__)
-    const char *record = map_record(sh, index);
-    size_t bytes = sh->record_bytes < SF_PREFETCH_MAX_BYTES ? sh->record_bytes : SF_PREFETCH_MAX_BYTES;
+    size_t bytes = ctx->span_bytes < SF_PREFETCH_MAX_BYTES ? ctx->span_bytes : SF_PREFETCH_MAX_BYTES;
+    if (bytes == 0)
+        return;
+    const char *first = map_record(ctx->shards, index) + ctx->fields[0].src_offset;
     for (size_t at = 0; at < bytes; at += 64)
-        __builtin_prefetch(record + at);
-    __builtin_prefetch(record + bytes - 1);
+        __builtin_prefetch(first + at);
+    __builtin_prefetch(first + bytes - 1);
 #else
-    (void)sh;
+    (void)ctx;
     (void)index;
 #endif
 }
@@ -521,7 +526,7 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
             }
         }
         if (r + SF_PREFETCH_AHEAD < end)
-            prefetch_record(sh, ctx->indices[r + SF_PREFETCH_AHEAD]);
+            prefetch_record(ctx, ctx->indices[r + SF_PREFETCH_AHEAD]);
         current = r;
         const char *record = map_record(sh, ctx->indices[r]);
         if (group) {
