@@ -7,12 +7,15 @@
   ``SHARDFEED_TEST_SEED=<seed> pytest <test id>``.
 * Every test fails when its stderr shows "Exception ignored" (an exception Cython or a finaliser
   could only print), as fastavro's suite does.
+* This directory is on ``sys.path`` (``--import-mode=importlib`` puts none there), so the Keras
+  tests share ``keras_helpers.py`` with a plain ``import``.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import sys
 import types
 import zlib
 
@@ -21,6 +24,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import shardfeed
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 settings.register_profile(
     "fast", max_examples=50, deadline=None, print_blob=True,

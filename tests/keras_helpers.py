@@ -1,5 +1,5 @@
-"""Shared by test_keras.py and test_tf.py, which load it by path after selecting the TensorFlow
-backend (--import-mode=importlib puts no test directory on sys.path): see ``load_helpers`` there."""
+"""Shared by test_keras.py and test_tf.py, which import it after selecting the TensorFlow backend
+(tests/conftest.py puts this directory on sys.path)."""
 
 from __future__ import annotations
 

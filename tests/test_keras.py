@@ -6,7 +6,6 @@ with the Sampler's order computed in numpy; weights are compared bit for bit wit
 on in-memory numpy arrays in the same order.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -22,24 +21,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 pytest.importorskip("tensorflow", reason="the tensorflow extra is not installed")
 keras = pytest.importorskip("keras", reason="the tensorflow extra is not installed")
 
+import keras_helpers as H  # noqa: E402  (after the backend is chosen above)
 import shardfeed  # noqa: E402
 from shardfeed import Sampler  # noqa: E402
 from shardfeed.keras import BackupAndRestore, ShardSequence  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-
-def load_helpers():
-    name = "shardfeed_keras_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "keras_helpers.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = load_helpers()
 N, BATCH = 500, 64
 STEPS = 8  # batches per epoch: ceil(500 / 64)
 INPUTS = {"x": "x", "tag": "tag"}

@@ -1,10 +1,8 @@
 """ds.to_tf_dataset: whole batches with an exact element_spec, the same batches as the generator,
 usable outside Keras, in model.fit, and in tf.distribute input pipelines."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -16,23 +14,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow", reason="the tensorflow extra is not installed")
 keras = pytest.importorskip("keras", reason="the tensorflow extra is not installed")
 
+import keras_helpers as H  # noqa: E402  (after the backend is chosen above)
 import shardfeed  # noqa: E402
 from shardfeed import Sampler  # noqa: E402
 
-HERE = pathlib.Path(__file__).resolve().parent
 
-
-def load_helpers():
-    name = "shardfeed_keras_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "keras_helpers.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = load_helpers()
 N = 300
 
 
