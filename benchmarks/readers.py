@@ -154,10 +154,7 @@ class ShardfeedBlockReader(ShardfeedReader):
     name = "shardfeed-block16"
     follows_order = False
     SHUFFLE_BLOCK = 16
-
-    def open(self) -> None:
-        super().open()
-        self.passes = getattr(self, "passes", 0)
+    passes = 0  # passes read so far: each pass's seed
 
     def read_pass(self, order: np.ndarray) -> Batches:
         import shardfeed
