@@ -4,6 +4,7 @@
     python benchmarks/sweep.py mmap               # mmap vs preadv by record size, cached and cold
     python benchmarks/sweep.py order              # sequential, block-shuffled and random batches
     python benchmarks/sweep.py readahead          # cold loader epochs, reading ahead off and on
+    python benchmarks/sweep.py fields             # page-cached: one small field vs whole records
     python benchmarks/sweep.py threads --no-cold  # skip the cold runs
 
 Writes the datasets under a temporary directory (removed at exit) and prints markdown tables of
@@ -261,9 +262,42 @@ def sweep_readahead(root: str, size: int, cold: bool, rounds: int = 5, samples: 
         print(f"| {name} | {row['off']:,.0f} | {row['on']:,.0f} | {row['on / off']:.2f} |")
 
 
+def sweep_fields(root: str, size: int, cold: bool, batches_per_pass: int = 400, passes: int = 4) -> None:
+    """Page-cached reads of a small field alone and of whole records: records of float16[256] ``x``
+    + int64 ``y`` (520 B), batches of 256 random records as float32, on the map path. Prints the
+    median microseconds per ``ds.read`` of each over ``passes`` passes (each of ``batches_per_pass``
+    new random batches)."""
+    path = os.path.join(root, "x-y")
+    count = size // 520
+    rng = np.random.default_rng(0)
+    with shardfeed.Writer(path, {"x": ("float16", (256,)), "y": "int64"}) as writer:
+        for start in range(0, count, 1 << 16):
+            rows = min(1 << 16, count - start)
+            writer.extend({"x": rng.standard_normal((rows, 256), dtype=np.float32).astype(np.float16),
+                           "y": rng.integers(0, 10, rows)})
+    reads = {"y alone": "y", "x and y": ["x", "y"]}
+    times: Dict[str, List[float]] = {name: [] for name in reads}
+    pins = warm(path)
+    with shardfeed.open(path, mmap=True) as ds:
+        for p in range(passes):
+            for name, fields in reads.items():
+                work = batches(count, 256, seed=p)[:batches_per_pass]
+                start = time.perf_counter()
+                for indices in work:
+                    ds.read(indices, fields, dtype="float32")
+                times[name].append((time.perf_counter() - start) / len(work) * 1e6)
+    pins.close()
+    shutil.rmtree(path)
+    print(f"\nPage-cached us per ds.read of 256 random 520 B records, {size >> 20} MiB, median of {passes} passes\n")
+    print("| fields read | us per read |")
+    print("|---|---:|")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["threads", "mmap", "order", "readahead"])
+    parser.add_argument("what", choices=["threads", "mmap", "order", "readahead", "fields"])
     parser.add_argument("--no-cold", action="store_true", help="page-cached runs only")
     parser.add_argument("--mb", type=int, default=320, help="dataset size per profile in MiB")
     parser.add_argument("--threads", default=",".join(map(str, THREADS)), help="thread counts to try")
@@ -275,7 +309,7 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="shardfeed-sweep-")
     try:
         sweep = {"threads": sweep_threads, "mmap": sweep_mmap, "order": sweep_order,
-                 "readahead": sweep_readahead}[args.what]
+                 "readahead": sweep_readahead, "fields": sweep_fields}[args.what]
         sweep(root, args.mb << 20, not args.no_cold)
     finally:
         shutil.rmtree(root, ignore_errors=True)
