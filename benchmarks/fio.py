@@ -99,40 +99,59 @@ def run_fio(args: List[str], cgroup_procs: Optional[str] = None) -> dict:
 def best_fio(files: List[str], record_bytes: int, record_offset: int, count: int,
              cgroup_procs: Optional[str] = None, evict: Optional[Callable[[], None]] = None,
              configurations: Optional[Sequence[Tuple[str, int]]] = None,
-             seconds: Optional[float] = None) -> Dict[str, object]:
+             seconds: Optional[float] = None, repeats: int = 1) -> Dict[str, object]:
     """Random reads of ``count`` distinct records in each configuration (default
-    :data:`CONFIGURATIONS`), ``evict()`` called before each. Returns ``best`` (its label),
-    ``iops`` and ``bytes_per_s`` of the best, ``by_configuration`` (label: IOPS, None where it
-    failed) and ``errors`` (label: why). Raises RuntimeError when fio is missing or every
-    configuration failed."""
+    :data:`CONFIGURATIONS`), ``evict()`` called before each; then the best configuration again
+    until it has run ``repeats`` times. Returns ``best`` (its label), ``iops`` and ``bytes_per_s``
+    of the best (the median of its runs), ``best_runs`` (its runs' IOPS), ``by_configuration``
+    (label: IOPS of the sweep, None where it failed) and ``errors`` (label: why). Raises
+    RuntimeError when fio is missing or every configuration failed.
+
+    Why repeats: a disk shared with other VMs delivers 7-11 k reads/s of 147 KiB in the same
+    configuration minutes apart (benchmarks/RESULTS.md), so the best of eleven single runs is the
+    luckiest draw, not the disk's rate; the readers' figures are medians of their passes, and so
+    is the limit they are compared with."""
     why = unavailable()
     if why:
         raise RuntimeError(why)
     by_configuration: Dict[str, Optional[float]] = {}
     bandwidth: Dict[str, float] = {}
     errors: Dict[str, str] = {}
+    commands: Dict[str, List[str]] = {}
     with tempfile.TemporaryDirectory(prefix="shardfeed-fio-") as tmp:
         output = os.path.join(tmp, "report.json")
+
+        def run(name: str) -> Optional[dict]:
+            if evict is not None:
+                evict()
+            try:
+                return run_fio(commands[name], cgroup_procs)
+            except (RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
+                errors[name] = str(e)
+                return None
+
         for engine, parallel in configurations or CONFIGURATIONS:
             name = label(engine, parallel)
             by_configuration[name] = None
             try:
-                args = fio_command(files, record_bytes, record_offset, count, engine, parallel, output, seconds)
+                commands[name] = fio_command(files, record_bytes, record_offset, count, engine, parallel, output, seconds)
             except ValueError as e:
                 errors[name] = str(e)
                 continue
-            if evict is not None:
-                evict()
-            try:
-                read = run_fio(args, cgroup_procs)
-            except (RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
-                errors[name] = str(e)
-                continue
-            by_configuration[name] = float(read["iops"])
-            bandwidth[name] = float(read["bw_bytes"])
-    ran = {k: v for k, v in by_configuration.items() if v is not None}
-    if not ran:
-        raise RuntimeError(f"every fio configuration failed: {errors}")
-    best = max(ran, key=ran.__getitem__)
-    return {"best": best, "iops": ran[best], "bytes_per_s": bandwidth[best],
+            read = run(name)
+            if read is not None:
+                by_configuration[name] = float(read["iops"])
+                bandwidth[name] = float(read["bw_bytes"])
+        ran = {k: v for k, v in by_configuration.items() if v is not None}
+        if not ran:
+            raise RuntimeError(f"every fio configuration failed: {errors}")
+        best = max(ran, key=ran.__getitem__)
+        runs = [(ran[best], bandwidth[best])]
+        while len(runs) < repeats:
+            read = run(best)
+            if read is None:
+                raise RuntimeError(f"fio's best configuration {best} failed when repeated: {errors[best]}")
+            runs.append((float(read["iops"]), float(read["bw_bytes"])))
+    iops, bytes_per_s = sorted(runs)[(len(runs) - 1) // 2]  # the median run (the lower middle one)
+    return {"best": best, "iops": iops, "bytes_per_s": bytes_per_s, "best_runs": [r[0] for r in runs],
             "by_configuration": by_configuration, "errors": errors}

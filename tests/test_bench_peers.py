@@ -172,6 +172,19 @@ def test_best_fio(fio_here, tmp_path):
     assert ran and all(v > 0 for v in ran.values())
     assert result["iops"] == max(ran.values()) == ran[result["best"]] and result["bytes_per_s"] > 0
     assert len(evictions) == len(configurations) - 1
+    assert result["best_runs"] == [result["iops"]]
+
+
+def test_best_fio_repeats_the_best_configuration_and_reports_its_median(fio_here, tmp_path):
+    files = [_shard(tmp_path / "a.rec", 4096, 2048)]
+    evictions = []
+    result = fio.best_fio(files, 4096, HEADER_BYTES, 1024, evict=lambda: (evictions.append(1), _evict(files)),
+                          configurations=fio.QUICK_CONFIGURATIONS, repeats=3)
+    runs = result["best_runs"]
+    assert len(runs) == 3 and all(r > 0 for r in runs)
+    assert runs[0] == result["by_configuration"][result["best"]]  # the sweep's run of the best comes first
+    assert result["iops"] == sorted(runs)[1]
+    assert len(evictions) == len(fio.QUICK_CONFIGURATIONS) + 2
 
 
 def test_best_fio_in_memory_cgroup(fio_here, tmp_path):
