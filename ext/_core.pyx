@@ -58,6 +58,19 @@ cdef inline size_t _slice_samples(size_t bytes_per_sample) nogil:
     return by_bytes if by_bytes < _SLICE_SAMPLES else _SLICE_SAMPLES
 
 
+def any_negative(const int64_t[::1] indices not None):
+    """Whether any of ``indices`` is negative (a read's indices counted from the end); a quarter
+    of the time of ``np.minimum.reduce`` on a batch of 256."""
+    cdef Py_ssize_t r
+    cdef bint found = False
+    with nogil:
+        for r in range(indices.shape[0]):
+            if indices[r] < 0:
+                found = True
+                break
+    return found
+
+
 def allow_f16c(bint allowed):
     """Switches the F16C float16 path on or off (off: the portable code); returns whether F16C is
     now in use. For tests; do not call while other threads read."""
@@ -81,13 +94,13 @@ cdef class _Views:
             raise MemoryError()
         self.capacity = capacity
 
-    cdef Py_buffer *acquire(self, obj, int flags, what) except NULL:
+    cdef Py_buffer *acquire(self, obj, int flags, what, suffix="") except NULL:
         if self.held >= self.capacity:
             raise RuntimeError("internal error: too many buffers")
         try:
             PyObject_GetBuffer(obj, &self.views[self.held], flags)
         except (TypeError, BufferError, ValueError) as exc:
-            raise ValueError(f"{what}: {exc}") from None
+            raise ValueError(f"{_what(what)}{suffix}: {exc}") from None
         self.held += 1
         return &self.views[self.held - 1]
 
@@ -95,6 +108,12 @@ cdef class _Views:
         for i in range(self.held):
             PyBuffer_Release(&self.views[i])
         PyMem_Free(self.views)
+
+
+cdef str _what(what):
+    """The subject of an error message: ``what`` itself, or "field k" for a field number (formatted
+    only when an error is raised, not on every read)."""
+    return f"field {what}" if isinstance(what, int) else what
 
 
 cdef int _fill_affine(sf_affine *affine, _Views views, scale, offset, size_t inner, size_t period,
@@ -106,12 +125,12 @@ cdef int _fill_affine(sf_affine *affine, _Views views, scale, offset, size_t inn
     if scale is None:
         return 0
     if inner < 1 or period < 1:
-        raise ValueError(f"{what}: bad affine layout inner={inner} period={period}")
+        raise ValueError(f"{_what(what)}: bad affine layout inner={inner} period={period}")
     cdef size_t needed = period + SF_BLOCK if (inner == 1 and period > 1) else period
-    cdef Py_buffer *s = views.acquire(scale, PyBUF_C_CONTIGUOUS, what + " scale")
-    cdef Py_buffer *o = views.acquire(offset, PyBUF_C_CONTIGUOUS, what + " offset")
+    cdef Py_buffer *s = views.acquire(scale, PyBUF_C_CONTIGUOUS, what, " scale")
+    cdef Py_buffer *o = views.acquire(offset, PyBUF_C_CONTIGUOUS, what, " offset")
     if s.itemsize != 4 or o.itemsize != 4 or <size_t>s.len < needed * 4 or <size_t>o.len < needed * 4:
-        raise ValueError(f"{what}: scale and offset must be float32 with at least {needed} entries")
+        raise ValueError(f"{_what(what)}: scale and offset must be float32 with at least {needed} entries")
     affine.scale = <const float *>s.buf
     affine.offset = <const float *>o.buf
     affine.inner = inner
@@ -280,31 +299,30 @@ cdef class ShardSet:
             self._check_indices(indices)
             for k in range(nf):
                 cast, src_offset, src_bytes, count, out, scale, offset, inner, period = fields[k]
-                what = f"field {k}"
                 if not 0 <= cast < SF_CAST_COUNT:
-                    raise ValueError(f"{what}: bad cast {cast}")
+                    raise ValueError(f"field {k}: bad cast {cast}")
                 itemsize = sf_cast_itemsize(cast)
                 if src_offset < end or src_offset + src_bytes > self.c.record_bytes:
-                    raise ValueError(f"{what}: bytes [{src_offset}, {src_offset + src_bytes}) overlap "
+                    raise ValueError(f"field {k}: bytes [{src_offset}, {src_offset + src_bytes}) overlap "
                                      f"another field or leave the {self.c.record_bytes}-byte record")
                 end = src_offset + src_bytes
                 if cast != SF_CAST_COPY and src_bytes != count * itemsize:
-                    raise ValueError(f"{what}: {src_bytes} bytes do not hold {count} elements")
+                    raise ValueError(f"field {k}: {src_bytes} bytes do not hold {count} elements")
                 dst_bytes = src_bytes if cast == SF_CAST_COPY else count * 4
-                view = views.acquire(out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, what + " output")
+                view = views.acquire(out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, k, " output")
                 if <size_t>view.len != n * dst_bytes:
-                    raise ValueError(f"{what}: output has {view.len} bytes, expected {n * dst_bytes}")
+                    raise ValueError(f"field {k}: output has {view.len} bytes, expected {n * dst_bytes}")
                 if cast != SF_CAST_COPY and (<size_t>view.buf) % 4:
-                    raise ValueError(f"{what}: float32 output is not 4-byte aligned")
+                    raise ValueError(f"field {k}: float32 output is not 4-byte aligned")
                 if scale is not None and cast == SF_CAST_COPY:
-                    raise ValueError(f"{what}: an affine transform needs a float32 output")
+                    raise ValueError(f"field {k}: an affine transform needs a float32 output")
                 outs[k].cast = cast
                 outs[k].src_offset = src_offset
                 outs[k].src_bytes = src_bytes
                 outs[k].count = count
                 outs[k].dst = <char *>view.buf
                 outs[k].dst_bytes = dst_bytes
-                _fill_affine(&outs[k].affine, views, scale, offset, inner, period, what)
+                _fill_affine(&outs[k].affine, views, scale, offset, inner, period, k)
                 sample_bytes += dst_bytes
             if n == 0 or nf == 0:
                 return 0

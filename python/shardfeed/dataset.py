@@ -127,9 +127,6 @@ def _as_name_list(fields: Union[None, str, Sequence[str]], schema_fields: Mappin
     return names
 
 
-_min_of = np.minimum.reduce
-
-
 def _per_field(option: Any, name: str, several: bool, what: str) -> Any:
     if option is None:
         return None
@@ -319,7 +316,7 @@ class Dataset:
             # The common case, checked with less Python work: int64 indices need no conversion
             # and only negative ones need wrapping (out-of-range ones are refused natively).
             array = indices if indices.flags.c_contiguous else np.ascontiguousarray(indices)
-            if array.size and _min_of(array) < 0:
+            if _core.any_negative(array):
                 array = np.where(array < 0, array + len(self), array)
                 array[array < 0] -= len(self)
             return array
