@@ -150,7 +150,7 @@ cdef class ShardSet:
     cdef size_t *map_bytes
     cdef size_t n
     cdef int active          # reads in progress; changed only with the GIL held
-    cdef bint closed
+    cdef readonly bint closed
     cdef readonly tuple paths
     cdef readonly tuple heap_paths
     cdef readonly int64_t num_samples

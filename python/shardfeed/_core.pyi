@@ -17,6 +17,7 @@ class ShardSet:
     heap_paths: Tuple[str, ...]
     num_samples: int
     mapped: bool
+    closed: bool
     def __init__(self, record_fds: Sequence[int], heap_fds: Optional[Sequence[int]], counts: Sequence[int],
                  paths: Sequence[str], heap_paths: Optional[Sequence[str]], header_bytes: int,
                  record_bytes: int, use_map: bool) -> None: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
 from collections import abc
@@ -93,6 +94,46 @@ class Batch(dict):
 
     def __reduce__(self):
         return (Batch, (dict(self),), {"lengths": self.lengths, "uncached": self.uncached})
+
+
+# Dataset.preload reads files in pieces of this size.
+_PRELOAD_CHUNK_BYTES = 8 << 20
+
+
+def _memory_available() -> Optional[int]:
+    """Bytes the page cache of this process could grow to without evicting itself: the kernel's
+    MemAvailable, or the memory limit of the process's cgroup (v1 or v2) where that is lower;
+    None where neither can be read (not Linux). (io.open: this module's open() opens datasets.)"""
+    found: List[int] = []
+    try:
+        with io.open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError):
+        pass
+    try:
+        with io.open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        hierarchy, controllers, group = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":
+            limit_file = os.path.join("/sys/fs/cgroup", group.lstrip("/"), "memory.max")  # v2
+        elif "memory" in controllers.split(","):
+            limit_file = os.path.join("/sys/fs/cgroup/memory", group.lstrip("/"), "memory.limit_in_bytes")  # v1
+        else:
+            continue
+        try:
+            with io.open(limit_file) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():  # "max" (v2) is no limit; v1 writes a huge number instead
+            found.append(int(value))
+    return min(found) if found else None
 
 
 def _open_file(path: str, size: int, kind: int, manifest: Manifest) -> int:
@@ -254,6 +295,48 @@ class Dataset:
 
     def __reduce__(self):
         return (_reopen, (self.path, self._threads, self._mmap_option))
+
+    def preload(self) -> bool:
+        """Reads every file of the dataset once, front to back, so that the operating system's
+        page cache holds all of it and random reads are then served from memory: one sequential
+        pass at the disk's bandwidth instead of a first epoch of random reads at its request rate
+        (1 GiB of 128-byte records: 1.3 s instead of about 90 s on the VM of benchmarks/RESULTS.md).
+        Where the kernel caches file data in large folios (Linux 6.16+ on ext4, XFS), pages read in
+        order are cached in 2 MiB units that the reader's memory maps use as huge pages, and
+        page-cached random reads of small records run about 1.5x faster than after random or
+        write-order caching.
+
+        Returns False without reading anything when the files are larger than the memory the
+        process could give the page cache (``MemAvailable``, and its memory cgroup's limit): they
+        would only evict one another, and random reads are the way to read them. The pages stay
+        cached as long as the kernel keeps them, shared with every process that reads the files.
+        Pages already cached are copied from memory, not read again (and keep the size they were
+        cached in)."""
+        if self._shards.closed:
+            raise ValueError("I/O operation on a closed dataset")
+        paths = [os.path.join(self.path, s.file) for s in self._manifest.shards] + self._heap_paths
+        total = sum(s.size + s.heap_size for s in self._manifest.shards)
+        available = _memory_available()
+        if available is not None and total > available:
+            return False
+        chunk = bytearray(_PRELOAD_CHUNK_BYTES)
+        for path in paths:
+            # A descriptor of its own: the reader's have POSIX_FADV_RANDOM, which turns the kernel's
+            # readahead (and its large folios) off.
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise ShardReadError(exc.errno, f"cannot open shard: {exc.strerror}", path) from None
+            try:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                while os.readv(fd, [chunk]) > 0:
+                    pass
+            except OSError as exc:
+                raise ShardReadError(exc.errno, f"cannot preload: {exc.strerror}", path) from None
+            finally:
+                os.close(fd)
+        return True
 
     def verify(self) -> Any:
         """Checks every shard this dataset lists (checksums, sizes, headers, records) and returns a
