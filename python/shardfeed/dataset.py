@@ -300,7 +300,7 @@ class Dataset:
         """Reads every file of the dataset once, front to back, so that the operating system's
         page cache holds all of it and random reads are then served from memory: one sequential
         pass at the disk's bandwidth instead of a first epoch of random reads at its request rate
-        (1 GiB of 128-byte records: 1.3 s instead of about 90 s on the VM of benchmarks/RESULTS.md).
+        (1 GiB of 128-byte records: 0.8-2 s instead of 75-90 s on the VM of benchmarks/RESULTS.md).
         Where the kernel caches file data in large folios (Linux 6.16+ on ext4, XFS), pages read in
         order are cached in 2 MiB units that the reader's memory maps use as huge pages, and
         page-cached random reads of small records run about 1.5x faster than after random or
