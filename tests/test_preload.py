@@ -100,14 +100,42 @@ def test_preload_names_a_file_that_went_missing(tmp_path):
         assert raised.value.filename == shard and raised.value.errno == errno.ENOENT
 
 
-def test_memory_available_is_at_most_what_the_kernel_reports():
-    available = shardfeed.dataset._memory_available()
-    if not os.path.exists("/proc/meminfo"):
-        assert available is None
-        return
-    with open("/proc/meminfo") as f:
-        kernel = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    assert 0 < available <= kernel
+def fake_system(root, meminfo_kib, cgroup_lines, limits):
+    """A /proc and /sys/fs/cgroup of our own: ``limits`` maps a path under the cgroup root to the
+    text of its memory limit file."""
+    proc, cgroups = root / "proc", root / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    if meminfo_kib is not None:
+        (proc / "meminfo").write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {meminfo_kib} kB\n")
+    (proc / "self" / "cgroup").write_text("".join(line + "\n" for line in cgroup_lines))
+    for relative, text in limits.items():
+        (cgroups / relative).parent.mkdir(parents=True, exist_ok=True)
+        (cgroups / relative).write_text(text + "\n")
+    return str(proc), str(cgroups)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("no cgroup limit (v1: a huge number)", 4096 * 1024),
+    ("v1 limit below MemAvailable", 64 << 20),
+    ("v2 max", 4096 * 1024),
+    ("v2 limit below MemAvailable", 1 << 20),
+    ("no meminfo, v2 limit", 1 << 20),
+    ("nothing readable", None),
+])
+def test_memory_available_is_the_lower_of_meminfo_and_the_cgroup_limit(tmp_path, case, expected):
+    v1 = ["4:memory:/jobs/a", "0::/"]
+    v2 = ["0::/user.slice/job"]
+    setups = {
+        "no cgroup limit (v1: a huge number)": (4096, v1, {"memory/jobs/a/memory.limit_in_bytes": "9223372036854771712"}),
+        "v1 limit below MemAvailable": (4096 * 1024, v1, {"memory/jobs/a/memory.limit_in_bytes": str(64 << 20)}),
+        "v2 max": (4096, v2, {"user.slice/job/memory.max": "max"}),
+        "v2 limit below MemAvailable": (4096 * 1024, v2, {"user.slice/job/memory.max": str(1 << 20)}),
+        "no meminfo, v2 limit": (None, v2, {"user.slice/job/memory.max": str(1 << 20)}),
+        "nothing readable": (None, v1, {}),
+    }
+    meminfo_kib, lines, limits = setups[case]
+    proc, cgroups = fake_system(tmp_path, meminfo_kib, lines, limits)
+    assert shardfeed.dataset._memory_available(proc, cgroups) == expected
 
 
 def test_memory_available_honours_the_memory_cgroup_limit():
