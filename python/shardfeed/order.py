@@ -404,6 +404,11 @@ class Subset:
         self._check_not_sharded("subset")
         return Subset(self.dataset, _Explicit(self.indices(positions)))
 
+    def preload(self) -> bool:
+        """Reads the whole dataset this view is of into the page cache (all its samples, not just
+        the view's): :meth:`shardfeed.Dataset.preload`."""
+        return self.dataset.preload()
+
     def head(self, n: int) -> "Subset":
         """The first ``n`` samples (all of them if there are fewer): for smoke tests."""
         self._check_not_sharded("head")
