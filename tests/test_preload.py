@@ -67,13 +67,13 @@ def test_preload_reads_every_file_into_the_page_cache(dataset):
 @needs_fadvise
 def test_a_view_preloads_the_whole_dataset(dataset):
     path, x, _ = dataset
-    train, val = shardfeed.open(path).split([0.9, 0.1], seed=0)
-    if not evicted(path):
-        pytest.skip("files here cannot be evicted from the page cache")
-    assert val.preload() is True
-    assert regimes.resident_fraction(data_files(path)) > 0.9
-    np.testing.assert_array_equal(val.read(np.arange(len(val)), "x")["x"], x[val.indices()])
-    val.dataset.close()
+    with shardfeed.open(path) as ds:
+        train, val = ds.split([0.9, 0.1], seed=0)
+        if not evicted(path):
+            pytest.skip("files here cannot be evicted from the page cache")
+        assert val.preload() is True
+        assert regimes.resident_fraction(data_files(path)) > 0.9
+        np.testing.assert_array_equal(val.read(np.arange(len(val)), "x")["x"], x[val.indices()])
 
 
 @needs_fadvise
