@@ -1,5 +1,12 @@
 /* Persistent pthread pool; see pool.h. Everything shared is guarded by pool.lock; the work itself
- * runs unlocked. */
+ * runs unlocked.
+ *
+ * Idle threads wait on a stack, each on a condition variable of its own, and a job wakes the ones
+ * that went idle last: after a read from disk has grown the pool to 16 threads, a page-cached
+ * batch that needs one helper gets the thread that just worked (its stack and the scheduler's
+ * placement still warm), not the one that slept longest, as a shared condition variable would
+ * pick. Rotating through 15 idle threads made page-cached 8 KiB batches 15-20% slower
+ * (benchmarks/RESULTS.md, 2026-12-06). */
 #include "pool.h"
 
 #include <errno.h>
@@ -22,13 +29,20 @@ typedef struct sf_job {
     struct sf_job *prev, *next_job;
 } sf_job;
 
+/* An idle pool thread, on its own stack while it waits. */
+typedef struct sf_idle {
+    pthread_cond_t wake;
+    int woken;                /* set (under pool.lock) by the submitter that popped it */
+    struct sf_idle *below;    /* the thread that went idle before this one */
+} sf_idle;
+
 static struct {
     pthread_mutex_t lock;
-    pthread_cond_t work;      /* a job was queued */
     sf_job *head, *tail;      /* jobs with unclaimed items */
     size_t threads;           /* pool threads alive */
-    size_t idle;              /* pool threads waiting on `work` */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0, 0};
+    size_t idle;              /* pool threads on the idle stack */
+    sf_idle *idle_top;        /* the thread that went idle last */
+} pool = {PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, NULL};
 
 static void unqueue(sf_job *job)
 {
@@ -90,16 +104,37 @@ static sf_job *pick_job(void)
     return NULL;
 }
 
+/* Wakes the thread that went idle last. Called with pool.lock held and pool.idle > 0. */
+static void wake_one(void)
+{
+    sf_idle *top = pool.idle_top;
+    pool.idle_top = top->below;
+    pool.idle--;
+    top->woken = 1;
+    pthread_cond_signal(&top->wake);
+}
+
 static void *worker_main(void *unused)
 {
     (void)unused;
+    sf_idle self;
+    if (pthread_cond_init(&self.wake, NULL) != 0) {
+        /* Cannot wait: leave the pool (submitters work on their own jobs whatever the pool). */
+        pthread_mutex_lock(&pool.lock);
+        pool.threads--;
+        pthread_mutex_unlock(&pool.lock);
+        return NULL;
+    }
     pthread_mutex_lock(&pool.lock);
     for (;;) {
         sf_job *job = pick_job();
         if (!job) {
+            self.woken = 0;
+            self.below = pool.idle_top;
+            pool.idle_top = &self;
             pool.idle++;
-            pthread_cond_wait(&pool.work, &pool.lock);
-            pool.idle--;
+            while (!self.woken)
+                pthread_cond_wait(&self.wake, &pool.lock);
             continue;
         }
         job->helpers++;
@@ -175,7 +210,7 @@ int sf_parallel_for(size_t n, size_t chunk, size_t max_threads, sf_range_fn fn, 
     enqueue(&job);
     size_t wake = pool.idle < helpers ? pool.idle : helpers;
     for (size_t i = 0; i < wake; i++)
-        pthread_cond_signal(&pool.work);
+        wake_one();
     run_chunks(&job);
     while (job.helpers > 0)
         pthread_cond_wait(&job.done, &pool.lock);
@@ -205,12 +240,11 @@ static void before_fork(void) { pthread_mutex_lock(&pool.lock); }
 static void after_fork_parent(void) { pthread_mutex_unlock(&pool.lock); }
 static void after_fork_child(void)
 {
+    /* The parent's threads (and the idle stack on their stacks) do not exist here. */
     pool.head = pool.tail = NULL;
     pool.threads = 0;
     pool.idle = 0;
-    /* The parent's waiters do not exist here: start from a fresh condition variable. */
-    pthread_cond_t fresh = PTHREAD_COND_INITIALIZER;
-    pool.work = fresh;
+    pool.idle_top = NULL;
     pthread_mutex_unlock(&pool.lock);
 }
 
