@@ -40,9 +40,8 @@ static struct {
     pthread_mutex_t lock;
     sf_job *head, *tail;      /* jobs with unclaimed items */
     size_t threads;           /* pool threads alive */
-    size_t idle;              /* pool threads on the idle stack */
-    sf_idle *idle_top;        /* the thread that went idle last */
-} pool = {PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, NULL};
+    sf_idle *idle_top;        /* the thread that went idle last, NULL when none is idle */
+} pool = {PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, NULL};
 
 static void unqueue(sf_job *job)
 {
@@ -104,12 +103,11 @@ static sf_job *pick_job(void)
     return NULL;
 }
 
-/* Wakes the thread that went idle last. Called with pool.lock held and pool.idle > 0. */
+/* Wakes the thread that went idle last. Called with pool.lock held and pool.idle_top set. */
 static void wake_one(void)
 {
     sf_idle *top = pool.idle_top;
     pool.idle_top = top->below;
-    pool.idle--;
     top->woken = 1;
     pthread_cond_signal(&top->wake);
 }
@@ -132,7 +130,6 @@ static void *worker_main(void *unused)
             self.woken = 0;
             self.below = pool.idle_top;
             pool.idle_top = &self;
-            pool.idle++;
             while (!self.woken)
                 pthread_cond_wait(&self.wake, &pool.lock);
             continue;
@@ -208,8 +205,7 @@ int sf_parallel_for(size_t n, size_t chunk, size_t max_threads, sf_range_fn fn, 
     pthread_mutex_lock(&pool.lock);
     grow_pool(helpers);
     enqueue(&job);
-    size_t wake = pool.idle < helpers ? pool.idle : helpers;
-    for (size_t i = 0; i < wake; i++)
+    for (size_t woken = 0; woken < helpers && pool.idle_top; woken++)
         wake_one();
     run_chunks(&job);
     while (job.helpers > 0)
@@ -243,7 +239,6 @@ static void after_fork_child(void)
     /* The parent's threads (and the idle stack on their stacks) do not exist here. */
     pool.head = pool.tail = NULL;
     pool.threads = 0;
-    pool.idle = 0;
     pool.idle_top = NULL;
     pthread_mutex_unlock(&pool.lock);
 }

@@ -187,6 +187,28 @@ def test_best_fio_repeats_the_best_configuration_and_reports_its_median(fio_here
     assert len(evictions) == len(fio.QUICK_CONFIGURATIONS) + 2
 
 
+def test_best_fio_limit_is_the_median_run_of_the_best_configuration(tmp_path, monkeypatch):
+    """Scripted fio results (no fio needed): the sweep picks the best configuration by its one
+    run, then the limit is the median of that configuration's runs, not its first (luckiest)."""
+    files = [_shard(tmp_path / "a.rec", 4096, 2048)]
+    scripted = iter([{"iops": 900.0, "bw_bytes": 9.0}, {"iops": 1000.0, "bw_bytes": 10.0},  # the sweep
+                     {"iops": 600.0, "bw_bytes": 6.0}, {"iops": 800.0, "bw_bytes": 8.0}])  # the repeats
+    ran = []
+
+    def fake_run_fio(args, cgroup_procs=None):
+        ran.append(next(a for a in args if a.startswith("--ioengine=")))
+        return next(scripted)
+
+    monkeypatch.setattr(fio, "unavailable", lambda: None)
+    monkeypatch.setattr(fio, "run_fio", fake_run_fio)
+    configurations = [("psync", 4), ("io_uring", 16)]
+    result = fio.best_fio(files, 4096, HEADER_BYTES, 1024, configurations=configurations, repeats=3)
+    assert result["best"] == "io_uring-qd16" and result["by_configuration"] == {"psync-j4": 900.0, "io_uring-qd16": 1000.0}
+    assert ran == ["--ioengine=psync", "--ioengine=io_uring", "--ioengine=io_uring", "--ioengine=io_uring"]
+    assert result["best_runs"] == [1000.0, 600.0, 800.0]
+    assert (result["iops"], result["bytes_per_s"]) == (800.0, 8.0)
+
+
 def test_best_fio_in_memory_cgroup(fio_here, tmp_path):
     root = "/sys/fs/cgroup/memory"
     if os.geteuid() != 0 or not os.access(os.path.join(root, "cgroup.procs"), os.W_OK):

@@ -315,7 +315,7 @@ class Dataset:
         cached in)."""
         if self._shards.closed:
             raise ValueError("I/O operation on a closed dataset")
-        paths = [os.path.join(self.path, s.file) for s in self._manifest.shards] + self._heap_paths
+        paths = self._shards.paths + self._shards.heap_paths
         total = sum(s.size + s.heap_size for s in self._manifest.shards)
         available = _memory_available()
         if available is not None and total > available:
