@@ -34,8 +34,8 @@ import fio  # noqa: E402
 import peers  # noqa: E402
 import readers  # noqa: E402
 from regimes import (COLD, OUT_OF_CORE, PAGE_CACHED, BenchData, evict,  # noqa: E402
-                     Pin, file_pmd_mapped_bytes, memory_cgroup_unavailable, read_in_order, peak_rss_bytes, reset_peak_rss,
-                     resident_fraction, rss_bytes, anon_bytes)
+                     Pin, file_pmd_mapped_bytes, memory_cgroup_unavailable, read_in_order,
+                     peak_rss_bytes, reset_peak_rss, resident_fraction, rss_bytes, anon_bytes)
 from shardfeed.format import HEADER_BYTES  # noqa: E402
 
 READERS = {cls.name: cls for cls in readers.READERS + peers.PEERS}
