@@ -13,7 +13,10 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.errno cimport errno
 from libc.stdint cimport int64_t
-from posix.mman cimport MADV_RANDOM, MAP_FAILED, MAP_SHARED, PROT_READ, madvise, mmap, munmap
+from cpython.buffer cimport PyBuffer_FillInfo
+from posix.mman cimport (MADV_RANDOM, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, MAP_SHARED, PROT_READ,
+                        PROT_WRITE, madvise, mmap, munmap)
+from posix.unistd cimport sysconf, _SC_PAGESIZE
 from posix.types cimport off_t
 from posix.unistd cimport close as c_close
 
@@ -81,6 +84,101 @@ def allow_f16c(bint allowed):
 def pool_size():
     """Native threads started so far in this process."""
     return sf_pool_size()
+
+
+# Memory for large output arrays, kept for reuse when numpy frees them. A new array above glibc's
+# mmap threshold (which adapts up to 32 MiB) is mapped fresh, and the kernel faults in and zeroes
+# every page of it on first write: for a 38 MiB batch of float32 images that is most of the CPU
+# time of a read from disk (benchmarks/RESULTS.md, "Batch memory"). A block freed by numpy (no
+# array or view references it any more) goes to a small cache instead, and the next array of the
+# same size takes it back, its pages already mapped. The cache holds at most _CACHE_SLOTS blocks
+# and _CACHE_MAX_BYTES bytes; the oldest blocks are unmapped to make room (munmap of a whole mapping
+# this module made cannot fail). Every access holds the GIL (allocation is called from Python, and
+# tp_dealloc runs with it), which is what serialises the cache.
+cdef enum:
+    _CACHE_SLOTS = 8
+cdef size_t _CACHE_MAX_BYTES = 256 << 20
+cdef size_t _cached_total = 0
+cdef void *_cached_data[_CACHE_SLOTS]
+cdef size_t _cached_bytes[_CACHE_SLOTS]
+cdef int _cached_count = 0
+cdef size_t _page_bytes = <size_t>sysconf(_SC_PAGESIZE)
+BATCH_MEMORY_CACHE = {"blocks": _CACHE_SLOTS, "bytes": _CACHE_MAX_BYTES}
+
+
+cdef void _cache_put(void *data, size_t size) noexcept:
+    """Keeps a freed block (unmaps it if it alone exceeds the cap), unmapping the oldest cached
+    blocks to stay within ``_CACHE_SLOTS`` blocks and ``_CACHE_MAX_BYTES`` bytes."""
+    global _cached_count, _cached_total
+    cdef int i
+    if size > _CACHE_MAX_BYTES:
+        munmap(data, size)
+        return
+    while _cached_count == _CACHE_SLOTS or _cached_total + size > _CACHE_MAX_BYTES:
+        munmap(_cached_data[0], _cached_bytes[0])
+        _cached_total -= _cached_bytes[0]
+        for i in range(1, _cached_count):
+            _cached_data[i - 1] = _cached_data[i]
+            _cached_bytes[i - 1] = _cached_bytes[i]
+        _cached_count -= 1
+    _cached_data[_cached_count] = data
+    _cached_bytes[_cached_count] = size
+    _cached_count += 1
+    _cached_total += size
+
+
+cdef void *_cache_take(size_t size) noexcept:
+    """The most recently cached block of exactly ``size`` bytes, removed from the cache, or NULL."""
+    global _cached_count, _cached_total
+    cdef int i, j
+    cdef void *data
+    for i in range(_cached_count - 1, -1, -1):
+        if _cached_bytes[i] == size:
+            data = _cached_data[i]
+            for j in range(i + 1, _cached_count):
+                _cached_data[j - 1] = _cached_data[j]
+                _cached_bytes[j - 1] = _cached_bytes[j]
+            _cached_count -= 1
+            _cached_total -= size
+            return data
+    return NULL
+
+
+cdef class BatchMemory:
+    """A page-aligned, writable block of anonymous memory for one output array (``np.frombuffer``
+    views it and keeps this object as its base); back to the cache when the last view is freed."""
+    cdef void *data
+    cdef size_t size
+
+    def __cinit__(self, size_t nbytes):
+        self.size = (nbytes + _page_bytes - 1) // _page_bytes * _page_bytes if nbytes else _page_bytes
+        self.data = _cache_take(self.size)
+        if self.data == NULL:
+            self.data = mmap(NULL, self.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            if self.data == MAP_FAILED:
+                self.data = NULL
+                raise MemoryError(f"could not map {self.size} bytes for a batch array: {os.strerror(errno)}")
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self.data, self.size, 0, flags)
+
+    def __dealloc__(self):
+        if self.data != NULL:
+            _cache_put(self.data, self.size)
+
+
+def cached_batch_memory():
+    """The sizes in bytes of the blocks now cached for reuse (oldest first)."""
+    return [_cached_bytes[i] for i in range(_cached_count)]
+
+
+def free_batch_memory():
+    """Unmaps every cached block."""
+    global _cached_count, _cached_total
+    while _cached_count:
+        _cached_count -= 1
+        munmap(_cached_data[_cached_count], _cached_bytes[_cached_count])
+    _cached_total = 0
 
 
 cdef class _Views:

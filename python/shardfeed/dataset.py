@@ -40,6 +40,8 @@ MMAP_MAX_RECORD_BYTES = 64 * 1024
 # threads="auto": at least this many reader threads (the queue depth for cold reads; measured in
 # benchmarks/RESULTS.md, "Thread count").
 AUTO_MIN_THREADS = 16
+# A new output array of at least this many bytes is made in reusable memory (see _empty).
+BATCH_MEMORY_MIN_BYTES = 1 << 20
 _default_threads: Optional[int] = None
 _auto_threads: Optional[int] = None
 
@@ -488,7 +490,7 @@ class Dataset:
                 variable.append((field, descriptors, out_dtype, cast, params))
                 continue
             shape = (n,) + row_shape
-            target = self._check_out(name, out[name], shape, out_dtype) if name in out else np.empty(shape, out_dtype)
+            target = self._check_out(name, out[name], shape, out_dtype) if name in out else _empty(shape, out_dtype)
             results[name] = target
             record_reads.append((cast, at, nbytes, count, target) + params)
         if len(out) > 1:
@@ -551,7 +553,7 @@ class Dataset:
         if out_array is not None:
             target = self._check_out(field.name, out_array, shape, out_dtype)
         else:
-            target = np.empty(shape, out_dtype)
+            target = _empty(shape, out_dtype)
         try:
             pad = np.array(pad_value, dtype=out_dtype)
         except (OverflowError, ValueError, TypeError) as exc:
@@ -562,6 +564,15 @@ class Dataset:
         self._shards.read_heap(indices, shard.astype(np.int64), offsets.astype(np.int64), clipped, cast,
                                field.count, row_bytes, target, max_rows, pad.tobytes(), *params, threads)
         return target, clipped
+
+
+def _empty(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A new output array; one of at least ``BATCH_MEMORY_MIN_BYTES`` views a
+    :class:`_core.BatchMemory` block, mapped once and reused after numpy frees the array."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < BATCH_MEMORY_MIN_BYTES:
+        return np.empty(shape, dtype)
+    return np.frombuffer(_core.BatchMemory(nbytes), dtype, nbytes // dtype.itemsize).reshape(shape)
 
 
 def _reopen(path: str, threads: Optional[int], mmap: Union[str, bool]) -> Dataset:
