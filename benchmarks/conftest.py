@@ -104,9 +104,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     write = terminalreporter.write_line
     write("")
     write("samples/s: median of the passes; ratios to numpy.memmap and to the limit (memcpy ceiling "
-          "page-cached, best fio cold and out-of-core) in the same run")
+          "page-cached, best fio cold and out-of-core) in the same run; x fio now: to fio's best "
+          "configuration run just before each pass (median over the passes)")
     write(f"{'group':<30} {'reader':<17} {'samples/s':>11} {'out GB/s':>8} {'RSS rise':>9} {'anon':>8} "
-          f"{'x memmap':>8} {'x limit':>7}")
+          f"{'x memmap':>8} {'x limit':>7} {'x fio now':>9}")
     order = {r: k for k, r in enumerate(REGIMES)}
     for bench in sorted(benches, key=lambda b: (b.extra_info["profile"], order[b.extra_info["regime"]],
                                                 -b.extra_info["samples_per_s"])):
@@ -116,6 +117,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
               f"{info.get('output_gb_per_s', float('nan')):>8.2f} "
               f"{'' if rss is None else f'{rss / 2**20:,.0f} MiB':>9} "
               f"{'' if rss is None else f'{anon / 2**20:,.0f} MiB':>8} "
-              f"{info.get('ratio_to_memmap', float('nan')):>8.2f} {info.get('ratio_to_limit', float('nan')):>7.2f}")
+              f"{info.get('ratio_to_memmap', float('nan')):>8.2f} {info.get('ratio_to_limit', float('nan')):>7.2f} "
+              f"{info.get('ratio_to_paired_fio', float('nan')):>9.2f}")
 
 

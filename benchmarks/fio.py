@@ -103,7 +103,8 @@ def best_fio(files: List[str], record_bytes: int, record_offset: int, count: int
     """Random reads of ``count`` distinct records in each configuration (default
     :data:`CONFIGURATIONS`), ``evict()`` called before each; then the best configuration again
     until it has run ``repeats`` times. Returns ``best`` (its label), ``iops`` and ``bytes_per_s``
-    of the best (the median of its runs), ``best_runs`` (its runs' IOPS), ``by_configuration``
+    of the best (the median of its runs), ``best_configuration`` (its ``(engine, parallel)``),
+    ``best_runs`` (its runs' IOPS), ``by_configuration``
     (label: IOPS of the sweep, None where it failed) and ``errors`` (label: why). Raises
     RuntimeError when fio is missing or every configuration failed.
 
@@ -118,6 +119,7 @@ def best_fio(files: List[str], record_bytes: int, record_offset: int, count: int
     bandwidth: Dict[str, float] = {}
     errors: Dict[str, str] = {}
     commands: Dict[str, List[str]] = {}
+    configuration_of: Dict[str, Tuple[str, int]] = {}
     with tempfile.TemporaryDirectory(prefix="shardfeed-fio-") as tmp:
         output = os.path.join(tmp, "report.json")
 
@@ -133,6 +135,7 @@ def best_fio(files: List[str], record_bytes: int, record_offset: int, count: int
         for engine, parallel in configurations or CONFIGURATIONS:
             name = label(engine, parallel)
             by_configuration[name] = None
+            configuration_of[name] = (engine, parallel)
             try:
                 commands[name] = fio_command(files, record_bytes, record_offset, count, engine, parallel, output, seconds)
             except ValueError as e:
@@ -153,5 +156,5 @@ def best_fio(files: List[str], record_bytes: int, record_offset: int, count: int
                 raise RuntimeError(f"fio's best configuration {best} failed when repeated: {errors[best]}")
             runs.append((float(read["iops"]), float(read["bw_bytes"])))
     iops, bytes_per_s = sorted(runs)[(len(runs) - 1) // 2]  # the median run (the lower middle one)
-    return {"best": best, "iops": iops, "bytes_per_s": bytes_per_s, "best_runs": [r[0] for r in runs],
-            "by_configuration": by_configuration, "errors": errors}
+    return {"best": best, "best_configuration": configuration_of[best], "iops": iops, "bytes_per_s": bytes_per_s,
+            "best_runs": [r[0] for r in runs], "by_configuration": by_configuration, "errors": errors}

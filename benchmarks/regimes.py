@@ -271,6 +271,7 @@ class BenchData:
         assert len(shards) == 1, "the memmap readers expect a single shard"
         self.record_file = os.path.join(self.path, shards[0].file)
         self.readers: Dict[str, object] = {}
+        self.fio_best: Dict[str, Tuple[str, int]] = {}  # regime: fio's best (engine, parallel), test_disk_limit
         self.pin: Optional[Pin] = None
         self._memmap = self.open_memmap()
         with shardfeed.open(self.path) as ds:
