@@ -173,12 +173,14 @@ def cached_batch_memory():
 
 
 def free_batch_memory():
-    """Unmaps every cached block."""
+    """Unmaps every cached block; returns the bytes unmapped."""
     global _cached_count, _cached_total
+    cdef size_t freed = _cached_total
     while _cached_count:
         _cached_count -= 1
         munmap(_cached_data[_cached_count], _cached_bytes[_cached_count])
     _cached_total = 0
+    return freed
 
 
 cdef class _Views:

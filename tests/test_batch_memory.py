@@ -182,6 +182,16 @@ def test_concurrent_readers_never_share_memory(data):
     assert failures == []
 
 
+def test_free_batch_memory_returns_the_cached_blocks(data):
+    ds, _ = data
+    x = ds.read(np.arange(BATCH), "x", dtype="float32")["x"]
+    nbytes = x.nbytes
+    del x
+    assert sum(_core.cached_batch_memory()) >= nbytes
+    assert shardfeed.free_batch_memory() >= nbytes
+    assert _core.cached_batch_memory() == [] and shardfeed.free_batch_memory() == 0
+
+
 def test_a_failed_mapping_raises_memory_error():
     with pytest.raises(MemoryError, match="could not map"):
         _core.BatchMemory(1 << 62)

@@ -14,7 +14,7 @@ HDF5, any iterable; imported on first use) and :func:`merge`, which joins datase
 by parallel processes without copying shard data.
 """
 
-from .dataset import Batch, Dataset, get_num_threads, open, set_num_threads
+from .dataset import Batch, Dataset, free_batch_memory, get_num_threads, open, set_num_threads
 from .errors import (
     SchemaError, ShardfeedError, ShardfeedWarning, ShardFormatError, ShardReadError, ShardWriteError, SourceError,
     ValueRangeError, WriterLockedError,
@@ -30,8 +30,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Batch", "Dataset", "Field", "MergeResult", "Permutation", "Sampler", "SchemaError", "ShardFormatError",
     "ShardReadError", "ShardWriteError", "ShardfeedError", "ShardfeedWarning", "SourceError", "Subset",
-    "ValueRangeError", "VerifyReport", "Writer", "WriterLockedError", "convert", "get_num_threads", "merge", "open",
-    "set_num_threads", "verify",
+    "ValueRangeError", "VerifyReport", "Writer", "WriterLockedError", "convert", "free_batch_memory",
+    "get_num_threads", "merge", "open", "set_num_threads", "verify",
 ]
 
 

@@ -575,6 +575,14 @@ def _empty(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(_core.BatchMemory(nbytes), dtype, nbytes // dtype.itemsize).reshape(shape)
 
 
+def free_batch_memory() -> int:
+    """Returns to the system the memory that :meth:`Dataset.read` keeps for reuse: output arrays of
+    at least 1 MiB that numpy has freed (at most 8 of them, 256 MiB), which later reads of the same
+    size would take back instead of new pages. Returns the bytes released. For a process that is
+    done reading batches and needs the memory for something else; reading again refills the cache."""
+    return _core.free_batch_memory()
+
+
 def _reopen(path: str, threads: Optional[int], mmap: Union[str, bool]) -> Dataset:
     return Dataset(path, threads=threads, mmap=mmap)
 
