@@ -161,14 +161,19 @@ def _aligned_empty(shape, dtype=float, order="C"):
     return raw[start:start + nbytes].view(dtype).reshape(shape, order=order)
 
 
-@pytest.fixture(params=["owning", "aligned-views"])
+@pytest.fixture(params=["owning", "aligned-views", "batch-memory"])
 def allocation(request, monkeypatch):
     """How ``Dataset.read`` allocates output arrays: numpy's ``np.empty`` (arrays owning their
-    memory; glibc aligns them to 16 bytes, so TensorFlow copies them), or 64-byte-aligned views of
-    larger buffers (a view of one points at the buffer, not at it; TensorFlow wraps them)."""
+    memory; glibc aligns them to 16 bytes, so TensorFlow copies them), 64-byte-aligned views of
+    larger buffers (a view of one points at the buffer, not at it; TensorFlow wraps them), or,
+    whatever their size, the reusable page-aligned blocks of ``_core.BatchMemory`` that arrays
+    of 1 MiB or more get (TensorFlow wraps them; a freed one is handed out again)."""
+    from shardfeed import _core, dataset
     if request.param == "aligned-views":
-        from shardfeed import dataset
         shim = types.SimpleNamespace(**vars(np))
         shim.empty = _aligned_empty
         monkeypatch.setattr(dataset, "np", shim)
-    return request.param
+    elif request.param == "batch-memory":
+        monkeypatch.setattr(dataset, "BATCH_MEMORY_MIN_BYTES", 0)
+    yield request.param
+    _core.free_batch_memory()

@@ -318,6 +318,40 @@ def test_recycled_arrays_wait_until_keras_lets_go(data, allocation, feed, monkey
         assert len(pools[0]) == 0  # dropped at the end of every epoch
 
 
+@pytest.mark.parametrize("feed", ["generator", "sequence", "sequence, 2 workers", "tf.data"])
+def test_batch_memory_is_reused_only_after_keras_lets_go(data, feed, monkeypatch):
+    """Without the loader's pool (``recycle=False``) every batch is a new array from
+    ``Dataset.read``; in batch memory (here for arrays of every size) TensorFlow wraps it without
+    copying, and its block is handed out again only once freed: every step still sees its own
+    batch, and blocks were handed out again."""
+    from shardfeed import _core, dataset
+    monkeypatch.setattr(dataset, "BATCH_MEMORY_MIN_BYTES", 0)
+    _core.free_batch_memory()
+    addresses = []
+
+    def record(batch):
+        addresses.append(batch["x"].ctypes.data)
+        return batch
+
+    ds, _ = data
+    sampler = Sampler(ds, BATCH, seed=8)
+    options = dict(inputs=INPUTS, targets="target", seed=8, recycle=False, transform=record)
+    if feed == "generator":
+        source, kwargs = ds.batches(BATCH, **options), {"steps_per_epoch": STEPS}
+    elif feed == "tf.data":
+        source, kwargs = ds.to_tf_dataset(BATCH, **options), {"steps_per_epoch": STEPS}
+    else:
+        workers = 2 if "2 workers" in feed else 1
+        source, kwargs = ShardSequence(ds, BATCH, INPUTS, "target", seed=8, workers=workers, max_queue_size=2,
+                                       recycle=False, transform=record), {}
+    model = H.mlp(6, 3 * STEPS, BATCH)
+    model.fit(source, epochs=3, verbose=0, shuffle=False, **kwargs)
+    assert_saw(model, [sampler.indices(s) for s in range(3 * STEPS)])
+    assert all(address % 4096 == 0 for address in addresses)
+    assert len(set(addresses)) < len(addresses) // 2, (len(set(addresses)), len(addresses))
+    _core.free_batch_memory()
+
+
 def test_private_memory_stays_flat_during_fit(tmp_path):
     """Six epochs of fit over a 24 MiB dataset (1 MiB batches): RssAnon (RSS minus file-backed
     pages) at the end of epochs 2 to 6 stays within a few batches of epoch 2's."""
