@@ -285,6 +285,24 @@ def test_arrays_handed_to_keras_are_never_reused(data):
     np.testing.assert_array_equal(seen[0], expected[1])  # the reuse is caught
 
 
+def fit_three_epochs_and_check(ds, feed, **options):
+    """Three epochs of fit fed by ``feed`` (a generator, a ShardSequence with one or two workers, or
+    tf.data) with ``options``; every step must have seen its own batch."""
+    sampler = Sampler(ds, BATCH, seed=8)
+    if feed == "generator":
+        source, kwargs = ds.batches(BATCH, inputs=INPUTS, targets="target", seed=8, **options), {"steps_per_epoch": STEPS}
+    elif feed == "tf.data":
+        source, kwargs = ds.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=8, **options), \
+            {"steps_per_epoch": STEPS}
+    else:
+        workers = 2 if "2 workers" in feed else 1
+        source, kwargs = ShardSequence(ds, BATCH, INPUTS, "target", seed=8, workers=workers, max_queue_size=2,
+                                       **options), {}
+    model = H.mlp(6, 3 * STEPS, BATCH)
+    model.fit(source, epochs=3, verbose=0, shuffle=False, **kwargs)
+    assert_saw(model, [sampler.indices(s) for s in range(3 * STEPS)])
+
+
 @pytest.mark.parametrize("feed", ["generator", "sequence", "sequence, 2 workers", "tf.data"])
 def test_recycled_arrays_wait_until_keras_lets_go(data, allocation, feed, monkeypatch):
     """With recycling (the default) every step still sees its own batch, whether TensorFlow copies
@@ -300,19 +318,7 @@ def test_recycled_arrays_wait_until_keras_lets_go(data, allocation, feed, monkey
         init(self, *args, **kwargs)
         pools.append(self)
     monkeypatch.setattr(ArrayPool, "__init__", recording)
-    ds, _ = data
-    sampler = Sampler(ds, BATCH, seed=8)
-    options = dict(inputs=INPUTS, targets="target", seed=8)
-    if feed == "generator":
-        source, kwargs = ds.batches(BATCH, **options), {"steps_per_epoch": STEPS}
-    elif feed == "tf.data":
-        source, kwargs = ds.to_tf_dataset(BATCH, **options), {"steps_per_epoch": STEPS}
-    else:
-        workers = 2 if "2 workers" in feed else 1
-        source, kwargs = ShardSequence(ds, BATCH, INPUTS, "target", seed=8, workers=workers, max_queue_size=2), {}
-    model = H.mlp(6, 3 * STEPS, BATCH)
-    model.fit(source, epochs=3, verbose=0, shuffle=False, **kwargs)
-    assert_saw(model, [sampler.indices(s) for s in range(3 * STEPS)])
+    fit_three_epochs_and_check(data[0], feed)
     assert len(pools) == 1 and pools[0].reused >= STEPS, (pools[0].allocated, pools[0].reused)
     if feed.startswith("sequence"):
         assert len(pools[0]) == 0  # dropped at the end of every epoch
@@ -333,20 +339,7 @@ def test_batch_memory_is_reused_only_after_keras_lets_go(data, feed, monkeypatch
         addresses.append(batch["x"].ctypes.data)
         return batch
 
-    ds, _ = data
-    sampler = Sampler(ds, BATCH, seed=8)
-    options = dict(inputs=INPUTS, targets="target", seed=8, recycle=False, transform=record)
-    if feed == "generator":
-        source, kwargs = ds.batches(BATCH, **options), {"steps_per_epoch": STEPS}
-    elif feed == "tf.data":
-        source, kwargs = ds.to_tf_dataset(BATCH, **options), {"steps_per_epoch": STEPS}
-    else:
-        workers = 2 if "2 workers" in feed else 1
-        source, kwargs = ShardSequence(ds, BATCH, INPUTS, "target", seed=8, workers=workers, max_queue_size=2,
-                                       recycle=False, transform=record), {}
-    model = H.mlp(6, 3 * STEPS, BATCH)
-    model.fit(source, epochs=3, verbose=0, shuffle=False, **kwargs)
-    assert_saw(model, [sampler.indices(s) for s in range(3 * STEPS)])
+    fit_three_epochs_and_check(data[0], feed, recycle=False, transform=record)
     assert all(address % 4096 == 0 for address in addresses)
     assert len(set(addresses)) < len(addresses) // 2, (len(set(addresses)), len(addresses))
     _core.free_batch_memory()
