@@ -290,10 +290,11 @@ def fit_three_epochs_and_check(ds, feed, **options):
     tf.data) with ``options``; every step must have seen its own batch."""
     sampler = Sampler(ds, BATCH, seed=8)
     if feed == "generator":
-        source, kwargs = ds.batches(BATCH, inputs=INPUTS, targets="target", seed=8, **options), {"steps_per_epoch": STEPS}
+        source = ds.batches(BATCH, inputs=INPUTS, targets="target", seed=8, **options)
+        kwargs = {"steps_per_epoch": STEPS}
     elif feed == "tf.data":
-        source, kwargs = ds.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=8, **options), \
-            {"steps_per_epoch": STEPS}
+        source = ds.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=8, **options)
+        kwargs = {"steps_per_epoch": STEPS}
     else:
         workers = 2 if "2 workers" in feed else 1
         source, kwargs = ShardSequence(ds, BATCH, INPUTS, "target", seed=8, workers=workers, max_queue_size=2,
