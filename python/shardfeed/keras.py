@@ -31,11 +31,6 @@ class ShardSequence(keras.utils.PyDataset):
     batches on that many threads or processes; with processes the sequence is pickled, its
     dataset reopened by path, so ``transform`` must be picklable).
 
-    With ``recycle`` (the default) a batch is read into the arrays of an earlier batch that
-    nothing references any more (Keras's queue and tf.data included) instead of new ones, in each
-    worker process with processes; the kept arrays are dropped at every epoch's end (see
-    :mod:`shardfeed.loader`).
-
     ``len(seq)`` is the number of batches per epoch. Batch ``i`` is a pure function of
     ``(seed, epoch, i)`` and ``__getitem__`` is thread-safe. The epoch advances when Keras ends
     an epoch it began: Keras 3 calls ``on_epoch_end`` once more than ``on_epoch_begin`` (before
@@ -53,13 +48,12 @@ class ShardSequence(keras.utils.PyDataset):
                  transform: Optional[Callable[[Any], Mapping[str, Any]]] = None, dtype: Any = "float32",
                  fields: Any = None, scale: Any = None, offset: Any = None, maxlen: Any = None, pad_value: Any = 0,
                  workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10,
-                 shuffle_block: int = 1, recycle: bool = True):
+                 shuffle_block: int = 1):
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
         self.plan = BatchPlan(source, batch_size, inputs=inputs, targets=targets, sample_weights=sample_weights,
                               shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, transform=transform,
                               dtype=dtype, fields=fields, scale=scale, offset=offset, maxlen=maxlen,
-                              pad_value=pad_value, shuffle_block=shuffle_block, recycle=recycle,
-                              pool_size=max(1, max_queue_size + workers + 2))
+                              pad_value=pad_value, shuffle_block=shuffle_block)
         if len(self.plan) == 0:
             raise ValueError(f"no batches: {self.plan.sampler.samples} samples with batch_size {batch_size} "
                              f"and drop_remainder={drop_remainder}")
@@ -83,7 +77,6 @@ class ShardSequence(keras.utils.PyDataset):
         self._in_epoch = True
 
     def on_epoch_end(self) -> None:
-        self.plan.release()  # the next epoch (or a sequence kept after fit) holds no idle arrays
         if self._in_epoch:  # the extra call Keras makes before training is not the end of an epoch
             self._base += len(self.plan)
             self._in_epoch = False

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from .loader import DEFAULT_POOL_SIZE, BatchPlan
+from .loader import BatchPlan
 
 __all__ = ["to_tf_dataset"]
 
@@ -38,7 +37,7 @@ def to_tf_dataset(source: Any, batch_size: int, *, inputs: Any = None, targets: 
                   drop_remainder: bool = False, transform: Optional[Callable[[Any], Mapping[str, Any]]] = None,
                   dtype: Any = "float32", start: Any = None, fields: Any = None, scale: Any = None, offset: Any = None,
                   maxlen: Any = None, pad_value: Any = 0, num_parallel_calls: int = 1,
-                  output_signature: Any = None, shuffle_block: int = 1, recycle: bool = True) -> tf.data.Dataset:
+                  output_signature: Any = None, shuffle_block: int = 1) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` whose elements are whole batches, the same batches, in the same order,
     as :func:`shardfeed.loader.batches` with the same options yields: ``(x, y)`` tuples (or
     ``(x,)``, ``(x, y, sample_weight)``, or a dict of fields without ``inputs``).
@@ -61,18 +60,13 @@ def to_tf_dataset(source: Any, batch_size: int, *, inputs: Any = None, targets: 
     own part with ``view.shard(ctx.input_pipeline_id, ctx.num_input_pipelines)`` and turn
     tf.data's auto-sharding off.
 
-    With ``recycle`` (the default) a batch is read into the arrays of an earlier batch that nothing
-    references any more: ``tf.numpy_function`` wraps a 64-byte-aligned array without copying, and
-    the tensor holds a reference to it until it is freed, so an array is refilled only once every
-    tensor wrapping it is gone (see :mod:`shardfeed.loader`). The dataset keeps a few sets of
-    arrays for as long as it lives (3 in a ``model.fit``; at most ``num_parallel_calls`` + 4, the
-    CPU count + 4 with ``AUTOTUNE``); ``recycle=False`` reads every batch into new arrays."""
+    ``tf.numpy_function`` wraps a 64-byte-aligned batch array without copying, and the tensor holds
+    a reference to it until it is freed: a batch's memory goes to a later batch only once every
+    tensor wrapping it is gone (see :mod:`shardfeed.loader`)."""
     plan = BatchPlan(source, batch_size, inputs=inputs, targets=targets, sample_weights=sample_weights,
                      shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, transform=transform, dtype=dtype,
                      fields=fields, scale=scale, offset=offset, maxlen=maxlen, pad_value=pad_value,
-                     shuffle_block=shuffle_block, recycle=recycle, pool_size=DEFAULT_POOL_SIZE + (
-                         num_parallel_calls if isinstance(num_parallel_calls, int) and num_parallel_calls > 0
-                         else os.cpu_count() or 1))
+                     shuffle_block=shuffle_block)
     steps = plan.steps(epochs, start)
     first = 0 if start is None else plan.sampler.step_of(start)
     batch_dim = plan.sampler.batch_size if drop_remainder else None
