@@ -94,7 +94,9 @@ def test_dropped_batches_lend_their_memory(data):
         addresses.update((address(x), address(y)))
         steps += 1
     assert steps == 66
-    assert len(addresses) <= 2 * 8, len(addresses)
+    # Alive at once: the consumer's batch, two in the queue, one waiting to be queued, one being
+    # read; the cache can hold the blocks of four more (8 blocks) before it unmaps any.
+    assert len(addresses) <= 2 * (5 + 4), len(addresses)
 
 
 @pytest.mark.parametrize("hold", ["view", "view of a view", "memoryview", "weakref", "read-only", "reshaped"])
