@@ -7,18 +7,16 @@ and turns the C status into a Python exception afterwards, in :meth:`ShardSet._r
 """
 
 from native cimport *
-from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
-                             PyObject_GetBuffer)
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo,
+                             PyBuffer_Release, PyObject_GetBuffer)
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.errno cimport errno
 from libc.stdint cimport int64_t
-from cpython.buffer cimport PyBuffer_FillInfo
 from posix.mman cimport (MADV_RANDOM, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, MAP_SHARED, PROT_READ,
                         PROT_WRITE, madvise, mmap, munmap)
-from posix.unistd cimport sysconf, _SC_PAGESIZE
 from posix.types cimport off_t
-from posix.unistd cimport close as c_close
+from posix.unistd cimport _SC_PAGESIZE, close as c_close, sysconf
 
 import errno as _errno
 import os
@@ -106,21 +104,30 @@ cdef size_t _page_bytes = <size_t>sysconf(_SC_PAGESIZE)
 BATCH_MEMORY_CACHE = {"blocks": _CACHE_SLOTS, "bytes": _CACHE_MAX_BYTES}
 
 
+cdef void *_cache_remove(int i) noexcept:
+    """Takes cached block ``i`` out of the cache and returns it."""
+    global _cached_count, _cached_total
+    cdef void *data = _cached_data[i]
+    cdef int j
+    _cached_total -= _cached_bytes[i]
+    for j in range(i + 1, _cached_count):
+        _cached_data[j - 1] = _cached_data[j]
+        _cached_bytes[j - 1] = _cached_bytes[j]
+    _cached_count -= 1
+    return data
+
+
 cdef void _cache_put(void *data, size_t size) noexcept:
     """Keeps a freed block (unmaps it if it alone exceeds the cap), unmapping the oldest cached
     blocks to stay within ``_CACHE_SLOTS`` blocks and ``_CACHE_MAX_BYTES`` bytes."""
     global _cached_count, _cached_total
-    cdef int i
+    cdef size_t oldest
     if size > _CACHE_MAX_BYTES:
         munmap(data, size)
         return
     while _cached_count == _CACHE_SLOTS or _cached_total + size > _CACHE_MAX_BYTES:
-        munmap(_cached_data[0], _cached_bytes[0])
-        _cached_total -= _cached_bytes[0]
-        for i in range(1, _cached_count):
-            _cached_data[i - 1] = _cached_data[i]
-            _cached_bytes[i - 1] = _cached_bytes[i]
-        _cached_count -= 1
+        oldest = _cached_bytes[0]
+        munmap(_cache_remove(0), oldest)
     _cached_data[_cached_count] = data
     _cached_bytes[_cached_count] = size
     _cached_count += 1
@@ -129,18 +136,10 @@ cdef void _cache_put(void *data, size_t size) noexcept:
 
 cdef void *_cache_take(size_t size) noexcept:
     """The most recently cached block of exactly ``size`` bytes, removed from the cache, or NULL."""
-    global _cached_count, _cached_total
-    cdef int i, j
-    cdef void *data
+    cdef int i
     for i in range(_cached_count - 1, -1, -1):
         if _cached_bytes[i] == size:
-            data = _cached_data[i]
-            for j in range(i + 1, _cached_count):
-                _cached_data[j - 1] = _cached_data[j]
-                _cached_bytes[j - 1] = _cached_bytes[j]
-            _cached_count -= 1
-            _cached_total -= size
-            return data
+            return _cache_remove(i)
     return NULL
 
 
