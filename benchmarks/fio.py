@@ -119,7 +119,6 @@ def best_fio(files: List[str], record_bytes: int, record_offset: int, count: int
     bandwidth: Dict[str, float] = {}
     errors: Dict[str, str] = {}
     commands: Dict[str, List[str]] = {}
-    configuration_of: Dict[str, Tuple[str, int]] = {}
     with tempfile.TemporaryDirectory(prefix="shardfeed-fio-") as tmp:
         output = os.path.join(tmp, "report.json")
 
@@ -135,7 +134,6 @@ def best_fio(files: List[str], record_bytes: int, record_offset: int, count: int
         for engine, parallel in configurations or CONFIGURATIONS:
             name = label(engine, parallel)
             by_configuration[name] = None
-            configuration_of[name] = (engine, parallel)
             try:
                 commands[name] = fio_command(files, record_bytes, record_offset, count, engine, parallel, output, seconds)
             except ValueError as e:
@@ -156,5 +154,6 @@ def best_fio(files: List[str], record_bytes: int, record_offset: int, count: int
                 raise RuntimeError(f"fio's best configuration {best} failed when repeated: {errors[best]}")
             runs.append((float(read["iops"]), float(read["bw_bytes"])))
     iops, bytes_per_s = sorted(runs)[(len(runs) - 1) // 2]  # the median run (the lower middle one)
-    return {"best": best, "best_configuration": configuration_of[best], "iops": iops, "bytes_per_s": bytes_per_s,
+    best_configuration = next(c for c in configurations or CONFIGURATIONS if label(*c) == best)
+    return {"best": best, "best_configuration": best_configuration, "iops": iops, "bytes_per_s": bytes_per_s,
             "best_runs": [r[0] for r in runs], "by_configuration": by_configuration, "errors": errors}
