@@ -285,25 +285,6 @@ def test_arrays_handed_to_keras_are_never_reused(data):
     np.testing.assert_array_equal(seen[0], expected[1])  # the reuse is caught
 
 
-def fit_three_epochs_and_check(ds, feed, **options):
-    """Three epochs of fit fed by ``feed`` (a generator, a ShardSequence with one or two workers, or
-    tf.data) with ``options``; every step must have seen its own batch."""
-    sampler = Sampler(ds, BATCH, seed=8)
-    if feed == "generator":
-        source = ds.batches(BATCH, inputs=INPUTS, targets="target", seed=8, **options)
-        kwargs = {"steps_per_epoch": STEPS}
-    elif feed == "tf.data":
-        source = ds.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=8, **options)
-        kwargs = {"steps_per_epoch": STEPS}
-    else:
-        workers = 2 if "2 workers" in feed else 1
-        source, kwargs = ShardSequence(ds, BATCH, INPUTS, "target", seed=8, workers=workers, max_queue_size=2,
-                                       **options), {}
-    model = H.mlp(6, 3 * STEPS, BATCH)
-    model.fit(source, epochs=3, verbose=0, shuffle=False, **kwargs)
-    assert_saw(model, [sampler.indices(s) for s in range(3 * STEPS)])
-
-
 @pytest.mark.parametrize("feed", ["generator", "sequence", "sequence, 2 workers", "tf.data"])
 def test_batches_wait_until_keras_lets_go(data, allocation, feed):
     """Every step sees its own batch whether TensorFlow copies the arrays (numpy's own, 16-byte
@@ -315,7 +296,20 @@ def test_batches_wait_until_keras_lets_go(data, allocation, feed):
         addresses.append(batch["x"].ctypes.data)
         return batch
 
-    fit_three_epochs_and_check(data[0], feed, transform=record)
+    ds, _ = data
+    sampler = Sampler(ds, BATCH, seed=8)
+    options = dict(inputs=INPUTS, targets="target", seed=8, transform=record)
+    if feed == "generator":
+        source, kwargs = ds.batches(BATCH, **options), {"steps_per_epoch": STEPS}
+    elif feed == "tf.data":
+        source, kwargs = ds.to_tf_dataset(BATCH, **options), {"steps_per_epoch": STEPS}
+    else:
+        workers = 2 if "2 workers" in feed else 1
+        source, kwargs = ShardSequence(ds, BATCH, INPUTS, "target", seed=8, workers=workers, max_queue_size=2,
+                                       transform=record), {}
+    model = H.mlp(6, 3 * STEPS, BATCH)
+    model.fit(source, epochs=3, verbose=0, shuffle=False, **kwargs)
+    assert_saw(model, [sampler.indices(s) for s in range(3 * STEPS)])
     if allocation == "batch-memory":
         assert all(address % 4096 == 0 for address in addresses)
         assert len(set(addresses)) < len(addresses), "no block was handed out again"
