@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -156,7 +157,12 @@ def dataset_images(config: Config, dataset_gb: float) -> int:
     return max(int(dataset_gb * 2**30) // config.image_bytes, 2 * config.samples_per_row)
 
 
-def main(argv=None) -> int:
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(128 + signum)
+
+
+def parse_options(argv=None):
+    """``(args, routes, config, dataset_gb)`` from the command line (exit 2 on a bad option)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 GiB dataset, 5 + 20 steps, 1 s reader row")
     parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (for tests)")
@@ -177,13 +183,22 @@ def main(argv=None) -> int:
     unknown = [r for r in routes if r not in ROUTE_BACKENDS]
     if unknown:
         parser.error(f"unknown route {unknown[0]!r} (tf, torch)")
+    quick = {"warmup": 5, "steps": 20, "reader_seconds": 1.0, "dataset_gb": 1.0}
+    full = {"warmup": 10, "steps": 50, "reader_seconds": 3.0, "dataset_gb": 4.0}
+    chosen = {k: getattr(args, k) if getattr(args, k) is not None else (quick if args.quick else full)[k] for k in full}
     config = Config(model=args.model, image_size=args.image_size, classes=args.classes, batch=args.batch,
-                    warmup=args.warmup or (5 if args.quick else 10), steps=args.steps or (20 if args.quick else 50),
-                    mixed_precision=args.mixed_precision,
-                    reader_seconds=args.reader_seconds or (1.0 if args.quick else 3.0))
-    if min(config.batch, config.warmup, config.steps) < 1 or config.check_steps > config.warmup:
-        parser.error("--batch, --warmup and --steps must be at least 1")
+                    warmup=chosen["warmup"], steps=chosen["steps"], mixed_precision=args.mixed_precision,
+                    reader_seconds=chosen["reader_seconds"])
+    if min(config.batch, config.steps, config.image_size, config.classes) < 1 or config.reader_seconds <= 0 \
+            or chosen["dataset_gb"] <= 0:
+        parser.error("--batch, --steps, --image-size, --classes, --reader-seconds and --dataset-gb must be positive")
+    if config.warmup < config.check_steps:
+        parser.error(f"--warmup must be at least {config.check_steps} (the first batches are checked while warming up)")
+    return args, routes, config, chosen["dataset_gb"]
 
+
+def main(argv=None) -> int:
+    args, routes, config, dataset_gb = parse_options(argv)
     devices = probe_devices(routes)
     rows: List[Row] = []
     for route in list(routes):
@@ -196,10 +211,11 @@ def main(argv=None) -> int:
                   f"pass --allow-cpu to run on the CPU anyway", file=sys.stderr)
             return 2
 
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that a kill removes the dataset too
     root = tempfile.mkdtemp(prefix="shardfeed-gpu-check-", dir=args.tmp)
     try:
         path = os.path.join(root, "images")
-        count = dataset_images(config, args.dataset_gb or (1.0 if args.quick else 4.0))
+        count = dataset_images(config, dataset_gb)
         start = time.perf_counter()
         write_images(path, count, config)
         written = time.perf_counter() - start
@@ -208,6 +224,7 @@ def main(argv=None) -> int:
             rows.extend(run_route(route, config, path, out_of_core=not args.no_out_of_core))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
     print(f"shardfeed GPU check: {config.model}, {config.image_size}x{config.image_size}x3 uint8 images "
           f"read as normalised float32, batch {config.batch}, {config.steps} timed steps after {config.warmup}"
           f"{', mixed_float16' if config.mixed_precision else ''}; dataset {count:,} images "

@@ -17,7 +17,8 @@ traces the model), with the device synchronised at both ends of the timed steps 
   and normalised by the reader (``x * scale + offset`` per channel), page-cached (the dataset is
   preloaded first).
 - torch loop: a Python loop calling ``train_step`` on batches that a background thread reads with
-  ``ds.read(..., out=)`` into page-locked host buffers, copied with ``non_blocking=True``.
+  ``ds.read(..., out=)`` into page-locked host buffers, copied with ``non_blocking=True`` on a
+  stream of their own (:class:`PinnedFeed`). ``cudnn.benchmark`` is on for every torch row.
 - out-of-core: a fed row again after the dataset's files were evicted from the page cache, inside a
   cgroup v1 memory cgroup capped at a quarter of the dataset plus room for the process's new
   allocations (skipped with the reason where no cgroup can be made: not root, no v1 controller).
@@ -155,15 +156,17 @@ def checked_batches(ds, config: Config, feed: str):
 
 class PinnedFeed:
     """Batches read by ``ds.read(..., out=)`` on a background thread into ``depth`` page-locked
-    host buffers, then copied to the device with ``non_blocking=True``: the copy overlaps the
-    previous step, the reads of the next batches overlap both. A buffer is refilled only after its
-    copy completed (a CUDA event). Without CUDA, buffers are ordinary memory and :meth:`next`
-    returns copies (``clone``), so a refill never writes under a step."""
+    host buffers, then copied to the device with ``non_blocking=True`` on a stream of their own:
+    the copy of a batch runs while the previous step computes, and the reads of the next batches
+    overlap both. The step's stream waits for the copy (an event), and a buffer is refilled only
+    after its copy completed (the same event). Without CUDA, buffers are ordinary memory and
+    :meth:`next` returns copies (``clone``), so a refill never writes under a step."""
 
     def __init__(self, ds, config: Config, device, depth: int = 3):
         import torch
         self.torch, self.ds, self.device = torch, ds, device
         self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.sampler = shardfeed.Sampler(ds, config.batch, seed=config.seed, drop_remainder=True)
         self.slots = [(torch.empty((config.batch,) + config.image_shape, dtype=torch.float32, pin_memory=self.cuda),
                        torch.empty(config.batch, dtype=torch.int64, pin_memory=self.cuda)) for _ in range(depth)]
@@ -197,9 +200,15 @@ class PinnedFeed:
             raise step
         x, y = self.slots[slot]
         if self.cuda:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            copied = self.torch.cuda.Event()
-            copied.record()
+            cuda = self.torch.cuda
+            with cuda.stream(self.copy_stream):
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                copied = cuda.Event()
+                copied.record(self.copy_stream)
+            compute = cuda.current_stream(self.device)
+            compute.wait_event(copied)
+            x.record_stream(compute)  # allocated on the copy stream, used (and freed) on this one
+            y.record_stream(compute)
         else:
             x, y, copied = x.clone(), y.clone(), None
         self.free.put((slot, copied))
@@ -290,6 +299,7 @@ def torch_rows(config: Config, path: str, emit: Emit, out_of_core_row: bool = Tr
     route = "torch (Keras 3)"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = f"GPU: {torch.cuda.get_device_name(0)}" if device.type == "cuda" else "CPU"
+    torch.backends.cudnn.benchmark = True  # as torch users training convolutions set it (every row alike)
     model = build_model(config)
     x = torch.rand((config.batch,) + config.image_shape, device=device)
     y = torch.randint(0, config.classes, (config.batch,), device=device)
