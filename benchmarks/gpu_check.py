@@ -52,7 +52,8 @@ ROUTE_TIMEOUT_S = 900
 _PROBE = {
     "tf": "import tensorflow as tf\n"
           "gpus = tf.config.list_physical_devices('GPU')\n"
-          "found = tf.config.experimental.get_device_details(gpus[0]).get('device_name', gpus[0].name) if gpus else None",
+          "details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}\n"
+          "found = details.get('device_name', gpus[0].name) if gpus else None",
     "torch": "import torch\n"
              "found = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None",
 }
@@ -105,7 +106,8 @@ def reader_row(path: str, config: Config) -> Row:
 
 
 
-def run_route(route: str, config: Config, path: str, out_of_core: bool, timeout_s: float = ROUTE_TIMEOUT_S) -> List[Row]:
+def run_route(route: str, config: Config, path: str, out_of_core: bool,
+              timeout_s: float = ROUTE_TIMEOUT_S) -> List[Row]:
     """Runs one route in its own process (its Keras backend) and returns its rows; a row saying how
     it failed when the process did not finish (e.g. killed in the memory cgroup)."""
     env = dict(os.environ, KERAS_BACKEND=ROUTE_BACKENDS[route], TF_CPP_MIN_LOG_LEVEL="3")

@@ -187,8 +187,8 @@ class PinnedFeed:
                 if copied is not None:
                     copied.synchronize()
                 x, y = self.slots[slot]
-                self.ds.read(self.sampler.indices(step), ["image", "label"], out={"image": x.numpy(), "label": y.numpy()},
-                             **read_options())
+                self.ds.read(self.sampler.indices(step), ["image", "label"],
+                             out={"image": x.numpy(), "label": y.numpy()}, **read_options())
                 self.ready.put((slot, step))
         except BaseException as exc:  # handed to the consumer
             self.ready.put((None, exc))
