@@ -127,7 +127,7 @@ def test_disk_limit(benchmark, bench_data: BenchData, timing_enabled: bool, regi
         pytest.skip(why)
     data = bench_data
     samples = pass_samples(data, regime, timing_enabled)
-    _describe(benchmark, data, regime, "fio-best", samples)
+    _describe(benchmark, data, regime, "fio-best", samples, readers.GLOBAL_SHUFFLE)  # each record once, at random
     files = [data.record_file]
     data.release()
     configurations = None if timing_enabled else fio.QUICK_CONFIGURATIONS
@@ -163,10 +163,11 @@ def paired_fio(data: BenchData, regime: str, samples: int) -> Optional[float]:
     return result["iops"]
 
 
-def _describe(benchmark, data: BenchData, regime: str, reader_name: str, samples: int) -> None:
+def _describe(benchmark, data: BenchData, regime: str, reader_name: str, samples: int, shuffle: str) -> None:
     profile = data.profile
     benchmark.group = f"{regime}-{profile.name}"
-    benchmark.extra_info.update(regime=regime, reader=reader_name, profile=profile.name, batch=profile.batch,
+    benchmark.extra_info.update(regime=regime, reader=reader_name, shuffle=shuffle, profile=profile.name,
+                                batch=profile.batch,
                                 record_bytes=profile.record_bytes, output_bytes_per_sample=profile.output_bytes,
                                 dataset_samples=data.count, dataset_bytes=data.dataset_bytes,
                                 samples_per_pass=samples)
@@ -181,7 +182,7 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
     data = bench_data
     reader = data.reader(cls)
     samples = pass_samples(data, regime, timing_enabled)
-    _describe(benchmark, data, regime, reader_name, samples)
+    _describe(benchmark, data, regime, reader_name, samples, reader.shuffle)
     files = reader.files()
 
     # Correctness, every run: one short pass checked against numpy.

@@ -105,15 +105,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     write("")
     write("samples/s: median of the passes; ratios to numpy.memmap and to the limit (memcpy ceiling "
           "page-cached, best fio cold and out-of-core) in the same run; x fio now: to fio's best "
-          "configuration run just before each pass (median over the passes)")
-    write(f"{'group':<30} {'reader':<17} {'samples/s':>11} {'out GB/s':>8} {'RSS rise':>9} {'anon':>8} "
-          f"{'x memmap':>8} {'x limit':>7} {'x fio now':>9}")
+          "configuration run just before each pass (median over the passes); shuffle: the order a pass "
+          "really reads (compare global permutations with each other and fio, the others with "
+          "shardfeed-block16)")
+    write(f"{'group':<30} {'reader':<17} {'shuffle':<33} {'samples/s':>11} {'out GB/s':>8} {'RSS rise':>9} "
+          f"{'anon':>8} {'x memmap':>8} {'x limit':>7} {'x fio now':>9}")
     order = {r: k for k, r in enumerate(REGIMES)}
     for bench in sorted(benches, key=lambda b: (b.extra_info["profile"], order[b.extra_info["regime"]],
                                                 -b.extra_info["samples_per_s"])):
         info = bench.extra_info
         rss, anon = info.get("peak_rss_growth_bytes"), info.get("anon_growth_bytes")
-        write(f"{bench.group:<30} {info['reader']:<17} {info['samples_per_s']:>11,.0f} "
+        write(f"{bench.group:<30} {info['reader']:<17} {info.get('shuffle', ''):<33} "
+              f"{info['samples_per_s']:>11,.0f} "
               f"{info.get('output_gb_per_s', float('nan')):>8.2f} "
               f"{'' if rss is None else f'{rss / 2**20:,.0f} MiB':>9} "
               f"{'' if rss is None else f'{anon / 2**20:,.0f} MiB':>8} "

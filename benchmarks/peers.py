@@ -156,6 +156,7 @@ class TFDataReader(Reader):
 
     name = "tf.data"
     follows_order = False
+    shuffle = "sequential files, windowed"  # with the window's size once built (__init__)
     exact = True       # Mul then Add in float32, as numpy does (checked by tests/test_bench_peers.py)
     tolerance = 1e-6   # rtol if a TensorFlow build ever fuses them
     SHARDS = 8
@@ -178,6 +179,7 @@ class TFDataReader(Reader):
                       for k in range(shards)]
         self.buffer = int(min(self.SHUFFLE_BUFFER,
                               max(profile.batch, self.SHUFFLE_BUFFER_BYTES // profile.record_bytes)))
+        self.shuffle = f"sequential files, window of {self.buffer:,}"
         self.passes = 0
         source = data.open_memmap()
         start = time.perf_counter()

@@ -4,7 +4,10 @@
 
 ``run.json`` is what ``pytest benchmarks/bench_read.py --benchmark-enable --benchmark-json=run.json``
 writes. One panel per regime (rows) and profile (columns); a bar per reader, log scale, with the
-regime's limit (memcpy ceiling page-cached, best fio from disk) as a dashed line. Needs matplotlib.
+regime's limit (memcpy ceiling page-cached, best fio from disk) as a dashed line. A reader whose
+passes are not a global permutation (tf.data, shardfeed-block16) is labelled with the shuffle it
+really gives and drawn hatched: compare it with the others of its kind, not with the limit.
+Needs matplotlib.
 """
 
 from __future__ import annotations
@@ -15,18 +18,25 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from readers import GLOBAL_SHUFFLE  # noqa: E402
 from regimes import LIMITS, PROFILES, REGIMES  # noqa: E402
 
 
+def label(info: dict) -> str:
+    """The reader's name, and the shuffle it gives when that is not a global permutation."""
+    shuffle = info.get("shuffle", GLOBAL_SHUFFLE)  # runs from before the field: every reader's order
+    return info["reader"] if shuffle == GLOBAL_SHUFFLE else f"{info['reader']} [{shuffle}]"
+
+
 def load(path: str) -> dict:
-    """{(regime, profile): {reader: samples/s}}."""
+    """{(regime, profile): {label: samples/s}}, labels from :func:`label`."""
     with open(path) as f:
         results = json.load(f)
     table: dict = {}
     for bench in results["benchmarks"]:
         info = bench["extra_info"]
         if "regime" in info and "samples_per_s" in info:
-            table.setdefault((info["regime"], info["profile"]), {})[info["reader"]] = info["samples_per_s"]
+            table.setdefault((info["regime"], info["profile"]), {})[label(info)] = info["samples_per_s"]
     return table
 
 
@@ -34,6 +44,11 @@ def colour(reader: str) -> str:
     if reader.startswith("shardfeed"):
         return "tab:blue"
     return "tab:gray" if reader == "memmap" else "tab:orange"
+
+
+def own_order(reader_label: str) -> bool:
+    """Whether the bar is a reader that picks its own order (labelled with its shuffle)."""
+    return reader_label.endswith("]")
 
 
 def plot(table: dict, out: str, title: str) -> None:
@@ -51,7 +66,8 @@ def plot(table: dict, out: str, title: str) -> None:
             rates = table.get((regime, profile), {})
             limit = rates.get(LIMITS[regime])
             readers = sorted((r for r in rates if r != LIMITS[regime]), key=lambda r: rates[r])
-            ax.barh(readers, [rates[r] for r in readers], color=[colour(r) for r in readers])
+            ax.barh(readers, [rates[r] for r in readers], color=[colour(r) for r in readers],
+                    hatch=["//" if own_order(r) else "" for r in readers])
             if limit:
                 ax.axvline(limit, color="black", linestyle="--", linewidth=1)
                 ax.text(limit, len(readers) - 0.5, f" {LIMITS[regime]}", fontsize=7, va="top")

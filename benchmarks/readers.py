@@ -12,6 +12,12 @@ float32 array ``(len(ids),) + profile.shape`` equal, bit for bit, to ``data.refe
 normalised images). Most readers follow ``order``; a reader whose pipeline picks its own order
 (tf.data's shuffle buffer) sets ``follows_order = False`` and yields ``len(order)`` distinct
 samples in its order.
+
+Every reader states the shuffle its passes really give (``shuffle``, in each entry's
+``extra_info`` and the tables): ``GLOBAL_SHUFFLE`` for those that read the pass's order, a uniformly
+random permutation of the dataset; the others say what they do instead. Comparisons are like for
+like: global-shuffle readers against each other and fio's random-read limit, the others against
+``shardfeed-block16`` (issue 18's decision, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ import numpy as np
 Batches = Iterator[Tuple[np.ndarray, np.ndarray]]
 
 
+GLOBAL_SHUFFLE = "global permutation"
+
+
 class Reader:
     name = "?"
     follows_order = True
+    shuffle = GLOBAL_SHUFFLE  # what a pass's order is (readers that pick their own order override it)
     baseline = False  # the same-run baseline that ratios are computed against (memmap)
 
     @classmethod
@@ -154,6 +164,7 @@ class ShardfeedBlockReader(ShardfeedReader):
     name = "shardfeed-block16"
     follows_order = False
     SHUFFLE_BLOCK = 16
+    shuffle = f"blocks of {SHUFFLE_BLOCK} neighbours"
     passes = 0  # passes read so far: each pass's seed
 
     def read_pass(self, order: np.ndarray) -> Batches:

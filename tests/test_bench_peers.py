@@ -227,3 +227,42 @@ def test_best_fio_in_memory_cgroup(fio_here, tmp_path):
         assert result["iops"] > 0
     finally:
         os.rmdir(group)
+
+
+# ---- the shuffle each reader gives --------------------------------------------------------------
+
+
+def test_every_reader_states_the_shuffle_it_gives():
+    """The tables' shuffle column: a reader that reads the pass's order (a uniformly random
+    permutation) says so; one that picks its own order says what it does instead."""
+    import readers
+    for cls in readers.READERS + peers.PEERS:
+        assert cls.shuffle, cls.name
+        assert (cls.shuffle == readers.GLOBAL_SHUFFLE) == cls.follows_order, cls.name
+
+
+def test_block_reader_reads_blocks_of_16_neighbours(data):
+    """shardfeed-block16's passes are what its shuffle says: whole blocks of 16 adjacent records,
+    in a different block order each pass."""
+    import readers
+    reader = readers.ShardfeedBlockReader(data)
+    assert reader.shuffle == f"blocks of {reader.SHUFFLE_BLOCK} neighbours"
+    reader.open()
+    try:
+        passes = [np.concatenate([ids for ids, _ in reader.read_pass(np.arange(data.count))]) for _ in range(2)]
+    finally:
+        reader.close()
+    for seen in passes:
+        assert sorted(seen) == list(range(data.count))
+        starts = np.flatnonzero(np.diff(seen, prepend=-2) != 1)  # where a run of neighbours begins
+        runs = np.diff(np.append(starts, len(seen)))
+        block = reader.SHUFFLE_BLOCK
+        assert (seen[starts] % block == 0).all() and (runs % block == 0)[seen[starts] + runs < data.count].all()
+    assert not np.array_equal(passes[0], passes[1])
+
+
+def test_tf_data_shuffle_names_its_window(data):
+    pytest.importorskip("tensorflow")
+    reader = peers.TFDataReader(data)
+    window = min(10_000, max(data.profile.batch, (64 << 20) // data.profile.record_bytes))
+    assert reader.buffer == window and reader.shuffle == f"sequential files, window of {window:,}"

@@ -12,14 +12,20 @@ import pytest
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-def results(rates: dict) -> dict:
-    """A pytest-benchmark JSON as bench_read.py writes it: {(regime, profile, reader): samples/s}."""
+SHUFFLES = {"tf.data": "sequential files, window of 10,000", "shardfeed-block16": "blocks of 16 neighbours"}
+
+
+def results(rates: dict, shuffles: bool = True) -> dict:
+    """A pytest-benchmark JSON as bench_read.py writes it: {(regime, profile, reader): samples/s};
+    without ``shuffles``, as runs from before the field did."""
     benches = []
     for (regime, profile, reader), rate in rates.items():
         base = rates[(regime, profile, "memmap")]
-        benches.append({"group": f"{regime}-{profile}", "extra_info": {
-            "regime": regime, "profile": profile, "reader": reader, "samples_per_s": rate,
-            "ratio_to_memmap": rate / base}})
+        info = {"regime": regime, "profile": profile, "reader": reader, "samples_per_s": rate,
+                "ratio_to_memmap": rate / base}
+        if shuffles:
+            info["shuffle"] = SHUFFLES.get(reader, "global permutation")
+        benches.append({"group": f"{regime}-{profile}", "extra_info": info})
     return {"benchmarks": benches}
 
 
@@ -37,7 +43,8 @@ def compare(*args: str) -> subprocess.CompletedProcess:
 
 REFERENCE = {("cold", "f16-8KiB", "memmap"): 1000.0, ("cold", "f16-8KiB", "shardfeed"): 3000.0,
              ("cold", "f16-8KiB", "h5py"): 500.0, ("page-cached", "f16-128B", "memmap"): 10.0,
-             ("page-cached", "f16-128B", "shardfeed"): 20.0}
+             ("page-cached", "f16-128B", "shardfeed"): 20.0, ("cold", "f16-8KiB", "tf.data"): 2000.0,
+             ("cold", "f16-8KiB", "shardfeed-block16"): 9000.0}
 
 
 def test_compare_stores_then_passes_within_tolerance_and_fails_beyond(tmp_path):
@@ -46,7 +53,8 @@ def test_compare_stores_then_passes_within_tolerance_and_fails_beyond(tmp_path):
     done = compare("--json", run, "--stored", stored, "--update")
     assert done.returncode == 0, done.stderr
     with open(stored) as f:
-        assert json.load(f) == {"cold-f16-8KiB/shardfeed": 3.0, "page-cached-f16-128B/shardfeed": 2.0}
+        assert json.load(f) == {"cold-f16-8KiB/shardfeed": 3.0, "cold-f16-8KiB/shardfeed-block16": 9.0,
+                                "page-cached-f16-128B/shardfeed": 2.0}
 
     # Absolute speeds halve (a busier machine) but the ratio holds: no regression.
     slower = {k: v / 2 for k, v in REFERENCE.items()}
@@ -99,3 +107,17 @@ def test_plot_writes_a_png(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "plot.py"), write(tmp_path, "e.json", {"benchmarks": []}),
                            "-o", out], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no bench_read.py entries" in done.stderr
+
+
+def test_plot_labels_each_reader_with_the_shuffle_it_gives(tmp_path):
+    """A reader that picks its own order is labelled with its shuffle (and hatched); the readers of
+    a global permutation, and every reader of a run from before the field, keep their names."""
+    sys.path.insert(0, BENCHMARKS)
+    import plot
+    table = plot.load(write(tmp_path, "r.json", results(REFERENCE)))
+    assert sorted(table[("cold", "f16-8KiB")]) == ["h5py", "memmap", "shardfeed",
+                                                   "shardfeed-block16 [blocks of 16 neighbours]",
+                                                   "tf.data [sequential files, window of 10,000]"]
+    assert [plot.own_order(label) for label in sorted(table[("cold", "f16-8KiB")])] == [False, False, False, True, True]
+    old = plot.load(write(tmp_path, "old.json", results(REFERENCE, shuffles=False)))
+    assert sorted(old[("cold", "f16-8KiB")]) == ["h5py", "memmap", "shardfeed", "shardfeed-block16", "tf.data"]
