@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ._cli_text import in_option_terms, plain, printable
 from .errors import ShardfeedError
 from .format import HEADER_BYTES, STORED_DTYPES
 
@@ -93,28 +94,35 @@ def _say(args: argparse.Namespace, *text: Any) -> None:
 _CONVERT_HELP = """\
 Converts data into a shardfeed dataset at OUT, reading it a chunk at a time (memory stays bounded
 whatever the size), and prints a report: samples, MB/s, and for fields stored in a narrower float
-the largest absolute and relative error introduced.
+how many values kept full precision, became subnormal or 0, or overflowed.
 
 Sources (the type is guessed from the first one; --from sets it):
-  npy    .npy files, memory-mapped. Unnamed files are concatenated into field "x" (a structured
-         array gives one field per member); NAME=FILE puts a file in field NAME:
+  npy    .npy files, memory-mapped. Several files are chunks of rows, concatenated into field "x"
+         (a structured array gives one field per member); NAME=FILE puts a file in field NAME:
            shardfeed convert image=images.npy label=labels.npy -o data/train
+         --sample-per-file: each file is one sample (12,000 files of shape (32, 256) -> 12,000
+         samples of (32, 256), not 384,000 rows):
+           shardfeed convert wave='waves/*.npy' --sample-per-file -o data/waves
   npz    .npz archives; --field NAME=MEMBER picks members (default: all, named as in the archive)
   csv    one or many CSV files (a glob such as 'data/*.csv' is sorted naturally: 2 before 10);
-         --field NAME=COL (scalar), NAME=COL1,COL2 or NAME='pix*' (vector); --label COL
+         --field NAME=COL (scalar), NAME=COL1,COL2 or NAME='pix*' (vector); --label COL;
+         --list-field NAME: cells holding lists of numbers ("607 2214 9") -> a variable-length field
            shardfeed convert 'data/*.csv' --field x='f*' --label target --dtype x=float16 -o out
+           shardfeed convert 'logs/*.csv' --list-field history --dtype history=int32 -o out
   hdf5   HDF5 files (needs shardfeed[hdf5]); --field NAME=/path/to/dataset (default: all top-level)
   files  a directory with one .npy or image file per sample (images need shardfeed[images]);
-         --labels folders (class = first sub-folder) or --labels labels.csv/json; --files train.txt
-         (the index: one name per line); --split train=train.txt --split val=val.txt (one dataset,
-         splits recorded in its metadata)
+         NAME=DIR names its field (default image, or x for .npy); --labels folders (class =
+         first sub-folder) or --labels LIST (lines of "file label", spaces or commas; or JSON);
+         --files train.txt (the index: one name per line); --split train=train.txt --split
+         val=val.txt (one dataset, splits recorded in its metadata)
            shardfeed convert photos/ --labels folders --size 64x64 --files photos/train.txt -o train
 
-Values that overflow the stored dtype are refused unless --overflow saturate. A bad CSV row or
-unreadable file stops the conversion with its file and line (exit status 1) unless --on-error skip;
-a failed conversion leaves no dataset behind. --workers N converts with N processes, each writing
-a part, then merges the parts (no data copied); --part K/N converts only part K of N (for cluster
-tasks: merge the parts with `shardfeed merge`).
+OUT must be a new or empty directory (or a dataset, with --append). Values that overflow the
+stored dtype are refused unless --overflow saturate. A bad CSV row or unreadable file stops the
+conversion with its file and line (exit status 1) unless --on-error skip; a failed conversion
+leaves no dataset behind. --workers N converts with N processes, each writing a part, then merges
+the parts (no data copied); --part K/N converts only part K of N (for cluster tasks: merge the
+parts with `shardfeed merge`).
 
 Exit status: 0 success, 1 data error, 2 usage error."""
 
@@ -171,8 +179,19 @@ def _convert(args: argparse.Namespace) -> int:
     kind = args.source_kind or _guess_kind(named[0][1])
     if kind is None:
         parser.error(f"cannot tell what kind of source {named[0][1]!r} is; pass --from {{{','.join(_SOURCE_KINDS)}}}")
-    if any(name for name, _ in named) and kind != "npy":
-        parser.error("NAME=FILE sources are for .npy files; use --field for other sources")
+    if args.sample_per_file:
+        if kind not in ("npy", "files"):
+            parser.error(f"--sample-per-file applies to .npy files and directories of samples, not {kind}")
+        if kind == "npy" and len(named) == 1 and os.path.isdir(named[0][1]):
+            kind = "files"  # a directory of per-sample files, with everything --from files offers
+    if any(name for name, _ in named) and kind not in ("npy", "files"):
+        parser.error("NAME=FILE sources are for .npy files and directories of samples; use --field for other sources")
+    if args.list_field and kind != "csv":
+        parser.error(f"--list-field applies to csv sources, not {kind}")
+    if args.size is not None:
+        match = re.fullmatch(r"(\d+)[xX](\d+)", args.size)
+        if not match or min(int(match.group(1)), int(match.group(2))) < 1:
+            parser.error(f"--size expects WIDTHxHEIGHT, both at least 1 (e.g. 64x64), got {args.size!r}")
     fields = _pairs(parser, args.field, "--field")
     options: Dict[str, Any] = dict(dtypes=_dtypes(parser, args.dtype), shard_size=args.shard_size,
                                    metadata=args.metadata, mode="a" if args.append else "w",
@@ -184,7 +203,8 @@ def _convert(args: argparse.Namespace) -> int:
         parser.error("--workers writes a new dataset; it cannot --append")
     for option, allowed in (("label", "csv"), ("labels", "files"), ("files", "files"), ("split", "files"),
                             ("image_mode", "files"), ("size", "files"), ("channels_first", "files"),
-                            ("delimiter", "csv"), ("no_header", "csv"), ("threads", "files")):
+                            ("delimiter", "csv"), ("no_header", "csv"), ("threads", "files"),
+                            ("list_sep", "csv")):
         if getattr(args, option) not in (None, False, []) and kind != allowed:
             parser.error(f"--{option.replace('_', '-')} applies to {allowed} sources, not {kind}")
     if args.classes is not None and kind not in ("csv", "files"):
@@ -194,7 +214,15 @@ def _convert(args: argparse.Namespace) -> int:
         parser.error("--on-error applies to csv and files sources")
     sources = [path for _, path in named]
     try:
-        if kind == "npy":
+        if kind == "npy" and args.sample_per_file:
+            if fields:
+                parser.error("--field does not apply to .npy sources: name the field NAME=FILE")
+            names = {name for name, _ in named}
+            if len(names) > 1:
+                parser.error("--sample-per-file writes one field: give every source the same NAME= or none")
+            report = convert.from_npy(args.output, sources, sample_per_file=True, field=names.pop(),
+                                      **parallel, **options)
+        elif kind == "npy":
             if fields:
                 parser.error("--field does not apply to .npy sources: name them NAME=FILE")
             if any(name for name, _ in named):
@@ -212,36 +240,38 @@ def _convert(args: argparse.Namespace) -> int:
             report = convert.from_hdf5(args.output, sources, datasets=fields or None, **parallel, **options)
         elif kind == "csv":
             csv_fields = {name: (spec.rstrip(",").split(",") if "," in spec else spec) for name, spec in fields.items()}
-            report = convert.from_csv(args.output, sources, fields=csv_fields or None, label=args.label,
+            if csv_fields and args.list_field:  # list fields named by --list-field only: the column of that name
+                csv_fields.update({name: name for name in args.list_field if name not in csv_fields})
+            lists = {name: args.list_sep for name in args.list_field} or None
+            report = convert.from_csv(args.output, sources, fields=csv_fields or None, label=args.label, lists=lists,
                                       classes=classes, delimiter=args.delimiter, header=not args.no_header,
                                       on_error=args.on_error, **parallel, **options)
         else:
             if len(sources) != 1:
                 parser.error("a files source is one directory")
             if fields:
-                parser.error("--field does not apply to a directory of files")
+                parser.error("--field does not apply to a directory of files: name its field NAME=DIR")
             splits = _pairs(parser, args.split, "--split") if args.split else None
-            size = None
-            if args.size:
-                match = re.fullmatch(r"(\d+)[xX](\d+)", args.size)
-                if not match:
-                    parser.error(f"--size expects WIDTHxHEIGHT, got {args.size!r}")
-                size = (int(match.group(1)), int(match.group(2)))
+            size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
             report = convert.from_files(args.output, sources[0], files=args.files, splits=splits, labels=args.labels,
+                                        field=named[0][0],
                                         classes=classes if classes != "auto" else None, image_mode=args.image_mode,
                                         size=size, layout="chw" if args.channels_first else "hwc",
                                         on_error=args.on_error, threads=args.threads, **parallel, **options)
-    except ShardfeedError:
+    except ShardfeedError as exc:
+        if getattr(exc, "argument", None) == "dtypes":  # --dtype NAME= for a field the source lacks
+            parser.error(f"--dtype given for {', '.join(printable(n) for n in exc.unknown)}, which the source "
+                         f"does not have; its fields are: {', '.join(printable(n) for n in exc.fields)}")
         raise
     except ImportError as exc:
         print(f"shardfeed convert: error: {exc}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as exc:  # an option value the converter refuses
-        parser.error(str(exc))
+        parser.error(printable(in_option_terms(str(exc))))
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
-        _say(args, report)
+        _say(args, printable(in_option_terms(str(report)), keep_newlines=True))
     return 0
 
 
@@ -260,15 +290,23 @@ def _add_convert(commands: Any) -> None:
                    "with --classes)")
     p.add_argument("--classes", metavar="auto|A,B,...", help="label names -> class indexes: 'auto' (sorted names "
                    "found in the data) or the list; stored in metadata['classes']")
-    p.add_argument("--labels", metavar="folders|FILE", help="files: labels from sub-folder names or a "
-                   "file,label CSV / JSON listing")
+    p.add_argument("--sample-per-file", action="store_true", help="npy: each file is one sample (default: "
+                   "files are chunks of rows, concatenated); a directory then takes every --from files option")
+    p.add_argument("--labels", metavar="folders|FILE", help="files: labels from sub-folder names, or a list of "
+                   "'file label' lines (spaces, tabs or commas; quote names that have spaces) or JSON")
     p.add_argument("--files", metavar="LIST", help="files: text file listing the samples, one name per line")
     p.add_argument("--split", action="append", default=[], metavar="NAME=LIST",
                    help="files: one listing per split, written one after another into one dataset")
-    p.add_argument("--image-mode", metavar="MODE", help="files: Pillow mode, e.g. RGB or L (default: the first image's)")
+    p.add_argument("--image-mode", metavar="MODE", help="files: Pillow mode, e.g. RGB, RGBA or L (default: the "
+                   "images' own, or RGB when some have colour and some not)")
     p.add_argument("--size", metavar="WxH", help="files: resize images to WIDTHxHEIGHT")
     p.add_argument("--channels-first", action="store_true", help="files: store images as (C, H, W), not (H, W, C)")
     p.add_argument("--threads", type=_positive, metavar="N", help="files: decoding threads (default: up to 8)")
+    p.add_argument("--list-field", action="append", default=[], metavar="NAME",
+                   help="csv: a variable-length field whose cells hold lists of numbers (\"607 2214 9\"), from "
+                   "column NAME or the column --field NAME=COL gives it; its dtype from --dtype (default float32)")
+    p.add_argument("--list-sep", metavar="SEP", help="csv: the separator of the numbers in --list-field cells "
+                   "(default: whitespace)")
     p.add_argument("--delimiter", metavar="CHAR", help="csv: column delimiter (default: tab for .tsv, else comma)")
     p.add_argument("--no-header", action="store_true", help="csv: files have no header row (columns are 0, 1, ...)")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
@@ -319,38 +357,39 @@ def _head(args: argparse.Namespace) -> int:
         names = args.fields.split(",") if args.fields else list(ds.fields)
         for name in names:
             if name not in ds.fields:
-                args.parser.error(f"no field {name!r}; the dataset has {list(ds.fields)}")
-        start = args.start if args.start >= 0 else max(0, len(ds) + args.start)
+                args.parser.error(f"--fields: no field {printable(name)!r}; the dataset has "
+                                  f"{', '.join(printable(n) for n in ds.fields)}")
+        start = args.start if args.start >= 0 else len(ds) + args.start
+        if not 0 <= start < len(ds) and not (start == 0 == len(ds)):
+            args.parser.error(f"--start {args.start} is outside the dataset's {len(ds)} samples "
+                              f"(0 to {len(ds) - 1}, or -{len(ds)} to -1 from the end)")
         stop = min(len(ds), start + args.n)
         classes = ds.metadata.get("classes") if isinstance(ds.metadata.get("classes"), list) else None
-        try:
-            if not args.json and not args.quiet:
-                print(f"{ds.path}: {len(ds)} samples; showing {start}..{max(start, stop) - 1}")
-            for index in range(start, stop):
-                sample = ds[index]
-                if args.json:
-                    print(json.dumps({"index": index, **{n: sample[n].tolist() for n in names}}))
-                    continue
-                print(f"[{index}]")
-                width = max(map(len, names))
-                for name in names:
-                    value = sample[name]
-                    field = ds.fields[name]
-                    shape = ", ".join(map(str, value.shape))
-                    kind = f"{field.dtype}[{shape}]" + (" (variable)" if field.variable else "")
-                    print(f"  {name:<{width}}  {kind}  {_format_value(value, classes if name in ('label', 'y') or field.name == 'label' else None)}")
-            sys.stdout.flush()
-        except BrokenPipeError:  # `shardfeed head ... | head -3`
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+        if not args.json and not args.quiet:
+            shown = f"showing {start}..{stop - 1}" if stop > start else "nothing to show"
+            print(f"{printable(ds.path)}: {len(ds)} samples; {shown}")
+        width = max(map(len, names)) if names else 0
+        for index in range(start, stop):
+            sample = ds[index]
+            if args.json:
+                print(json.dumps({"index": index, **{n: sample[n].tolist() for n in names}}))
+                continue
+            print(f"[{index}]")
+            for name in names:
+                value = sample[name]
+                field = ds.fields[name]
+                shape = ", ".join(map(str, value.shape))
+                kind = f"{field.dtype}[{shape}]" + (" (variable)" if field.variable else "")
+                labels = classes if name in ("label", "y") else None
+                print(f"  {printable(name):<{width}}  {kind}  {printable(_format_value(value, labels))}")
     return 0
 
 
 def _add_head(commands: Any) -> None:
-    p = commands.add_parser("head", help="print the first samples of a dataset", description=_head.__doc__,
+    p = commands.add_parser("head", help="print the first samples of a dataset", description=plain(_head.__doc__),
                             formatter_class=_Formatter)
     p.add_argument("path")
-    p.add_argument("-n", type=int, default=5, metavar="N", help="number of samples (default 5)")
+    p.add_argument("-n", type=_positive, default=5, metavar="N", help="number of samples (default 5)")
     p.add_argument("--start", type=int, default=0, help="first sample (negative: from the end)")
     p.add_argument("--fields", metavar="A,B", help="fields to show (default: all)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample, full values")
@@ -379,7 +418,7 @@ def _merge(args: argparse.Namespace) -> int:
     except ValueError as exc:
         if isinstance(exc, ShardfeedError):
             raise
-        args.parser.error(str(exc))
+        args.parser.error(printable(in_option_terms(str(exc))))
     _say(args, f"{result.path}: {result.num_samples} samples in {result.num_shards} shard(s) from "
                f"{result.parts} part(s), {'moved' if result.moved else 'linked'} without copying")
     return 0
