@@ -357,7 +357,7 @@ def _head(args: argparse.Namespace) -> int:
         names = args.fields.split(",") if args.fields else list(ds.fields)
         for name in names:
             if name not in ds.fields:
-                args.parser.error(f"--fields: no field {printable(name)!r}; the dataset has "
+                args.parser.error(f"--fields: no field '{printable(name)}'; the dataset has "
                                   f"{', '.join(printable(n) for n in ds.fields)}")
         start = args.start if args.start >= 0 else len(ds) + args.start
         if not 0 <= start < len(ds) and not (start == 0 == len(ds)):
