@@ -1,5 +1,6 @@
-"""Text the command line prints: dataset-provided strings made safe for a terminal, help text
-without reStructuredText markup, and library messages reworded in command-line terms.
+"""What the command line's modules share: dataset-provided strings made safe for a terminal, help
+text without reStructuredText markup, library messages reworded in command-line terms, byte
+counts for people, and the small argparse helpers (a formatter, a positive-integer type).
 
 The library's messages name Python arguments (``mode='a'``, ``metadata=``); the command line's
 name its options (``--append``, ``--metadata``). The library stays in Python terms and the
@@ -9,9 +10,40 @@ caught by the command-line tests that look for the option's name.
 
 from __future__ import annotations
 
+import argparse
 import re
 import unicodedata
-from typing import List, Tuple
+from typing import Any, List, Tuple
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks."""
+
+
+def human(n: float) -> str:
+    """A byte count for people: '512 B', '3.5 MiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def say(args: argparse.Namespace, *text: Any) -> None:
+    """print() unless --quiet."""
+    if not args.quiet:
+        print(*text)
 
 # Unicode categories a terminal may act on instead of showing: C0/C1 controls (ESC starts the
 # escape sequences), format characters (bidirectional overrides, zero-width joiners) and the line

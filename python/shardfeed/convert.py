@@ -35,7 +35,6 @@ import errno
 import glob as _glob
 import importlib
 import itertools
-import json
 import mmap
 import os
 import re
