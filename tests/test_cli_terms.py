@@ -97,6 +97,13 @@ def test_messages_name_options_not_python_arguments(tmp_path, dataset):
         assert not PYTHON_TERMS.search(done.stderr), done.stderr
 
 
+def test_verify_notes_name_the_append_option(dataset):
+    (dataset / "shard-000099.rec").write_bytes(b"left by a killed writer")
+    done = run("verify", dataset)
+    assert done.returncode == 0, done
+    assert "removed by the next conversion with --append" in done.stdout and not PYTHON_TERMS.search(done.stdout)
+
+
 def test_image_size_message_names_the_size_option(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     os.makedirs(tmp_path / "img")

@@ -94,7 +94,6 @@ _OPTION_TERMS: List[Tuple[str, str]] = [
     (r"sample_per_file=True", "--sample-per-file"),
     (r"image_mode='(\w+)'", r"--image-mode \1"),
     (r"dtypes=\{'(\w+)': '(\w+)'\}", r"--dtype \1=\2"),
-    (r"lists=\{'(\w+)'\}", r"--list-field \1"),
     (r"chunk_bytes", "--chunk-size"),
 ]
 _COMPILED = [(re.compile(pattern), replacement) for pattern, replacement in _OPTION_TERMS]

@@ -63,7 +63,10 @@ def _verify(args: argparse.Namespace) -> int:
     from ._verify import verify
 
     report = verify(args.path)
-    print(json.dumps(report.to_json(), indent=1) if args.json else printable(report, keep_newlines=True))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        print(printable(in_option_terms(str(report)), keep_newlines=True))
     return 0 if report.ok else 1
 
 
