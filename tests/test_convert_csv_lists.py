@@ -123,3 +123,17 @@ def test_list_options_are_checked(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros(2))
     done = run("convert", tmp_path / "x.npy", "--list-field", "a", "-o", tmp_path / "o")
     assert done.returncode == 2 and "--list-field applies to csv sources, not npy" in done.stderr
+
+
+def test_list_cells_with_named_classes_and_mixed_kinds_in_one_chunk(tmp_path, tools):
+    (tmp_path / "a.csv").write_text('kind,h,w,n\ncat,"1 2",0.5,7\ndog,"",1.5,8\ncat,"3",2.5,9\n')
+    convert.from_csv(tmp_path / "d", tmp_path / "a.csv", fields={"h": "h", "w": "w", "n": "n"}, lists=["h"],
+                     label="kind", classes="auto", dtypes={"h": "int64", "w": "float64", "n": "uint16"})
+    with shardfeed.open(tmp_path / "d") as ds:
+        batch = ds.read(np.arange(3))
+        assert ds.metadata["classes"] == ["cat", "dog"]
+    tools.assert_identical(batch["label"], np.array([0, 1, 0]))
+    tools.assert_identical(batch["w"], np.array([0.5, 1.5, 2.5]))
+    tools.assert_identical(batch["n"], np.array([7, 8, 9], np.uint16))
+    tools.assert_identical(batch["h"], np.array([[1, 2], [0, 0], [3, 0]]))
+    tools.assert_identical(batch.lengths["h"], np.array([2, 0, 1]))

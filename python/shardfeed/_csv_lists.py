@@ -10,7 +10,8 @@ fit it are refused by the writer, naming the row, as for any field.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+import itertools
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -43,6 +44,21 @@ def list_column(layout: Any, name: str, fields: Any) -> int:
     if vector:
         raise SchemaError(f"list field {name!r}: takes one column whose cells hold the lists, got {spec!r}")
     return indices[0]
+
+
+def parse_column(cells: List[str], separator: Optional[str], kind: str) -> Optional[List[np.ndarray]]:
+    """A chunk's cells of one list column -> one array per cell, parsed in one numpy call (None when
+    some item does not parse: the caller then finds the row with :func:`parse_cell`)."""
+    if separator is None:
+        split = [cell.split() for cell in cells]
+    else:
+        split = [[item.strip() for item in cell.split(separator)] if cell.strip() else [] for cell in cells]
+    lengths = np.fromiter(map(len, split), np.int64, len(split))
+    try:
+        flat = np.array(list(itertools.chain.from_iterable(split)), dtype=str).astype(kind)
+    except (ValueError, OverflowError):
+        return None
+    return np.split(flat, np.cumsum(lengths)[:-1])
 
 
 def parse_cell(cell: str, separator: Optional[str], kind: str) -> Tuple[Optional[np.ndarray], str]:

@@ -1707,7 +1707,10 @@ class _CsvParser:
             text, numbers = [text[k] for k in keep], [numbers[k] for k in keep]
         if not text:
             return None, []
-        batch = self._fast(text) if '"' not in body and not self.layout.lists else None
+        if self.layout.lists:
+            batch = self._with_lists(text)
+        else:
+            batch = self._fast(text) if '"' not in body else None
         if batch is None:
             batch, numbers = self._slow(name, text, numbers, sink)
         return batch, numbers
@@ -1748,6 +1751,40 @@ class _CsvParser:
         if not self.dtype.names and table.shape[1] != len(self.layout.numeric):
             return None  # every row has another number of columns than the header
         return self._assemble(table, labels)
+
+    def _with_lists(self, text: List[str]) -> Optional[Dict[str, Any]]:
+        """A chunk with list cells, split by the csv module and parsed a column at a time by numpy;
+        None when a row is bad (the row-by-row parse then names it)."""
+        rows = list(csv.reader(text, delimiter=self.delimiter))
+        if any(len(row) != len(self.layout.columns) for row in rows):
+            return None
+        labels = None
+        if self.layout.string_label is not None:
+            try:
+                labels = np.array([self.class_index[row[self.layout.string_label].strip()] for row in rows], np.int64)
+            except KeyError:
+                return None
+        try:
+            columns = [np.array([row[i] for row in rows], dtype=str).astype(kind)
+                       for i, kind in zip(self.layout.numeric, self.layout.kinds)]
+        except (ValueError, OverflowError):
+            return None
+        if not columns:
+            table = np.empty((len(rows), 0))
+        elif self.dtype.names:
+            table = np.empty(len(rows), self.dtype)
+            for i, column in zip(self.layout.numeric, columns):
+                table[f"c{i}"] = column
+        else:
+            table = np.stack(columns, axis=1)
+        batch: Dict[str, Any] = self._assemble(table, labels)
+        for name, (column, separator) in self.layout.lists.items():
+            lists = _csv_lists.parse_column([row[column] for row in rows], separator,
+                                            _parse_kind(self.layout.dtypes[name]))
+            if lists is None:
+                return None
+            batch[name] = lists
+        return batch
 
     def _slow(self, name: str, text: List[str], numbers: Sequence[int], sink: _Sink) -> Tuple[Optional[Dict[str, np.ndarray]], List[int]]:
         parsers = {"f8": float, "i8": int, "u8": int}
