@@ -65,7 +65,11 @@ def test_precision_reduction_stays_within_the_reported_error(tmp_path, rng, targ
     assert field.max_rel_error == (abs_error[nonzero] / np.abs(x[nonzero])).max()
     bound = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}[target]
     assert 0 < field.max_rel_error <= bound
-    assert "max rel error" in str(report)
+    # every value is in the normal range: the normal-range error is the error, nothing else lost
+    assert field.normal_rel_error == field.max_rel_error and field.values == x.size
+    assert field.subnormal == field.zeroed == field.saturated == 0
+    assert f"x: float64 -> {target}[16]: 8,000 values, rel error <= {field.max_rel_error:.3g} in {target}'s " \
+           "normal range" in str(report) and "none overflowed, became subnormal or 0" in str(report)
 
 
 def test_one_dtype_for_every_float_field(tmp_path, rng):
@@ -244,12 +248,22 @@ def test_append_mode_and_rollback_of_a_failed_append(tmp_path, tools):
         convert.from_arrays(tmp_path / "d", {"x": np.zeros((3, 2))}, mode="a")
 
 
-def test_a_failed_conversion_into_an_existing_directory_keeps_its_other_files(tmp_path):
+def test_a_conversion_into_a_directory_of_other_files_is_refused_naming_it(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "README").write_text("mine")
-    with pytest.raises(shardfeed.ValueRangeError):
-        convert.from_arrays(tmp_path / "d", {"x": np.array([1.0, 1e9])}, dtypes="float16", chunk_bytes=8)
-    assert os.listdir(tmp_path / "d") == ["README"]
+    with pytest.raises(FileExistsError, match="not empty \\(README\\) and holds no dataset") as caught:
+        convert.from_arrays(tmp_path / "d", {"x": np.array([1.0, 2.0])})
+    assert caught.value.filename == str(tmp_path / "d")
+    np.save(tmp_path / "x.npy", np.arange(4.0))
+    with pytest.raises(FileExistsError, match="holds no dataset"):
+        convert.from_npy(tmp_path / "d", tmp_path / "x.npy", workers=2)
+    assert os.listdir(tmp_path / "d") == ["README"] and sorted(os.listdir(tmp_path)) == ["d", "x.npy"]
+    # an empty directory, or the leftovers of a killed writer, are fine
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "shard-000000.rec").write_bytes(b"half")
+    with pytest.warns(shardfeed.ShardfeedWarning, match="did not finish"):
+        convert.from_arrays(tmp_path / "e", {"x": np.array([1.0, 2.0])})
+    assert len(shardfeed.open(tmp_path / "e")) == 2
 
 
 def test_options_are_checked(tmp_path):

@@ -127,7 +127,7 @@ def test_resize_layout_and_mode(tmp_path, rng):
     for i, (w, h) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L").save(tmp_path / "img" / f"{i}.png")
     Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).save(tmp_path / "img" / "3.jpg")
-    with pytest.raises(shardfeed.SourceError, match=r"img/1\.png: has shape \(3, 10, 1\)"):
+    with pytest.raises(shardfeed.SourceError, match=r"img/1\.png: has shape \(3, 10, 3\)"):
         convert.from_files(tmp_path / "a", tmp_path / "img")
     convert.from_files(tmp_path / "b", tmp_path / "img", size=(8, 8), layout="chw", image_mode="RGB")
     ds = shardfeed.open(tmp_path / "b")

@@ -2,7 +2,10 @@
 
 Write samples once into compact binary shards with :class:`Writer`, then read any samples by index
 with :func:`open` and :meth:`Dataset.read`: a pool of native threads reads the records straight
-into float32 batch buffers, converting in place, with the GIL released.
+into batch buffers, converting in place, with the GIL released. ``Dataset.read`` returns each
+field in its stored dtype unless ``dtype=`` asks for float32; the training loaders (``batches``,
+``ShardSequence``, ``to_tf_dataset``) default to ``dtype="auto"``: float fields as float32,
+integer and bool fields as stored, fields with ``scale``/``offset`` as float32.
 
 Training: views without copies (``ds.split``, ``subset``, ``head``, ``shard``: :class:`Subset`),
 a new uniformly random order every epoch (:class:`Sampler`, :class:`Permutation`), the prefetching

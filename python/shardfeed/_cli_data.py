@@ -1,6 +1,7 @@
 """The data commands of the ``shardfeed`` command line: ``convert``, ``head``, ``merge`` and
 ``bench`` (registered by :func:`add_commands` from cli.py). Thin layers over
-:mod:`shardfeed.convert` and :func:`shardfeed.merge`; ``bench`` measures random reads.
+:mod:`shardfeed.convert` and :func:`shardfeed.merge`; ``bench`` (in _cli_bench.py) measures
+random reads.
 
 Exit status: 0 success, 1 a data error (bad source row or file, a dataset that does not open),
 2 a usage error (argparse's own, or an option value these commands refuse).
@@ -13,30 +14,18 @@ import json
 import os
 import re
 import sys
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ._cli_text import Formatter, in_option_terms, plain, positive, printable, say
 from .errors import ShardfeedError
-from .format import HEADER_BYTES, STORED_DTYPES
+from .format import STORED_DTYPES
 
 _SOURCE_KINDS = ("npy", "npz", "csv", "hdf5", "files")
 _SUFFIX_KINDS = [((".npy",), "npy"), ((".npz",), "npz"), ((".h5", ".hdf5", ".he5", ".hdf"), "hdf5"),
                  ((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".csv.bz2", ".csv.xz"), "csv")]
 _NAMED_SOURCE = re.compile(r"([A-Za-z_][\w.-]*)=(.+)")
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the descriptions' line breaks."""
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _size(text: str) -> int:
@@ -45,16 +34,6 @@ def _size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64K, 256M, 1G)")
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _part(text: str) -> Tuple[int, int]:
@@ -83,38 +62,40 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet
 
 
-def _say(args: argparse.Namespace, *text: Any) -> None:
-    if not args.quiet:
-        print(*text)
-
-
 # ---- convert -----------------------------------------------------------------------------------
 
 _CONVERT_HELP = """\
 Converts data into a shardfeed dataset at OUT, reading it a chunk at a time (memory stays bounded
 whatever the size), and prints a report: samples, MB/s, and for fields stored in a narrower float
-the largest absolute and relative error introduced.
+how many values kept full precision, became subnormal or 0, or overflowed.
 
 Sources (the type is guessed from the first one; --from sets it):
-  npy    .npy files, memory-mapped. Unnamed files are concatenated into field "x" (a structured
-         array gives one field per member); NAME=FILE puts a file in field NAME:
+  npy    .npy files, memory-mapped. Several files are chunks of rows, concatenated into field "x"
+         (a structured array gives one field per member); NAME=FILE puts a file in field NAME:
            shardfeed convert image=images.npy label=labels.npy -o data/train
+         --sample-per-file: each file is one sample (12,000 files of shape (32, 256) -> 12,000
+         samples of (32, 256), not 384,000 rows):
+           shardfeed convert wave='waves/*.npy' --sample-per-file -o data/waves
   npz    .npz archives; --field NAME=MEMBER picks members (default: all, named as in the archive)
   csv    one or many CSV files (a glob such as 'data/*.csv' is sorted naturally: 2 before 10);
-         --field NAME=COL (scalar), NAME=COL1,COL2 or NAME='pix*' (vector); --label COL
+         --field NAME=COL (scalar), NAME=COL1,COL2 or NAME='pix*' (vector); --label COL;
+         --list-field NAME: cells holding lists of numbers ("607 2214 9") -> a variable-length field
            shardfeed convert 'data/*.csv' --field x='f*' --label target --dtype x=float16 -o out
+           shardfeed convert 'logs/*.csv' --list-field history --dtype history=int32 -o out
   hdf5   HDF5 files (needs shardfeed[hdf5]); --field NAME=/path/to/dataset (default: all top-level)
   files  a directory with one .npy or image file per sample (images need shardfeed[images]);
-         --labels folders (class = first sub-folder) or --labels labels.csv/json; --files train.txt
-         (the index: one name per line); --split train=train.txt --split val=val.txt (one dataset,
-         splits recorded in its metadata)
+         NAME=DIR names its field (default image, or x for .npy); --labels folders (class =
+         first sub-folder) or --labels LIST (lines of "file label", spaces or commas; or JSON);
+         --files train.txt (the index: one name per line); --split train=train.txt --split
+         val=val.txt (one dataset, splits recorded in its metadata)
            shardfeed convert photos/ --labels folders --size 64x64 --files photos/train.txt -o train
 
-Values that overflow the stored dtype are refused unless --overflow saturate. A bad CSV row or
-unreadable file stops the conversion with its file and line (exit status 1) unless --on-error skip;
-a failed conversion leaves no dataset behind. --workers N converts with N processes, each writing
-a part, then merges the parts (no data copied); --part K/N converts only part K of N (for cluster
-tasks: merge the parts with `shardfeed merge`).
+OUT must be a new or empty directory (or a dataset, with --append). Values that overflow the
+stored dtype are refused unless --overflow saturate. A bad CSV row or unreadable file stops the
+conversion with its file and line (exit status 1) unless --on-error skip; a failed conversion
+leaves no dataset behind. --workers N converts with N processes, each writing a part, then merges
+the parts (no data copied); --part K/N converts only part K of N (for cluster tasks: merge the
+parts with `shardfeed merge`).
 
 Exit status: 0 success, 1 data error, 2 usage error."""
 
@@ -171,8 +152,19 @@ def _convert(args: argparse.Namespace) -> int:
     kind = args.source_kind or _guess_kind(named[0][1])
     if kind is None:
         parser.error(f"cannot tell what kind of source {named[0][1]!r} is; pass --from {{{','.join(_SOURCE_KINDS)}}}")
-    if any(name for name, _ in named) and kind != "npy":
-        parser.error("NAME=FILE sources are for .npy files; use --field for other sources")
+    if args.sample_per_file:
+        if kind not in ("npy", "files"):
+            parser.error(f"--sample-per-file applies to .npy files and directories of samples, not {kind}")
+        if kind == "npy" and len(named) == 1 and os.path.isdir(named[0][1]):
+            kind = "files"  # a directory of per-sample files, with everything --from files offers
+    if any(name for name, _ in named) and kind not in ("npy", "files"):
+        parser.error("NAME=FILE sources are for .npy files and directories of samples; use --field for other sources")
+    if args.list_field and kind != "csv":
+        parser.error(f"--list-field applies to csv sources, not {kind}")
+    if args.size is not None:
+        match = re.fullmatch(r"(\d+)[xX](\d+)", args.size)
+        if not match or min(int(match.group(1)), int(match.group(2))) < 1:
+            parser.error(f"--size expects WIDTHxHEIGHT, both at least 1 (e.g. 64x64), got {args.size!r}")
     fields = _pairs(parser, args.field, "--field")
     options: Dict[str, Any] = dict(dtypes=_dtypes(parser, args.dtype), shard_size=args.shard_size,
                                    metadata=args.metadata, mode="a" if args.append else "w",
@@ -184,7 +176,8 @@ def _convert(args: argparse.Namespace) -> int:
         parser.error("--workers writes a new dataset; it cannot --append")
     for option, allowed in (("label", "csv"), ("labels", "files"), ("files", "files"), ("split", "files"),
                             ("image_mode", "files"), ("size", "files"), ("channels_first", "files"),
-                            ("delimiter", "csv"), ("no_header", "csv"), ("threads", "files")):
+                            ("delimiter", "csv"), ("no_header", "csv"), ("threads", "files"),
+                            ("list_sep", "csv")):
         if getattr(args, option) not in (None, False, []) and kind != allowed:
             parser.error(f"--{option.replace('_', '-')} applies to {allowed} sources, not {kind}")
     if args.classes is not None and kind not in ("csv", "files"):
@@ -194,7 +187,15 @@ def _convert(args: argparse.Namespace) -> int:
         parser.error("--on-error applies to csv and files sources")
     sources = [path for _, path in named]
     try:
-        if kind == "npy":
+        if kind == "npy" and args.sample_per_file:
+            if fields:
+                parser.error("--field does not apply to .npy sources: name the field NAME=FILE")
+            names = {name for name, _ in named}
+            if len(names) > 1:
+                parser.error("--sample-per-file writes one field: give every source the same NAME= or none")
+            report = convert.from_npy(args.output, sources, sample_per_file=True, field=names.pop(),
+                                      **parallel, **options)
+        elif kind == "npy":
             if fields:
                 parser.error("--field does not apply to .npy sources: name them NAME=FILE")
             if any(name for name, _ in named):
@@ -212,42 +213,44 @@ def _convert(args: argparse.Namespace) -> int:
             report = convert.from_hdf5(args.output, sources, datasets=fields or None, **parallel, **options)
         elif kind == "csv":
             csv_fields = {name: (spec.rstrip(",").split(",") if "," in spec else spec) for name, spec in fields.items()}
-            report = convert.from_csv(args.output, sources, fields=csv_fields or None, label=args.label,
+            if csv_fields and args.list_field:  # list fields named by --list-field only: the column of that name
+                csv_fields.update({name: name for name in args.list_field if name not in csv_fields})
+            lists = {name: args.list_sep for name in args.list_field} or None
+            report = convert.from_csv(args.output, sources, fields=csv_fields or None, label=args.label, lists=lists,
                                       classes=classes, delimiter=args.delimiter, header=not args.no_header,
                                       on_error=args.on_error, **parallel, **options)
         else:
             if len(sources) != 1:
                 parser.error("a files source is one directory")
             if fields:
-                parser.error("--field does not apply to a directory of files")
+                parser.error("--field does not apply to a directory of files: name its field NAME=DIR")
             splits = _pairs(parser, args.split, "--split") if args.split else None
-            size = None
-            if args.size:
-                match = re.fullmatch(r"(\d+)[xX](\d+)", args.size)
-                if not match:
-                    parser.error(f"--size expects WIDTHxHEIGHT, got {args.size!r}")
-                size = (int(match.group(1)), int(match.group(2)))
+            size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
             report = convert.from_files(args.output, sources[0], files=args.files, splits=splits, labels=args.labels,
+                                        field=named[0][0],
                                         classes=classes if classes != "auto" else None, image_mode=args.image_mode,
                                         size=size, layout="chw" if args.channels_first else "hwc",
                                         on_error=args.on_error, threads=args.threads, **parallel, **options)
-    except ShardfeedError:
+    except ShardfeedError as exc:
+        if getattr(exc, "argument", None) == "dtypes":  # --dtype NAME= for a field the source lacks
+            parser.error(f"--dtype given for {', '.join(printable(n) for n in exc.unknown)}, which the source "
+                         f"does not have; its fields are: {', '.join(printable(n) for n in exc.fields)}")
         raise
     except ImportError as exc:
         print(f"shardfeed convert: error: {exc}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as exc:  # an option value the converter refuses
-        parser.error(str(exc))
+        parser.error(printable(in_option_terms(str(exc))))
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
-        _say(args, report)
+        say(args, printable(in_option_terms(str(report)), keep_newlines=True))
     return 0
 
 
 def _add_convert(commands: Any) -> None:
     p = commands.add_parser("convert", help="convert .npy/.npz/CSV/HDF5 files or a directory of samples into a dataset",
-                            description=_CONVERT_HELP, formatter_class=_Formatter)
+                            description=_CONVERT_HELP, formatter_class=Formatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="files, directories or glob patterns (NAME=FILE for .npy)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the dataset directory to write")
     p.add_argument("--from", dest="source_kind", choices=_SOURCE_KINDS, help="source type (default: guessed)")
@@ -260,15 +263,23 @@ def _add_convert(commands: Any) -> None:
                    "with --classes)")
     p.add_argument("--classes", metavar="auto|A,B,...", help="label names -> class indexes: 'auto' (sorted names "
                    "found in the data) or the list; stored in metadata['classes']")
-    p.add_argument("--labels", metavar="folders|FILE", help="files: labels from sub-folder names or a "
-                   "file,label CSV / JSON listing")
+    p.add_argument("--sample-per-file", action="store_true", help="npy: each file is one sample (default: "
+                   "files are chunks of rows, concatenated); a directory then takes every --from files option")
+    p.add_argument("--labels", metavar="folders|FILE", help="files: labels from sub-folder names, or a list of "
+                   "'file label' lines (spaces, tabs or commas; quote names that have spaces) or JSON")
     p.add_argument("--files", metavar="LIST", help="files: text file listing the samples, one name per line")
     p.add_argument("--split", action="append", default=[], metavar="NAME=LIST",
                    help="files: one listing per split, written one after another into one dataset")
-    p.add_argument("--image-mode", metavar="MODE", help="files: Pillow mode, e.g. RGB or L (default: the first image's)")
+    p.add_argument("--image-mode", metavar="MODE", help="files: Pillow mode, e.g. RGB, RGBA or L (default: the "
+                   "images' own, or RGB when some have colour and some not)")
     p.add_argument("--size", metavar="WxH", help="files: resize images to WIDTHxHEIGHT")
     p.add_argument("--channels-first", action="store_true", help="files: store images as (C, H, W), not (H, W, C)")
-    p.add_argument("--threads", type=_positive, metavar="N", help="files: decoding threads (default: up to 8)")
+    p.add_argument("--threads", type=positive, metavar="N", help="files: decoding threads (default: up to 8)")
+    p.add_argument("--list-field", action="append", default=[], metavar="NAME",
+                   help="csv: a variable-length field whose cells hold lists of numbers (\"607 2214 9\"), from "
+                   "column NAME or the column --field NAME=COL gives it; its dtype from --dtype (default float32)")
+    p.add_argument("--list-sep", metavar="SEP", help="csv: the separator of the numbers in --list-field cells "
+                   "(default: whitespace)")
     p.add_argument("--delimiter", metavar="CHAR", help="csv: column delimiter (default: tab for .tsv, else comma)")
     p.add_argument("--no-header", action="store_true", help="csv: files have no header row (columns are 0, 1, ...)")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
@@ -280,7 +291,7 @@ def _add_convert(commands: Any) -> None:
     p.add_argument("--chunk-size", type=_size, default=8 << 20, metavar="SIZE", help="source bytes read at a time (default 8M)")
     p.add_argument("--metadata", type=_json_object, metavar="JSON|@FILE", help="metadata to store (a JSON object)")
     p.add_argument("--append", action="store_true", help="append to the dataset at OUT instead of creating it")
-    p.add_argument("--workers", type=_positive, default=1, metavar="N", help="processes, each writing a part; "
+    p.add_argument("--workers", type=positive, default=1, metavar="N", help="processes, each writing a part; "
                    "the parts are then merged without copying")
     p.add_argument("--part", type=_part, metavar="K/N", help="convert only part K (0-based) of N, e.g. one "
                    "cluster task's share; join the parts with `shardfeed merge`")
@@ -319,38 +330,39 @@ def _head(args: argparse.Namespace) -> int:
         names = args.fields.split(",") if args.fields else list(ds.fields)
         for name in names:
             if name not in ds.fields:
-                args.parser.error(f"no field {name!r}; the dataset has {list(ds.fields)}")
-        start = args.start if args.start >= 0 else max(0, len(ds) + args.start)
+                args.parser.error(f"--fields: no field '{printable(name)}'; the dataset has "
+                                  f"{', '.join(printable(n) for n in ds.fields)}")
+        start = args.start if args.start >= 0 else len(ds) + args.start
+        if not 0 <= start < len(ds) and not (start == 0 == len(ds)):
+            args.parser.error(f"--start {args.start} is outside the dataset's {len(ds)} samples "
+                              f"(0 to {len(ds) - 1}, or -{len(ds)} to -1 from the end)")
         stop = min(len(ds), start + args.n)
         classes = ds.metadata.get("classes") if isinstance(ds.metadata.get("classes"), list) else None
-        try:
-            if not args.json and not args.quiet:
-                print(f"{ds.path}: {len(ds)} samples; showing {start}..{max(start, stop) - 1}")
-            for index in range(start, stop):
-                sample = ds[index]
-                if args.json:
-                    print(json.dumps({"index": index, **{n: sample[n].tolist() for n in names}}))
-                    continue
-                print(f"[{index}]")
-                width = max(map(len, names))
-                for name in names:
-                    value = sample[name]
-                    field = ds.fields[name]
-                    shape = ", ".join(map(str, value.shape))
-                    kind = f"{field.dtype}[{shape}]" + (" (variable)" if field.variable else "")
-                    print(f"  {name:<{width}}  {kind}  {_format_value(value, classes if name in ('label', 'y') or field.name == 'label' else None)}")
-            sys.stdout.flush()
-        except BrokenPipeError:  # `shardfeed head ... | head -3`
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+        if not args.json and not args.quiet:
+            shown = f"showing {start}..{stop - 1}" if stop > start else "nothing to show"
+            print(f"{printable(ds.path)}: {len(ds)} samples; {shown}")
+        width = max(map(len, names)) if names else 0
+        for index in range(start, stop):
+            sample = ds[index]
+            if args.json:
+                print(json.dumps({"index": index, **{n: sample[n].tolist() for n in names}}))
+                continue
+            print(f"[{index}]")
+            for name in names:
+                value = sample[name]
+                field = ds.fields[name]
+                shape = ", ".join(map(str, value.shape))
+                kind = f"{field.dtype}[{shape}]" + (" (variable)" if field.variable else "")
+                labels = classes if name in ("label", "y") else None
+                print(f"  {printable(name):<{width}}  {kind}  {printable(_format_value(value, labels))}")
     return 0
 
 
 def _add_head(commands: Any) -> None:
-    p = commands.add_parser("head", help="print the first samples of a dataset", description=_head.__doc__,
-                            formatter_class=_Formatter)
+    p = commands.add_parser("head", help="print the first samples of a dataset", description=plain(_head.__doc__),
+                            formatter_class=Formatter)
     p.add_argument("path")
-    p.add_argument("-n", type=int, default=5, metavar="N", help="number of samples (default 5)")
+    p.add_argument("-n", type=positive, default=5, metavar="N", help="number of samples (default 5)")
     p.add_argument("--start", type=int, default=0, help="first sample (negative: from the end)")
     p.add_argument("--fields", metavar="A,B", help="fields to show (default: all)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample, full values")
@@ -379,15 +391,15 @@ def _merge(args: argparse.Namespace) -> int:
     except ValueError as exc:
         if isinstance(exc, ShardfeedError):
             raise
-        args.parser.error(str(exc))
-    _say(args, f"{result.path}: {result.num_samples} samples in {result.num_shards} shard(s) from "
+        args.parser.error(printable(in_option_terms(str(exc))))
+    say(args, f"{result.path}: {result.num_samples} samples in {result.num_shards} shard(s) from "
                f"{result.parts} part(s), {'moved' if result.moved else 'linked'} without copying")
     return 0
 
 
 def _add_merge(commands: Any) -> None:
     p = commands.add_parser("merge", help="join datasets written in parts into one, without copying shard data",
-                            description=_MERGE_HELP, formatter_class=_Formatter)
+                            description=_MERGE_HELP, formatter_class=Formatter)
     p.add_argument("parts", nargs="+", metavar="PART", help="part datasets, in order")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the merged dataset to create")
     p.add_argument("--move", action="store_true", help="move the shard files and remove the parts")
@@ -396,234 +408,10 @@ def _add_merge(commands: Any) -> None:
     p.set_defaults(run=_merge, parser=p)
 
 
-# ---- bench -------------------------------------------------------------------------------------
-
-_BENCH_HELP = """\
-Measures random-read throughput of a dataset on this machine: batches of uniformly random sample
-indices read with shardfeed (all fields, or --fields, in their stored dtype), and the same records
-read with numpy.memmap (fancy indexing of each shard's records, then one array per field) when the
-fields have a fixed shape. Two conditions:
-
-  page-cached  after reading every shard file once (if the dataset fits in the page cache)
-  cold         every shard file evicted from the page cache (posix_fadvise DONTNEED) before each
-               reader's pass; each pass reads a random permutation, so no record twice
-
-Each measurement runs for --seconds; a cold pass also stops after an eighth of the samples, so
-that the kernel's readahead around earlier records (memmap's page faults read 128 KiB or more)
-does not turn it into a sequential read of the whole file.
-Prints samples/s, MB/s of records and the ratio to memmap; --json for a machine-readable result.
-The dataset is only read."""
-
-
-class _MemmapReader:
-    """The baseline: each shard's records as a structured numpy.memmap, fancy-indexed."""
-
-    def __init__(self, ds: Any, names: List[str]):
-        from ._convert import bfloat16_bits_to_float32
-
-        self._bf16 = bfloat16_bits_to_float32
-        manifest = ds._manifest
-        self.dtype = manifest.schema.record_dtype
-        self.maps = [np.memmap(os.path.join(ds.path, s.file), dtype=self.dtype, mode="r", offset=HEADER_BYTES,
-                               shape=(s.num_samples,)) if s.num_samples else None for s in manifest.shards]
-        self.starts = np.cumsum([0] + [s.num_samples for s in manifest.shards])
-        self.names = names
-        self.bfloat16 = {n for n in names if ds.fields[n].dtype == "bfloat16"}
-
-    def read(self, indices: np.ndarray) -> Dict[str, np.ndarray]:
-        if len(self.maps) == 1:
-            records = self.maps[0][indices]
-        else:
-            shard = np.searchsorted(self.starts, indices, side="right") - 1
-            records = np.empty(len(indices), self.dtype)
-            for k in np.unique(shard):
-                mask = shard == k
-                records[mask] = self.maps[k][indices[mask] - self.starts[k]]
-        out = {}
-        for name in self.names:
-            values = np.ascontiguousarray(records[name])
-            out[name] = self._bf16(values) if name in self.bfloat16 else values
-        return out
-
-    def close(self) -> None:
-        self.maps = []
-
-
-def _evict(paths: List[str]) -> bool:
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
-
-
-def _read_through(paths: List[str]) -> None:
-    for path in paths:
-        with open(path, "rb", buffering=0) as f:
-            while f.read(8 << 20):
-                pass
-
-
-def bench(path: str, *, batch_size: int = 256, seconds: float = 2.0, fields: Optional[List[str]] = None,
-          threads: Optional[int] = None, cold: bool = True, memmap: bool = True, seed: int = 0,
-          say: Any = None) -> Dict[str, Any]:
-    """The measurements ``shardfeed bench`` prints, as a dict."""
-    from . import dataset as _dataset
-
-    say = say or (lambda *a: None)
-    ds = _dataset.open(path, threads=threads)
-    names = fields or list(ds.fields)
-    for name in names:
-        if name not in ds.fields:
-            ds.close()
-            raise KeyError(f"no field {name!r}; the dataset has {list(ds.fields)}")
-    manifest = ds._manifest
-    files = [os.path.join(path, n) for s in manifest.shards for n in (s.file, s.heap_file) if n]
-    record_bytes = manifest.schema.record_bytes
-    total_bytes = sum(os.path.getsize(f) for f in files)
-    fixed = not any(ds.fields[n].variable for n in names)
-    count = len(ds)
-    result: Dict[str, Any] = {
-        "path": path, "samples": count, "record_bytes": record_bytes, "shards": len(manifest.shards),
-        "dataset_bytes": total_bytes, "batch_size": batch_size, "threads": ds.threads, "fields": names,
-        "memmap": "yes" if (memmap and fixed) else ("no: variable-length fields" if memmap else "not asked"),
-        "results": [],
-    }
-    ds.close()
-    if count == 0:
-        return result
-    rng = np.random.default_rng(seed)
-
-    def batches() -> Any:
-        while True:
-            order = rng.permutation(count)
-            for start in range(0, count, batch_size):
-                yield order[start:start + batch_size]
-
-    def run(reader: Any, condition: str, name: str, cold: bool) -> None:
-        done = 0
-        stream = batches()
-        started = time.perf_counter()
-        limit = started + seconds
-        while True:
-            indices = next(stream)
-            reader(indices)
-            done += len(indices)
-            now = time.perf_counter()
-            if now >= limit or (cold and done >= max(batch_size, count // 8)):
-                break
-        elapsed = now - started
-        entry = {"condition": condition, "reader": name, "samples": done, "seconds": elapsed,
-                 "samples_per_s": done / elapsed, "mb_per_s": done * record_bytes / elapsed / 1e6}
-        result["results"].append(entry)
-        say(f"  {condition:<12} {name:<10} {entry['samples_per_s']:>14,.0f} samples/s {entry['mb_per_s']:>10,.1f} MB/s")
-
-    conditions = ["page-cached"] + (["cold"] if cold else [])
-    available = None
-    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for condition in conditions:
-        for name in ["shardfeed"] + (["memmap"] if memmap and fixed else []):
-            if condition == "cold":
-                if not _evict(files):
-                    result["cold"] = "not measured: no posix_fadvise on this system"
-                    say("  cold: not measured (no posix_fadvise on this system)")
-                    break
-            else:
-                if available is not None and total_bytes > available // 2:
-                    result["page_cached_note"] = "dataset larger than half the free memory: partly cold"
-                _read_through(files)
-            if name == "shardfeed":
-                with _dataset.open(path, threads=threads) as reading:
-                    run(lambda idx: reading.read(idx, names), condition, name, condition == "cold")
-            else:
-                with _dataset.open(path) as opened:
-                    baseline = _MemmapReader(opened, names)
-                try:
-                    run(baseline.read, condition, name, condition == "cold")
-                finally:
-                    baseline.close()
-    by_condition: Dict[str, Dict[str, float]] = {}
-    for entry in result["results"]:
-        by_condition.setdefault(entry["condition"], {})[entry["reader"]] = entry["samples_per_s"]
-    for entry in result["results"]:
-        base = by_condition[entry["condition"]].get("memmap")
-        entry["ratio_to_memmap"] = entry["samples_per_s"] / base if base else None
-    return result
-
-
-def _check_same(path: str, names: List[str]) -> bool:
-    """shardfeed and the memmap baseline return the same values (checked on one batch)."""
-    from . import dataset as _dataset
-
-    with _dataset.open(path) as ds:
-        if not len(ds) or any(ds.fields[n].variable for n in names):
-            return True
-        indices = np.random.default_rng(1).integers(0, len(ds), min(len(ds), 64))
-        ours = ds.read(indices, names)
-        baseline = _MemmapReader(ds, names)
-        try:
-            theirs = baseline.read(indices)
-        finally:
-            baseline.close()
-    return all(np.array_equal(ours[n].view(np.uint8), theirs[n].view(np.uint8)) for n in names)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from . import dataset as _dataset
-
-    names = args.fields.split(",") if args.fields else None
-    with _dataset.open(args.path) as ds:
-        for name in names or []:
-            if name not in ds.fields:
-                args.parser.error(f"no field {name!r}; the dataset has {list(ds.fields)}")
-        description = (f"{ds.path}: {len(ds)} samples of {ds.schema.record_bytes} B in {ds.num_shards} shard(s), "
-                       f"{_human(sum(s.size + s.heap_size for s in ds._manifest.shards))}; batches of "
-                       f"{args.batch_size}, {ds.threads if args.threads is None else args.threads} threads")
-        names = names or list(ds.fields)
-    if not args.json:
-        _say(args, description)
-    result = bench(args.path, batch_size=args.batch_size, seconds=args.seconds, fields=names, threads=args.threads,
-                   cold=not args.no_cold, memmap=not args.no_memmap,
-                   say=(lambda *a: None) if args.json or args.quiet else print)
-    result["same_values_as_memmap"] = _check_same(args.path, names) if result["memmap"] == "yes" else None
-    if args.json:
-        print(json.dumps(result, indent=1))
-    elif not args.quiet:
-        for entry in result["results"]:
-            if entry["reader"] == "shardfeed" and entry["ratio_to_memmap"]:
-                print(f"{entry['condition']}: shardfeed reads {entry['ratio_to_memmap']:.2f}x as many samples/s as numpy.memmap")
-        if result["memmap"] != "yes":
-            print(f"memmap baseline: {result['memmap']}")
-        if result.get("page_cached_note"):
-            print(f"note: {result['page_cached_note']}")
-    return 0 if result["same_values_as_memmap"] is not False else 1
-
-
-def _add_bench(commands: Any) -> None:
-    p = commands.add_parser("bench", help="random-read throughput of a dataset, page-cached and cold, vs numpy.memmap",
-                            description=_BENCH_HELP, formatter_class=_Formatter)
-    p.add_argument("path")
-    p.add_argument("--batch-size", type=_positive, default=256, help="samples per read (default 256)")
-    p.add_argument("--seconds", type=float, default=2.0, help="time per measurement (default 2)")
-    p.add_argument("--fields", metavar="A,B", help="fields to read (default: all)")
-    p.add_argument("--threads", type=_positive, help="native reader threads (default: shardfeed's automatic choice)")
-    p.add_argument("--no-cold", action="store_true", help="skip the cold measurements")
-    p.add_argument("--no-memmap", action="store_true", help="skip the numpy.memmap baseline")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing (the exit status says whether "
-                   "shardfeed and memmap read the same values)")
-    p.set_defaults(run=_bench, parser=p)
-
-
 def add_commands(commands: Any) -> None:
     """Adds convert, head, merge and bench to the ``shardfeed`` sub-command parser."""
     _add_convert(commands)
     _add_head(commands)
     _add_merge(commands)
-    _add_bench(commands)
+    from ._cli_bench import add_bench
+    add_bench(commands)

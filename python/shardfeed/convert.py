@@ -29,11 +29,12 @@ fails leaves no dataset behind (``mode="a"``: the dataset as it was).
 
 from __future__ import annotations
 
+import collections
 import csv
+import errno
 import glob as _glob
 import importlib
 import itertools
-import json
 import mmap
 import os
 import re
@@ -49,10 +50,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from . import _csv_lists, _listings, _precision, _sample_files
 from ._convert import bfloat16_bits_to_float32, float_to_bfloat16_bits
 from .errors import SchemaError, SourceError, ValueRangeError
 from .format import MANIFEST_NAME, STORED_DTYPES, Schema, read_manifest, write_manifest
-from .writer import DEFAULT_SHARD_SIZE, Writer
+from .writer import DEFAULT_SHARD_SIZE, LOCK_NAME, Writer
 
 __all__ = [
     "ConversionReport", "FieldReport", "from_arrays", "from_csv", "from_files", "from_hdf5", "from_iterable",
@@ -74,8 +76,10 @@ Progress = Union[bool, Callable[[int], None]]
 
 @dataclass
 class FieldReport:
-    """What converting did to one field. ``max_abs_error``/``max_rel_error`` are measured over the
-    finite values when the stored dtype is a float narrower than the source (``measured``);
+    """What converting did to one field. When the stored dtype is a float narrower than the source
+    (``measured``), over the ``values`` finite on both sides: ``max_abs_error``/``max_rel_error``,
+    the largest relative error in the stored dtype's normal range (``normal_rel_error``), and how
+    many nonzero values became ``subnormal`` or ``zeroed`` (see :mod:`shardfeed._precision`);
     ``saturated`` counts values clipped by ``overflow="saturate"``."""
 
     name: str
@@ -86,6 +90,21 @@ class FieldReport:
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
     saturated: int = 0
+    values: int = 0
+    normal_rel_error: float = 0.0
+    subnormal: int = 0
+    zeroed: int = 0
+
+    def merged(self, others: Sequence["FieldReport"]) -> "FieldReport":
+        """This report combined with those of the other parts of a parallel conversion."""
+        every = [self, *others]
+        return FieldReport(self.name, self.source_dtype, self.dtype, self.shape,
+                           measured=any(f.measured for f in every),
+                           max_abs_error=max(f.max_abs_error for f in every),
+                           max_rel_error=max(f.max_rel_error for f in every),
+                           saturated=sum(f.saturated for f in every), values=sum(f.values for f in every),
+                           normal_rel_error=max(f.normal_rel_error for f in every),
+                           subnormal=sum(f.subnormal for f in every), zeroed=sum(f.zeroed for f in every))
 
 
 @dataclass
@@ -103,6 +122,9 @@ class ConversionReport:
     skipped: int = 0
     skipped_examples: List[str] = _dataclass_field(default_factory=list)
     parts: int = 1
+    notes: List[str] = _dataclass_field(default_factory=list)  # what the reader of the report should know
+    image_mode: Optional[str] = None  # from_files: the mode images are stored in
+    images_converted: Dict[str, int] = _dataclass_field(default_factory=dict)  # original mode -> images
 
     @property
     def mb_per_s(self) -> float:
@@ -125,14 +147,20 @@ class ConversionReport:
         for f in self.fields.values():
             shape = ", ".join("*" if d is None else str(d) for d in f.shape)
             line = f"  {f.name}: {f.source_dtype} -> {f.dtype}[{shape}]"
+            advice = ""
             if f.measured:
-                line += f", max abs error {f.max_abs_error:.3g}, max rel error {f.max_rel_error:.3g}"
-            if f.saturated:
-                line += f", {f.saturated} values saturated"
-            lines.append(line)
+                counts, advice = _precision.describe(f)
+                line += f": {counts}"
+            elif f.saturated:
+                line += f", {f.saturated:,} values saturated"
+            lines.append(line + (f"; {advice}" if advice else ""))
         if self.skipped:
             lines.append(f"skipped {self.skipped} bad rows/files, e.g.:")
             lines += [f"  {example}" for example in self.skipped_examples[:5]]
+        if self.images_converted:
+            lines.append(_sample_files.describe_conversions(self.images_converted, self.image_mode or "?",
+                                                            self.num_samples + self.skipped))
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -214,10 +242,16 @@ def _dtype_for(name: str, dtypes: Any, default: str) -> str:
 
 
 def _check_dtypes_cover(dtypes: Any, names: Iterable[str]) -> None:
+    """Refuses a ``dtypes`` entry for a field the source does not have. The error carries
+    ``argument="dtypes"``, ``unknown`` and ``fields`` (the source's, in order), so that a front end
+    can word it in its own terms (the command line's ``--dtype``)."""
     if isinstance(dtypes, Mapping):
-        unknown = sorted(set(dtypes) - set(names))
+        fields = list(names)
+        unknown = sorted(set(dtypes) - set(fields))
         if unknown:
-            raise SchemaError(f"dtypes given for unknown fields {unknown}; the fields are {sorted(names)}")
+            error = SchemaError(f"dtypes given for unknown fields {unknown}; the fields are {fields}")
+            error.argument, error.unknown, error.fields = "dtypes", unknown, fields  # type: ignore[attr-defined]
+            raise error
 
 
 def _source_dtype_name(dtype: np.dtype) -> str:
@@ -294,6 +328,8 @@ class _Sink:
         self.path = os.fspath(path)
         self.overflow = _choice("overflow", overflow, ("error", "saturate"))
         _choice("mode", mode, ("w", "a"))
+        if mode == "w":
+            _refuse_foreign_directory(self.path)
         self.started = time.perf_counter()
         self._created_dir = not os.path.exists(self.path)
         self._before = set(os.listdir(self.path)) if not self._created_dir else set()
@@ -437,9 +473,7 @@ class _Sink:
             if bfloat16:
                 decoded[a:a + step] = bfloat16_bits_to_float32(bits)
             if measure:
-                abs_error, rel_error = _errors(block, decoded[a:a + step])
-                stats.max_abs_error = max(stats.max_abs_error, abs_error)
-                stats.max_rel_error = max(stats.max_rel_error, rel_error)
+                _precision.measure(block, decoded[a:a + step], target, stats)
         stats.measured |= measure
         return decoded
 
@@ -475,6 +509,24 @@ class _Sink:
                 pass
 
 
+def _refuse_foreign_directory(path: str) -> None:
+    """A new dataset goes into a new or empty directory, or over the leftovers of a writer that
+    was killed (shard files, a lock, a temporary manifest) -- never among other files, such as
+    the images being converted: raises ``FileExistsError`` naming the directory."""
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise FileExistsError(errno.EEXIST, "the output is a file, not a directory", path)
+        return
+    if os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        return  # the Writer says that a dataset exists there, and how to append
+    foreign = sorted(name for name in os.listdir(path)
+                     if not name.startswith((".", "shard-", MANIFEST_NAME, LOCK_NAME)))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise FileExistsError(errno.EEXIST, f"the output directory is not empty ({shown}) and holds no "
+                              "dataset: give a new or empty directory", path)
+
+
 def _located(cls: type, message: str, original: Optional[BaseException] = None) -> BaseException:
     error = cls(message)
     if original is not None:
@@ -488,29 +540,6 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _errors(values: np.ndarray, stored: np.ndarray, block: int = 1 << 16) -> Tuple[float, float]:
-    """Largest absolute and relative difference over the values finite on both sides (in blocks, so
-    that the float64 temporaries stay small)."""
-    source_all, result_all = values.reshape(-1), stored.reshape(-1)
-    largest = largest_relative = 0.0
-    for start in range(0, source_all.size, block):
-        source = source_all[start:start + block].astype(np.float64)
-        result = result_all[start:start + block].astype(np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            diff = np.abs(result - source)
-        finite = np.isfinite(diff)
-        if not finite.all():
-            diff, source = diff[finite], source[finite]
-        if not diff.size or not diff.max() > 0:
-            continue
-        largest = max(largest, float(diff.max()))
-        magnitude = np.abs(source)
-        nonzero = magnitude > 0
-        if nonzero.any():
-            largest_relative = max(largest_relative, float((diff[nonzero] / magnitude[nonzero]).max()))
-    return largest, largest_relative
 
 
 # ---- column sources: arrays, .npy, .npz, HDF5 ----------------------------------------------------
@@ -820,21 +849,38 @@ def _field_files(sources: Any, default: str) -> Dict[str, List[str]]:
     return {default: _expand(sources, (".npy",), ".npy")}
 
 
-def from_npy(path: PathLike, sources: Any, *, dtypes: Any = None, part: Optional[Tuple[int, int]] = None,
-             workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None,
-             mode: str = "w", overflow: str = "error", progress: Progress = False,
+def from_npy(path: PathLike, sources: Any, *, sample_per_file: bool = False, field: Optional[str] = None,
+             dtypes: Any = None, part: Optional[Tuple[int, int]] = None, workers: int = 1,
+             shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None, mode: str = "w",
+             overflow: str = "error", progress: Progress = False,
              chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ConversionReport:
     """Converts ``.npy`` files, memory-mapped and read in chunks (resident memory stays bounded).
 
-    ``sources``: one file, a list of files or a glob pattern (concatenated along the first axis
-    into field ``x``; a structured array gives one field per member), or ``{"image": "img.npy",
-    "label": ["l0.npy", "l1.npy"]}``. Other options: see :func:`from_arrays`; ``workers=n`` converts
-    with n processes (see the module documentation)."""
+    ``sources``: one file, a list of files or a glob pattern, or ``{"image": "img.npy", "label":
+    ["l0.npy", "l1.npy"]}``. Several files are chunks of rows: concatenated along their first
+    axis into field ``field`` (default ``x``; a structured array gives one field per member).
+    When they are one sample each -- 12,000 files of shape (32, 256) that are 12,000 samples of
+    shape (32, 256), not 384,000 rows -- pass ``sample_per_file=True`` (the files are then read
+    as :func:`from_files` reads a directory; labels and splits are its options). The report
+    notes a concatenation of several files of identical shape, the case where both meanings are
+    plausible. Other options: see :func:`from_arrays`; ``workers=n`` converts with n processes
+    (see the module documentation)."""
+    if sample_per_file:
+        if isinstance(sources, Mapping):
+            if len(sources) != 1:
+                raise ValueError("sample_per_file=True reads one field: pass its files, and field= for its name")
+            (field, sources), = sources.items()
+        files = [os.path.abspath(f) for f in _expand(sources, (".npy",), ".npy")]
+        root = os.path.commonpath([os.path.dirname(f) for f in files])
+        return from_files(path, root, files=[os.path.relpath(f, root) for f in files], field=field or "x",
+                          dtypes=dtypes, part=part, workers=workers, shard_size=shard_size, metadata=metadata,
+                          mode=mode, overflow=overflow, progress=progress, chunk_bytes=chunk_bytes)
     if workers != 1:
-        return _parallel(from_npy, path, (sources,), dict(dtypes=dtypes, shard_size=shard_size, metadata=metadata,
-                         mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
-    files = _field_files(sources, "x")
+        return _parallel(from_npy, path, (sources,), dict(field=field, dtypes=dtypes, shard_size=shard_size,
+                         metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
+    files = _field_files(sources, field or "x")
     columns: Dict[str, _Column] = {}
+    notes = []
     try:
         for name, paths in files.items():
             pieces = [_npy_piece(p) for p in paths]
@@ -844,12 +890,21 @@ def from_npy(path: PathLike, sources: Any, *, dtypes: Any = None, part: Optional
                     columns[member] = _Column(member, [_Member(p, member) for p in pieces])
             else:
                 columns[name] = _Column(name, pieces)
+            shapes = {(len(p),) + p.shape for p in pieces}
+            if len(pieces) > 1 and len(shapes) == 1 and not names:
+                shape, = shapes
+                notes.append(f"{len(pieces):,} files of identical shape {shape} were concatenated along their "
+                             f"first axis into {len(pieces) * shape[0]:,} samples of {pieces[0].dtype}"
+                             f"{list(shape[1:])} in field {name!r}; if each file is one sample, convert them "
+                             "with sample_per_file=True")
     except BaseException:
         for c in columns.values():
             c.close()
         raise
-    return _convert_columns(path, columns, dtypes=dtypes, part=part,
-                            **_common(shard_size, metadata, mode, overflow, progress, chunk_bytes))
+    report = _convert_columns(path, columns, dtypes=dtypes, part=part,
+                              **_common(shard_size, metadata, mode, overflow, progress, chunk_bytes))
+    report.notes += notes
+    return report
 
 
 class _Member(_Piece):
@@ -1071,54 +1126,6 @@ def _sample_values(sample: Any, names: List[str], number: int) -> Dict[str, Any]
 # ---- a directory of per-sample files -------------------------------------------------------------
 
 
-def _read_listing(listing: Any, what: str) -> List[str]:
-    """A list of names, or a text file of them: one per line, blank lines and '#' comments skipped."""
-    if isinstance(listing, (str, os.PathLike)):
-        with open(listing, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-    names = [os.fspath(n) for n in listing]
-    if not all(isinstance(n, str) for n in names):
-        raise TypeError(f"{what} must be file names")
-    return names
-
-
-def _read_labels(labels: Any) -> Dict[str, Any]:
-    """file -> label from a mapping, a CSV/TSV file (file,label; a first row naming the columns, e.g.
-    'file,label', is skipped) or a JSON file ({"file": label} or [[file, label], ...] or
-    [{"file": ..., "label": ...}, ...])."""
-    if isinstance(labels, Mapping):
-        return {os.fspath(k): v for k, v in labels.items()}
-    name = os.fspath(labels)
-    if name.lower().endswith(".json"):
-        with open(name, encoding="utf-8") as f:
-            doc = json.load(f)
-        if isinstance(doc, dict):
-            return dict(doc)
-        if isinstance(doc, list):
-            out = {}
-            for item in doc:
-                if isinstance(item, dict) and "file" in item and "label" in item:
-                    out[item["file"]] = item["label"]
-                elif isinstance(item, (list, tuple)) and len(item) == 2:
-                    out[item[0]] = item[1]
-                else:
-                    raise SourceError(f"{name}: expected [file, label] pairs or {{'file', 'label'}} objects, got {item!r}")
-            return out
-        raise SourceError(f"{name}: expected a JSON object or list, got {type(doc).__name__}")
-    delimiter = "\t" if name.lower().endswith(".tsv") else ","
-    out = {}
-    with open(name, newline="", encoding="utf-8-sig") as f:
-        for number, row in enumerate(csv.reader(f, delimiter=delimiter), 1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != 2:
-                raise SourceError(f"{name}, line {number}: expected 2 columns (file, label), got {len(row)}")
-            if number == 1 and row[0].strip().lower() in ("file", "filename", "file_name", "path", "name", "image"):
-                continue
-            out[row[0].strip()] = row[1].strip()
-    return out
-
-
 def _label_codes(values: List[Any], classes: Optional[Sequence[str]], where: str) -> Tuple[Dict[Any, int], Optional[List[str]]]:
     """Label values -> int64 codes: integers (or integer strings) as they are, names -> class index
     (``classes`` or the sorted names). Returns the code of each distinct value and the class names."""
@@ -1147,36 +1154,6 @@ def _label_codes(values: List[Any], classes: Optional[Sequence[str]], where: str
     return codes, classes
 
 
-def _image_mode(first_mode: str) -> str:
-    return {"P": "RGB", "PA": "RGBA", "1": "L", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}.get(
-        first_mode, first_mode)
-
-
-class _FileLoader:
-    def __init__(self, kind: str, image_mode: Optional[str], size: Optional[Tuple[int, int]], layout: str):
-        self.kind, self.image_mode, self.size, self.layout = kind, image_mode, size, layout
-
-    def __call__(self, full: str) -> Any:
-        """The sample array, or the exception that loading raised (returned, not raised)."""
-        try:
-            if self.kind == "npy":
-                return np.load(full, allow_pickle=False)
-            from PIL import Image
-            with Image.open(full) as image:
-                if self.image_mode is None:
-                    self.image_mode = _image_mode(image.mode)
-                if image.mode != self.image_mode:
-                    image = image.convert(self.image_mode)
-                if self.size is not None and image.size != self.size:
-                    image = image.resize(self.size, Image.BILINEAR)
-                array = np.asarray(image)
-            if array.ndim == 2:
-                array = array[:, :, None]
-            return np.ascontiguousarray(np.moveaxis(array, -1, 0)) if self.layout == "chw" else array
-        except Exception as exc:  # any decoder error is a bad file, reported with its name
-            return exc
-
-
 def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Optional[Mapping[str, Any]] = None,
                labels: Any = None, classes: Optional[Sequence[str]] = None, field: Optional[str] = None,
                label_field: str = "label", image_mode: Optional[str] = None, size: Optional[Tuple[int, int]] = None,
@@ -1201,8 +1178,10 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
     class indexes (``classes``, default sorted names) stored in ``metadata["classes"]``. The label
     field (``label_field``) is int64.
 
-    Images: ``image_mode`` (a Pillow mode such as ``"RGB"`` or ``"L"``; default the first image's,
-    palette images as RGB), ``layout`` ``"hwc"`` (height, width, channels) or ``"chw"``; the field
+    Images: ``image_mode`` (a Pillow mode such as ``"RGB"``, ``"RGBA"`` or ``"L"``); by default the
+    images' own when they all have the same (palette images as RGB), else the mode that loses no
+    colour: RGB when any image has colour (transparency is kept only with ``image_mode="RGBA"``),
+    else L; the report counts the images converted, by original mode. ``layout`` ``"hwc"`` (height, width, channels) or ``"chw"``; the field
     (``field``, default ``"image"``, ``"x"`` for ``.npy``) stores the pixels' dtype (uint8). Files
     are decoded on ``threads`` threads (default: up to 8). ``on_error="skip"`` skips files that
     cannot be read, have another shape, or lack a label, and counts them in the report. Other
@@ -1211,14 +1190,19 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
     _choice("layout", layout, ("hwc", "chw"))
     root = os.fspath(root)
     if size is not None:
-        size = (int(size[0]), int(size[1]))
-    label_map = None if labels in (None, "folders") else _read_labels(labels)
+        try:
+            size = (int(size[0]), int(size[1]))
+        except (TypeError, ValueError, IndexError):
+            size = None, None
+        if None in size or min(size) < 1:
+            raise ValueError(f"size must be (width, height), both at least 1, got {size!r}")
+    label_map = None if labels in (None, "folders") else _listings.read_labels(labels)
     if splits is not None:
         if files is not None:
             raise ValueError("pass files= or splits=, not both")
-        groups = [(name, _read_listing(listing, f"split {name!r}")) for name, listing in splits.items()]
+        groups = [(name, _listings.read_listing(listing, f"split {name!r}")) for name, listing in splits.items()]
     elif files is not None:
-        groups = [(None, _read_listing(files, "files"))]
+        groups = [(None, _listings.read_listing(files, "files"))]
     elif label_map is not None:
         groups = [(None, list(label_map))]
     else:
@@ -1274,6 +1258,10 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
             raise SourceError(f"{os.path.join(root, name)}: no label for it in {labels if not isinstance(labels, Mapping) else 'labels'}")
         return label_codes[label_map[name]]
 
+    threads = threads or min(8, os.cpu_count() or 1)
+    if kind == "image" and image_mode is None:  # one mode for the whole index, whatever part is converted
+        image_mode = _sample_files.choose_mode(_sample_files.scan_modes([os.path.join(root, n) for n in names],
+                                                                        threads)) if names else None
     if workers != 1:
         return _parallel(from_files, path, (root,), dict(
             files=names if splits is None else None, splits=splits, labels=labels, classes=classes, field=field,
@@ -1282,7 +1270,7 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
             chunk_bytes=chunk_bytes), workers, progress, total=len(names), unit="files")
 
     # the schema, from the first readable file of the whole index (so that every part agrees)
-    loader = _FileLoader(kind, image_mode, size, layout)
+    loader = _sample_files.FileLoader(kind, image_mode, size, layout)
     probe = None
     for name in names:
         probe = loader(os.path.join(root, name))
@@ -1292,6 +1280,7 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
             raise SourceError(f"{os.path.join(root, name)}: cannot read ({probe})") from probe
     if probe is None or isinstance(probe, Exception):
         raise SourceError(f"none of the {len(names)} files under {root!r} could be read")
+    probe = probe[0]
     field = field or ("x" if kind == "npy" else "image")
     if labels is not None and label_field == field:
         raise SchemaError(f"the label field and the data field are both named {field!r}")
@@ -1313,7 +1302,7 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
     lo, hi = _part_range(len(names), part)
     sample_bytes = probe.nbytes
     per_chunk = max(1, chunk_bytes // max(1, sample_bytes))
-    threads = threads or min(8, os.cpu_count() or 1)
+    converted: "collections.Counter[str]" = collections.Counter()
     with ThreadPoolExecutor(threads, thread_name_prefix="shardfeed-decode") as pool, \
             _Sink(path, spec, source_dtypes, shard_size=shard_size, metadata=meta, mode=mode, overflow=overflow,
                   progress=progress, total=hi - lo, unit="files") as sink:
@@ -1321,10 +1310,11 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
             chunk = names[a:min(hi, a + per_chunk)]
             fulls = [os.path.join(root, n) for n in chunk]
             arrays, kept, label_values, nbytes = [], [], [], 0
-            for name, full, array in zip(chunk, fulls, pool.map(loader, fulls)):
+            for name, full, loaded in zip(chunk, fulls, pool.map(loader, fulls)):
                 problem = None
-                if isinstance(array, Exception):
-                    problem = f"cannot read ({array})"
+                array, original = (None, None) if isinstance(loaded, Exception) else loaded
+                if isinstance(loaded, Exception):
+                    problem = f"cannot read ({loaded})"
                 elif array.shape != probe.shape:
                     hint = "; pass size=(width, height) to resize" if kind == "image" else ""
                     problem = f"has shape {array.shape}, the first sample {probe.shape}{hint}"
@@ -1346,6 +1336,8 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
                 kept.append(full)
                 label_values.append(label)
                 nbytes += os.path.getsize(full)
+                if original is not None and original != loader.image_mode:
+                    converted[original] += 1
             if arrays:
                 batch = {field: np.stack(arrays)}
                 if labels is not None:
@@ -1353,6 +1345,8 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
                 sink.put(batch, nbytes, locate=lambda row, kept=kept: kept[row], advance=len(chunk))
             else:
                 sink.bar.update(len(chunk))
+        if kind == "image":
+            sink.report.image_mode, sink.report.images_converted = loader.image_mode, dict(converted)
     return sink.report
 
 
@@ -1378,26 +1372,35 @@ class _CsvLayout:
     """Columns of the CSV files and which of them go to which field."""
 
     def __init__(self, columns: List[str], fields: Any, label: Any, label_field: str, dtypes: Any,
-                 string_labels: bool):
+                 string_labels: bool, lists: Any = None):
         self.columns = columns
         self.label_field = label_field if label is not None else None
         label_index = self.resolve(label, label_field)[0][0] if label is not None else None
-        if fields is None:
-            wanted = {"x": [c for i, c in enumerate(columns) if i != label_index]}
-            if not wanted["x"]:
-                raise SchemaError("no feature columns: the only column is the label")
-        elif isinstance(fields, Mapping):
-            wanted = dict(fields)
-        else:
+        if fields is not None and not isinstance(fields, Mapping):
             raise TypeError(f"fields must be a dict of field -> column(s), got {type(fields).__name__}")
+        # list fields: name -> (column, separator), variable-length (see _csv_lists)
+        self.lists = {name: (_csv_lists.list_column(self, name, fields), separator)
+                      for name, separator in _csv_lists.list_separators(lists).items()}
+        if fields is None:
+            taken = {label_index} | {column for column, _ in self.lists.values()}
+            wanted = {"x": [c for i, c in enumerate(columns) if i not in taken]}
+            if not wanted["x"]:
+                del wanted["x"]
+                if not self.lists:
+                    raise SchemaError("no feature columns: the only column is the label")
+        else:
+            wanted = {name: spec for name, spec in fields.items() if name not in self.lists}
         self.fields: Dict[str, Tuple[List[int], bool]] = {name: self.resolve(spec, name) for name, spec in wanted.items()}
         if label is not None:
-            if label_field in self.fields:
+            if label_field in self.fields or label_field in self.lists:
                 raise SchemaError(f"field {label_field!r} is both a feature field and the label field")
             self.fields[label_field] = ([label_index], False)
-        _check_dtypes_cover(dtypes, self.fields)
+        given = list(fields) if isinstance(fields, Mapping) else []  # the fields in the order given
+        self.order = [n for n in given if n in self.fields or n in self.lists] + \
+            [n for n in list(self.fields) + list(self.lists) if n not in given]
+        _check_dtypes_cover(dtypes, self.order)
         self.dtypes = {name: _dtype_for(name, dtypes, "int64" if name == self.label_field else "float32")
-                       for name in self.fields}
+                       for name in list(self.fields) + list(self.lists)}
         self.string_label = label_index if string_labels else None
         self.numeric = sorted({i for name, (indices, _) in self.fields.items() for i in indices
                                if not (string_labels and name == self.label_field)})
@@ -1436,9 +1439,11 @@ class _CsvLayout:
             return [one(item) for item in spec], True
         return [one(spec)], False
 
-    def spec(self) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
-        return {name: (self.dtypes[name], (len(indices),) if vector else ())
-                for name, (indices, vector) in self.fields.items()}
+    def spec(self) -> Dict[str, Tuple[str, Tuple[Optional[int], ...]]]:
+        spec: Dict[str, Tuple[str, Tuple[Optional[int], ...]]] = {
+            name: (self.dtypes[name], (len(indices),) if vector else ()) for name, (indices, vector) in self.fields.items()}
+        spec.update({name: (self.dtypes[name], (None,)) for name in self.lists})
+        return {name: spec[name] for name in self.order}
 
 
 def _csv_header(name: str, delimiter: str, header: bool) -> Tuple[Optional[List[str]], int]:
@@ -1528,7 +1533,8 @@ class _CsvChunks:
 
 
 def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]] = None, label: Any = None,
-             label_field: str = "label", classes: Any = None, dtypes: Any = None, delimiter: Optional[str] = None,
+             label_field: str = "label", classes: Any = None, dtypes: Any = None, lists: Any = None,
+             delimiter: Optional[str] = None,
              header: bool = True, on_error: str = "raise", part: Optional[Tuple[int, int]] = None, workers: int = 1,
              shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None, mode: str = "w",
              overflow: str = "error", progress: Progress = False,
@@ -1545,6 +1551,12 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
     over the files); the names go to ``metadata["classes"]``. ``dtypes``: stored dtype per field
     (default float32 for features, int64 for the label), or one dtype for every float field.
     ``delimiter``: default tab for ``.tsv`` files, else comma.
+
+    ``lists``: fields whose cells each hold a list of numbers (``"607 2214 9"``), stored as
+    variable-length fields (shape ``(None,)``): a list of field names (items separated by
+    whitespace) or ``{"history": ";"}`` (the separator of each). A list field takes the column
+    ``fields`` gives it, by default the column of its name, and the dtype ``dtypes`` gives it
+    (``{"history": "int32"}``; default float32). An empty cell is an empty list.
 
     A row with a value that does not parse as its field's type, or with another number of columns
     than the header, raises :class:`SourceError` naming the file and line; ``on_error="skip"``
@@ -1576,7 +1588,7 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
         columns = sorted({str(c) for s in fields.values() for c in (s if isinstance(s, (list, tuple)) else [s])}
                          | ({str(label)} if label is not None else set()))
     string_labels = label is not None and classes is not None
-    layout = _CsvLayout(columns, fields, label, label_field, dtypes, string_labels)
+    layout = _CsvLayout(columns, fields, label, label_field, dtypes, string_labels, lists)
     if isinstance(classes, str):
         if classes != "auto":
             raise ValueError(f"classes must be a list of names or 'auto', got {classes!r}")
@@ -1589,7 +1601,7 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
     sizes = [os.path.getsize(name) for name in files]
     if workers != 1:
         return _parallel(from_csv, path, (files,), dict(
-            fields=fields, label=label, label_field=label_field, classes=classes, dtypes=dtypes, delimiter=delimiter,
+            fields=fields, label=label, label_field=label_field, classes=classes, dtypes=dtypes, lists=lists, delimiter=delimiter,
             header=header, on_error=on_error, shard_size=shard_size, metadata=metadata, mode=mode, overflow=overflow,
             chunk_bytes=chunk_bytes), workers, progress, total=sum(sizes))
 
@@ -1615,7 +1627,7 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
     parser = _CsvParser(layout, delimiter, class_index, on_error)
     with _Sink(path, layout.spec(), {n: ("str" if string_labels and n == layout.label_field else
                                          {"f8": "float64", "i8": "int64", "u8": "uint64"}[_parse_kind(layout.dtypes[n])])
-                                     for n in layout.fields},
+                                     for n in list(layout.fields) + list(layout.lists)},
                shard_size=shard_size, metadata=meta, mode=mode, overflow=overflow, progress=progress,
                total=sum((b if b is not None else os.path.getsize(n)) - a for n, a, b in pieces)) as sink:
         for name, start, stop in pieces:
@@ -1695,7 +1707,10 @@ class _CsvParser:
             text, numbers = [text[k] for k in keep], [numbers[k] for k in keep]
         if not text:
             return None, []
-        batch = self._fast(text) if '"' not in body else None
+        if self.layout.lists:
+            batch = self._with_lists(text)
+        else:
+            batch = self._fast(text) if '"' not in body else None
         if batch is None:
             batch, numbers = self._slow(name, text, numbers, sink)
         return batch, numbers
@@ -1737,10 +1752,45 @@ class _CsvParser:
             return None  # every row has another number of columns than the header
         return self._assemble(table, labels)
 
+    def _with_lists(self, text: List[str]) -> Optional[Dict[str, Any]]:
+        """A chunk with list cells, split by the csv module and parsed a column at a time by numpy;
+        None when a row is bad (the row-by-row parse then names it)."""
+        rows = list(csv.reader(text, delimiter=self.delimiter))
+        if any(len(row) != len(self.layout.columns) for row in rows):
+            return None
+        labels = None
+        if self.layout.string_label is not None:
+            try:
+                labels = np.array([self.class_index[row[self.layout.string_label].strip()] for row in rows], np.int64)
+            except KeyError:
+                return None
+        try:
+            columns = [np.array([row[i] for row in rows], dtype=str).astype(kind)
+                       for i, kind in zip(self.layout.numeric, self.layout.kinds)]
+        except (ValueError, OverflowError):
+            return None
+        if not columns:
+            table = np.empty((len(rows), 0))
+        elif self.dtype.names:
+            table = np.empty(len(rows), self.dtype)
+            for i, column in zip(self.layout.numeric, columns):
+                table[f"c{i}"] = column
+        else:
+            table = np.stack(columns, axis=1)
+        batch: Dict[str, Any] = self._assemble(table, labels)
+        for name, (column, separator) in self.layout.lists.items():
+            lists = _csv_lists.parse_column([row[column] for row in rows], separator,
+                                            _parse_kind(self.layout.dtypes[name]))
+            if lists is None:
+                return None
+            batch[name] = lists
+        return batch
+
     def _slow(self, name: str, text: List[str], numbers: Sequence[int], sink: _Sink) -> Tuple[Optional[Dict[str, np.ndarray]], List[int]]:
         parsers = {"f8": float, "i8": int, "u8": int}
         columns = self.layout.columns
         rows, labels, kept = [], [], []
+        lists: Dict[str, List[np.ndarray]] = {name: [] for name in self.layout.lists}
         for line_number, row in zip(numbers, csv.reader(text, delimiter=self.delimiter)):
             problem = None
             if len(row) != len(columns):
@@ -1759,6 +1809,15 @@ class _CsvParser:
                         problem = f"column {columns[i]!r}: {cell!r} is not {what}"
                         break
                     values.append(value)
+                row_lists = {}
+                for list_name, (column, separator) in self.layout.lists.items():
+                    if problem is not None:
+                        break
+                    items, why = _csv_lists.parse_cell(row[column], separator,
+                                                       _parse_kind(self.layout.dtypes[list_name]))
+                    if items is None:
+                        problem = f"column {columns[column]!r}: {why}"
+                    row_lists[list_name] = items
                 if problem is None and self.layout.string_label is not None:
                     cell = row[self.layout.string_label].strip()
                     if cell not in self.class_index:
@@ -1771,13 +1830,19 @@ class _CsvParser:
                 continue
             rows.append(tuple(values))
             kept.append(line_number)
+            for list_name, items in row_lists.items():
+                lists[list_name].append(items)
         if not rows:
             return None, []
-        if self.dtype.names:
+        if not self.layout.numeric:
+            table = np.empty((len(rows), 0))
+        elif self.dtype.names:
             table = np.array(rows, dtype=self.dtype)
         else:
             table = np.array(rows, dtype=self.dtype).reshape(len(rows), len(self.layout.numeric))
-        return self._assemble(table, np.array(labels, np.int64) if self.layout.string_label is not None else None), kept
+        batch = self._assemble(table, np.array(labels, np.int64) if self.layout.string_label is not None else None)
+        batch.update(lists)
+        return batch, kept
 
     def _bad(self, sink: _Sink, problem: str) -> None:
         if self.on_error == "raise":
@@ -1838,6 +1903,7 @@ def _parallel(func: Callable[..., ConversionReport], path: PathLike, args: tuple
     target = os.fspath(path)
     if os.path.exists(os.path.join(target, MANIFEST_NAME)):
         raise FileExistsError(f"a dataset already exists at {target}")
+    _refuse_foreign_directory(target)
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     root = tempfile.mkdtemp(prefix=".shardfeed-parts-", dir=parent)
@@ -1875,18 +1941,13 @@ def _parallel(func: Callable[..., ConversionReport], path: PathLike, args: tuple
         queue.close()
         queue.join_thread()
         shutil.rmtree(root, ignore_errors=True)
-    fields = {}
-    for name, first in reports[0].fields.items():
-        stats = [r.fields[name] for r in reports]
-        fields[name] = FieldReport(name, first.source_dtype, first.dtype, first.shape,
-                                   measured=any(s.measured for s in stats),
-                                   max_abs_error=max(s.max_abs_error for s in stats),
-                                   max_rel_error=max(s.max_rel_error for s in stats),
-                                   saturated=sum(s.saturated for s in stats))
+    fields = {name: first.merged([r.fields[name] for r in reports[1:]]) for name, first in reports[0].fields.items()}
     manifest = read_manifest(target)
     return ConversionReport(
         path=target, num_samples=result.num_samples, dataset_samples=result.num_samples, num_shards=result.num_shards,
         source_bytes=sum(r.source_bytes for r in reports),
         dataset_bytes=sum(s.size + s.heap_size for s in manifest.shards), seconds=time.perf_counter() - started,
         fields=fields, skipped=sum(r.skipped for r in reports),
-        skipped_examples=[e for r in reports for e in r.skipped_examples][:_MAX_EXAMPLES], parts=workers)
+        skipped_examples=[e for r in reports for e in r.skipped_examples][:_MAX_EXAMPLES], parts=workers,
+        notes=list(dict.fromkeys(note for r in reports for note in r.notes)), image_mode=reports[0].image_mode,
+        images_converted=dict(sum((collections.Counter(r.images_converted) for r in reports), collections.Counter())))

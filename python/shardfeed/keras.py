@@ -12,7 +12,10 @@ import os
 import warnings
 from typing import Any, Callable, Mapping, Optional
 
-import keras
+try:
+    import keras
+except ImportError as exc:  # the Pillow way: say which extra brings it
+    raise ImportError(f"shardfeed.keras needs Keras 3 ({exc}): pip install 'shardfeed[tensorflow]'") from exc
 
 from .loader import BatchPlan
 
