@@ -30,9 +30,14 @@ def _option(option, name):
     return option.get(name) if isinstance(option, dict) else option
 
 
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
 def _convert(field, raw, want, scale, offset):
     """Stored values -> the dtype a read returns, with the optional affine transform."""
     affine = scale is not None or offset is not None
+    if isinstance(want, str) and want == "auto":  # floats as float32, integers and bool as stored
+        want = np.float32 if field.dtype in _FLOATS else None
     if field.dtype == "bfloat16":
         raw = (raw.astype(np.uint32) << 16).view(np.float32)
     if not affine and (want is None or np.dtype(want) == field.natural_dtype):

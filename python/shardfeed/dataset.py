@@ -26,6 +26,17 @@ CASTS = {
 }
 _FLOAT32 = np.dtype(np.float32)
 _INT64 = np.dtype(np.int64)
+
+# The output-dtype policy of reads, in this one place (docs/training.md, "Output dtypes"): what
+# ``dtype="auto"`` returns per stored dtype. Floats come out as float32, which is what training
+# computes in (float64 too: narrowing it is a precision choice, never refused); integers and bool
+# keep their stored dtype, so ids and tokens are never rounded. A field read with scale/offset is
+# float32 whatever its stored dtype.
+AUTO_DTYPES: Dict[str, np.dtype] = {
+    name: _FLOAT32 if name in ("float16", "bfloat16", "float32", "float64") else np.dtype(name)
+    for name in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                 "float16", "bfloat16", "float32", "float64")
+}
 _NO_AFFINE = (None, None, 1, 1)
 
 # Records up to this size are copied from a read-only memory map (MADV_RANDOM) instead of one
@@ -419,16 +430,6 @@ class Dataset:
             array[array < 0] -= len(self)  # keep the original value in the IndexError message
         return array
 
-    def _output_dtype(self, field: Field, dtype: Any, affine: bool) -> np.dtype:
-        if dtype is None:
-            return _FLOAT32 if affine else field.natural_dtype
-        wanted = np.dtype(dtype)
-        if wanted == _FLOAT32 or (wanted == field.natural_dtype and not affine):
-            return wanted
-        raise ValueError(f"field {field.name!r} ({field.dtype}) can be read as {field.natural_dtype}"
-                         f"{'' if field.natural_dtype == _FLOAT32 else ' or float32'}, not {wanted}"
-                         f"{' (scale/offset need float32)' if affine else ''}")
-
     def _check_out(self, name: str, array: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         if not isinstance(array, np.ndarray):
             raise TypeError(f"out[{name!r}] must be a numpy array, got {type(array).__name__}")
@@ -455,8 +456,9 @@ class Dataset:
         and returns a :class:`Batch` of arrays with a leading batch dimension.
 
         ``fields``: a name or list of names (default: all). ``dtype``: ``None`` (each field's stored
-        dtype; bfloat16 reads as float32) or ``"float32"`` (converted natively, in place), or a dict
-        per field. ``scale``/``offset``: ``out = stored * scale + offset`` in float32, each a scalar
+        dtype; bfloat16 reads as float32), ``"auto"`` (float fields as float32, integer and bool
+        fields as stored: :data:`AUTO_DTYPES`) or ``"float32"`` (converted natively, in place), or a
+        dict per field; the table of what each choice gives is in docs/training.md, "Output dtypes". ``scale``/``offset``: ``out = stored * scale + offset`` in float32, each a scalar
         or an array broadcastable to the field's shape (per channel), or a dict per field.
         ``out``: dict of preallocated arrays to fill. Variable-length fields are padded with
         ``pad_value`` to the longest sample, or to ``maxlen`` (longer samples are truncated); their
@@ -481,7 +483,7 @@ class Dataset:
             field_offset = _per_field(offset, name, several, "offset")
             affine = field_scale is not None or field_offset is not None
             natural, stored_cast, variable_field, row_shape, count, at, nbytes = self._layout[name]
-            out_dtype = self._output_dtype(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
+            out_dtype = output_dtype(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
             cast = CAST_COPY if out_dtype == natural and field.dtype != "bfloat16" and not affine else stored_cast
             params = affine_layout(field, field_scale, field_offset) if affine else _NO_AFFINE
             if variable_field:
@@ -564,6 +566,27 @@ class Dataset:
         self._shards.read_heap(indices, shard.astype(np.int64), offsets.astype(np.int64), clipped, cast,
                                field.count, row_bytes, target, max_rows, pad.tobytes(), *params, threads)
         return target, clipped
+
+
+def output_dtype(field: Field, dtype: Any, affine: bool = False) -> np.dtype:
+    """The dtype :meth:`Dataset.read` returns for ``field`` given its ``dtype`` option (one field's
+    value: None, ``"auto"`` or a dtype) and whether it is read with scale/offset (``affine``).
+
+    ``None``: the stored dtype (bfloat16 as float32). ``"auto"``: :data:`AUTO_DTYPES`. Either is
+    float32 with scale/offset. Otherwise the dtype asked for, which must be one the read can make."""
+    if dtype is None:
+        return _FLOAT32 if affine else field.natural_dtype
+    if isinstance(dtype, str) and dtype == "auto":
+        return _FLOAT32 if affine else AUTO_DTYPES[field.dtype]
+    try:
+        wanted = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"field {field.name!r}: dtype must be None, 'auto' or a numpy dtype, got {dtype!r}") from None
+    if wanted == _FLOAT32 or (wanted == field.natural_dtype and not affine):
+        return wanted
+    raise ValueError(f"field {field.name!r} ({field.dtype}) can be read as {field.natural_dtype}"
+                     f"{'' if field.natural_dtype == _FLOAT32 else ' or float32'}, not {wanted}"
+                     f"{' (scale/offset need float32)' if affine else ''}")
 
 
 def _empty(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
