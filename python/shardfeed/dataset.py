@@ -12,31 +12,14 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
+from .dtypes import AUTO_DTYPES, CAST_COPY, STORED_KINDS, cast_values, conversion, exact, inexact_error, output_dtype
 from .errors import ShardFormatError, ShardReadError
 from .format import (
     FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field, Manifest, check_header,
     read_manifest,
 )
 
-# Native conversion kernel per stored dtype, to float32 (ext/cast.h, enum sf_cast).
-CAST_COPY = 0
-CASTS = {
-    "float16": 1, "bfloat16": 2, "float32": 3, "float64": 4, "uint8": 5, "bool": 5, "int8": 6,
-    "uint16": 7, "int16": 8, "uint32": 9, "int32": 10, "uint64": 11, "int64": 12,
-}
-_FLOAT32 = np.dtype(np.float32)
 _INT64 = np.dtype(np.int64)
-
-# The output-dtype policy of reads, in this one place (docs/training.md, "Output dtypes"): what
-# ``dtype="auto"`` returns per stored dtype. Floats come out as float32, which is what training
-# computes in (float64 too: narrowing it is a precision choice, never refused); integers and bool
-# keep their stored dtype, so ids and tokens are never rounded. A field read with scale/offset is
-# float32 whatever its stored dtype.
-AUTO_DTYPES: Dict[str, np.dtype] = {
-    name: _FLOAT32 if name in ("float16", "bfloat16", "float32", "float64") else np.dtype(name)
-    for name in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-                 "float16", "bfloat16", "float32", "float64")
-}
 _NO_AFFINE = (None, None, 1, 1)
 
 # Records up to this size are copied from a read-only memory map (MADV_RANDOM) instead of one
@@ -278,8 +261,10 @@ class Dataset:
         # Per field, what read() needs on every call: (natural dtype, cast kernel, variable,
         # row shape, elements per row, offset and bytes in the record), so that a read does not
         # recompute Field properties.
-        self._layout = {name: (f.natural_dtype, CASTS[f.dtype], f.variable, f.row_shape, f.count, f.offset,
+        self._layout = {name: (f.natural_dtype, STORED_KINDS[f.dtype], f.variable, f.row_shape, f.count, f.offset,
                                f.record_bytes) for name, f in self.fields.items()}
+        # (field, dtype option, affine) -> (output dtype, conversion id or None): see _conversion.
+        self._conversions: Dict[Tuple[str, Any, bool], Tuple[np.dtype, Optional[int]]] = {}
 
     # ---- basics -------------------------------------------------------------------------------
 
@@ -448,21 +433,56 @@ class Dataset:
             raise ValueError(f"out[{name!r}]: {', '.join(problems)}")
         return array
 
+    def _conversion(self, field: Field, dtype: Any, affine: bool) -> Tuple[np.dtype, Optional[int]]:
+        """The output dtype and the conversion id (None: numpy converts a copy) of a field read with
+        this dtype option, cached per dataset (computed once per option, not on every read)."""
+        key = (field.name, dtype, affine)
+        try:
+            return self._conversions[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable option: not cached
+            key = None
+        out_dtype = output_dtype(field, dtype, affine)
+        found = out_dtype, conversion(field, out_dtype, affine, _core.CAST_OUT_SHIFT, _core.OUTPUT_KINDS)
+        if key is not None:
+            self._conversions[key] = found
+        return found
+
     def read(self, indices: Any, fields: Union[None, str, Sequence[str]] = None, *, dtype: Any = None,
              out: Optional[Mapping[str, np.ndarray]] = None, scale: Any = None, offset: Any = None,
              maxlen: Union[None, int, Mapping[str, int]] = None, pad_value: Any = 0,
-             threads: Union[None, str, int] = None) -> Batch:
+             padding: Union[str, Mapping[str, str]] = "post", truncating: Union[str, Mapping[str, str]] = "post",
+             lossy: Union[bool, Mapping[str, bool]] = False, threads: Union[None, str, int] = None) -> Batch:
         """Reads the samples ``indices`` (any order, duplicates allowed, negative counts from the end)
         and returns a :class:`Batch` of arrays with a leading batch dimension.
 
         ``fields``: a name or list of names (default: all). ``dtype``: ``None`` (each field's stored
         dtype; bfloat16 reads as float32), ``"auto"`` (float fields as float32, integer and bool
-        fields as stored: :data:`AUTO_DTYPES`) or ``"float32"`` (converted natively, in place), or a
-        dict per field; the table of what each choice gives is in docs/training.md, "Output dtypes". ``scale``/``offset``: ``out = stored * scale + offset`` in float32, each a scalar
-        or an array broadcastable to the field's shape (per channel), or a dict per field.
-        ``out``: dict of preallocated arrays to fill. Variable-length fields are padded with
-        ``pad_value`` to the longest sample, or to ``maxlen`` (longer samples are truncated); their
-        row counts are in ``batch.lengths``."""
+        fields as stored: :data:`AUTO_DTYPES`), or a dtype: float32, float16 and bfloat16 (the
+        ``ml_dtypes`` dtype; ``"bfloat16"`` names it) are converted natively, in place, rounding to
+        nearest even; others (another integer width, float64, bool) by numpy from the stored values.
+        A dict gives a value per field. The table of what each choice gives is in
+        docs/training.md, "Output dtypes".
+
+        ``lossy``: a conversion that cannot give back a stored value exactly (int64 16777217 as
+        float32, int16 2049 as float16, -1 as uint8, 1.5 as int32) raises
+        :class:`shardfeed.ValueRangeError` naming the field and sample, unless ``lossy`` is True
+        (or a dict ``{field: True}``). Narrowing floats (float64 to float32, float32 to float16) is
+        a choice of precision, never refused: out-of-range values become infinities.
+
+        ``scale``/``offset``: ``out = float32(stored) * scale + offset`` computed in float32 (no
+        fused multiply-add), each a scalar or an array broadcastable to the field's shape (per
+        channel), or a dict per field; the output is float32, or float16/bfloat16 when asked for
+        (that float32 result rounded to nearest even). ``out``: dict of preallocated arrays to fill.
+
+        Variable-length fields are padded with ``pad_value`` to the longest sample, or to
+        ``maxlen`` (longer samples are truncated). ``padding="post"`` (the default) puts the pad
+        rows after a sample's rows, ``"pre"`` before them; ``truncating="post"`` (the default)
+        keeps a long sample's first ``maxlen`` rows, ``"pre"`` its last ones, as in
+        ``keras.utils.pad_sequences`` (whose defaults are ``"pre"``). Each may be a dict per field.
+        ``batch.lengths`` holds each sample's rows in the output: its stored length, at most
+        ``maxlen``."""
         names = _as_name_list(fields, self.fields)
         index_array = self._indices(indices)
         n = len(index_array)
@@ -474,8 +494,9 @@ class Dataset:
         chosen = _check_threads(threads)
         thread_count = self.threads if chosen is None else chosen
 
-        record_reads = []
+        record_reads = []  # (spec for _core.read_records, field name, output dtype, affine)
         variable = []
+        converted_later = {}  # field -> (natural values read, output dtype, out array or None)
         results: Dict[str, np.ndarray] = {}
         for name in names:
             field = self.fields[name]
@@ -483,31 +504,59 @@ class Dataset:
             field_offset = _per_field(offset, name, several, "offset")
             affine = field_scale is not None or field_offset is not None
             natural, stored_cast, variable_field, row_shape, count, at, nbytes = self._layout[name]
-            out_dtype = output_dtype(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
-            cast = CAST_COPY if out_dtype == natural and field.dtype != "bfloat16" and not affine else stored_cast
+            out_dtype, cast = self._conversion(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
             params = affine_layout(field, field_scale, field_offset) if affine else _NO_AFFINE
             if variable_field:
                 descriptors = np.empty((n, 2), dtype=np.uint64)
-                record_reads.append((CAST_COPY, at, nbytes, 2, descriptors, None, None, 1, 1))
-                variable.append((field, descriptors, out_dtype, cast, params))
+                record_reads.append(((CAST_COPY, at, nbytes, 2, descriptors, None, None, 1, 1), name, None, False))
+                variable.append((field, descriptors, out_dtype, cast, params, affine))
                 continue
             shape = (n,) + row_shape
-            target = self._check_out(name, out[name], shape, out_dtype) if name in out else _empty(shape, out_dtype)
+            target = self._check_out(name, out[name], shape, out_dtype) if name in out else None
+            if cast is None:  # numpy converts the values read as they are stored
+                converted_later[name] = (_empty(shape, natural), out_dtype, target)
+                cast, target = CAST_COPY, converted_later[name][0]
+            elif target is None:
+                target = _empty(shape, out_dtype)
             results[name] = target
-            record_reads.append((cast, at, nbytes, count, target) + params)
+            record_reads.append(((cast, at, nbytes, count, target) + params, name, out_dtype, affine))
         if len(out) > 1:
             self._check_disjoint(out)
         if len(record_reads) > 1:
-            record_reads.sort(key=lambda spec: (spec[1], spec[2]))  # a zero-size field before the field at its offset
-        uncached = self._shards.read_records(index_array, record_reads, self._use_map, thread_count)
+            record_reads.sort(key=lambda read: (read[0][1], read[0][2]))  # a zero-size field before the field at its offset
+        inexact = np.zeros(len(record_reads), np.int32)
+        uncached = self._shards.read_records(index_array, [read[0] for read in record_reads], self._use_map,
+                                             thread_count, inexact)
+        for (_, name, out_dtype, affine), flagged in zip(record_reads, inexact):
+            if flagged and not _option(lossy, name):
+                raise self._inexact(self.fields[name], index_array, out_dtype, affine)
+        for name, (values, out_dtype, target) in converted_later.items():
+            converted = cast_values(self.fields[name], values, out_dtype, index_array, bool(_option(lossy, name)))
+            if target is None:
+                target = converted
+            else:
+                target[...] = converted
+            results[name] = target
 
         lengths: Dict[str, np.ndarray] = {}
-        for field, descriptors, out_dtype, cast, params in variable:
-            results[field.name], lengths[field.name] = self._read_variable(
-                field, index_array, descriptors, out_dtype, cast, params, out.get(field.name),
-                maxlen.get(field.name) if isinstance(maxlen, abc.Mapping) else maxlen,
-                pad_value.get(field.name, 0) if isinstance(pad_value, abc.Mapping) else pad_value, thread_count)
+        for field, descriptors, out_dtype, cast, params, affine in variable:
+            name = field.name
+            results[name], lengths[name] = self._read_variable(
+                field, index_array, descriptors, out_dtype, cast, params, out.get(name), _option(maxlen, name),
+                pad_value.get(name, 0) if isinstance(pad_value, abc.Mapping) else pad_value, thread_count,
+                _side(padding, name, "padding"), _side(truncating, name, "truncating"), bool(_option(lossy, name)),
+                affine)
         return Batch({name: results[name] for name in names}, lengths=lengths, uncached=uncached)
+
+    def _inexact(self, field: Field, indices: np.ndarray, out_dtype: np.dtype, affine: bool, **variable: Any) -> Exception:
+        """The error for a native conversion that flagged an inexact integer: the field is read
+        again as stored to find the first such sample (error path only)."""
+        check = np.dtype(np.float32) if affine else out_dtype
+        values = self.read(indices, fields=field.name, **variable)[field.name]
+        bad = ~exact(values, check)
+        if not bad.any():  # cannot happen while the kernels and exact() agree
+            return ValueError(f"field {field.name!r}: a value did not convert exactly to {out_dtype}")
+        return inexact_error(field, values, bad, indices, out_dtype, check)
 
     def readahead(self, indices: Any) -> None:
         """Asks the kernel to start reading the records of ``indices`` from disk into the page
@@ -526,8 +575,9 @@ class Dataset:
                     raise ValueError(f"out[{a_name!r}] and out[{b_name!r}] share memory")
 
     def _read_variable(self, field: Field, indices: np.ndarray, descriptors: np.ndarray, out_dtype: np.dtype,
-                       cast: int, params: tuple, out_array: Optional[np.ndarray], maxlen: Optional[int],
-                       pad_value: Any, threads: int) -> Tuple[np.ndarray, np.ndarray]:
+                       cast: Optional[int], params: tuple, out_array: Optional[np.ndarray], maxlen: Optional[int],
+                       pad_value: Any, threads: int, padding: str, truncating: str, lossy: bool,
+                       affine: bool) -> Tuple[np.ndarray, np.ndarray]:
         n = len(indices)
         shard = np.searchsorted(self._starts, indices, side="right") - 1
         offsets = descriptors[:, 0]
@@ -555,7 +605,7 @@ class Dataset:
         if out_array is not None:
             target = self._check_out(field.name, out_array, shape, out_dtype)
         else:
-            target = _empty(shape, out_dtype)
+            target = None
         try:
             pad = np.array(pad_value, dtype=out_dtype)
         except (OverflowError, ValueError, TypeError) as exc:
@@ -563,30 +613,40 @@ class Dataset:
         if pad.ndim:
             raise ValueError(f"pad_value for field {field.name!r} must be a scalar")
         clipped = np.minimum(rows, np.uint64(max_rows)).astype(np.int64)
-        self._shards.read_heap(indices, shard.astype(np.int64), offsets.astype(np.int64), clipped, cast,
-                               field.count, row_bytes, target, max_rows, pad.tobytes(), *params, threads)
+        starts = offsets.astype(np.int64)
+        if truncating == "pre":  # keep the last rows: skip the first ones
+            starts += (rows.astype(np.int64) - clipped) * row_bytes
+        read_as = out_dtype if cast is not None else field.natural_dtype
+        landing = target if cast is not None and target is not None else _empty(shape, read_as)
+        pad_bytes = pad.tobytes() if cast is not None else np.zeros((), read_as).tobytes()
+        inexact = np.zeros(1, np.int32)
+        self._shards.read_heap(indices, shard.astype(np.int64), starts, clipped, CAST_COPY if cast is None else cast,
+                               field.count, row_bytes, landing, max_rows, pad_bytes, *params, threads,
+                               padding == "pre", inexact)
+        if inexact[0] and not lossy:
+            raise self._inexact(field, indices, out_dtype, affine, maxlen=max_rows, truncating=truncating)
+        if cast is not None:
+            return landing, clipped
+        converted = cast_values(field, landing, out_dtype, indices, lossy)  # padding: zeros, exact in any dtype
+        rows_at = np.arange(max_rows)
+        in_pad = rows_at >= clipped[:, None] if padding == "post" else rows_at < (max_rows - clipped)[:, None]
+        converted[in_pad] = pad
+        if target is None:
+            return converted, clipped
+        target[...] = converted
         return target, clipped
 
 
-def output_dtype(field: Field, dtype: Any, affine: bool = False) -> np.dtype:
-    """The dtype :meth:`Dataset.read` returns for ``field`` given its ``dtype`` option (one field's
-    value: None, ``"auto"`` or a dtype) and whether it is read with scale/offset (``affine``).
+def _option(option: Any, name: str) -> Any:
+    """One field's value of a read option given as a value or a dict per field."""
+    return option.get(name) if isinstance(option, abc.Mapping) else option
 
-    ``None``: the stored dtype (bfloat16 as float32). ``"auto"``: :data:`AUTO_DTYPES`. Either is
-    float32 with scale/offset. Otherwise the dtype asked for, which must be one the read can make."""
-    if dtype is None:
-        return _FLOAT32 if affine else field.natural_dtype
-    if isinstance(dtype, str) and dtype == "auto":
-        return _FLOAT32 if affine else AUTO_DTYPES[field.dtype]
-    try:
-        wanted = np.dtype(dtype)
-    except TypeError:
-        raise ValueError(f"field {field.name!r}: dtype must be None, 'auto' or a numpy dtype, got {dtype!r}") from None
-    if wanted == _FLOAT32 or (wanted == field.natural_dtype and not affine):
-        return wanted
-    raise ValueError(f"field {field.name!r} ({field.dtype}) can be read as {field.natural_dtype}"
-                     f"{'' if field.natural_dtype == _FLOAT32 else ' or float32'}, not {wanted}"
-                     f"{' (scale/offset need float32)' if affine else ''}")
+
+def _side(option: Any, name: str, what: str) -> str:
+    value = option.get(name, "post") if isinstance(option, abc.Mapping) else option
+    if not (isinstance(value, str) and value in ("post", "pre")):
+        raise ValueError(f"{what} for field {name!r} must be 'post' or 'pre', got {value!r}")
+    return value
 
 
 def _empty(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
