@@ -256,6 +256,40 @@ SF_INLINE void f32_to_bf16_block(uint16_t *h, const float *in, size_t m)
     }
 }
 
+/* A 64-bit integer as a double rounded to odd (inexact: toward zero, last bit set), so the
+ * bfloat16 rounding that follows is one rounding of the integer itself, as in ml_dtypes. */
+static inline double i64_to_double_odd(int64_t v)
+{
+    double x = (double)v;
+    int above = x >= 0x1p63 || (int64_t)x > v; /* x >= -2^63 always: v rounded */
+    int below = x < 0x1p63 && (int64_t)x < v;
+    if (above || below) {
+        uint64_t bits;
+        memcpy(&bits, &x, 8);
+        if (v >= 0 ? above : below)
+            bits -= 1;
+        bits |= 1;
+        memcpy(&x, &bits, 8);
+    }
+    return x;
+}
+
+static inline double u64_to_double_odd(uint64_t v)
+{
+    double x = (double)v;
+    int above = x >= 0x1p64 || (uint64_t)x > v;
+    if (above || (uint64_t)x < v) {
+        uint64_t bits;
+        memcpy(&bits, &x, 8);
+        bits -= (uint64_t)above;
+        bits |= 1;
+        memcpy(&x, &bits, 8);
+    }
+    return x;
+}
+
+static inline double as_double(double x) { return x; }
+
 /* 1 when some 16-bit output h[j] is not the exact value out[j] of an integer source. */
 SF_INLINE int narrow_inexact(const uint16_t *h, const float *out, size_t m, int out_kind)
 {
@@ -266,16 +300,17 @@ SF_INLINE int narrow_inexact(const uint16_t *h, const float *out, size_t m, int 
 }
 
 /* Integers wider than 16 bits and float64 to a 16-bit output without a transform, one rounding
- * from the value (through double: exact up to 2^53, beyond which every such integer overflows
- * float16 and a bfloat16 is 8 bits wide). Returns 1 when some integer was not converted exactly. */
-#define SF_WIDE_TO_NARROW(name, type, exact)                                       \
+ * from the value (through double: exact for 32-bit integers; 64-bit ones are rounded to odd on
+ * the way, and beyond 2^53 overflow float16 anyway). Returns 1 when some integer was not
+ * converted exactly. */
+#define SF_WIDE_TO_NARROW(name, type, exact, to_double)                            \
     static int name(uint16_t *h, const unsigned char *in, size_t m, int out_kind)  \
     {                                                                              \
         int inexact = 0;                                                           \
         for (size_t j = 0; j < m; j++) {                                           \
             type v;                                                                \
             memcpy(&v, in + j * sizeof v, sizeof v);                               \
-            double x = (double)v;                                                  \
+            double x = to_double(v);                                               \
             uint64_t bits;                                                         \
             memcpy(&bits, &x, 8);                                                  \
             h[j] = out_kind == SF_OUT_F16 ? sf_double_to_half_bits(bits) : double_to_bf16_bits(x); \
@@ -285,11 +320,11 @@ SF_INLINE int narrow_inexact(const uint16_t *h, const float *out, size_t m, int 
         return inexact;                                                            \
     }
 
-SF_WIDE_TO_NARROW(u32_narrow, uint32_t, SF_EXACT_U32)
-SF_WIDE_TO_NARROW(i32_narrow, int32_t, SF_EXACT_I32)
-SF_WIDE_TO_NARROW(u64_narrow, uint64_t, SF_EXACT_U64)
-SF_WIDE_TO_NARROW(i64_narrow, int64_t, SF_EXACT_I64)
-SF_WIDE_TO_NARROW(f64_narrow, double, SF_EXACT_ANY)
+SF_WIDE_TO_NARROW(u32_narrow, uint32_t, SF_EXACT_U32, as_double)
+SF_WIDE_TO_NARROW(i32_narrow, int32_t, SF_EXACT_I32, as_double)
+SF_WIDE_TO_NARROW(u64_narrow, uint64_t, SF_EXACT_U64, u64_to_double_odd)
+SF_WIDE_TO_NARROW(i64_narrow, int64_t, SF_EXACT_I64, i64_to_double_odd)
+SF_WIDE_TO_NARROW(f64_narrow, double, SF_EXACT_ANY, as_double)
 
 /* Applies the transform to out[0..m) whose first element is element `pos` of the sample. */
 SF_INLINE void affine_block(float *out, size_t m, const sf_affine *a, size_t pos)

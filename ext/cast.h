@@ -174,12 +174,12 @@ static inline uint16_t sf_double_to_half_bits(uint64_t d)
     return (uint16_t)(sign + ((exp - 0x3f00000000000000ull) >> 42) + (sig >> 42));
 }
 
-/* Float -> bfloat16 bits, rounding to nearest even; a NaN keeps its sign and the top of its
- * payload with the quiet bit set (ml_dtypes). */
+/* Float -> bfloat16 bits, rounding to nearest even; a NaN becomes the quiet NaN of its sign,
+ * without payload (ml_dtypes 0.7, after Eigen). */
 static inline uint16_t sf_float_to_bf16_bits(uint32_t f)
 {
     if ((f & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((f >> 16) | 0x0040u);
+        return (uint16_t)(((f >> 16) & 0x8000u) | 0x7fc0u);
     return (uint16_t)((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
 }
 
