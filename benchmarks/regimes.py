@@ -15,8 +15,8 @@ import numpy as np
 
 import shardfeed
 from shardfeed import _core
-from shardfeed.dataset import affine_layout
-from shardfeed.dtypes import STORED_KINDS
+from shardfeed.read_options import affine_layout
+from shardfeed.read_options import STORED_KINDS
 from shardfeed.format import HEADER_BYTES, read_manifest
 
 # ImageNet statistics: x_float = (x_uint8 / 255 - mean) / std = x * scale + offset, per channel.

@@ -377,12 +377,13 @@ cdef class ShardSet:
         return 0
 
     def read_records(self, const int64_t[::1] indices not None, list fields, bint use_map,
-                     size_t threads, int[::1] inexact=None):
+                     size_t threads, list inexact=None):
         """Reads the records ``indices`` into the output buffers described by ``fields``: a list
         of ``(cast, src_offset, src_bytes, count, out, scale, offset, inner, period)``, sorted by
         src_offset; ``out`` is a C-contiguous writable buffer of ``len(indices)`` rows. Returns how
         many records were not in the page cache (all of them where that is not known).
-        ``inexact``: one int32 per field, set to 1 where an integer value did not convert exactly."""
+        ``inexact``: a list with an entry per field, set to True where an integer value did not
+        convert exactly (entries of other fields are left as they are)."""
         cdef size_t n = indices.shape[0], nf = len(fields), k, dst_bytes, itemsize
         cdef size_t end = 0, start, count, step, sample_bytes = 0, uncached = 0, slice_uncached = 0
         cdef sf_error err
@@ -390,7 +391,10 @@ cdef class ShardSet:
         cdef Py_buffer *view
         cdef _Views views = _Views(3 * nf)
         cdef sf_field_out *outs = <sf_field_out *>PyMem_Calloc(nf if nf else 1, sizeof(sf_field_out))
-        if outs == NULL:
+        cdef int *flags = <int *>PyMem_Calloc(nf if nf else 1, sizeof(int))
+        if outs == NULL or flags == NULL:
+            PyMem_Free(outs)
+            PyMem_Free(flags)
             raise MemoryError()
         try:
             if self.closed:
@@ -398,8 +402,8 @@ cdef class ShardSet:
             if use_map and not self.mapped:
                 raise ValueError("internal error: the shards are not mapped")
             self._check_indices(indices)
-            if inexact is not None and <size_t>inexact.shape[0] != nf:
-                raise ValueError("internal error: one inexact flag per field")
+            if inexact is not None and <size_t>len(inexact) != nf:
+                raise ValueError("internal error: one inexact entry per field")
             for k in range(nf):
                 cast, src_offset, src_bytes, count, out, scale, offset, inner, period = fields[k]
                 if not sf_cast_valid(cast):
@@ -426,7 +430,7 @@ cdef class ShardSet:
                 outs[k].dst = <char *>view.buf
                 outs[k].dst_bytes = dst_bytes
                 _fill_affine(&outs[k].affine, views, scale, offset, inner, period, k)
-                outs[k].inexact = &inexact[k] if inexact is not None else NULL
+                outs[k].inexact = &flags[k]
                 sample_bytes += dst_bytes
             if n == 0 or nf == 0:
                 return 0
@@ -454,9 +458,14 @@ cdef class ShardSet:
                 self._end()
             if rc != 0:
                 self._raise(&err)
+            if inexact is not None:
+                for k in range(nf):
+                    if flags[k]:
+                        inexact[k] = True
             return uncached
         finally:
             PyMem_Free(outs)
+            PyMem_Free(flags)
 
     def advise(self, const int64_t[::1] indices not None):
         """Starts reading the records ``indices`` into the page cache without waiting
@@ -476,14 +485,14 @@ cdef class ShardSet:
     def read_heap(self, const int64_t[::1] samples not None, const int64_t[::1] shards not None,
                   const int64_t[::1] offsets not None, const int64_t[::1] rows not None, int cast,
                   size_t row_elems, size_t src_row_bytes, out, size_t max_rows, pad, scale, offset,
-                  size_t inner, size_t period, size_t threads, bint pad_first=False,
-                  int[::1] inexact=None):
+                  size_t inner, size_t period, size_t threads, bint pad_first=False):
         """Reads variable-length rows: sample r has ``rows[r]`` rows at byte ``offsets[r]`` of heap
         file ``shards[r]``; ``out`` holds ``len(samples) * max_rows`` rows, padded with ``pad``
-        after each sample's rows, or before them with ``pad_first``. ``inexact``: one int32, set
-        to 1 where an integer value did not convert exactly."""
+        after each sample's rows, or before them with ``pad_first``. Returns whether an integer
+        value did not convert exactly."""
         cdef size_t n = samples.shape[0], r, dst_row_bytes, start, count, step
         cdef sf_heap_out field
+        cdef int flag = 0
         cdef sf_error err
         cdef int rc
         cdef _Views views = _Views(4)
@@ -496,8 +505,6 @@ cdef class ShardSet:
             raise ValueError("internal error: heap read arrays of different lengths")
         if not sf_cast_valid(cast):
             raise ValueError(f"bad cast {cast}")
-        if inexact is not None and inexact.shape[0] != 1:
-            raise ValueError("internal error: one inexact flag")
         if cast != SF_CAST_COPY and src_row_bytes != row_elems * sf_cast_itemsize(cast):
             raise ValueError(f"{src_row_bytes} bytes do not hold {row_elems} elements")
         for r in range(n):
@@ -524,10 +531,10 @@ cdef class ShardSet:
         field.pad = pad_view.buf
         field.pad_bytes = pad_view.len
         field.pad_first = pad_first
-        field.inexact = &inexact[0] if inexact is not None else NULL
+        field.inexact = &flag
         _fill_affine(&field.affine, views, scale, offset, inner, period, "variable field")
         if n == 0:
-            return
+            return False
         step = _slice_samples(max_rows * dst_row_bytes)
         start = 0
         rc = 0
@@ -546,6 +553,7 @@ cdef class ShardSet:
             self._end()
         if rc != 0:
             self._raise(&err)
+        return bool(flag)
 
 
 def convert(int cast, const unsigned char[::1] src not None, dst not None, scale=None,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import shardfeed
+import shardfeed.read_options
 from shardfeed._reference import reference_read
 
 FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -45,7 +46,7 @@ def every_dtype(tmp_path_factory):
 
 
 def auto_dtype(stored):
-    """The documented table, written out independently of shardfeed.dataset.AUTO_DTYPES."""
+    """The documented table, written out independently of shardfeed.read_options.AUTO_DTYPES."""
     return np.dtype(np.float32) if stored in FLOATS else np.dtype(stored)
 
 
@@ -80,9 +81,9 @@ def test_auto_table_in_one_place(every_dtype):
     path, _, fields = every_dtype
     ds = shardfeed.open(path)
     for name, (stored, _) in fields.items():
-        assert shardfeed.dataset.AUTO_DTYPES[stored] == auto_dtype(stored)
-        assert shardfeed.dataset.output_dtype(ds.fields[name], "auto") == auto_dtype(stored)
-        assert shardfeed.dataset.output_dtype(ds.fields[name], "auto", affine=True) == np.float32
+        assert shardfeed.read_options.AUTO_DTYPES[stored] == auto_dtype(stored)
+        assert shardfeed.read_options.output_dtype(ds.fields[name], "auto") == auto_dtype(stored)
+        assert shardfeed.read_options.output_dtype(ds.fields[name], "auto", affine=True) == np.float32
         assert ds.read([], fields=name, dtype="auto")[name].dtype == auto_dtype(stored)
 
 

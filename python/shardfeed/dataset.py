@@ -12,7 +12,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
-from .dtypes import AUTO_DTYPES, CAST_COPY, STORED_KINDS, cast_values, conversion, exact, inexact_error, output_dtype
+from .read_options import (
+    CAST_COPY, INTEGER_DTYPES, STORED_KINDS, affine_layout, cast_values, conversion, exact, inexact_error, option_for,
+    output_dtype, per_field, side,
+)
 from .errors import ShardFormatError, ShardReadError
 from .format import (
     FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field, Manifest, check_header,
@@ -163,51 +166,6 @@ def _as_name_list(fields: Union[None, str, Sequence[str]], schema_fields: Mappin
     if len(set(names)) != len(names):
         raise ValueError(f"fields listed twice in {names}")
     return names
-
-
-def _per_field(option: Any, name: str, several: bool, what: str) -> Any:
-    if option is None:
-        return None
-    if isinstance(option, abc.Mapping):
-        return option.get(name)
-    if option is not None and several:
-        raise ValueError(f"{what} applies to one field; pass a dict {{field: value}} when reading several")
-    return option
-
-
-def affine_layout(field: Field, scale: Any, offset: Any) -> Tuple[np.ndarray, np.ndarray, int, int]:
-    """Turns scale/offset broadcastable to the field's (row) shape into the kernel's
-    (scale, offset, inner, period) description: parameter p = (element // inner) % period."""
-    shape = field.row_shape
-    s = np.asarray(1.0 if scale is None else scale, dtype=np.float32)
-    o = np.asarray(0.0 if offset is None else offset, dtype=np.float32)
-    try:
-        params = np.broadcast_shapes(s.shape, o.shape)
-        fits = np.broadcast_shapes(params, shape) == shape and len(params) <= len(shape)
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(f"field {field.name!r}: scale {s.shape} / offset {o.shape} do not broadcast to "
-                         f"the field's shape {shape}")
-    if math.prod(shape) == 0:  # nothing to transform (and no layout with a zero period or inner)
-        return np.ones(1, np.float32), np.zeros(1, np.float32), 1, 1
-    params = (1,) * (len(shape) - len(params)) + params
-    s, o = (np.broadcast_to(a.reshape((1,) * (len(params) - a.ndim) + a.shape), params) for a in (s, o))
-    varying = [axis for axis, n in enumerate(params) if n != 1]
-    if not varying:
-        return (np.ascontiguousarray(s.reshape(-1)[:1]), np.ascontiguousarray(o.reshape(-1)[:1]), 1, 1)
-    first = varying[0]
-    if len(varying) == 1:  # per channel along one axis: one parameter per channel
-        period, inner = shape[first], math.prod(shape[first + 1:])
-        s, o = s.reshape(-1), o.reshape(-1)
-    else:  # varies along several axes: one parameter per element from the first varying axis on
-        period, inner = math.prod(shape[first:]), 1
-        tail = (1,) * first + tuple(shape[first:])
-        s, o = (np.broadcast_to(a, tail).reshape(-1) for a in (s, o))
-    if inner == 1 and period > 1:  # the kernel reads a window of period + block entries
-        reps = -(-(period + _core.BLOCK) // period)
-        s, o = np.tile(s, reps), np.tile(o, reps)
-    return np.ascontiguousarray(s, np.float32), np.ascontiguousarray(o, np.float32), inner, period
 
 
 class Dataset:
@@ -444,7 +402,7 @@ class Dataset:
         except TypeError:  # an unhashable option: not cached
             key = None
         out_dtype = output_dtype(field, dtype, affine)
-        found = out_dtype, conversion(field, out_dtype, affine, _core.CAST_OUT_SHIFT, _core.OUTPUT_KINDS)
+        found = out_dtype, conversion(field, out_dtype, affine)
         if key is not None:
             self._conversions[key] = found
         return found
@@ -459,7 +417,7 @@ class Dataset:
 
         ``fields``: a name or list of names (default: all). ``dtype``: ``None`` (each field's stored
         dtype; bfloat16 reads as float32), ``"auto"`` (float fields as float32, integer and bool
-        fields as stored: :data:`AUTO_DTYPES`), or a dtype: float32, float16 and bfloat16 (the
+        fields as stored: ``shardfeed.read_options.AUTO_DTYPES``), or a dtype: float32, float16 and bfloat16 (the
         ``ml_dtypes`` dtype; ``"bfloat16"`` names it) are converted natively, in place, rounding to
         nearest even; others (another integer width, float64, bool) by numpy from the stored values.
         A dict gives a value per field. The table of what each choice gives is in
@@ -495,13 +453,14 @@ class Dataset:
         thread_count = self.threads if chosen is None else chosen
 
         record_reads = []  # (spec for _core.read_records, field name, output dtype, affine)
+        checked = False  # whether a kernel may flag an inexact integer (integer sources only)
         variable = []
         converted_later = {}  # field -> (natural values read, output dtype, out array or None)
         results: Dict[str, np.ndarray] = {}
         for name in names:
             field = self.fields[name]
-            field_scale = _per_field(scale, name, several, "scale")
-            field_offset = _per_field(offset, name, several, "offset")
+            field_scale = per_field(scale, name, several, "scale")
+            field_offset = per_field(offset, name, several, "offset")
             affine = field_scale is not None or field_offset is not None
             natural, stored_cast, variable_field, row_shape, count, at, nbytes = self._layout[name]
             out_dtype, cast = self._conversion(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
@@ -520,18 +479,20 @@ class Dataset:
                 target = _empty(shape, out_dtype)
             results[name] = target
             record_reads.append(((cast, at, nbytes, count, target) + params, name, out_dtype, affine))
+            checked = checked or (cast != CAST_COPY and field.dtype in INTEGER_DTYPES)
         if len(out) > 1:
             self._check_disjoint(out)
         if len(record_reads) > 1:
             record_reads.sort(key=lambda read: (read[0][1], read[0][2]))  # a zero-size field before the field at its offset
-        inexact = np.zeros(len(record_reads), np.int32)
+        inexact = [False] * len(record_reads) if checked else None
         uncached = self._shards.read_records(index_array, [read[0] for read in record_reads], self._use_map,
                                              thread_count, inexact)
-        for (_, name, out_dtype, affine), flagged in zip(record_reads, inexact):
-            if flagged and not _option(lossy, name):
-                raise self._inexact(self.fields[name], index_array, out_dtype, affine)
+        if checked and any(inexact):
+            for (_, name, out_dtype, affine), flagged in zip(record_reads, inexact):
+                if flagged and not option_for(lossy, name):
+                    raise self._inexact(self.fields[name], index_array, out_dtype, affine)
         for name, (values, out_dtype, target) in converted_later.items():
-            converted = cast_values(self.fields[name], values, out_dtype, index_array, bool(_option(lossy, name)))
+            converted = cast_values(self.fields[name], values, out_dtype, index_array, bool(option_for(lossy, name)))
             if target is None:
                 target = converted
             else:
@@ -542,9 +503,9 @@ class Dataset:
         for field, descriptors, out_dtype, cast, params, affine in variable:
             name = field.name
             results[name], lengths[name] = self._read_variable(
-                field, index_array, descriptors, out_dtype, cast, params, out.get(name), _option(maxlen, name),
+                field, index_array, descriptors, out_dtype, cast, params, out.get(name), option_for(maxlen, name),
                 pad_value.get(name, 0) if isinstance(pad_value, abc.Mapping) else pad_value, thread_count,
-                _side(padding, name, "padding"), _side(truncating, name, "truncating"), bool(_option(lossy, name)),
+                side(padding, name, "padding"), side(truncating, name, "truncating"), bool(option_for(lossy, name)),
                 affine)
         return Batch({name: results[name] for name in names}, lengths=lengths, uncached=uncached)
 
@@ -619,11 +580,10 @@ class Dataset:
         read_as = out_dtype if cast is not None else field.natural_dtype
         landing = target if cast is not None and target is not None else _empty(shape, read_as)
         pad_bytes = pad.tobytes() if cast is not None else np.zeros((), read_as).tobytes()
-        inexact = np.zeros(1, np.int32)
-        self._shards.read_heap(indices, shard.astype(np.int64), starts, clipped, CAST_COPY if cast is None else cast,
+        inexact = self._shards.read_heap(indices, shard.astype(np.int64), starts, clipped, CAST_COPY if cast is None else cast,
                                field.count, row_bytes, landing, max_rows, pad_bytes, *params, threads,
-                               padding == "pre", inexact)
-        if inexact[0] and not lossy:
+                               padding == "pre")
+        if inexact and not lossy:
             raise self._inexact(field, indices, out_dtype, affine, maxlen=max_rows, truncating=truncating)
         if cast is not None:
             return landing, clipped
@@ -635,18 +595,6 @@ class Dataset:
             return converted, clipped
         target[...] = converted
         return target, clipped
-
-
-def _option(option: Any, name: str) -> Any:
-    """One field's value of a read option given as a value or a dict per field."""
-    return option.get(name) if isinstance(option, abc.Mapping) else option
-
-
-def _side(option: Any, name: str, what: str) -> str:
-    value = option.get(name, "post") if isinstance(option, abc.Mapping) else option
-    if not (isinstance(value, str) and value in ("post", "pre")):
-        raise ValueError(f"{what} for field {name!r} must be 'post' or 'pre', got {value!r}")
-    return value
 
 
 def _empty(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -1,5 +1,7 @@
-"""What a read returns: the output dtype of each field (the one policy, tabled in docs/training.md,
-"Output dtypes"), the native conversion that makes it, and the lossless-cast rule.
+"""The per-field options of :meth:`shardfeed.Dataset.read` and what they make of a field: the
+output dtype (the one policy, tabled in docs/training.md, "Output dtypes"), the native conversion
+that makes it, the lossless-cast rule, the scale/offset layout the kernels take, and the padding
+and truncating sides of variable-length fields.
 
 A read converts natively (ext/cast.h) to float32, float16 and bfloat16, fused with scale/offset;
 any other output dtype a field is asked for (an integer of another width, float64, bool) is made
@@ -13,22 +15,25 @@ round to nearest even, those beyond the output's range become infinities, as num
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import math
+from collections import abc
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from . import _core
 from .errors import OptionalDependencyError, ValueRangeError
 from .format import Field
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 _FLOAT32 = np.dtype(np.float32)
 
 # dtype="auto": floats as float32, which is what training computes in (float64 too: narrowing it
 # is a precision choice); integers and bool as stored, so ids and tokens are never rounded.
 AUTO_DTYPES: Dict[str, np.dtype] = {
     name: _FLOAT32 if name in FLOAT_DTYPES else np.dtype(name)
-    for name in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
-    + FLOAT_DTYPES
+    for name in ("bool",) + INTEGER_DTYPES + FLOAT_DTYPES
 }
 
 # The native kernel per stored dtype (ext/cast.h, enum sf_cast); SF_CAST_COPY copies the bytes.
@@ -89,15 +94,15 @@ def output_dtype(field: Field, dtype: Any, affine: bool = False) -> np.dtype:
     return wanted
 
 
-def conversion(field: Field, out_dtype: np.dtype, affine: bool, shift: int, kinds: Dict[str, int]) -> Optional[int]:
-    """The native conversion id that reads ``field`` as ``out_dtype`` (``shift`` and ``kinds``: the
-    core's CAST_OUT_SHIFT and OUTPUT_KINDS), CAST_COPY when the stored bytes are the output, or None
+def conversion(field: Field, out_dtype: np.dtype, affine: bool) -> Optional[int]:
+    """The native conversion id that reads ``field`` as ``out_dtype`` (the stored kind | the output
+    kind << CAST_OUT_SHIFT, ext/cast.h), CAST_COPY when the stored bytes are the output, or None
     when numpy converts a copy of the stored values (:func:`cast_values`)."""
     name = dtype_name(out_dtype)
     if not affine and (name == field.dtype or (out_dtype == field.natural_dtype and field.dtype != "bfloat16")):
         return CAST_COPY
     if name in NATIVE_OUTPUTS:
-        return STORED_KINDS[field.dtype] | kinds[name] << shift
+        return STORED_KINDS[field.dtype] | _core.OUTPUT_KINDS[name] << _core.CAST_OUT_SHIFT
     return None
 
 
@@ -150,3 +155,62 @@ def cast_values(field: Field, values: np.ndarray, out_dtype: np.dtype, indices: 
             raise inexact_error(field, values, bad, indices, out_dtype)
     with np.errstate(all="ignore"):
         return values.astype(out_dtype)
+
+
+def per_field(option: Any, name: str, several: bool, what: str) -> Any:
+    """One field's value of scale/offset: a dict per field, or one value when one field is read."""
+    if option is None:
+        return None
+    if isinstance(option, abc.Mapping):
+        return option.get(name)
+    if option is not None and several:
+        raise ValueError(f"{what} applies to one field; pass a dict {{field: value}} when reading several")
+    return option
+
+
+def affine_layout(field: Field, scale: Any, offset: Any) -> Tuple[np.ndarray, np.ndarray, int, int]:
+    """Turns scale/offset broadcastable to the field's (row) shape into the kernel's
+    (scale, offset, inner, period) description: parameter p = (element // inner) % period."""
+    shape = field.row_shape
+    s = np.asarray(1.0 if scale is None else scale, dtype=np.float32)
+    o = np.asarray(0.0 if offset is None else offset, dtype=np.float32)
+    try:
+        params = np.broadcast_shapes(s.shape, o.shape)
+        fits = np.broadcast_shapes(params, shape) == shape and len(params) <= len(shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"field {field.name!r}: scale {s.shape} / offset {o.shape} do not broadcast to "
+                         f"the field's shape {shape}")
+    if math.prod(shape) == 0:  # nothing to transform (and no layout with a zero period or inner)
+        return np.ones(1, np.float32), np.zeros(1, np.float32), 1, 1
+    params = (1,) * (len(shape) - len(params)) + params
+    s, o = (np.broadcast_to(a.reshape((1,) * (len(params) - a.ndim) + a.shape), params) for a in (s, o))
+    varying = [axis for axis, n in enumerate(params) if n != 1]
+    if not varying:
+        return (np.ascontiguousarray(s.reshape(-1)[:1]), np.ascontiguousarray(o.reshape(-1)[:1]), 1, 1)
+    first = varying[0]
+    if len(varying) == 1:  # per channel along one axis: one parameter per channel
+        period, inner = shape[first], math.prod(shape[first + 1:])
+        s, o = s.reshape(-1), o.reshape(-1)
+    else:  # varies along several axes: one parameter per element from the first varying axis on
+        period, inner = math.prod(shape[first:]), 1
+        tail = (1,) * first + tuple(shape[first:])
+        s, o = (np.broadcast_to(a, tail).reshape(-1) for a in (s, o))
+    if inner == 1 and period > 1:  # the kernel reads a window of period + block entries
+        reps = -(-(period + _core.BLOCK) // period)
+        s, o = np.tile(s, reps), np.tile(o, reps)
+    return np.ascontiguousarray(s, np.float32), np.ascontiguousarray(o, np.float32), inner, period
+
+
+def option_for(option: Any, name: str) -> Any:
+    """One field's value of a read option given as a value or a dict per field."""
+    return option.get(name) if isinstance(option, abc.Mapping) else option
+
+
+def side(option: Any, name: str, what: str) -> str:
+    """One field's padding or truncating side: "post" (the default) or "pre"."""
+    value = option.get(name, "post") if isinstance(option, abc.Mapping) else option
+    if not (isinstance(value, str) and value in ("post", "pre")):
+        raise ValueError(f"{what} for field {name!r} must be 'post' or 'pre', got {value!r}")
+    return value
