@@ -82,7 +82,8 @@ def _check_threads(threads: Any) -> Optional[int]:
 
 class Batch(dict):
     """A dict of field name -> batch array; ``lengths`` maps each variable-length field to the
-    number of valid (unpadded) rows of every sample; ``uncached`` is how many of the batch's
+    number of valid (unpadded) rows of every sample (the first ones, or the last ones when read
+    with ``padding="pre"``); ``uncached`` is how many of the batch's
     fixed-size records were not in the page cache when it was read (each field's record reads
     counted once; all of them on systems where the reader cannot tell)."""
 
