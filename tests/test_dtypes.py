@@ -224,3 +224,23 @@ def test_float_narrowing_is_not_refused(tmp_path):
         for dtype in ("float32", "float16"):
             np.testing.assert_array_equal(ds.read(np.arange(6), dtype=dtype)["x"].view(f"u{np.dtype(dtype).itemsize}"),
                                           values.astype(dtype).view(f"u{np.dtype(dtype).itemsize}"))
+
+
+@pytest.mark.parametrize("wanted", ["int8", "float64", "bool", "uint16"])
+def test_numpy_outputs_from_bfloat16(tools, tmp_path, every_dtype, wanted):
+    """Outputs numpy makes start from the float32 values of bfloat16 fields, not their bits."""
+    path, columns, _ = every_dtype
+    bits = (columns["bfloat16"].view(np.uint32) >> 16).astype(np.uint16)
+    values = (bits.astype(np.uint32) << 16).view(np.float32)
+    path_var = str(tmp_path / "bf16-var")
+    rows = [values[i].reshape(-1)[:i % 5] for i in range(N)]
+    with shardfeed.Writer(path_var, fields={"v": ("bfloat16", (None,))}) as w:
+        w.extend({"v": rows})
+    with np.errstate(all="ignore"):
+        got = shardfeed.open(path).read(INDICES, fields="bfloat16", dtype=wanted, lossy=True)["bfloat16"]
+        tools.assert_identical(got, values[INDICES].astype(wanted))
+        var = shardfeed.open(path_var).read(INDICES, dtype=wanted, lossy=True, maxlen=4, pad_value=1)["v"]
+        want = np.ones((len(INDICES), 4), wanted)
+        for k, i in enumerate(INDICES):
+            want[k, :min(4, len(rows[i]))] = rows[i][:4].astype(wanted)
+        tools.assert_identical(var, want)

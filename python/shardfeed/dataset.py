@@ -475,7 +475,7 @@ class Dataset:
             target = self._check_out(name, out[name], shape, out_dtype) if name in out else None
             if cast is None:  # numpy converts the values read as they are stored
                 converted_later[name] = (_empty(shape, natural), out_dtype, target)
-                cast, target = CAST_COPY, converted_later[name][0]
+                cast, target = conversion(field, natural, False), converted_later[name][0]  # bfloat16: to float32
             elif target is None:
                 target = _empty(shape, out_dtype)
             results[name] = target
@@ -579,9 +579,10 @@ class Dataset:
         if truncating == "pre":  # keep the last rows: skip the first ones
             starts += (rows.astype(np.int64) - clipped) * row_bytes
         read_as = out_dtype if cast is not None else field.natural_dtype
+        read_cast = cast if cast is not None else conversion(field, read_as, False)  # bfloat16: to float32
         landing = target if cast is not None and target is not None else _empty(shape, read_as)
         pad_bytes = pad.tobytes() if cast is not None else np.zeros((), read_as).tobytes()
-        inexact = self._shards.read_heap(indices, shard.astype(np.int64), starts, clipped, CAST_COPY if cast is None else cast,
+        inexact = self._shards.read_heap(indices, shard.astype(np.int64), starts, clipped, read_cast,
                                field.count, row_bytes, landing, max_rows, pad_bytes, *params, threads,
                                padding == "pre")
         if inexact and not lossy:
