@@ -278,7 +278,7 @@ def test_argument_checks(data):
     for kwargs, error in (
         (dict(batch_size=0), ValueError), (dict(prefetch=-1), ValueError), (dict(seed=-2), ValueError),
         (dict(targets="label", inputs=None), ValueError), (dict(inputs=3), TypeError),
-        (dict(inputs={"a": 1}), TypeError), (dict(dtype="int8"), ValueError), (dict(epochs=-1), ValueError),
+        (dict(inputs={"a": 1}), TypeError), (dict(dtype="complex64"), ValueError), (dict(epochs=-1), ValueError),
         (dict(inputs="image", scale={"image": np.ones(5)}), ValueError),
     ):
         options = {"batch_size": 8, "inputs": "meta", **kwargs}
