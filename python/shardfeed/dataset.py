@@ -361,27 +361,27 @@ class Dataset:
             sample[name] = values[0] if length is None else values[0, :length[0]]
         return sample
 
-    # ---- views and training (python/shardfeed/order.py, loader.py, keras.py, tf.py) -----------
+    # ---- views and training (python/shardfeed/views.py, loader.py, keras.py, tf.py) -----------
 
     def split(self, parts: Any, *, seed: int = 0, shuffle: bool = True) -> Any:
         """Disjoint views, e.g. ``split({"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)``: see
         :meth:`shardfeed.Subset.split`. No data is copied."""
-        from .order import Subset
+        from .views import Subset
         return Subset(self).split(parts, seed=seed, shuffle=shuffle)
 
     def subset(self, indices: Any) -> Any:
         """A view of the samples at ``indices``, in that order (:class:`shardfeed.Subset`)."""
-        from .order import Subset
+        from .views import Subset
         return Subset(self).subset(indices)
 
     def head(self, n: int) -> Any:
         """A view of the first ``n`` samples, for smoke tests (:class:`shardfeed.Subset`)."""
-        from .order import Subset
+        from .views import Subset
         return Subset(self).head(n)
 
     def shard(self, rank: int, world_size: int) -> Any:
         """Worker ``rank``'s disjoint, equal-length part of every epoch (:meth:`shardfeed.Subset.shard`)."""
-        from .order import Subset
+        from .views import Subset
         return Subset(self).shard(rank, world_size)
 
     def batches(self, batch_size: int, **options: Any) -> Any:
