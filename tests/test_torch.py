@@ -121,6 +121,10 @@ def test_dataset_refuses_order_options_and_shards(data):
     ds, _ = data
     with pytest.raises(TypeError, match="ShardSampler"):
         ShardDataset(ds, "x", shuffle=True)
+    with pytest.raises(TypeError, match="ShardDataset"):
+        ShardSampler(ds, 10, dtype=None)
+    with pytest.raises(TypeError, match="'shufle'.*FeedOptions"):
+        ShardSampler(ds, 10, shufle=False)
     with pytest.raises(ValueError, match="rank/world_size"):
         ShardDataset(ds.shard(0, 2), "x")
 

@@ -34,10 +34,25 @@ except ImportError as exc:  # pragma: no cover - exercised by tests/test_torch.p
     raise ImportError(f'shardfeed.torch needs PyTorch: pip install "shardfeed[torch]" ({exc})') from exc
 
 from .dataset import Batch
-from .loader import DEFAULT_PREFETCH, BatchPlan, Prefetcher
-from .order import Sampler, Subset, as_subset
+from .loader import DEFAULT_PREFETCH, BatchPlan, FeedOptions, Prefetcher
+from .order import Sampler
+from .views import Subset, as_subset
 
-__all__ = ["ShardDataset", "ShardLoader", "ShardSampler", "collate"]
+__all__ = ["Positions", "ShardDataset", "ShardLoader", "ShardSampler", "collate"]
+
+# The feed options (loader.FeedOptions) that choose the samples of each batch: a ShardSampler's;
+# the others say how a batch is read and arranged: a ShardDataset's. ShardLoader takes them all.
+_ORDER_OPTIONS = ("shuffle", "seed", "shuffle_block", "drop_remainder")
+
+
+def _feed_options(where: str, options: Dict[str, Any], order: bool) -> FeedOptions:
+    """``options`` as FeedOptions (an unknown name is a TypeError naming the options there are),
+    refusing those that belong to the other half (see ``_ORDER_OPTIONS``)."""
+    misplaced = [name for name in options if (name in _ORDER_OPTIONS) != order and name in FeedOptions.names()]
+    if misplaced:
+        other = "ShardDataset (how a batch is read)" if order else "ShardSampler (which samples, in what order)"
+        raise TypeError(f"{where} got {misplaced[0]}=...: that option belongs to {other}")
+    return FeedOptions.from_kwargs(where, options)
 
 
 def collate(batch: Any) -> Any:
@@ -164,9 +179,10 @@ class ShardDataset(torch.utils.data.Dataset):
     released) and returns it as tensors sharing the batch's memory: arranged as ``(x,)``,
     ``(x, y)`` or ``(x, y, sample_weight)`` with ``inputs`` / ``targets`` / ``sample_weights``
     (each a field name, list or dict, as for ``ds.batches``), else a :class:`~shardfeed.Batch` of
-    every field read (its ``lengths`` as tensors). The other options (``fields``, ``dtype``,
-    ``scale``, ``offset``, ``maxlen``, ``pad_value``, ``transform``) are those of ``ds.batches``
-    (:class:`~shardfeed.loader.BatchPlan`); a transform sees ``batch.indices`` and, when the
+    every field read (its ``lengths`` as tensors). The options are the read half of the
+    :class:`~shardfeed.loader.FeedOptions` (``fields``, ``dtype``, ``scale``, ``offset``,
+    ``maxlen``, ``pad_value``, ``transform``, ``sample_weights``; the order options go to
+    :class:`ShardSampler`); a transform sees ``batch.indices`` and, when the
     positions came from a :class:`ShardSampler`, ``batch.epoch`` and ``batch.step``.
 
     Use it with ``collate_fn=shardfeed.torch.collate``::
@@ -180,10 +196,8 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __init__(self, source: Any, inputs: Any = None, targets: Any = None, **options: Any):
         self.view = _unsharded(source, "ShardDataset")
-        for name in ("shuffle", "seed", "drop_remainder", "shuffle_block"):
-            if name in options:
-                raise TypeError(f"ShardDataset has no order ({name}=...): pass it to ShardSampler")
-        self.plan = BatchPlan(self.view, 1, inputs=inputs, targets=targets, shuffle=False, **options)
+        options = _feed_options("ShardDataset()", dict(options, inputs=inputs, targets=targets), order=False)
+        self.plan = BatchPlan(self.view, 1, options)
 
     def __len__(self) -> int:
         return len(self.view)
@@ -242,9 +256,10 @@ class Positions(list):
 
 class ShardSampler(torch.utils.data.Sampler):
     """A batch sampler over the positions of a dataset, view or :class:`ShardDataset`: each epoch
-    the library's order (``shardfeed.Sampler``: uniformly random, a pure function of
-    ``(seed, epoch)``; storage order without ``shuffle``; ``shuffle_block`` as in ``ds.batches``),
-    cut into batches of ``batch_size`` (the last one smaller unless ``drop_remainder``).
+    the library's order (``shardfeed.Sampler``), cut into batches of ``batch_size``. Its options
+    are the order half of the :class:`~shardfeed.loader.FeedOptions`: ``shuffle`` (default True:
+    uniformly random, a pure function of ``(seed, epoch)``; storage order without), ``seed``,
+    ``shuffle_block`` and ``drop_remainder`` (else the last batch is smaller).
 
     Each iteration is one epoch: the one ``set_epoch(e)`` set (as with ``DistributedSampler``),
     else the epoch after the previous iteration's. ``state_dict()`` is the position after the
@@ -259,9 +274,9 @@ class ShardSampler(torch.utils.data.Sampler):
     parts of ``len(view) // world_size`` samples each, so every rank has as many batches. Every
     rank must use the same seed."""
 
-    def __init__(self, source: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 drop_remainder: bool = False, shuffle_block: int = 1, rank: Optional[int] = None,
-                 world_size: Optional[int] = None):
+    def __init__(self, source: Any, batch_size: int, *, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 **options: Any):
+        options = _feed_options("ShardSampler()", options, order=True)
         self.view = _unsharded(source, "ShardSampler")
         rank, world_size = _distributed(rank, world_size)
         # Subset(view) is the identity map over the view's positions: its epoch orders are the
@@ -270,8 +285,8 @@ class ShardSampler(torch.utils.data.Sampler):
         if world_size != 1 or rank != 0:
             positions = positions.shard(rank, world_size)
         self.rank, self.world_size = rank, world_size
-        self.sampler = Sampler(positions, batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder,
-                               shuffle_block=shuffle_block)
+        self.sampler = Sampler(positions, batch_size, shuffle=options.shuffle, seed=options.seed,
+                               drop_remainder=options.drop_remainder, shuffle_block=options.shuffle_block)
         self._epochs = _Epochs(self.sampler, rank, world_size)
 
     def __len__(self) -> int:
@@ -325,9 +340,8 @@ class ShardLoader:
     threads with the GIL released, so one thread keeps the reader busy while the model trains;
     worker processes add a copy of every batch into shared memory and a process start per worker.
 
-    Batches, options and order are those of ``ds.batches`` (``inputs``, ``targets``,
-    ``sample_weights``, ``fields``, ``dtype``, ``scale``, ``offset``, ``maxlen``, ``pad_value``,
-    ``transform``, ``shuffle``, ``seed``, ``drop_remainder``, ``shuffle_block``), as tensors
+    Batches, options (all the :class:`~shardfeed.loader.FeedOptions`) and order are those of
+    ``ds.batches``, as tensors
     sharing the batch memory; ``rank`` / ``world_size`` and the epoch protocol (``set_epoch``,
     each iteration one epoch, ``state_dict`` / ``load_state_dict``, exact) are
     :class:`ShardSampler`'s. ``prefetch`` batches are read ahead (0: in the consumer's thread).
@@ -342,7 +356,8 @@ class ShardLoader:
         rank, world_size = _distributed(rank, world_size)
         part = self.view.shard(rank, world_size) if world_size != 1 or rank != 0 else self.view
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
-        self.plan = BatchPlan(part, batch_size, inputs=inputs, targets=targets, **options)
+        options = FeedOptions.from_kwargs("ShardLoader()", dict(options, inputs=inputs, targets=targets))
+        self.plan = BatchPlan(part, batch_size, options)
         self._epochs = _Epochs(self.plan.sampler, rank, world_size)
 
     def __len__(self) -> int:
