@@ -97,6 +97,21 @@ class Batch(dict):
     def __reduce__(self):
         return (Batch, (dict(self),), {"lengths": self.lengths, "uncached": self.uncached})
 
+    def samples(self) -> List[Dict[str, Any]]:
+        """The batch as one dict per sample, as ``ds[i]`` gives it: each field's row (a view of
+        the batch's array, no copy), variable-length fields cut to the sample's length."""
+        names = list(self)
+        count = len(self[names[0]]) if names else 0
+        out = []
+        for row in range(count):
+            sample = {}
+            for name in names:
+                length = self.lengths.get(name)
+                values = self[name]
+                sample[name] = values[row] if length is None else values[row, :length[row]]
+            out.append(sample)
+        return out
+
 
 # Dataset.preload reads files in pieces of this size.
 _PRELOAD_CHUNK_BYTES = 8 << 20
@@ -354,12 +369,14 @@ class Dataset:
             return self.read(np.arange(len(self), dtype=np.int64)[index])
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"dataset indices must be integers or slices, not {type(index).__name__}")
-        batch = self.read(np.array([index], dtype=np.int64))
-        sample = {}
-        for name, values in batch.items():
-            length = batch.lengths.get(name)
-            sample[name] = values[0] if length is None else values[0, :length[0]]
-        return sample
+        return self.read(np.array([index], dtype=np.int64)).samples()[0]
+
+    def _getitems(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
+        """grain's optional batched read (``RandomAccessDataSource._getitems``, used by
+        ``grain.MapDataset.source(ds)``): the samples ``indices`` as ``ds[i]`` gives them, read
+        with one :meth:`read`. A Dataset is a grain data source as it is: ``len``, a thread-safe,
+        deterministic ``ds[i]``, a repr naming its path, and pickling by path."""
+        return self.read(indices).samples()
 
     # ---- views and training (python/shardfeed/views.py, loader.py, keras.py, tf.py) -----------
 

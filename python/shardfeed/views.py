@@ -196,6 +196,12 @@ class Subset:
             raise TypeError(f"view indices must be integers or slices, not {type(index).__name__}")
         return self.dataset[int(self.indices([index])[0])]
 
+    def _getitems(self, positions: Sequence[int]) -> List[Dict[str, Any]]:
+        """grain's optional batched read: the samples at ``positions`` as ``view[i]`` gives them,
+        read with one ``Dataset.read`` (see ``Dataset._getitems``). A shard read this way shows
+        its storage-order part; for a shard's epoch order use ``batches`` or ``ShardSampler``."""
+        return self.read(positions).samples()
+
     # ---- views of views ----------------------------------------------------------------------
 
     def _check_not_sharded(self, what: str) -> None:
