@@ -175,6 +175,90 @@ class ShardfeedBlockReader(ShardfeedReader):
             batches.close()  # stops its prefetch thread before the next pass evicts the files
 
 
+class ShardfeedTorchReader(ShardfeedReader):
+    """``torch.utils.data.DataLoader`` over ``shardfeed.torch.ShardDataset`` with a
+    ``ShardSampler`` as its batch sampler and the pass-through collate, as a PyTorch user writes
+    it: one ``__getitems__`` (one native read) per batch, ``num_workers`` worker processes of the
+    default start method (persistent, started untimed when the reader opens, as the torch peer's).
+    The sampler picks the order (epoch = pass number), so ``order`` sets only the number of samples."""
+
+    name = "shardfeed-torch-w0"
+    follows_order = False
+    num_workers = 0
+    BATCH_SEED = 0
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        try:
+            import shardfeed.torch  # noqa: F401
+        except ImportError as e:
+            return str(e)
+        return None
+
+    def open(self) -> None:
+        import shardfeed
+        from shardfeed.torch import ShardDataset, ShardSampler, collate
+        from torch.utils.data import DataLoader
+        super().open()
+        items = ShardDataset(self.dataset, "x", dtype="float32", **self.profile.kwargs())
+        self.sampler = ShardSampler(items, self.profile.batch, seed=self.BATCH_SEED)
+        self.order = shardfeed.Sampler(self.dataset, self.profile.batch, seed=self.BATCH_SEED)
+        workers = self.num_workers
+        self.loader = DataLoader(items, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+                                 persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+        self.passes = 0
+        if workers:
+            for _ in zip(range(1), self.loader):  # start the workers now, untimed
+                pass
+
+    def close(self) -> None:
+        self.loader = None  # the last reference: its persistent workers stop
+        super().close()
+
+    def read_pass(self, order: np.ndarray) -> Batches:
+        self.passes += 1
+        self.sampler.set_epoch(self.passes)
+        left = len(order)
+        batches = iter(self.loader)
+        try:
+            for b, (x,) in enumerate(batches):
+                take = min(left, len(x))
+                yield self.order.batch(self.passes, b)[:take], x.numpy()[:take]
+                left -= take
+                if left == 0:
+                    break
+        finally:
+            del batches
+
+
+class ShardfeedTorchW2Reader(ShardfeedTorchReader):
+    name = "shardfeed-torch-w2"
+    num_workers = 2
+
+
+class ShardfeedTorchThreadReader(ShardfeedTorchReader):
+    """``shardfeed.torch.ShardLoader``: tensors read ahead on one thread, no worker processes."""
+
+    name = "shardfeed-torch-thread"
+
+    def open(self) -> None:
+        import shardfeed
+        from shardfeed.torch import ShardLoader
+        ShardfeedReader.open(self)
+        self.loader = ShardLoader(self.dataset, self.profile.batch, "x", dtype="float32", seed=self.BATCH_SEED,
+                                  **self.profile.kwargs())
+        self.sampler = self.loader
+        self.order = shardfeed.Sampler(self.dataset, self.profile.batch, seed=self.BATCH_SEED)
+        self.passes = 0
+
+    def read_pass(self, order: np.ndarray) -> Batches:
+        batches = super().read_pass(order)
+        try:
+            yield from batches
+        finally:
+            batches.close()  # stops the prefetch thread before the next pass evicts the files
+
+
 class CopyCeilingReader(Reader):
     """The page-cached ceiling: the same records copied with one memcpy each from a memory map
     (``np.take``), then cast (and normalised) by shardfeed's conversion kernel into a reused
@@ -222,4 +306,4 @@ class CopyCeilingReader(Reader):
 
 
 READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedLoaderReader, ShardfeedBlockReader,
-           CopyCeilingReader]
+           ShardfeedTorchReader, ShardfeedTorchW2Reader, ShardfeedTorchThreadReader, CopyCeilingReader]
