@@ -1,6 +1,7 @@
-"""One host of the two-process JAX test in test_grain_jax.py (run as a script, not collected):
-``python jax_host.py PROCESS_ID PORT DATASET OUT``. It joins a two-process JAX job on localhost
-(CPU, gloo collectives), reads its part with ``ds.shard(jax.process_index(), jax.process_count())``
+"""One host of the JAX tests in test_grain_jax.py (run as a script, not collected, so that the test
+process never starts a JAX backend, which warns at every later fork):
+``python jax_host.py PROCESSES PROCESS_ID PORT DATASET OUT``. With 2 processes it joins a
+two-process JAX job on localhost (CPU, gloo collectives); with 1 it is the whole job. It reads its part with ``ds.shard(jax.process_index(), jax.process_count())``
 and the seed every host shares, makes global arrays with ``jax.make_array_from_process_local_data``
 and writes, per step, the global batch as every host sees it (``process_allgather``)."""
 
@@ -15,9 +16,11 @@ BATCH, STEPS, SEED = 8, 5, 13
 
 
 def main() -> None:
-    process_id, port, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id)
+    processes, process_id, port, path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    if processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=processes,
+                                   process_id=process_id)
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -37,7 +40,8 @@ def main() -> None:
             labels.append(np.asarray(multihost_utils.process_allgather(global_y, tiled=True)))
         np.savez(out, x=np.stack(xs), label=np.stack(labels), index=jax.process_index(), count=jax.process_count())
     finally:
-        jax.distributed.shutdown()
+        if processes > 1:
+            jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

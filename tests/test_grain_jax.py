@@ -104,48 +104,38 @@ def host_batches(ds, host, hosts, steps, batch, seed):
     return [sampler.batch(0, b) for b in range(steps)]
 
 
-def test_jax_process_local_data_in_one_process(data):
-    jax = pytest.importorskip("jax", reason="jax is not installed (pip install \"shardfeed[jax]\")")
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    ds, columns = data
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    part = ds.shard(jax.process_index(), jax.process_count())
-    expected = host_batches(ds, jax.process_index(), jax.process_count(), 3, 8, 2)
-    for step, (x, y) in enumerate(part.batches(8, inputs="x", targets="label", seed=2, epochs=1)):
-        if step == 3:
-            break
-        global_x = jax.make_array_from_process_local_data(sharding, x)
-        np.testing.assert_array_equal(np.asarray(global_x), columns["x"][expected[step]].astype(np.float32))
-        np.testing.assert_array_equal(np.asarray(jax.make_array_from_process_local_data(sharding, y)),
-                                      expected[step].astype(np.float32))
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
 
 
-def test_jax_two_processes_assemble_disjoint_host_batches(data, tmp_path):
-    pytest.importorskip("jax", reason="jax is not installed (pip install \"shardfeed[jax]\")")
-    from jax_host import BATCH, SEED, STEPS
-    ds, columns = data
+def run_hosts(ds, tmp_path, processes):
+    """Runs jax_host.py as ``processes`` JAX processes (subprocesses: the test process never starts
+    a JAX backend, which would warn at every later fork) and returns their results."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jax_host.py")
     port = str(free_port())
-    outs = [str(tmp_path / f"host{p}.npz") for p in range(2)]
+    outs = [str(tmp_path / f"host{p}.npz") for p in range(processes)]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    hosts = [subprocess.Popen([sys.executable, script, str(p), port, ds.path, outs[p]], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(2)]
+    hosts = [subprocess.Popen([sys.executable, script, str(processes), str(p), port, ds.path, outs[p]], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(processes)]
     logs = [h.communicate(timeout=240)[0] for h in hosts]
     for h, log in zip(hosts, logs):
         assert h.returncode == 0, log[-3000:]
-    parts = [host_batches(ds, p, 2, STEPS, BATCH, SEED) for p in range(2)]
-    for p in range(2):
-        result = np.load(outs[p])
-        assert (int(result["index"]), int(result["count"])) == (p, 2)
+    return [np.load(out) for out in outs]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_jax_hosts_assemble_disjoint_host_batches(data, tmp_path, processes):
+    pytest.importorskip("jax", reason="jax is not installed (pip install \"shardfeed[jax]\")")
+    from jax_host import BATCH, SEED, STEPS
+    ds, columns = data
+    results = run_hosts(ds, tmp_path, processes)
+    parts = [host_batches(ds, p, processes, STEPS, BATCH, SEED) for p in range(processes)]
+    for p, result in enumerate(results):
+        assert (int(result["index"]), int(result["count"])) == (p, processes)
         for step in range(STEPS):
-            ids = np.concatenate([parts[0][step], parts[1][step]])  # the global batch: host 0's rows, then host 1's
+            ids = np.concatenate([part[step] for part in parts])  # the global batch: host 0's rows, then host 1's
             np.testing.assert_array_equal(result["label"][step], ids.astype(np.float32))
             np.testing.assert_array_equal(result["x"][step], columns["x"][ids].astype(np.float32))
     every = np.concatenate([np.concatenate(part) for part in parts])
