@@ -15,6 +15,9 @@ import shardfeed
 
 N = 157
 
+# grain's worker processes forked from this multi-threaded process: Python >= 3.12 warns (see test_torch.py).
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

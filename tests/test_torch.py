@@ -17,6 +17,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 N = 203
 
+# DataLoader workers forked from this multi-threaded process (the native reader's threads): Python
+# >= 3.12 warns; the workers run shardfeed's reader, which is fork-safe (tests/test_processes.py).
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
