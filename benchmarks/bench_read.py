@@ -59,6 +59,8 @@ def _cases() -> List[Tuple[str, str]]:
         for name in READERS:
             if name == readers.CopyCeilingReader.name and regime != PAGE_CACHED:
                 continue  # a memcpy from memory is the page-cached limit only
+            if regime in READERS[name].skip_regimes:
+                continue
             cases.append((regime, name))
     return cases
 

@@ -3,6 +3,7 @@ Keras-shaped tuples, exact resume, transforms on the prefetch thread, errors pas
 prompt close, no leaks, fresh arrays, and flat private memory over epochs."""
 
 import contextlib
+import dataclasses
 import gc
 import os
 import threading
@@ -284,6 +285,29 @@ def test_argument_checks(data):
         options = {"batch_size": 8, "inputs": "meta", **kwargs}
         with pytest.raises(error):
             ds.batches(options.pop("batch_size"), **options)
+
+
+def test_feed_options_are_declared_once_and_checked_by_every_front_end(data):
+    """One declaration (FeedOptions) behind batches(), BatchPlan, to_tf_dataset and ShardSequence:
+    an unknown option is refused by name, and the plan keeps what it was given."""
+    from shardfeed.loader import FeedOptions
+    ds, columns = data
+    with pytest.raises(TypeError, match=r"batches\(\) got an unexpected keyword argument 'shufle'.*shuffle"):
+        ds.batches(8, inputs="meta", shufle=False)
+    with pytest.raises(TypeError, match="BatchPlan got an unexpected keyword argument 'epochs'"):
+        BatchPlan(ds, 8, epochs=2)
+    with pytest.raises(TypeError, match="options must be a FeedOptions"):
+        BatchPlan(ds, 8, {"inputs": "meta"})
+    options = FeedOptions(inputs="meta", targets="label", seed=5, shuffle_block=4)
+    plan = BatchPlan(ds, 8, options, drop_remainder=True)
+    assert plan.options == FeedOptions(inputs="meta", targets="label", seed=5, shuffle_block=4, drop_remainder=True)
+    assert (plan.sampler.seed, plan.sampler.shuffle_block, plan.sampler.drop_remainder) == (5, 4, True)
+    x, y = plan.load(3)
+    expected = Sampler(ds, 8, seed=5, shuffle_block=4, drop_remainder=True).indices(3)
+    np.testing.assert_array_equal(y, columns["label"][expected].astype(np.float32))
+    np.testing.assert_array_equal(x, columns["meta"][expected].astype(np.float32))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.seed = 1  # type: ignore[misc]
 
 
 def test_prefetcher_contract():

@@ -24,7 +24,8 @@ from .errors import (
 )
 from .format import Field
 from .merge import MergeResult, merge
-from .order import Permutation, Sampler, Subset
+from .order import Permutation, Sampler
+from .views import Subset
 from ._verify import VerifyReport, verify
 from .writer import Writer
 

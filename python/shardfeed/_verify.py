@@ -273,15 +273,15 @@ def _bad_records(records: np.ndarray, schema, shard: ShardEntry, rec_path: str, 
 
 def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) -> None:
     """Notes about writers: one at work now, or leftovers of one that was killed."""
-    from .writer import LOCK_NAME, _SHARD_FILE, _TEMPORARY_MANIFEST
+    from .writer import LOCK_NAME, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN
 
     try:
         names = os.listdir(path)
     except OSError:
         return
     listed = set() if manifest is None else {n for s in manifest.shards for n in (s.file, s.heap_file) if n}
-    leftovers = sorted(n for n in names if (_SHARD_FILE.fullmatch(n) and n not in listed)
-                       or _TEMPORARY_MANIFEST.fullmatch(n))
+    leftovers = sorted(n for n in names if (SHARD_FILE_PATTERN.fullmatch(n) and n not in listed)
+                       or TEMPORARY_MANIFEST_PATTERN.fullmatch(n))
     if LOCK_NAME not in names and not leftovers:
         return
     holder = None

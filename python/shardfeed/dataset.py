@@ -95,6 +95,21 @@ class Batch(dict):
     def __reduce__(self):
         return (Batch, (dict(self),), {"lengths": self.lengths, "uncached": self.uncached})
 
+    def samples(self) -> List[Dict[str, Any]]:
+        """The batch as one dict per sample, as ``ds[i]`` gives it: each field's row (a view of
+        the batch's array, no copy), variable-length fields cut to the sample's length."""
+        names = list(self)
+        count = len(self[names[0]]) if names else 0
+        out = []
+        for row in range(count):
+            sample = {}
+            for name in names:
+                length = self.lengths.get(name)
+                values = self[name]
+                sample[name] = values[row] if length is None else values[row, :length[row]]
+            out.append(sample)
+        return out
+
 
 # Dataset.preload reads files in pieces of this size.
 _PRELOAD_CHUNK_BYTES = 8 << 20
@@ -309,34 +324,36 @@ class Dataset:
             return self.read(np.arange(len(self), dtype=np.int64)[index])
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"dataset indices must be integers or slices, not {type(index).__name__}")
-        batch = self.read(np.array([index], dtype=np.int64))
-        sample = {}
-        for name, values in batch.items():
-            length = batch.lengths.get(name)
-            sample[name] = values[0] if length is None else values[0, :length[0]]
-        return sample
+        return self.read(np.array([index], dtype=np.int64)).samples()[0]
 
-    # ---- views and training (python/shardfeed/order.py, loader.py, keras.py, tf.py) -----------
+    def _getitems(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
+        """grain's optional batched read (``RandomAccessDataSource._getitems``, used by
+        ``grain.MapDataset.source(ds)``): the samples ``indices`` as ``ds[i]`` gives them, read
+        with one :meth:`read`. A Dataset is a grain data source as it is: ``len``, a thread-safe,
+        deterministic ``ds[i]``, a repr naming its path, and pickling by path."""
+        return self.read(indices).samples()
+
+    # ---- views and training (python/shardfeed/views.py, loader.py, keras.py, tf.py) -----------
 
     def split(self, parts: Any, *, seed: int = 0, shuffle: bool = True) -> Any:
         """Disjoint views, e.g. ``split({"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)``: see
         :meth:`shardfeed.Subset.split`. No data is copied."""
-        from .order import Subset
+        from .views import Subset
         return Subset(self).split(parts, seed=seed, shuffle=shuffle)
 
     def subset(self, indices: Any) -> Any:
         """A view of the samples at ``indices``, in that order (:class:`shardfeed.Subset`)."""
-        from .order import Subset
+        from .views import Subset
         return Subset(self).subset(indices)
 
     def head(self, n: int) -> Any:
         """A view of the first ``n`` samples, for smoke tests (:class:`shardfeed.Subset`)."""
-        from .order import Subset
+        from .views import Subset
         return Subset(self).head(n)
 
     def shard(self, rank: int, world_size: int) -> Any:
         """Worker ``rank``'s disjoint, equal-length part of every epoch (:meth:`shardfeed.Subset.shard`)."""
-        from .order import Subset
+        from .views import Subset
         return Subset(self).shard(rank, world_size)
 
     def batches(self, batch_size: int, **options: Any) -> Any:

@@ -10,14 +10,14 @@ import json
 import operator
 import os
 import warnings
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 try:
     import keras
 except ImportError as exc:  # the Pillow way: say which extra brings it
     raise ImportError(f"shardfeed.keras needs Keras 3 ({exc}): pip install 'shardfeed[tensorflow]'") from exc
 
-from .loader import BatchPlan
+from .loader import BatchPlan, FeedOptions
 
 __all__ = ["BackupAndRestore", "ShardSequence"]
 
@@ -26,10 +26,10 @@ class ShardSequence(keras.utils.PyDataset):
     """A Keras ``PyDataset`` (``keras.utils.Sequence``) of batches of a dataset or view: pass it to
     ``model.fit`` as ``x`` or ``validation_data``, and to ``evaluate``/``predict``.
 
-    The options are those of :func:`shardfeed.loader.batches`: ``inputs``, ``targets`` and
-    ``sample_weights`` (a field name, a list, or a dict of model input/output name -> field),
-    ``shuffle``, ``seed``, ``shuffle_block``, ``drop_remainder``, ``transform``, ``dtype`` and the
-    other read options.
+    The options are the :class:`~shardfeed.loader.FeedOptions` (``inputs`` and ``targets`` may
+    also be given by position): ``inputs``, ``targets`` and ``sample_weights`` (a field name, a
+    list, or a dict of model input/output name -> field), ``shuffle``, ``seed``, ``shuffle_block``,
+    ``drop_remainder``, ``transform``, ``dtype`` and the other read options.
     ``workers``, ``use_multiprocessing`` and ``max_queue_size`` go to ``PyDataset`` (Keras reads
     batches on that many threads or processes; with processes the sequence is pickled, its
     dataset reopened by path, so ``transform`` must be picklable).
@@ -47,19 +47,13 @@ class ShardSequence(keras.utils.PyDataset):
     Don't pass ``steps_per_epoch`` either: one Keras epoch is one pass over the sequence."""
 
     def __init__(self, source: Any, batch_size: int, inputs: Any = None, targets: Any = None, *,
-                 sample_weights: Any = None, shuffle: bool = True, seed: int = 0, drop_remainder: bool = False,
-                 transform: Optional[Callable[[Any], Mapping[str, Any]]] = None, dtype: Any = "float32",
-                 fields: Any = None, scale: Any = None, offset: Any = None, maxlen: Any = None, pad_value: Any = 0,
-                 workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10,
-                 shuffle_block: int = 1):
+                 workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10, **options: Any):
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
-        self.plan = BatchPlan(source, batch_size, inputs=inputs, targets=targets, sample_weights=sample_weights,
-                              shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, transform=transform,
-                              dtype=dtype, fields=fields, scale=scale, offset=offset, maxlen=maxlen,
-                              pad_value=pad_value, shuffle_block=shuffle_block)
+        options = FeedOptions.from_kwargs("ShardSequence()", dict(options, inputs=inputs, targets=targets))
+        self.plan = BatchPlan(source, batch_size, options)
         if len(self.plan) == 0:
             raise ValueError(f"no batches: {self.plan.sampler.samples} samples with batch_size {batch_size} "
-                             f"and drop_remainder={drop_remainder}")
+                             f"and drop_remainder={options.drop_remainder}")
         self._base = 0  # global step of the current epoch's batch 0
         self._in_epoch = False
 

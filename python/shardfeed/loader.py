@@ -13,6 +13,7 @@ TensorFlow tensor wrapping it, Keras's queue) is never handed out again.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -21,7 +22,8 @@ from typing import Any, Callable, Dict, Generator, Iterable, List, Mapping, Opti
 
 import numpy as np
 
-from .order import Sampler, as_subset
+from .order import Sampler
+from .views import as_subset
 
 DEFAULT_PREFETCH = 2
 # After a batch that missed the page cache, the next batch is read ahead for this many batches.
@@ -72,35 +74,97 @@ def _arrange(structure: _Structure, arrays: Mapping[str, Any]) -> Any:
                        "return every field named in inputs, targets and sample_weights") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class FeedOptions:
+    """What a training batch holds and how it is read: the options every front end takes
+    (:func:`batches`, :class:`~shardfeed.keras.ShardSequence`, :func:`~shardfeed.tf.to_tf_dataset`),
+    declared here once. Each front end passes its keyword arguments to :meth:`from_kwargs`, and a
+    :class:`BatchPlan` holds the result as ``plan.options``.
+
+    Which samples:
+        ``shuffle`` (default True): a new uniformly random order of every sample each epoch, a
+        pure function of ``(seed, epoch)``; storage order without. ``seed`` (int >= 0).
+        ``shuffle_block=k`` (k > 1): shuffle blocks of ``k`` consecutive samples instead, for slow
+        disks (see :class:`~shardfeed.Sampler`). ``drop_remainder``: drop each epoch's last,
+        smaller batch.
+    How the fields are arranged:
+        ``inputs``, ``targets`` and ``sample_weights`` are each a field name, a list of names (a
+        tuple of arrays, for a model with several inputs or outputs) or a dict ``{model
+        input/output name: field}``; a batch is ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``,
+        or without ``inputs`` the dict of fields (a :class:`~shardfeed.Batch`).
+    How they are read (``Dataset.read``'s options):
+        ``fields`` (default: those named above), ``dtype`` (default float32 for every field),
+        ``scale``, ``offset``, ``maxlen`` and ``pad_value``.
+    ``transform(batch) -> dict``:
+        runs on each batch's dict of fields (with ``batch.indices``, ``batch.epoch`` and
+        ``batch.step``: seed an augmentation's randomness from them to keep runs reproducible)
+        and returns the fields to arrange.
+    """
+
+    inputs: Any = None
+    targets: Any = None
+    sample_weights: Any = None
+    shuffle: bool = True
+    seed: int = 0
+    shuffle_block: int = 1
+    drop_remainder: bool = False
+    transform: Optional[Callable[[Any], Mapping[str, Any]]] = None
+    fields: Any = None
+    dtype: Any = "float32"
+    scale: Any = None
+    offset: Any = None
+    maxlen: Any = None
+    pad_value: Any = 0
+
+    @classmethod
+    def names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, where: str, kwargs: Mapping[str, Any], base: Optional["FeedOptions"] = None) -> "FeedOptions":
+        """The options in ``kwargs`` (over ``base``, default the defaults); an unknown name is a
+        TypeError that names ``where`` and the options there are."""
+        unknown = [name for name in kwargs if name not in cls.names()]
+        if unknown:
+            raise TypeError(f"{where} got an unexpected keyword argument {unknown[0]!r}; its feed options are "
+                            f"{', '.join(cls.names())} (see shardfeed.loader.FeedOptions)")
+        return dataclasses.replace(base if base is not None else cls(), **kwargs)
+
+    def read_options(self) -> Dict[str, Any]:
+        """The keyword arguments of ``Dataset.read`` (all but ``fields``)."""
+        return {"dtype": self.dtype, "scale": self.scale, "offset": self.offset, "maxlen": self.maxlen,
+                "pad_value": self.pad_value}
+
+
 class BatchPlan:
     """Everything about a batch except when it is read: which samples (a :class:`~shardfeed.Sampler`
-    over a dataset or view), which fields and how they are read (``dtype``, ``scale``, ``offset``,
-    ``maxlen``, ``pad_value`` as in ``Dataset.read``), an optional ``transform``, and how the
-    fields are arranged into the ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` tuples that
-    Keras expects. ``plan.load(step)`` reads global step ``step``; it is thread-safe, and the plan
-    pickles (with its dataset, by path) for worker processes when ``transform`` does."""
+    over a dataset or view), which fields and how they are read, an optional ``transform``, and
+    how the fields are arranged into the ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` tuples
+    that Keras expects: the :class:`FeedOptions`, given as ``options`` and/or keyword arguments.
+    ``plan.load(step)`` reads global step ``step``; it is thread-safe, and the plan pickles (with
+    its dataset, by path) for worker processes when ``transform`` does."""
 
-    def __init__(self, source: Any, batch_size: int, *, inputs: Any = None, targets: Any = None,
-                 sample_weights: Any = None, shuffle: bool = True, seed: int = 0, drop_remainder: bool = False,
-                 transform: Optional[Callable[[Any], Mapping[str, Any]]] = None, dtype: Any = "float32",
-                 fields: Any = None, scale: Any = None, offset: Any = None, maxlen: Any = None, pad_value: Any = 0,
-                 shuffle_block: int = 1):
+    def __init__(self, source: Any, batch_size: int, options: Optional[FeedOptions] = None, **kwargs: Any):
+        if options is not None and not isinstance(options, FeedOptions):
+            raise TypeError(f"options must be a FeedOptions, got {type(options).__name__}")
+        self.options = options = FeedOptions.from_kwargs("BatchPlan", kwargs, options)
         self.view = as_subset(source)
         self.dataset = self.view.dataset
-        self.sampler = Sampler(self.view, batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder,
-                               shuffle_block=shuffle_block)
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable, got {transform!r}")
-        self.transform = transform
-        self.inputs = _structure(inputs, "inputs")
-        self.targets = _structure(targets, "targets")
-        self.sample_weights = _structure(sample_weights, "sample_weights")
+        self.sampler = Sampler(self.view, batch_size, shuffle=options.shuffle, seed=options.seed,
+                               drop_remainder=options.drop_remainder, shuffle_block=options.shuffle_block)
+        if options.transform is not None and not callable(options.transform):
+            raise TypeError(f"transform must be callable, got {options.transform!r}")
+        self.transform = options.transform
+        self.inputs = _structure(options.inputs, "inputs")
+        self.targets = _structure(options.targets, "targets")
+        self.sample_weights = _structure(options.sample_weights, "sample_weights")
         if self.inputs is None and (self.targets is not None or self.sample_weights is not None):
             raise ValueError("targets and sample_weights need inputs")
         if self.targets is None and self.sample_weights is not None:
             raise ValueError("sample_weights need targets (Keras reads (x, y, sample_weight))")
         named = list(dict.fromkeys(_names(self.inputs) + _names(self.targets) + _names(self.sample_weights)))
         available = self.dataset.fields
+        fields = options.fields
         if fields is None:
             read = [name for name in named if name in available] if named else list(available)
         else:
@@ -109,12 +173,11 @@ class BatchPlan:
         if missing:
             raise KeyError(f"no field {missing[0]!r}; the dataset has {list(available)}")
         unread = [name for name in named if name not in read]
-        if unread and transform is None:
+        if unread and self.transform is None:
             raise KeyError(f"no field {unread[0]!r} to read; the dataset has {list(available)} "
                            "(a transform can add fields)")
         self.fields = read
-        self.read_options: Dict[str, Any] = {"dtype": dtype, "scale": scale, "offset": offset, "maxlen": maxlen,
-                                             "pad_value": pad_value}
+        self.read_options: Dict[str, Any] = options.read_options()
         # A read of no samples checks the options now (dtype, scale/offset shapes, pad values)
         # and gives each field's output dtype and shape.
         self.empty = self.dataset.read(np.empty(0, np.int64), self.fields, **self.read_options)
@@ -327,49 +390,34 @@ def _stream(plan: BatchPlan, first: int, stop: Optional[int], prefetch: int) -> 
         fetcher.close()
 
 
-def batches(source: Any, batch_size: int, *, inputs: Any = None, targets: Any = None, sample_weights: Any = None,
-            shuffle: bool = True, seed: int = 0, epochs: Optional[int] = None, prefetch: int = DEFAULT_PREFETCH,
-            drop_remainder: bool = False, transform: Optional[Callable[[Any], Mapping[str, Any]]] = None,
-            dtype: Any = "float32", start: Any = None, fields: Any = None, scale: Any = None, offset: Any = None,
-            maxlen: Any = None, pad_value: Any = 0, shuffle_block: int = 1) -> Generator[Any, None, None]:
+def batches(source: Any, batch_size: int, *, epochs: Optional[int] = None, prefetch: int = DEFAULT_PREFETCH,
+            start: Any = None, **options: Any) -> Generator[Any, None, None]:
     """A generator of batches of a dataset or view, read ahead on a background thread.
 
-    Yields ``(x, y)`` tuples (``(x,)`` without ``targets``, ``(x, y, sample_weight)`` with
-    ``sample_weights``), as ``model.fit`` expects; ``inputs``, ``targets`` and ``sample_weights``
-    are each a field name, a list of names (a tuple of arrays, for a model with several inputs or
-    outputs) or a dict ``{model input/output name: field}`` (named inputs/outputs). Without
-    ``inputs`` it yields each batch's dict of fields (a :class:`~shardfeed.Batch`).
+    ``options`` are the :class:`FeedOptions` (``inputs``, ``targets``, ``sample_weights``,
+    ``shuffle``, ``seed``, ``shuffle_block``, ``drop_remainder``, ``transform``, ``fields``,
+    ``dtype``, ``scale``, ``offset``, ``maxlen``, ``pad_value``). It yields ``(x, y)`` tuples
+    (``(x,)`` without ``targets``, ``(x, y, sample_weight)`` with ``sample_weights``), as
+    ``model.fit`` expects, or each batch's dict of fields without ``inputs``.
 
     Every epoch is a new uniformly random order of all the samples (a pure function of ``seed``
-    and the epoch; storage order without ``shuffle``), cut into ``batch_size`` batches; the last
-    one is smaller unless ``drop_remainder``. ``shuffle_block=k`` shuffles blocks of ``k``
-    consecutive samples instead (see :class:`~shardfeed.Sampler`): for slow disks, where reading
-    runs of adjacent records is much faster. ``epochs=None`` never ends (for
-    ``model.fit(gen, steps_per_epoch=...)``); otherwise the generator ends with epoch
-    ``epochs - 1``. ``start`` resumes exactly: a global step (``epoch * batches_per_epoch +
-    batch``), ``(epoch, batch)`` or a ``Sampler.position`` dict; the batches are then the very
-    ones an uninterrupted run would have read.
-
-    ``fields`` (default: those named above), ``dtype`` (default float32 for every field),
-    ``scale``, ``offset``, ``maxlen`` and ``pad_value`` are passed to ``Dataset.read``.
-    ``transform(batch) -> dict`` (augmentation) runs on the prefetch thread on each batch's dict
-    of fields, which also carries ``batch.indices``, ``batch.epoch`` and ``batch.step`` (seed an
-    augmentation's randomness from them to keep runs reproducible).
+    and the epoch; storage order without ``shuffle``), cut into ``batch_size`` batches.
+    ``epochs=None`` never ends (for ``model.fit(gen, steps_per_epoch=...)``); otherwise the
+    generator ends with epoch ``epochs - 1``. ``start`` resumes exactly: a global step
+    (``epoch * batches_per_epoch + batch``), ``(epoch, batch)`` or a ``Sampler.position`` dict;
+    the batches are then the very ones an uninterrupted run would have read.
 
     ``prefetch`` batches are read ahead (0: read in the consumer's thread); the reads run on the
-    native threads with the GIL released, so they overlap the training step. An array once yielded
-    is never written again; a new batch takes back the memory of batches nothing references any
-    more (see :mod:`shardfeed.loader`). ``close()`` (or leaving ``with contextlib.closing(gen):``,
-    or dropping the generator) stops the thread and drops the batches read ahead; so does an idle
-    thread. Do not use a generator
+    native threads with the GIL released, so they overlap the training step, and the transform
+    runs on the prefetch thread. An array once yielded is never written again; a new batch takes
+    back the memory of batches nothing references any more (see :mod:`shardfeed.loader`).
+    ``close()`` (or leaving ``with contextlib.closing(gen):``, or dropping the generator) stops the
+    thread and drops the batches read ahead; so does an idle thread. Do not use a generator
     as Keras ``validation_data`` (Keras 3 replays its first batches every validation run): use
     :class:`shardfeed.keras.ShardSequence` there."""
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
-    plan = BatchPlan(source, batch_size, inputs=inputs, targets=targets, sample_weights=sample_weights,
-                     shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, transform=transform, dtype=dtype,
-                     fields=fields, scale=scale, offset=offset, maxlen=maxlen, pad_value=pad_value,
-                     shuffle_block=shuffle_block)
+    plan = BatchPlan(source, batch_size, FeedOptions.from_kwargs("batches()", options))
     steps = plan.steps(epochs, start)
     first = 0 if start is None else plan.sampler.step_of(start)
     return _stream(plan, first, steps.stop if isinstance(steps, range) else None, prefetch)

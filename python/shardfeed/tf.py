@@ -3,18 +3,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from .loader import BatchPlan
+from .loader import BatchPlan, FeedOptions
 
 __all__ = ["to_tf_dataset"]
 
 
-def _signature(plan: BatchPlan, batch_dim: Optional[int], maxlen: Any) -> Any:
+def _signature(plan: BatchPlan, batch_dim: Optional[int]) -> Any:
     """The element spec from the fields' output dtypes and shapes (a read of no samples)."""
+    maxlen = plan.options.maxlen
     specs = {}
     for name, array in plan.empty.items():
         shape = [batch_dim] + list(array.shape[1:])
@@ -32,15 +33,13 @@ def _signature_from_sample(plan: BatchPlan, step: int, batch_dim: Optional[int])
         lambda a: tf.TensorSpec([batch_dim] + list(np.shape(a)[1:]), tf.as_dtype(np.asarray(a).dtype)), sample)
 
 
-def to_tf_dataset(source: Any, batch_size: int, *, inputs: Any = None, targets: Any = None, sample_weights: Any = None,
-                  shuffle: bool = True, seed: int = 0, epochs: Optional[int] = None, prefetch: int = tf.data.AUTOTUNE,
-                  drop_remainder: bool = False, transform: Optional[Callable[[Any], Mapping[str, Any]]] = None,
-                  dtype: Any = "float32", start: Any = None, fields: Any = None, scale: Any = None, offset: Any = None,
-                  maxlen: Any = None, pad_value: Any = 0, num_parallel_calls: int = 1,
-                  output_signature: Any = None, shuffle_block: int = 1) -> tf.data.Dataset:
+def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = None, prefetch: int = tf.data.AUTOTUNE,
+                  start: Any = None, num_parallel_calls: int = 1, output_signature: Any = None,
+                  **options: Any) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` whose elements are whole batches, the same batches, in the same order,
     as :func:`shardfeed.loader.batches` with the same options yields: ``(x, y)`` tuples (or
-    ``(x,)``, ``(x, y, sample_weight)``, or a dict of fields without ``inputs``).
+    ``(x,)``, ``(x, y, sample_weight)``, or a dict of fields without ``inputs``). ``options`` are
+    the :class:`~shardfeed.loader.FeedOptions`.
 
     The dataset maps a range of global step numbers through ``tf.numpy_function`` calls that read
     each batch with the native reader (GIL released), ``num_parallel_calls`` at a time (default 1:
@@ -63,16 +62,13 @@ def to_tf_dataset(source: Any, batch_size: int, *, inputs: Any = None, targets: 
     ``tf.numpy_function`` wraps a 64-byte-aligned batch array without copying, and the tensor holds
     a reference to it until it is freed: a batch's memory goes to a later batch only once every
     tensor wrapping it is gone (see :mod:`shardfeed.loader`)."""
-    plan = BatchPlan(source, batch_size, inputs=inputs, targets=targets, sample_weights=sample_weights,
-                     shuffle=shuffle, seed=seed, drop_remainder=drop_remainder, transform=transform, dtype=dtype,
-                     fields=fields, scale=scale, offset=offset, maxlen=maxlen, pad_value=pad_value,
-                     shuffle_block=shuffle_block)
+    plan = BatchPlan(source, batch_size, FeedOptions.from_kwargs("to_tf_dataset()", options))
     steps = plan.steps(epochs, start)
     first = 0 if start is None else plan.sampler.step_of(start)
-    batch_dim = plan.sampler.batch_size if drop_remainder else None
+    batch_dim = plan.sampler.batch_size if plan.options.drop_remainder else None
     if output_signature is None:
-        if transform is None:
-            output_signature = _signature(plan, batch_dim, maxlen)
+        if plan.transform is None:
+            output_signature = _signature(plan, batch_dim)
         elif len(plan):
             output_signature = _signature_from_sample(plan, first, batch_dim)
         else:

@@ -39,8 +39,8 @@ _writeback: Any = None  # sync_file_range from libc, resolved on first use; Fals
 LOCK_NAME = "writer.lock"
 # Files a writer may leave behind when it is killed: the shard it was filling, a manifest it had
 # not yet renamed into place. Only these names are ever removed, and only by the lock holder.
-_SHARD_FILE = re.compile(r"shard-\d{6,}\.(rec|var)")
-_TEMPORARY_MANIFEST = re.compile(re.escape(MANIFEST_NAME) + r"\.tmp-\d+")
+SHARD_FILE_PATTERN = re.compile(r"shard-\d{6,}\.(rec|var)")
+TEMPORARY_MANIFEST_PATTERN = re.compile(re.escape(MANIFEST_NAME) + r"\.tmp-\d+")
 _WRITE_HINTS = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exhausted",
@@ -468,8 +468,8 @@ class Writer:
         manifests) and warns naming it."""
         listed = {name for s in self._manifest.shards for name in (s.file, s.heap_file) if name}
         leftovers = sorted(name for name in os.listdir(self.path)
-                           if (_SHARD_FILE.fullmatch(name) and name not in listed)
-                           or _TEMPORARY_MANIFEST.fullmatch(name))
+                           if (SHARD_FILE_PATTERN.fullmatch(name) and name not in listed)
+                           or TEMPORARY_MANIFEST_PATTERN.fullmatch(name))
         stale = self._lock.stale if self._lock is not None else None
         if not leftovers and stale is None:
             return
