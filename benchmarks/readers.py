@@ -196,6 +196,7 @@ class ShardfeedTorchReader(ShardfeedReader):
 
     name = "shardfeed-torch-w0"
     follows_order = False
+    shuffle = "global permutation, its own"  # the ShardSampler's epoch order, not the pass's
     num_workers = 0
     BATCH_SEED = 0
 
