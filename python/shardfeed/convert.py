@@ -51,7 +51,7 @@ import numpy as np
 
 from ._convert import bfloat16_bits_to_float32, float_to_bfloat16_bits
 from .errors import SchemaError, SourceError, ValueRangeError
-from .format import MANIFEST_NAME, STORED_DTYPES, Schema, read_manifest, write_manifest
+from .format import MANIFEST_NAME, SHARD_FILE_PATTERN, STORED_DTYPES, Schema, read_manifest, write_manifest
 from .writer import DEFAULT_SHARD_SIZE, Writer
 
 __all__ = [
@@ -466,7 +466,7 @@ class _Sink:
         else:
             _remove(os.path.join(self.path, MANIFEST_NAME))
         for name in os.listdir(self.path):
-            if name not in self._before and re.fullmatch(r"shard-\d+\.(rec|var)", name):
+            if name not in self._before and SHARD_FILE_PATTERN.fullmatch(name):
                 _remove(os.path.join(self.path, name))
         if self._created_dir:
             try:

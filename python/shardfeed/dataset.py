@@ -14,8 +14,8 @@ import numpy as np
 from . import _core
 from .errors import ShardFormatError, ShardReadError
 from .format import (
-    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field, Manifest, check_header,
-    read_manifest,
+    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, MERGE_JOURNAL_NAME, Field, Manifest, check_header,
+    file_system_path, open_regular, read_manifest,
 )
 
 # Native conversion kernel per stored dtype, to float32 (ext/cast.h, enum sf_cast).
@@ -25,6 +25,7 @@ CASTS = {
     "uint16": 7, "int16": 8, "uint32": 9, "int32": 10, "uint64": 11, "int64": 12,
 }
 _FLOAT32 = np.dtype(np.float32)
+_MAX_OUTPUT_BYTES = 1 << 62  # more than numpy's sizes (intp) and BatchMemory can describe
 _INT64 = np.dtype(np.int64)
 _NO_AFFINE = (None, None, 1, 1)
 
@@ -140,11 +141,8 @@ def _memory_available(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> O
 
 
 def _open_file(path: str, size: int, kind: int, manifest: Manifest) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        hint = " (too many open files: raise `ulimit -n` or write larger shards)" if exc.errno == errno.EMFILE else ""
-        raise ShardReadError(exc.errno, f"cannot open shard: {exc.strerror}{hint}", path) from None
+    """Opens a shard or heap file (a regular file, never through a link) and checks its size and header."""
+    fd = open_regular(path, " shard")
     try:
         actual = os.fstat(fd).st_size
         if actual != size:
@@ -222,7 +220,7 @@ class Dataset:
 
     def __init__(self, path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "auto",
                  mmap: Union[str, bool] = "auto"):
-        self.path = os.fspath(path)
+        self.path = file_system_path(path, ShardReadError)
         self._threads = _check_threads(threads)
         if mmap not in ("auto", True, False):
             raise ValueError(f"mmap must be 'auto', True or False, got {mmap!r}")
@@ -233,8 +231,11 @@ class Dataset:
         try:
             manifest = read_manifest(self.path)
         except FileNotFoundError:
-            raise ShardReadError(errno.ENOENT, f"no {MANIFEST_NAME}: not a shardfeed dataset, or its writer "
-                                 "never committed", os.path.join(self.path, MANIFEST_NAME)) from None
+            why = ("a merge into this directory did not finish: run the same shardfeed.merge again"
+                   if os.path.lexists(os.path.join(self.path, MERGE_JOURNAL_NAME)) else
+                   "not a shardfeed dataset, or its writer never committed")
+            raise ShardReadError(errno.ENOENT, f"no {MANIFEST_NAME}: {why}",
+                                 os.path.join(self.path, MANIFEST_NAME)) from None
         self._manifest = manifest
         self.schema = manifest.schema
         self.fields: Dict[str, Field] = dict(manifest.schema.fields)
@@ -354,6 +355,8 @@ class Dataset:
             return self.read(np.arange(len(self), dtype=np.int64)[index])
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"dataset indices must be integers or slices, not {type(index).__name__}")
+        if not -len(self) <= int(index) < len(self):  # (before numpy, which cannot hold 2**63)
+            raise IndexError(f"index {int(index)} is out of range for a dataset of {len(self)} samples")
         batch = self.read(np.array([index], dtype=np.int64))
         sample = {}
         for name, values in batch.items():
@@ -550,6 +553,10 @@ class Dataset:
         else:
             max_rows = int(maxlen)
         shape = (n, max_rows) + field.row_shape
+        nbytes = math.prod(shape) * out_dtype.itemsize
+        if nbytes >= _MAX_OUTPUT_BYTES:
+            raise ValueError(f"field {field.name!r}: a batch of {n} samples padded to maxlen={max_rows} rows of "
+                             f"{field.row_shape} would take {nbytes} bytes, more than an array may hold")
         if out_array is not None:
             target = self._check_out(field.name, out_array, shape, out_dtype)
         else:
