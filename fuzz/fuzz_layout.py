@@ -16,7 +16,6 @@ a long run:
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil

@@ -60,7 +60,7 @@ def test_the_oracles_catch_broken_code(target, monkeypatch):
     import os
 
     from shardfeed import format as fmt
-    from shardfeed import writer
+    from shardfeed import lock, writer
     runs = dict(target.runs)
     target.run(b"")  # an unchanged dataset: opens, appends, merges
     assert target.runs["opened"] > runs["opened"] and target.runs["appended"] > runs["appended"]
@@ -71,7 +71,7 @@ def test_the_oracles_catch_broken_code(target, monkeypatch):
         os.ftruncate(fd, 0)
         os.pwrite(fd, b"1 x\n", 0)
         self.fd, self.stale, self._finalizer = fd, None, None
-    monkeypatch.setattr(writer.WriterLock, "__init__", through_link)
+    monkeypatch.setattr(lock.WriterLock, "__init__", through_link)
     with pytest.raises(fuzz.Finding, match="victim file outside the dataset was written"):
         target.run(placing("lock", "link-victim"))
     monkeypatch.undo()

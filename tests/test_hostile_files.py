@@ -15,8 +15,6 @@ import pytest
 import shardfeed
 from shardfeed.format import HEADER_BYTES, LOCK_NAME, MANIFEST_NAME, MAX_MANIFEST_BYTES
 
-RECORD = 16  # x: int32[2] at 0, t: descriptor... (fixed-only below: 8 bytes)
-
 
 @pytest.fixture
 def dataset(tools, new_path):
@@ -178,7 +176,7 @@ def test_shapes_numpy_cannot_represent_are_format_errors_naming_the_field(tools,
     for call in (shardfeed.open, lambda p: shardfeed.Writer(p, mode="a")):
         with pytest.raises(shardfeed.ShardFormatError, match=f"{manifest}: field 'big': {message}"):
             call(path)
-    assert f"field 'big': " in shardfeed.verify(path).problems[0].message
+    assert "field 'big': " in shardfeed.verify(path).problems[0].message
     with pytest.raises(shardfeed.SchemaError, match=f"field 'big': {message}"):
         shardfeed.Writer(new_path(), fields={"big": ("int8", tuple(shape))})
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import shardfeed
-from shardfeed.format import HEADER_BYTES, LOCK_NAME, MANIFEST_NAME, file_checksum
+from shardfeed.format import HEADER_BYTES, LOCK_NAME, MANIFEST_NAME
 
 
 def read_all(path):
@@ -212,7 +212,7 @@ def test_merge_honours_the_writer_locks(tools, tmp_path):
     part, _ = three_shards(tools, tmp_path / "part")
     target = tmp_path / "merged"
     target.mkdir()
-    from shardfeed.writer import WriterLock
+    from shardfeed.lock import WriterLock
     held = WriterLock(str(target))
     try:
         with pytest.raises(shardfeed.WriterLockedError):

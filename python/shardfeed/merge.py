@@ -21,7 +21,7 @@ from .format import (
     TEMPORARY_JOURNAL_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, file_system_path, open_regular, parse_manifest,
     read_manifest, replace_atomically, shard_stem, temporary_journal_name, write_manifest,
 )
-from .writer import WriterLock
+from .lock import WriterLock
 
 __all__ = ["MergeResult", "merge"]
 
