@@ -327,10 +327,7 @@ class Dataset:
         for path in paths:
             # A descriptor of its own: the reader's have POSIX_FADV_RANDOM, which turns the kernel's
             # readahead (and its large folios) off.
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                raise ShardReadError(exc.errno, f"cannot open shard: {exc.strerror}", path) from None
+            fd = open_regular(path, " shard")  # (a name may have been replaced since the open)
             try:
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)

@@ -353,7 +353,7 @@ def format_checksum(crc: int) -> str:
 
 def file_checksum(path: str, block: int = 1 << 22) -> str:
     crc = 0
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while chunk := f.read(block):
             crc = zlib.crc32(chunk, crc)
     return format_checksum(crc)
