@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import shardfeed
-from shardfeed.format import HEADER_BYTES, MANIFEST_NAME, file_checksum
+from shardfeed.format import HEADER_BYTES, LOCK_NAME, MANIFEST_NAME, file_checksum
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_the_fixture_is_valid(dataset):
 
 
 @pytest.mark.parametrize("name", ["../outside.rec", "/etc/passwd", "sub/shard.rec", "..", ".", "", "a\\b",
-                                  "nul\0byte", MANIFEST_NAME, 7, None])
+                                  "nul\0byte", "lone\ud800surrogate", 7, None])
 def test_shard_names_must_stay_inside_the_dataset(dataset, name):
     # a valid copy of the shard just outside the directory: only the name check can refuse it
     shard = pathlib.Path(dataset, "shard-000000.rec").read_bytes()
@@ -55,6 +55,21 @@ def test_shard_names_must_stay_inside_the_dataset(dataset, name):
         doc["shards"][0]["file"] = name
     edit_manifest(dataset, change)
     expect_format_error(dataset, f"shard 0 file name {name!r} is not a plain file name inside the dataset directory")
+
+
+@pytest.mark.parametrize("name", [MANIFEST_NAME, LOCK_NAME, "manifest.json.tmp-123", "merge.journal",
+                                  "merge.journal.tmp-9"])
+def test_names_the_library_writes_itself_are_never_shards(dataset, name):
+    """A writer replaces or removes these files (lock, temporary manifests, merge journal): a shard
+    listed under such a name would be destroyed, or written through. The shard is renamed to the
+    name, so only the name check can refuse it."""
+    if name != MANIFEST_NAME:
+        os.rename(os.path.join(dataset, "shard-000000.rec"), os.path.join(dataset, name))
+
+    def change(doc):
+        doc["shards"][0]["file"] = name
+    edit_manifest(dataset, change)
+    expect_format_error(dataset, f"shard 0 file name {name!r} is the name of a file shardfeed writes itself")
 
 
 @pytest.mark.parametrize("name", ["../x.var", "/tmp/x.var"])

@@ -106,7 +106,7 @@ def test_a_truncated_record_file(dataset):
     messages = [p.message for p in report.problems]
     assert f"file is {record_at(6) + 5} bytes, the manifest says {record_at(10)} (truncated)" in messages
     [missing] = [p for p in report.problems if "missing" in p.message]
-    assert missing.message.startswith("the records of samples 6, 7, 8, 9 are missing") and missing.samples == [(6, 10)]
+    assert missing.message.startswith("the records of samples 6-9 are missing") and missing.samples == [(6, 10)]
     assert report.bad_ranges == [(0, 10)]  # the checksum puts the rest in doubt too
 
 
@@ -117,7 +117,7 @@ def test_a_truncated_heap_names_the_samples_it_lost(dataset):
     [cut] = [p for p in report.problems if "past the end" in p.message]
     assert cut.file == shard(dataset, 1, ".var")
     assert cut.samples == [(14, 15), (16, 20)]  # sample 13 ends exactly at row 6; 15 has no rows
-    assert cut.message == ("samples 14, 16, 17, 18, 19: the rows of variable field 't' are past the end of the "
+    assert cut.message == ("samples 14, 16-19: the rows of variable field 't' are past the end of the "
                            "truncated file")
 
 
@@ -158,9 +158,14 @@ def test_an_unreadable_manifest(dataset, capfd):
 def test_no_dataset_here(new_path):
     path = new_path()
     report = shardfeed.verify(path)
-    assert not report.ok and report.problems[0].message == "cannot read the manifest: No such file or directory"
+    assert not report.ok and report.problems[0].message == "no such directory: not a dataset"
+    assert str(report) == f"{path}: 1 problem(s)\n  {path}: no such directory: not a dataset"
     done = run_cli(path)
-    assert done.returncode == 1 and "cannot read the manifest" in done.stdout
+    assert done.returncode == 1 and "no such directory" in done.stdout and "0 of 0" not in done.stdout
+    os.makedirs(path)  # a directory without a manifest
+    report = shardfeed.verify(path)
+    assert report.problems[0].message == "cannot read the manifest: No such file or directory"
+    assert str(report).splitlines()[0] == f"{path}: 1 problem(s)"
 
 
 def test_cli_usage_errors_exit_2(dataset):
@@ -247,10 +252,12 @@ def test_an_io_error_while_reading_is_reported_not_raised(dataset, monkeypatch):
         def __exit__(self, *exc):
             self.file.close()
 
-    def fake_open(file, mode="r"):
-        return Failing(file) if file == shard(dataset, 1) else open(file, mode)
+    real_open = module._open_shard_file
+
+    def fake_open(file):
+        return Failing(file) if file == shard(dataset, 1) else real_open(file)
     monkeypatch.setattr(module, "_CHUNK_BYTES", RECORD * 4)
-    monkeypatch.setattr(module, "open", fake_open, raising=False)
+    monkeypatch.setattr(module, "_open_shard_file", fake_open)
     report = shardfeed.verify(dataset)
     assert report.bad_shards == [1] and report.bad_ranges == [(10, 20)]
     [problem] = report.problems

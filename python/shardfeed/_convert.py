@@ -54,10 +54,11 @@ def cast_to_stored(values: np.ndarray, field: Field, first_sample: int) -> np.nd
     target = field.dtype
     stored = field.stored_dtype
     if target == "bool":
-        if kind != "b":
-            bad = (values != 0) & (values != 1)
-            if bad.any():
-                raise _first_bad(bad, field, first_sample, values, target, "is not 0 or 1, cannot be stored as")
+        if kind == "b":  # any nonzero byte is True (numpy's bools can hold any, e.g. uint8.view(bool))
+            return values.view(np.uint8) != 0
+        bad = (values != 0) & (values != 1)
+        if bad.any():
+            raise _first_bad(bad, field, first_sample, values, target, "is not 0 or 1, cannot be stored as")
         return values.astype(np.bool_)
     if target == "bfloat16":
         bits = float_to_bfloat16_bits(values)

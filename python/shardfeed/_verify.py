@@ -3,7 +3,9 @@
 Checksums are CRC-32s of whole files (docs/format.md), so a checksum mismatch marks all samples of
 that shard as suspect. Problems the structure shows are pinned to samples: records missing from a
 truncated file, variable-length rows that point outside their heap file (or past the end of a
-truncated one), bool values other than 0 and 1.
+truncated one), bool values other than 0 and 1. Problems are kept as sample ranges, never as
+per-sample arrays, so memory stays bounded by the shards and the problems found, whatever counts a
+manifest claims.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import numpy as np
 
 from .errors import ShardFormatError
 from .format import (
-    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Manifest, ShardEntry, check_header,
-    format_checksum, read_manifest,
+    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME, MERGE_JOURNAL_NAME,
+    SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, check_header, file_system_path,
+    format_checksum, open_regular, parse_lock, read_manifest,
 )
 
 _CHUNK_BYTES = 4 << 20
@@ -99,8 +102,10 @@ class VerifyReport:
         if self.ok:
             lines = [f"{self.path}: ok, {self.num_samples} samples in {self.num_shards} shard(s)"]
         else:
-            lines = [f"{self.path}: {len(self.problems)} problem(s) in shard(s) {self.bad_shards or '-'}; "
-                     f"{self.num_bad_samples} of {self.num_samples} samples bad or suspect"]
+            where = f" in shard(s) {self.bad_shards}" if self.bad_shards else ""
+            unread = any(p.shard is None for p in self.problems)  # no manifest: no samples known
+            counts = "" if unread else f"; {self.num_bad_samples} of {self.num_samples} samples bad or suspect"
+            lines = [f"{self.path}: {len(self.problems)} problem(s){where}{counts}"]
             lines += [f"  {p}" for p in self.problems]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -110,9 +115,18 @@ def verify(path: "os.PathLike[str] | str") -> VerifyReport:
     """Checks the dataset at ``path``: the manifest, and every shard file's size, header, CRC-32
     checksum and records. Reads every byte once, in pieces of a few MiB. Problems are reported, not
     raised (an unreadable manifest is a problem too)."""
-    path = os.fspath(path)
+    try:
+        path = file_system_path(path, OSError)
+    except OSError as exc:
+        report = VerifyReport(exc.filename)
+        report.problems.append(Problem(exc.filename, exc.strerror))
+        return report
     report = VerifyReport(path)
     manifest_path = os.path.join(path, MANIFEST_NAME)
+    if not os.path.isdir(path):
+        what = "not a directory" if os.path.lexists(path) else "no such directory"
+        report.problems.append(Problem(path, f"{what}: not a dataset"))
+        return report
     try:
         manifest = read_manifest(path)
     except (OSError, ShardFormatError) as exc:
@@ -148,9 +162,27 @@ def _ranges(samples: np.ndarray) -> List[Tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(starts, stops)]
 
 
-def _describe(samples: np.ndarray) -> str:
-    shown = ", ".join(str(int(s)) for s in samples[:10])
-    return f"sample{'s' if len(samples) > 1 else ''} {shown}{' ...' if len(samples) > 10 else ''}"
+def _extend_ranges(ranges: List[Tuple[int, int]], more: List[Tuple[int, int]]) -> None:
+    """Appends sorted ranges that start at or after the last one, joining touching ones."""
+    for start, stop in more:
+        if ranges and start <= ranges[-1][1]:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], stop))
+        else:
+            ranges.append((start, stop))
+
+
+def _describe(ranges: List[Tuple[int, int]]) -> str:
+    """``samples 3, 7-9, 12 ...`` for sorted [start, stop) ranges (at most 10 shown)."""
+    shown = ", ".join(str(a) if b - a == 1 else f"{a}, {a + 1}" if b - a == 2 else f"{a}-{b - 1}"
+                      for a, b in ranges[:10])
+    count = sum(b - a for a, b in ranges)
+    more = f" ... ({count} samples)" if len(ranges) > 10 else ""
+    return f"sample{'s' if count > 1 else ''} {shown}{more}"
+
+
+def _open_shard_file(file: str):
+    """A shard or heap file opened for reading: a regular file, never through a link (or raises)."""
+    return os.fdopen(open_regular(file), "rb")
 
 
 def _open_checked(file: str, expected_size: int, kind: int, manifest: Manifest, number: int,
@@ -158,9 +190,11 @@ def _open_checked(file: str, expected_size: int, kind: int, manifest: Manifest, 
     """Opens a shard file and checks its header. Returns (file object, actual size), or None after
     reporting why the whole shard is bad."""
     try:
-        f = open(file, "rb")
-    except OSError as exc:
-        report.problems.append(Problem(file, f"cannot open: {exc.strerror}", number, [whole]))
+        f = _open_shard_file(file)
+    except (OSError, ShardFormatError) as exc:
+        message = (f"cannot open: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else
+                   str(exc)[len(file) + 2:] if str(exc).startswith(file + ": ") else str(exc))
+        report.problems.append(Problem(file, message, number, [whole]))
         return None
     try:
         size = os.fstat(f.fileno()).st_size
@@ -208,7 +242,7 @@ def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry,
     f, size = opened
     record_bytes = schema.record_bytes
     per_chunk = max(1, _CHUNK_BYTES // record_bytes)
-    bad: Dict[Tuple[str, str], List[np.ndarray]] = {}
+    bad: Dict[Tuple[str, str], List[Tuple[int, int]]] = {}
     crc = 0
     done = 0
     try:
@@ -221,7 +255,7 @@ def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry,
                 if complete > 0:
                     records = np.frombuffer(chunk, dtype=schema.record_dtype, count=complete)
                     for file, what, rows in _bad_records(records, schema, shard, rec_path, heap_path, heap_size):
-                        bad.setdefault((file, what), []).append(rows + first + done)
+                        _extend_ranges(bad.setdefault((file, what), []), _ranges(rows + first + done))
                     done += complete
     except OSError as exc:  # an I/O error: what was read is reported, the rest of the shard is suspect
         report.problems.append(Problem(rec_path, f"cannot read past sample {first + done}: {exc.strerror}",
@@ -232,12 +266,11 @@ def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry,
                                            f"manifest's {shard.checksum}: all samples of the shard are suspect",
                                            number, [whole]))
     if done < shard.num_samples and size < shard.size:
-        missing = np.arange(first + done, whole[1])
+        missing = [(first + done, whole[1])]
         report.problems.append(Problem(rec_path, f"the records of {_describe(missing)} are missing (file of "
-                                       f"{size} bytes)", number, _ranges(missing)))
-    for (file, what), pieces in bad.items():
-        samples = np.concatenate(pieces)
-        report.problems.append(Problem(file, f"{_describe(samples)}: {what}", number, _ranges(samples)))
+                                       f"{size} bytes)", number, missing))
+    for (file, what), ranges in bad.items():
+        report.problems.append(Problem(file, f"{_describe(ranges)}: {what}", number, ranges))
 
 
 def _outside(offsets: np.ndarray, counts: np.ndarray, row_bytes: np.uint64, end: int) -> np.ndarray:
@@ -252,7 +285,7 @@ def _bad_records(records: np.ndarray, schema, shard: ShardEntry, rec_path: str, 
     """Yields (file at fault, what is wrong, record numbers in the chunk) for records whose contents
     no writer produces, or whose rows a truncated heap file lost."""
     for f in schema.fields.values():
-        if f.dtype == "bool" and f.count:
+        if f.dtype == "bool" and f.count and not f.variable:  # (a variable field's record holds its descriptor)
             values = records[f.name].reshape(len(records), -1).view(np.uint8)
             rows = np.flatnonzero((values > 1).any(axis=1))
             if rows.size:
@@ -272,41 +305,57 @@ def _bad_records(records: np.ndarray, schema, shard: ShardEntry, rec_path: str, 
 
 
 def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) -> None:
-    """Notes about writers: one at work now, or leftovers of one that was killed."""
-    from .writer import LOCK_NAME, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN
-
+    """Notes about writers (one at work now, or one that did not finish), an unfinished merge, and
+    files no manifest lists; each says what is known and what the next writer really does."""
     try:
         names = os.listdir(path)
     except OSError:
         return
-    listed = set() if manifest is None else {n for s in manifest.shards for n in (s.file, s.heap_file) if n}
-    leftovers = sorted(n for n in names if (SHARD_FILE_PATTERN.fullmatch(n) and n not in listed)
-                       or TEMPORARY_MANIFEST_PATTERN.fullmatch(n))
-    if LOCK_NAME not in names and not leftovers:
-        return
-    holder = None
-    try:
-        with open(os.path.join(path, LOCK_NAME), "rb") as f:
-            parts = f.read(4096).decode("utf-8", "replace").split()
-        if len(parts) == 2 and parts[0].isdigit():
-            holder = int(parts[0]), parts[1]
-    except OSError:
-        pass
-    if holder is None:
-        state = "a writer did not finish (killed?)" if leftovers else None
-    elif holder[1] != os.uname().nodename:
-        state = f"a writer (pid {holder[0]} on host {holder[1]}) is at work or did not finish"
-    elif _alive(holder[0]):
-        state = f"a writer (pid {holder[0]}) is at work: samples after the {report.num_samples} committed are " \
-                "not listed yet"
-    else:
-        state = f"the writer pid {holder[0]} did not finish (killed?): the dataset holds the " \
-                f"{report.num_samples} samples it committed"
-    if state:
-        report.notes.append(state)
-    if leftovers:
-        report.notes.append(f"uncommitted files {leftovers}: ignored by readers, removed by the next "
+    temporary = sorted(n for n in names if TEMPORARY_MANIFEST_PATTERN.fullmatch(n))
+    unlisted: List[str] = []
+    if manifest is not None:
+        listed = {n for s in manifest.shards for n in (s.file, s.heap_file) if n}
+        unlisted = sorted(n for n in names if SHARD_FILE_PATTERN.fullmatch(n) and n not in listed)
+    if LOCK_NAME in names:
+        holder = _lock_holder(os.path.join(path, LOCK_NAME))
+        committed = "" if manifest is None else f": the dataset holds the {report.num_samples} samples it committed"
+        if holder is None:
+            state = "a writer did not finish (its lock file names no process)" if unlisted or temporary else None
+        elif holder[1] != os.uname().nodename:
+            state = f"a writer (pid {holder[0]} on host {holder[1]}) is at work or did not finish"
+        elif _alive(holder[0]):
+            state = f"a writer (pid {holder[0]}) is at work" + (
+                "" if manifest is None else f": samples after the {report.num_samples} committed are not listed yet")
+        else:
+            state = f"the writer pid {holder[0]} did not finish (killed?){committed}"
+        if state:
+            report.notes.append(state)
+    if MERGE_JOURNAL_NAME in names:
+        report.notes.append(f"a merge into this directory did not finish ({MERGE_JOURNAL_NAME} holds its plan): "
+                            "running the same shardfeed.merge again completes it")
+    if manifest is None:
+        if any(SHARD_FILE_PATTERN.fullmatch(n) for n in names):
+            report.notes.append("the manifest cannot be read, so which shard files are committed is unknown; "
+                                "nothing is removed, and Writer(path, mode='a') refuses the dataset until "
+                                f"{MANIFEST_NAME} is repaired or restored")
+        if temporary:
+            report.notes.append(f"temporary manifests {temporary}: a writer did not rename them into place")
+    elif unlisted or temporary:
+        report.notes.append(f"uncommitted files {unlisted + temporary}: ignored by readers, removed by the next "
                             "Writer(path, mode='a')")
+
+
+def _lock_holder(lock_path: str) -> Optional[Tuple[int, str]]:
+    try:
+        fd = open_regular(lock_path)
+    except (OSError, ShardFormatError):
+        return None
+    try:
+        return parse_lock(os.pread(fd, 4096, 0))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

@@ -53,8 +53,8 @@ import numpy as np
 from . import _csv_lists, _listings, _precision, _sample_files
 from ._convert import bfloat16_bits_to_float32, float_to_bfloat16_bits
 from .errors import SchemaError, SourceError, ValueRangeError
-from .format import MANIFEST_NAME, STORED_DTYPES, Schema, read_manifest, write_manifest
-from .writer import DEFAULT_SHARD_SIZE, LOCK_NAME, Writer
+from .format import LOCK_NAME, MANIFEST_NAME, SHARD_FILE_PATTERN, STORED_DTYPES, Schema, read_manifest, write_manifest
+from .writer import DEFAULT_SHARD_SIZE, Writer
 
 __all__ = [
     "ConversionReport", "FieldReport", "from_arrays", "from_csv", "from_files", "from_hdf5", "from_iterable",
@@ -500,7 +500,7 @@ class _Sink:
         else:
             _remove(os.path.join(self.path, MANIFEST_NAME))
         for name in os.listdir(self.path):
-            if name not in self._before and re.fullmatch(r"shard-\d+\.(rec|var)", name):
+            if name not in self._before and SHARD_FILE_PATTERN.fullmatch(name):
                 _remove(os.path.join(self.path, name))
         if self._created_dir:
             try:
@@ -519,8 +519,9 @@ def _refuse_foreign_directory(path: str) -> None:
         return
     if os.path.exists(os.path.join(path, MANIFEST_NAME)):
         return  # the Writer says that a dataset exists there, and how to append
-    foreign = sorted(name for name in os.listdir(path)
-                     if not name.startswith((".", "shard-", MANIFEST_NAME, LOCK_NAME)))
+    foreign = sorted(name for name in os.listdir(path)  # a killed writer's leftovers are not foreign
+                     if not (name.startswith((".", MANIFEST_NAME)) or name == LOCK_NAME
+                             or SHARD_FILE_PATTERN.fullmatch(name)))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise FileExistsError(errno.EEXIST, f"the output directory is not empty ({shown}) and holds no "

@@ -18,10 +18,11 @@ from .read_options import (
 )
 from .errors import ShardFormatError, ShardReadError
 from .format import (
-    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field, Manifest, check_header,
-    read_manifest,
+    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, MERGE_JOURNAL_NAME, Field, Manifest, check_header,
+    file_system_path, open_regular, read_manifest,
 )
 
+_MAX_OUTPUT_BYTES = 1 << 62  # more than numpy's sizes (intp) and BatchMemory can describe
 _INT64 = np.dtype(np.int64)
 _NO_AFFINE = (None, None, 1, 1)
 
@@ -153,11 +154,8 @@ def _memory_available(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> O
 
 
 def _open_file(path: str, size: int, kind: int, manifest: Manifest) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        hint = " (too many open files: raise `ulimit -n` or write larger shards)" if exc.errno == errno.EMFILE else ""
-        raise ShardReadError(exc.errno, f"cannot open shard: {exc.strerror}{hint}", path) from None
+    """Opens a shard or heap file (a regular file, never through a link) and checks its size and header."""
+    fd = open_regular(path, " shard")
     try:
         actual = os.fstat(fd).st_size
         if actual != size:
@@ -190,7 +188,7 @@ class Dataset:
 
     def __init__(self, path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "auto",
                  mmap: Union[str, bool] = "auto"):
-        self.path = os.fspath(path)
+        self.path = file_system_path(path, ShardReadError)
         self._threads = _check_threads(threads)
         if mmap not in ("auto", True, False):
             raise ValueError(f"mmap must be 'auto', True or False, got {mmap!r}")
@@ -201,8 +199,11 @@ class Dataset:
         try:
             manifest = read_manifest(self.path)
         except FileNotFoundError:
-            raise ShardReadError(errno.ENOENT, f"no {MANIFEST_NAME}: not a shardfeed dataset, or its writer "
-                                 "never committed", os.path.join(self.path, MANIFEST_NAME)) from None
+            why = ("a merge into this directory did not finish: run the same shardfeed.merge again"
+                   if os.path.lexists(os.path.join(self.path, MERGE_JOURNAL_NAME)) else
+                   "not a shardfeed dataset, or its writer never committed")
+            raise ShardReadError(errno.ENOENT, f"no {MANIFEST_NAME}: {why}",
+                                 os.path.join(self.path, MANIFEST_NAME)) from None
         self._manifest = manifest
         self.schema = manifest.schema
         self.fields: Dict[str, Field] = dict(manifest.schema.fields)
@@ -296,10 +297,7 @@ class Dataset:
         for path in paths:
             # A descriptor of its own: the reader's have POSIX_FADV_RANDOM, which turns the kernel's
             # readahead (and its large folios) off.
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                raise ShardReadError(exc.errno, f"cannot open shard: {exc.strerror}", path) from None
+            fd = open_regular(path, " shard")  # (a name may have been replaced since the open)
             try:
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -324,6 +322,8 @@ class Dataset:
             return self.read(np.arange(len(self), dtype=np.int64)[index])
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"dataset indices must be integers or slices, not {type(index).__name__}")
+        if not -len(self) <= int(index) < len(self):  # (before numpy, which cannot hold 2**63)
+            raise IndexError(f"index {int(index)} is out of range for a dataset of {len(self)} samples")
         return self.read(np.array([index], dtype=np.int64)).samples()[0]
 
     def _getitems(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
@@ -581,6 +581,10 @@ class Dataset:
         else:
             max_rows = int(maxlen)
         shape = (n, max_rows) + field.row_shape
+        nbytes = math.prod(shape) * out_dtype.itemsize
+        if nbytes >= _MAX_OUTPUT_BYTES:
+            raise ValueError(f"field {field.name!r}: a batch of {n} samples padded to maxlen={max_rows} rows of "
+                             f"{field.row_shape} would take {nbytes} bytes, more than an array may hold")
         if out_array is not None:
             target = self._check_out(field.name, out_array, shape, out_dtype)
         else:

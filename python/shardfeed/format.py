@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import errno
 import math
 import os
+import re
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -20,11 +23,114 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import SchemaError, ShardFormatError
+from .errors import SchemaError, ShardFormatError, ShardReadError
 
 FORMAT_NAME = "shardfeed"
 FORMAT_VERSION = 1
+
+# ---- names in a dataset directory (their one owner; docs/format.md) ---------------------------
 MANIFEST_NAME = "manifest.json"
+RECORDS_SUFFIX = ".rec"
+HEAP_SUFFIX = ".var"
+# The names writers and merge give shard files (a manifest may list other plain names).
+SHARD_FILE_PATTERN = re.compile(r"shard-\d{6,}\.(rec|var)")
+# The writer's lock: flock()ed while a writer is open; holds "<pid> <host>\n".
+LOCK_NAME = "writer.lock"
+# A manifest written but not yet renamed into place (by the process of that pid).
+TEMPORARY_MANIFEST_PATTERN = re.compile(re.escape(MANIFEST_NAME) + r"\.tmp-\d+")
+# merge's plan in the target directory while it moves files (docs/reliability.md, "Merging").
+MERGE_JOURNAL_NAME = "merge.journal"
+TEMPORARY_JOURNAL_PATTERN = re.compile(re.escape(MERGE_JOURNAL_NAME) + r"\.tmp-\d+")
+# Bounds what reading a manifest may cost: about 5 million shards, a petabyte of 256 MiB shards.
+MAX_MANIFEST_BYTES = 1 << 30
+
+
+def shard_stem(number: int) -> str:
+    """The stem of shard file ``number``: ``shard-000042``."""
+    return f"shard-{number:06d}"
+
+
+def temporary_manifest_name(pid: int) -> str:
+    return f"{MANIFEST_NAME}.tmp-{pid}"
+
+
+def temporary_journal_name(pid: int) -> str:
+    return f"{MERGE_JOURNAL_NAME}.tmp-{pid}"
+
+
+def is_reserved_name(name: str) -> bool:
+    """Names the library writes itself besides shards: never a shard a manifest may list."""
+    return (name in (MANIFEST_NAME, LOCK_NAME, MERGE_JOURNAL_NAME)
+            or TEMPORARY_MANIFEST_PATTERN.fullmatch(name) is not None
+            or TEMPORARY_JOURNAL_PATTERN.fullmatch(name) is not None)
+
+
+def format_lock(pid: int, host: str) -> bytes:
+    return f"{pid} {host}\n".encode()
+
+
+def parse_lock(data: bytes) -> Optional[Tuple[int, str]]:
+    """(pid, host) from a lock file's bytes, or None when they are not "<pid> <host>"."""
+    parts = data.decode("utf-8", "replace").split()
+    if len(parts) == 2 and parts[0].isdigit() and len(parts[0]) < 20:
+        return int(parts[0]), parts[1]
+    return None
+
+
+# ---- opening files in a dataset directory ------------------------------------------------------
+# Only regular files are read, and never through a symbolic link: a FIFO would block, a device
+# never ends, a link could lead out of the directory (docs/format.md, "Files"). Every file the
+# library creates is new (O_EXCL: no existing file, no link, is ever reused or truncated).
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def describe_file_type(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def file_system_path(path: Any, error: type) -> str:
+    """``path`` (str, bytes or path-like) as a str, bytes decoded as the file system does; a name
+    no file system name decodes to (a lone surrogate, ``"x\\ud800"``) raises ``error`` (an OSError
+    kind of ShardfeedError) naming it, instead of a UnicodeEncodeError from the first system call."""
+    path = os.fsdecode(os.fspath(path))
+    if not _encodable(path):
+        raise error(errno.EINVAL, "not a usable file name (a lone surrogate no file system name decodes to)", path)
+    return path
+
+
+def open_regular(path: str, what: str = "") -> int:
+    """Opens ``path`` for reading without following a symbolic link and without blocking (a FIFO),
+    and returns the descriptor of a regular file. ShardFormatError names a file of another kind;
+    ShardReadError (an OSError) any other failure (``what``: e.g. " shard", for its message)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(path):
+            raise ShardFormatError(f"{path}: is a symbolic link; shardfeed reads only regular files in "
+                                   "the dataset directory, never through a link") from None
+        hint = " (too many open files: raise `ulimit -n` or write larger shards)" if exc.errno == errno.EMFILE else ""
+        raise ShardReadError(exc.errno, f"cannot open{what}: {exc.strerror}{hint}", path) from None
+    except (UnicodeEncodeError, ValueError) as exc:  # a lone surrogate, a NUL
+        raise ShardFormatError(f"{path!r}: not a usable file name ({exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ShardFormatError(f"{path}: is {describe_file_type(mode)}, not a regular file; shardfeed "
+                                   "reads only regular files")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_new(path: str, mode: int = 0o644) -> int:
+    """Creates ``path`` for writing; it must not exist (not even as a dangling link): returns the
+    descriptor, raises FileExistsError otherwise."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
 MAGIC = b"SHRDFEED"
 HEADER_BYTES = 64
 FILE_KIND_RECORDS = 0
@@ -42,7 +148,10 @@ STORED_DTYPES: Dict[str, str] = {
     "float16": "<f2", "bfloat16": "<u2", "float32": "<f4", "float64": "<f8",
 }
 DESCRIPTOR_DTYPE = np.dtype("<u8")  # (offset, rows) of a variable-length field
-_MAX_DIMENSION = 1 << 40
+# numpy represents at most 64 dimensions and dimensions below 2**31 in a structured dtype; a read
+# adds one (the batch) or two (batch and rows) dimensions to a field's.
+MAX_DIMENSIONS = 30
+_MAX_DIMENSION = (1 << 31) - 1
 _MAX_RECORD_BYTES = 1 << 31
 
 
@@ -100,13 +209,17 @@ def _parse_shape(name: str, shape: Any) -> Tuple[Optional[int], ...]:
         shape = (shape,)
     if not isinstance(shape, (tuple, list)):
         raise SchemaError(f"field {name!r}: shape must be a tuple of ints, got {shape!r}")
+    if len(shape) > MAX_DIMENSIONS:
+        raise SchemaError(f"field {name!r}: shape has {len(shape)} dimensions, at most {MAX_DIMENSIONS} are "
+                          "supported")
     dims: List[Optional[int]] = []
     for axis, dim in enumerate(shape):
         if dim is None and axis == 0:
             dims.append(None)
             continue
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 0 <= dim <= _MAX_DIMENSION:
-            where = "only the first dimension may be None" if dim is None else "dimensions must be ints >= 0"
+            where = ("only the first dimension may be None" if dim is None
+                     else f"dimensions must be ints in [0, {_MAX_DIMENSION}]")
             raise SchemaError(f"field {name!r}: bad shape {tuple(shape)!r} ({where})")
         dims.append(int(dim))
     return tuple(dims)
@@ -154,16 +267,15 @@ class Schema:
         if self.record_bytes > _MAX_RECORD_BYTES:
             raise SchemaError(f"record of {self.record_bytes} bytes is too large (max {_MAX_RECORD_BYTES})")
         self.fields: Dict[str, Field] = {f.name: f for f in laid_out}
+        formats = []
+        for f in laid_out:
+            try:  # (the shape checks keep numpy's limits; this names the field if one is missed)
+                formats.append(np.dtype((DESCRIPTOR_DTYPE, (2,)) if f.variable else (f.stored_dtype, f.row_shape)))
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise SchemaError(f"field {f.name!r}: shape {list(f.shape)} cannot be stored ({exc})") from None
         self.record_dtype = np.dtype(
-            {
-                "names": names,
-                "formats": [
-                    (DESCRIPTOR_DTYPE, (2,)) if f.variable else (f.stored_dtype, f.row_shape)
-                    for f in laid_out
-                ],
-                "offsets": [f.offset for f in laid_out],
-                "itemsize": self.record_bytes,
-            }
+            {"names": names, "formats": formats, "offsets": [f.offset for f in laid_out],
+             "itemsize": self.record_bytes}
         )
 
     @classmethod
@@ -241,7 +353,7 @@ def format_checksum(crc: int) -> str:
 
 def file_checksum(path: str, block: int = 1 << 22) -> str:
     crc = 0
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while chunk := f.read(block):
             crc = zlib.crc32(chunk, crc)
     return format_checksum(crc)
@@ -295,14 +407,26 @@ class Manifest:
         }
 
 
+def _encodable(name: str) -> bool:
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:  # a lone surrogate that no file system name decodes to
+        return False
+    return True
+
+
 def _safe_file_name(manifest_path: str, name: Any, what: str) -> str:
-    """Shard names are plain file names inside the dataset directory: no separators, no '..'."""
+    """Shard names are plain file names inside the dataset directory: no separators, no '..', none
+    of the names the library writes itself (the manifest, the lock, temporary files)."""
     if (
         not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-        or "\0" in name or os.path.isabs(name) or name == MANIFEST_NAME
+        or "\0" in name or os.path.isabs(name) or not _encodable(name)
     ):
         raise ShardFormatError(f"{manifest_path}: {what} file name {name!r} is not a plain file name "
                                "inside the dataset directory")
+    if is_reserved_name(name):
+        raise ShardFormatError(f"{manifest_path}: {what} file name {name!r} is the name of a file shardfeed "
+                               "writes itself, not a shard")
     return name
 
 
@@ -391,17 +515,54 @@ def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
 
 
 def read_manifest(path: str) -> Manifest:
+    """Reads and validates ``path``/manifest.json: a regular file (no link, FIFO or device) of at
+    most MAX_MANIFEST_BYTES. A missing manifest raises FileNotFoundError; other failures
+    ShardFormatError or ShardReadError naming it."""
     manifest_path = os.path.join(path, MANIFEST_NAME)
-    with open(manifest_path, "rb") as f:
-        return parse_manifest(manifest_path, f.read())
+    try:
+        fd = open_regular(manifest_path)
+    except ShardReadError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), manifest_path) from None
+        raise
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ShardFormatError(f"{manifest_path}: {size} bytes, larger than a manifest may be "
+                                   f"({MAX_MANIFEST_BYTES} bytes)")
+        chunks = []
+        left = MAX_MANIFEST_BYTES + 1  # a file that grows while it is read is bounded too
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise ShardFormatError(f"{manifest_path}: larger than a manifest may be ({MAX_MANIFEST_BYTES} bytes)")
+    except OSError as exc:
+        raise ShardReadError(exc.errno, f"cannot read: {exc.strerror}", manifest_path) from None
+    finally:
+        os.close(fd)
+    return parse_manifest(manifest_path, b"".join(chunks))
 
 
 def write_manifest(path: str, manifest: Manifest) -> None:
     """Replaces the manifest atomically: temporary file, fsync, rename, fsync of the directory."""
-    final = os.path.join(path, MANIFEST_NAME)
-    temporary = f"{final}.tmp-{os.getpid()}"
     data = json.dumps(manifest.to_json(), indent=1, allow_nan=False).encode() + b"\n"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    replace_atomically(path, MANIFEST_NAME, temporary_manifest_name(os.getpid()), data)
+
+
+def replace_atomically(path: str, name: str, temporary_name: str, data: bytes) -> None:
+    """Writes ``data`` to ``path``/``name``: a new temporary file (never one that exists: a leftover
+    or a link of that name is removed, not written through), fsync, rename, fsync of the directory."""
+    final = os.path.join(path, name)
+    temporary = os.path.join(path, temporary_name)
+    try:
+        fd = create_new(temporary)
+    except FileExistsError:  # left by a killed process of our pid, or planted: never reused
+        os.unlink(temporary)
+        fd = create_new(temporary)
     try:
         try:
             view = memoryview(data)

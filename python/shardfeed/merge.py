@@ -10,17 +10,24 @@ their own shard's heap file), so a part's shards are valid shards of the merged 
 from __future__ import annotations
 
 import errno
+import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import SchemaError, SourceError
-from .format import MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_manifest
+from .errors import SchemaError, ShardFormatError, ShardReadError, ShardWriteError, SourceError
+from .format import (
+    HEAP_SUFFIX, MANIFEST_NAME, MERGE_JOURNAL_NAME, RECORDS_SUFFIX, SHARD_FILE_PATTERN,
+    TEMPORARY_JOURNAL_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, file_system_path, open_regular, parse_manifest,
+    read_manifest, replace_atomically, shard_stem, temporary_journal_name, write_manifest,
+)
+from .lock import WriterLock
 
 __all__ = ["MergeResult", "merge"]
 
 # Hard links that fail with these mean "this file system has none" (not a per-file problem).
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+_MAX_JOURNAL_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -45,11 +52,17 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
     The parts must have the same fields (dtypes and shapes). Their metadata must be equal, unless
     ``metadata`` is given: then it is the merged dataset's metadata. Raises :class:`SchemaError` or
     :class:`SourceError` naming the part that does not match; ``FileExistsError`` if ``path`` holds
-    a dataset already. The merged manifest is written last (atomically), so an interrupted merge
-    leaves no dataset at ``path``, and with ``move=True`` the parts untouched until then.
+    a dataset already. The merge holds the target's writer lock, and with ``move=True`` the parts'
+    (a part being written is refused, :class:`WriterLockedError`).
+
+    The merged manifest is written last (atomically): an interrupted merge without ``move`` leaves
+    the parts as they were and no dataset at ``path``. With ``move=True`` the merge first writes its
+    plan to ``path``/merge.journal; a merge interrupted after that (the parts may then have lost
+    files to the target, where links are not supported) is completed by running the same merge
+    again, which finds the journal and finishes the moves, the manifest and the parts' removal.
     """
-    part_paths = [os.fspath(p) for p in parts]
-    target = os.fspath(path)
+    part_paths = [file_system_path(p, ShardReadError) for p in parts]
+    target = file_system_path(path, ShardWriteError)
     if not part_paths:
         raise ValueError("no parts to merge")
     target_real = os.path.realpath(target)
@@ -61,6 +74,56 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
         if real in seen:
             raise ValueError(f"{part}: listed twice (also as {seen[real]})")
         seen[real] = part
+    os.makedirs(target, exist_ok=True)
+    lock = WriterLock(target)
+    part_locks: Dict[str, WriterLock] = {}
+    try:
+        plan = _read_journal(target)
+        if plan is None:
+            if os.path.lexists(os.path.join(target, MANIFEST_NAME)):
+                raise FileExistsError(errno.EEXIST, "a dataset already exists here", target)
+            if move:
+                for part in part_paths:
+                    part_locks[part] = WriterLock(part)
+            plan = _plan(part_paths, target, metadata)
+            _remove_leftovers(target, shards=True)
+            if move:  # from here on the parts may lose files to the target: record what goes where
+                replace_atomically(target, MERGE_JOURNAL_NAME, temporary_journal_name(os.getpid()),
+                                   json.dumps(plan.to_json()).encode())
+        else:
+            plan.check_same(part_paths, move, target)
+            _remove_leftovers(target, shards=False)  # the journal's shards are the merge's own
+            for part in part_paths:
+                if os.path.isdir(part):  # (an earlier run may have removed it)
+                    part_locks[part] = WriterLock(part)
+        _carry_out(plan, target, move, part_locks)
+    finally:
+        for part_lock in part_locks.values():
+            part_lock.release()
+        lock.release()
+    return MergeResult(target, plan.manifest.num_samples, len(plan.manifest.shards), len(part_paths), move)
+
+
+@dataclass
+class _Plan:
+    """What a merge does: ``files`` lists (part number, name in the part, name in the target)."""
+
+    parts: List[str]
+    files: List[Tuple[int, str, str]]
+    manifest: Manifest
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"parts": [os.path.realpath(p) for p in self.parts], "move": True,
+                "files": [list(f) for f in self.files], "manifest": self.manifest.to_json()}
+
+    def check_same(self, parts: List[str], move: bool, target: str) -> None:
+        if [os.path.realpath(p) for p in parts] != self.parts or not move:
+            raise SourceError(f"{os.path.join(target, MERGE_JOURNAL_NAME)}: a merge with move=True of the parts "
+                              f"{self.parts} into {target} did not finish; run that merge again to complete it")
+
+
+def _plan(part_paths: List[str], target: str, metadata: Optional[Mapping[str, Any]]) -> _Plan:
+    """Reads and checks the parts; every file must be as its manifest says before anything moves."""
     manifests = []
     for part in part_paths:
         try:
@@ -82,49 +145,82 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
         merged_metadata: Dict[str, Any] = dict(first.metadata)
     else:
         merged_metadata = dict(metadata)
-
-    if os.path.exists(os.path.join(target, MANIFEST_NAME)):
-        raise FileExistsError(errno.EEXIST, "a dataset already exists here", target)
-    os.makedirs(target, exist_ok=True)
-    # Check every part's files before touching anything: a missing or resized shard fails the merge.
-    for part, manifest in zip(part_paths, manifests):
-        for shard in manifest.shards:
-            for name, size in ((shard.file, shard.size), (shard.heap_file, shard.heap_size)):
-                if name is None:
-                    continue
-                actual = os.stat(os.path.join(part, name)).st_size
-                if actual != size:
-                    raise SourceError(f"{os.path.join(part, name)}: {actual} bytes, its manifest says {size}")
-
+    files: List[Tuple[int, str, str]] = []
     entries: List[ShardEntry] = []
-    moved_any = False
-    for part, manifest in zip(part_paths, manifests):
+    for number, (part, manifest) in enumerate(zip(part_paths, manifests)):
         for shard in manifest.shards:
-            stem = f"shard-{len(entries):06d}"
-            new = dict(shard.__dict__, file=stem + ".rec")
-            moved_any |= _place(os.path.join(part, shard.file), os.path.join(target, new["file"]), move)
+            stem = shard_stem(len(entries))
+            new = dict(shard.__dict__, file=stem + RECORDS_SUFFIX)
+            files.append((number, shard.file, new["file"]))
             if shard.heap_file is not None:
-                new["heap_file"] = stem + ".var"
-                moved_any |= _place(os.path.join(part, shard.heap_file), os.path.join(target, new["heap_file"]), move)
+                new["heap_file"] = stem + HEAP_SUFFIX
+                files.append((number, shard.heap_file, new["heap_file"]))
+            for name, size in ((shard.file, shard.size), (shard.heap_file, shard.heap_size)):
+                if name is not None:
+                    _check_size(os.path.join(part, name), size)
             entries.append(ShardEntry(**new))
-    write_manifest(target, Manifest(first.schema, entries, merged_metadata))
-    if move:
-        for part, manifest in zip(part_paths, manifests):
-            _remove_part(part, manifest)
-    return MergeResult(target, sum(e.num_samples for e in entries), len(entries), len(part_paths), move)
+    return _Plan(part_paths, files, Manifest(first.schema, entries, merged_metadata))
 
 
-def _place(source: str, destination: str, move: bool) -> bool:
-    """Hard-links ``source`` to ``destination`` (replacing a leftover file of that name: there is no
-    manifest at the target, so nothing lists it); with ``move``, renames where links are not
-    supported. Returns True when the file was renamed."""
+def _check_size(file: str, size: int) -> None:
+    """A part's file must be a regular file (no link) of the size its manifest gives."""
+    fd = open_regular(file)
     try:
-        os.unlink(destination)
+        actual = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if actual != size:
+        raise SourceError(f"{file}: {actual} bytes, its manifest says {size}")
+
+
+def _remove_leftovers(target: str, shards: bool) -> None:
+    """With the target's lock held: removes the temporary files a killed merge or writer left, and
+    with ``shards`` (no manifest and no journal there: nothing lists them) its shard files; they
+    are never reused."""
+    for name in os.listdir(target):
+        if ((shards and SHARD_FILE_PATTERN.fullmatch(name)) or TEMPORARY_MANIFEST_PATTERN.fullmatch(name)
+                or TEMPORARY_JOURNAL_PATTERN.fullmatch(name)):
+            os.unlink(os.path.join(target, name))
+
+
+def _carry_out(plan: _Plan, target: str, move: bool, part_locks: Dict[str, WriterLock]) -> None:
+    """Places every file (each step can be repeated: a file already in place is left), commits the
+    target's manifest, then with ``move`` removes the parts (their files, their locks, their
+    directories if nothing else is there) and last the journal."""
+    if not os.path.lexists(os.path.join(target, MANIFEST_NAME)):
+        for number, name, new_name in plan.files:
+            _place(os.path.join(plan.parts[number], name), os.path.join(target, new_name), move)
+        write_manifest(target, plan.manifest)
+    if move:
+        for number, part in enumerate(plan.parts):
+            _remove_part(part, [name for n, name, _ in plan.files if n == number])
+            if part in part_locks:
+                part_locks.pop(part).release()
+            try:
+                os.rmdir(part)
+            except OSError:
+                pass  # other files are there (or it is gone): leave the directory
+        os.unlink(os.path.join(target, MERGE_JOURNAL_NAME))
+
+
+def _place(source: str, destination: str, move: bool) -> None:
+    """Hard-links ``source`` to ``destination``; with ``move``, renames where links are not
+    supported. A destination that is already the source's file (linked or moved by an earlier,
+    interrupted run of the same merge) is left as it is."""
+    try:
+        placed = os.lstat(destination)
     except FileNotFoundError:
-        pass
+        placed = None
+    if placed is not None:
+        try:
+            if os.path.samestat(placed, os.lstat(source)):
+                return  # linked before
+        except FileNotFoundError:
+            return  # moved before (the journal says the source's file went here)
+        raise SourceError(f"{destination}: exists and is not {source}; the merge will not replace it")
     try:
         os.link(source, destination)
-        return False
+        return
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             raise OSError(errno.EXDEV, "the part and the merge target are on different file systems; merging "
@@ -136,17 +232,40 @@ def _place(source: str, destination: str, move: bool) -> bool:
                               "(shardfeed merge --move) to move them into the target instead", source) from None
             raise
     os.rename(source, destination)
-    return True
 
 
-def _remove_part(part: str, manifest: Manifest) -> None:
+def _remove_part(part: str, names: List[str]) -> None:
     """Removes a merged part: its manifest first (so it is no longer a dataset), then its files."""
-    for name in [MANIFEST_NAME] + [n for s in manifest.shards for n in (s.file, s.heap_file) if n]:
+    for name in [MANIFEST_NAME] + names:
         try:
             os.unlink(os.path.join(part, name))
         except FileNotFoundError:
             pass
+
+
+def _read_journal(target: str) -> Optional[_Plan]:
+    """The plan of an unfinished merge into ``target``, or None."""
+    journal = os.path.join(target, MERGE_JOURNAL_NAME)
     try:
-        os.rmdir(part)
-    except OSError:
-        pass  # other files are there: leave the directory
+        fd = open_regular(journal)
+    except ShardReadError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    try:
+        data = os.read(fd, _MAX_JOURNAL_BYTES)
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(data)
+        parts = [str(p) for p in doc["parts"]]
+        files = [(int(n), str(a), str(b)) for n, a, b in doc["files"]]
+        if not all(0 <= n < len(parts) and SHARD_FILE_PATTERN.fullmatch(b) and a not in ("", ".", "..")
+                   and not any(c in a for c in "/\\\0") for n, a, b in files):
+            raise ValueError("bad file entry")
+        manifest = parse_manifest(journal, json.dumps(doc["manifest"]).encode())
+    except ShardFormatError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShardFormatError(f"{journal}: not a merge journal shardfeed wrote ({exc})") from None
+    return _Plan(parts, files, manifest)

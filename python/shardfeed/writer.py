@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
-import re
-import socket
 import sys
 import threading
 import warnings
-import weakref
 import zlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ._convert import cast_to_stored
-from .errors import SchemaError, ShardfeedWarning, ShardWriteError, WriterLockedError
+from .errors import SchemaError, ShardfeedError, ShardfeedWarning, ShardWriteError, SourceError
 from .format import (
-    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field, Manifest, Schema, ShardEntry,
-    format_checksum, pack_header, read_manifest, write_manifest,
+    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, HEAP_SUFFIX, LOCK_NAME, MANIFEST_NAME, MERGE_JOURNAL_NAME,
+    RECORDS_SUFFIX, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Field, Manifest, Schema, ShardEntry, create_new,
+    file_system_path, format_checksum, pack_header, read_manifest, shard_stem, write_manifest,
 )
+from .lock import WriterLock
 
 DEFAULT_SHARD_SIZE = 256 << 20
 _BUFFER_BYTES = 4 << 20  # records are written to the shard file in pieces of about this size
@@ -36,11 +34,6 @@ _WRITE_PIECE = 1 << 20
 # _start_writeback), so that the fsync committing the shard waits only for the last ones.
 _WRITEBACK_BYTES = 8 << 20
 _writeback: Any = None  # sync_file_range from libc, resolved on first use; False where there is none
-LOCK_NAME = "writer.lock"
-# Files a writer may leave behind when it is killed: the shard it was filling, a manifest it had
-# not yet renamed into place. Only these names are ever removed, and only by the lock holder.
-SHARD_FILE_PATTERN = re.compile(r"shard-\d{6,}\.(rec|var)")
-TEMPORARY_MANIFEST_PATTERN = re.compile(re.escape(MANIFEST_NAME) + r"\.tmp-\d+")
 _WRITE_HINTS = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exhausted",
@@ -49,69 +42,17 @@ _WRITE_HINTS = {
 }
 
 
-class _WriterLock:
-    """``writer.lock`` in the dataset directory, flock()ed while a writer is open; it holds the
-    writer's pid and host. The kernel drops the lock when its holder dies, so a lock file that can
-    be locked is a leftover of a writer that was killed (its pid is reported, never trusted)."""
-
-    def __init__(self, directory: str):
-        self.path = os.path.join(directory, LOCK_NAME)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = self._holder(fd)
-                os.close(fd)
-                pid = holder[0] if holder else None
-                who = f"pid {pid} on host {holder[1]}" if holder else "a process that has not written its pid yet"
-                raise WriterLockedError(errno.EAGAIN, f"another writer ({who}) has this dataset open; "
-                                        "shardfeed allows one writer per dataset at a time", self.path,
-                                        pid=pid) from None
-            except BaseException:
-                os.close(fd)
-                raise
-            # The previous holder may have removed the file between our open() and flock(): then
-            # we locked a file nobody else will look at, and must start again.
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self.fd = fd
-        try:
-            self.stale = self._holder(fd)  # a lock file we could lock: its writer did not finish
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        except BaseException:
-            self.release()
-            raise
-        self._finalizer = weakref.finalize(self, os.close, fd)
-
-    @staticmethod
-    def _holder(fd: int) -> Optional[Tuple[int, str]]:
-        """(pid, host) from the lock file, or None when it is empty or unreadable."""
-        parts = os.pread(fd, 4096, 0).decode("utf-8", "replace").split()
-        if len(parts) == 2 and parts[0].isdigit():
-            return int(parts[0]), parts[1]
-        return None
-
-    def release(self) -> None:
-        """Removes the lock file (a clean finish), then drops the lock."""
-        if self.fd < 0:
-            return
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        finally:
-            finalizer = getattr(self, "_finalizer", None)
-            if finalizer is not None:
-                finalizer.detach()
-            os.close(self.fd)
-            self.fd = -1
+@contextlib.contextmanager
+def _opening(path: str, what: str):
+    """Names the file in an OSError of opening a dataset for writing (ShardWriteError); shardfeed's
+    own errors, and the FileExistsError / FileNotFoundError of the mode checks, pass unchanged."""
+    try:
+        yield
+    except ShardfeedError:
+        raise
+    except OSError as exc:
+        raise ShardWriteError(exc.errno, f"cannot open the dataset for writing: {what}: {exc.strerror or exc}",
+                              exc.filename or path) from exc
 
 
 @contextlib.contextmanager
@@ -128,17 +69,32 @@ def _naming(path: str):
 class _ShardFile:
     """The shard being written: its record file and (for variable fields) its heap file."""
 
-    def __init__(self, directory: str, number: int, schema: Schema):
-        self.name = f"shard-{number:06d}"
-        self.records = _OutputFile(os.path.join(directory, self.name + ".rec"), pack_header(FILE_KIND_RECORDS, schema))
-        try:
-            self.heap = (
-                _OutputFile(os.path.join(directory, self.name + ".var"), pack_header(FILE_KIND_HEAP, schema))
-                if schema.variable_fields else None
-            )
-        except BaseException:
-            self.records.discard()
-            raise
+    def __init__(self, directory: str, number: int, schema: Schema, taken: "set[str]"):
+        """Creates the files of a new shard under the first free name from ``shard-<number>`` on:
+        a name in ``taken`` (the manifest's) or of any existing file, link included, is skipped,
+        never reused (O_EXCL), so no committed file can be truncated (a manifest whose names are
+        not shard-000000 ... N-1, a merged dataset whose shards are links to its parts')."""
+        while True:
+            stem = shard_stem(number)
+            number += 1
+            if stem + RECORDS_SUFFIX in taken or stem + HEAP_SUFFIX in taken:
+                continue
+            try:
+                self.records = _OutputFile(os.path.join(directory, stem + RECORDS_SUFFIX),
+                                           pack_header(FILE_KIND_RECORDS, schema))
+            except FileExistsError:
+                continue
+            try:
+                self.heap = (_OutputFile(os.path.join(directory, stem + HEAP_SUFFIX), pack_header(FILE_KIND_HEAP, schema))
+                             if schema.variable_fields else None)
+            except FileExistsError:
+                self.records.discard()
+                continue
+            except BaseException:
+                self.records.discard()
+                raise
+            break
+        self.number = number - 1
         self.num_samples = 0
 
     def finish(self) -> ShardEntry:
@@ -165,8 +121,15 @@ class _ShardFile:
 
 class _OutputFile:
     def __init__(self, path: str, header: bytes):
+        """Creates ``path``, which must not exist (FileExistsError)."""
         self.path = path
-        self.file = open(path, "wb", buffering=1 << 20)
+        fd = create_new(path)
+        try:
+            self.file = os.fdopen(fd, "wb", buffering=1 << 20)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
         self.size = 0
         self.crc = 0
         self.written_back = 0  # bytes before this offset were handed to _start_writeback
@@ -261,9 +224,10 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 def _is_stored(values: np.ndarray, field: Field) -> bool:
-    """Values already in the field's stored dtype (bfloat16 excepted: its stored uint16 is not a
-    value dtype) need no cast and no range check."""
-    return values.dtype == field.stored_dtype and field.dtype != "bfloat16"
+    """Values already in the field's stored dtype need no cast and no range check; except bfloat16
+    (its stored uint16 is not a value dtype) and bool (numpy bools may hold any byte, e.g.
+    ``uint8_array.view(bool)``: cast_to_stored stores them as 0 and 1)."""
+    return values.dtype == field.stored_dtype and field.dtype not in ("bfloat16", "bool")
 
 
 def _cast(values: np.ndarray, field: Field, first_sample: int) -> np.ndarray:
@@ -289,42 +253,49 @@ class Writer:
     def __init__(self, path: "os.PathLike[str] | str", fields: Optional[Mapping[str, Any]] = None, *,
                  shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None,
                  mode: str = "w"):
-        self.path = os.fspath(path)
+        self.path = file_system_path(path, ShardWriteError)
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= HEADER_BYTES:
             raise ValueError(f"shard_size must be an int of more than {HEADER_BYTES} bytes, got {shard_size!r}")
         manifest_path = os.path.join(self.path, MANIFEST_NAME)
         if mode not in ("w", "a"):
             raise ValueError(f"mode must be 'w' (create) or 'a' (append), got {mode!r}")
         if mode == "w":
-            if os.path.exists(manifest_path):
+            if os.path.lexists(manifest_path):
                 raise FileExistsError(errno.EEXIST, "a dataset already exists here (use mode='a' to append)",
                                       self.path)
             if fields is None:
                 raise SchemaError("fields are required to create a dataset")
             schema = Schema.from_spec(fields)
-            os.makedirs(self.path, exist_ok=True)
-        elif not os.path.exists(manifest_path):
+            with _opening(self.path, "creating its directory"):
+                os.makedirs(self.path, exist_ok=True)
+        elif not os.path.lexists(manifest_path):
             raise FileNotFoundError(errno.ENOENT, "no dataset to append to (no manifest.json; a writer killed "
                                     "before its first commit leaves none: create the dataset with mode='w')",
                                     manifest_path)
-        self._lock: Optional[_WriterLock] = _WriterLock(self.path)
+        with _opening(self.path, "taking its lock"):
+            self._lock: Optional[WriterLock] = WriterLock(self.path)
         try:
             if mode == "w":
-                if os.path.exists(manifest_path):  # created while we were taking the lock
+                if os.path.lexists(manifest_path):  # created while we were taking the lock
                     raise FileExistsError(errno.EEXIST, "a dataset already exists here (use mode='a' to append)",
                                           self.path)
                 self._manifest = Manifest(schema, [], {})
             else:
-                self._manifest = read_manifest(self.path)
+                with _opening(manifest_path, "reading its manifest"):
+                    self._manifest = read_manifest(self.path)
                 if fields is not None and Schema.from_spec(fields) != self._manifest.schema:
                     raise SchemaError(f"{manifest_path}: fields {Schema.from_spec(fields)!r} differ from the "
                                       f"dataset's {self._manifest.schema!r}")
+            if os.path.lexists(os.path.join(self.path, MERGE_JOURNAL_NAME)):
+                raise SourceError(f"{os.path.join(self.path, MERGE_JOURNAL_NAME)}: a merge into this directory did not "
+                                  "finish; run the same shardfeed.merge again to complete it before writing here")
             self.schema = self._manifest.schema
             self.metadata: Dict[str, Any] = dict(self._manifest.metadata)
             if metadata is not None:
                 self.metadata.update(metadata)
             self._check_metadata()
-            self._remove_leftovers()
+            with _opening(self.path, "removing what an unfinished writer left"):
+                self._remove_leftovers()
         except BaseException:
             self._lock.release()
             raise
@@ -341,6 +312,7 @@ class Writer:
         self._direct = (only if len(self.schema.fields) == 1 and not only.variable
                         and only.record_bytes == record_bytes else None)
         self._shard: Optional[_ShardFile] = None
+        self._next_shard = len(self._manifest.shards)  # the number the next shard's name tries first
         self._closed = False
         if mode == "w":
             self._guarded(self._commit)  # an empty dataset is a valid dataset
@@ -371,7 +343,8 @@ class Writer:
         position = 0
         while position < count:
             if self._shard is None:
-                self._shard = _ShardFile(self.path, len(self._manifest.shards), self.schema)
+                self._shard = _ShardFile(self.path, self._next_shard, self.schema, self._listed_names())
+                self._next_shard = self._shard.number + 1
             if self._direct is not None and not self._buffered and count - position >= len(self._buffer):
                 position += self._write_direct(columns[self._direct.name], position, count)
                 if self._shard_full():
@@ -388,12 +361,19 @@ class Writer:
                 self._finish_shard()
 
     def close(self) -> None:
-        """Writes what is buffered and commits the manifest. Safe to call twice."""
+        """Writes what is buffered and commits the manifest. Safe to call twice. A lock file that
+        cannot be removed once everything is committed is reported with a ShardfeedWarning (the
+        data is saved; the lock is released and the file emptied), not an exception."""
         if self._closed:
             return
         self._guarded(self._close)
         self._closed = True
-        self._release_lock()
+        failure = self._release_lock()
+        if failure is not None:
+            warnings.warn(f"{self.path}: all {self._manifest.num_samples} samples are committed, but the lock file "
+                          f"{failure.filename or LOCK_NAME} could not be removed ({failure.strerror or failure}); "
+                          "the lock is released and the file emptied: the next writer takes it over",
+                          ShardfeedWarning, stacklevel=2)
 
     def _close(self) -> None:
         if self._shard is not None:
@@ -417,10 +397,13 @@ class Writer:
         if self._closed:
             raise ValueError(f"writer for {self.path} is closed")
 
-    def _release_lock(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+    def _release_lock(self) -> Optional[OSError]:
+        """Drops the lock; returns the error of a lock file that could not be removed."""
+        lock, self._lock = self._lock, None
+        return None if lock is None else lock.release()
+
+    def _listed_names(self) -> "set[str]":
+        return {name for s in self._manifest.shards for name in (s.file, s.heap_file) if name}
 
     def _guarded(self, work, *args: Any) -> None:
         """Runs ``work``; an OSError (disk full, file-size limit, I/O error) ends the writer: the
@@ -456,7 +439,8 @@ class Writer:
         except (OSError, ValueError):
             committed = None
         if shard is not None:
-            if committed is not None and any(s.file == shard.name + ".rec" for s in committed.shards):
+            name = os.path.basename(shard.records.path)
+            if committed is not None and any(s.file == name for s in committed.shards):
                 shard.close()
             else:
                 shard.discard()
@@ -466,7 +450,7 @@ class Writer:
     def _remove_leftovers(self) -> None:
         """With the lock held: removes what a killed writer left (uncommitted shard files, temporary
         manifests) and warns naming it."""
-        listed = {name for s in self._manifest.shards for name in (s.file, s.heap_file) if name}
+        listed = self._listed_names()
         leftovers = sorted(name for name in os.listdir(self.path)
                            if (SHARD_FILE_PATTERN.fullmatch(name) and name not in listed)
                            or TEMPORARY_MANIFEST_PATTERN.fullmatch(name))
@@ -478,10 +462,14 @@ class Writer:
                 os.unlink(os.path.join(self.path, name))
             except FileNotFoundError:
                 pass
-        who = f"a writer (pid {stale[0]} on host {stale[1]})" if stale else "a writer"
-        warnings.warn(f"{self.path}: {who} did not finish; continuing after the {self._manifest.num_samples} "
-                      f"committed samples, removed its uncommitted files {leftovers}", ShardfeedWarning,
-                      stacklevel=3)
+        committed = self._manifest.num_samples
+        if stale:
+            message = (f"a writer (pid {stale[0]} on host {stale[1]}) did not finish; continuing after the "
+                       f"{committed} committed samples, removed its uncommitted files {leftovers}")
+        else:  # no lock file names a writer: say only what is known
+            message = (f"removed files the manifest does not list (uncommitted shards, temporary manifests) "
+                       f"{leftovers}; continuing after the {committed} committed samples")
+        warnings.warn(f"{self.path}: {message}", ShardfeedWarning, stacklevel=3)
 
     def _check_metadata(self) -> None:
         try:
