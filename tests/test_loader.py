@@ -310,6 +310,41 @@ def test_feed_options_are_declared_once_and_checked_by_every_front_end(data):
         options.seed = 1  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("workers,processes", [(1, False), (3, False), (2, True)])
+def test_step_pool_hands_out_each_step_only_for_itself(data, workers, processes):
+    """StepPool (what ShardSequence reads ahead with): whatever order the steps are asked in
+    (in order, restarts, jumps back and forth, several threads at once), get(step) is exactly
+    plan.load(step); reads ahead that are not asked for are dropped, never handed out."""
+    from shardfeed.loader import StepPool
+    ds, columns = data
+    plan = BatchPlan(ds, 64, inputs="meta", targets="id", seed=9)
+    sampler = Sampler(ds, 64, seed=9)
+    pool = StepPool(plan, workers=workers, processes=processes, depth=4)
+    try:
+        asked = [0, 1, 2, 3, 0, 1, 7, 8, 9, 2, 30, 31, 5, 5, 6]
+        for step in asked:
+            x, y = pool.get(step)
+            np.testing.assert_array_equal(y, sampler.indices(step).astype(np.float32))
+            np.testing.assert_array_equal(x, columns["meta"][sampler.indices(step)].astype(np.float32))
+        if not processes:
+            results = {}
+
+            def ask(first):
+                for step in range(first, first + 6):
+                    results[(first, step)] = pool.get(step)[1]
+            threads = [threading.Thread(target=ask, args=(first,)) for first in (0, 3, 40)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for (_, step), y in results.items():
+                np.testing.assert_array_equal(y, sampler.indices(step).astype(np.float32))
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="workers"):
+        StepPool(plan, workers=0)
+
+
 def test_prefetcher_contract():
     with Prefetcher(lambda k: k * k, 0, 5, depth=2) as fetcher:
         got = []
