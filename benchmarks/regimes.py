@@ -15,7 +15,8 @@ import numpy as np
 
 import shardfeed
 from shardfeed import _core
-from shardfeed.dataset import CASTS, affine_layout
+from shardfeed.read_options import affine_layout
+from shardfeed.read_options import STORED_KINDS
 from shardfeed.format import HEADER_BYTES, read_manifest
 
 # ImageNet statistics: x_float = (x_uint8 / 255 - mean) / std = x * scale + offset, per channel.
@@ -276,7 +277,7 @@ class BenchData:
         self._memmap = self.open_memmap()
         with shardfeed.open(self.path) as ds:
             field = ds.fields["x"]
-        self._cast = CASTS[profile.dtype]
+        self._cast = STORED_KINDS[profile.dtype]
         self._affine = affine_layout(field, NORM_SCALE, NORM_OFFSET) if profile.normalise else (None, None, 1, 1)
 
     @property

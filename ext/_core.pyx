@@ -33,6 +33,9 @@ cdef extern from *:
 
 COMPILED = True
 BLOCK = SF_BLOCK
+# A conversion id is the stored kind | OUTPUT_KINDS[output dtype name] << CAST_OUT_SHIFT (ext/cast.h).
+CAST_OUT_SHIFT = SF_CAST_OUT_SHIFT
+OUTPUT_KINDS = {"float32": SF_OUT_F32, "float16": SF_OUT_F16, "bfloat16": SF_OUT_BF16}
 BUILD_INFO = {
     "f16c": bool(sf_cast_has_f16c()),
     "sanitizers": SF_SANITIZERS.decode(),
@@ -42,8 +45,6 @@ BUILD_INFO = {
 _fork_rc = sf_pool_init()
 if _fork_rc != 0:
     raise OSError(_fork_rc, "pthread_atfork failed: the reader could not be made fork-safe")
-
-cdef size_t _ITEMSIZE_LIMIT = 4  # stored elements up to 4 bytes convert in place in a float32 slot
 
 # A batch larger than this is read in slices, with a check for signals (Ctrl-C) between them, so a
 # KeyboardInterrupt does not wait for a whole huge batch: at most this many samples or about this
@@ -376,11 +377,13 @@ cdef class ShardSet:
         return 0
 
     def read_records(self, const int64_t[::1] indices not None, list fields, bint use_map,
-                     size_t threads):
+                     size_t threads, list inexact=None):
         """Reads the records ``indices`` into the output buffers described by ``fields``: a list
         of ``(cast, src_offset, src_bytes, count, out, scale, offset, inner, period)``, sorted by
         src_offset; ``out`` is a C-contiguous writable buffer of ``len(indices)`` rows. Returns how
-        many records were not in the page cache (all of them where that is not known)."""
+        many records were not in the page cache (all of them where that is not known).
+        ``inexact``: a list with an entry per field, set to True where an integer value did not
+        convert exactly (entries of other fields are left as they are)."""
         cdef size_t n = indices.shape[0], nf = len(fields), k, dst_bytes, itemsize
         cdef size_t end = 0, start, count, step, sample_bytes = 0, uncached = 0, slice_uncached = 0
         cdef sf_error err
@@ -388,7 +391,10 @@ cdef class ShardSet:
         cdef Py_buffer *view
         cdef _Views views = _Views(3 * nf)
         cdef sf_field_out *outs = <sf_field_out *>PyMem_Calloc(nf if nf else 1, sizeof(sf_field_out))
-        if outs == NULL:
+        cdef int *flags = <int *>PyMem_Calloc(nf if nf else 1, sizeof(int))
+        if outs == NULL or flags == NULL:
+            PyMem_Free(outs)
+            PyMem_Free(flags)
             raise MemoryError()
         try:
             if self.closed:
@@ -396,9 +402,11 @@ cdef class ShardSet:
             if use_map and not self.mapped:
                 raise ValueError("internal error: the shards are not mapped")
             self._check_indices(indices)
+            if inexact is not None and <size_t>len(inexact) != nf:
+                raise ValueError("internal error: one inexact entry per field")
             for k in range(nf):
                 cast, src_offset, src_bytes, count, out, scale, offset, inner, period = fields[k]
-                if not 0 <= cast < SF_CAST_COUNT:
+                if not sf_cast_valid(cast):
                     raise ValueError(f"field {k}: bad cast {cast}")
                 itemsize = sf_cast_itemsize(cast)
                 if src_offset < end or src_offset + src_bytes > self.c.record_bytes:
@@ -407,14 +415,14 @@ cdef class ShardSet:
                 end = src_offset + src_bytes
                 if cast != SF_CAST_COPY and src_bytes != count * itemsize:
                     raise ValueError(f"field {k}: {src_bytes} bytes do not hold {count} elements")
-                dst_bytes = src_bytes if cast == SF_CAST_COPY else count * 4
+                dst_bytes = src_bytes if cast == SF_CAST_COPY else count * sf_cast_out_itemsize(cast)
                 view = views.acquire(out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, k, " output")
                 if <size_t>view.len != n * dst_bytes:
                     raise ValueError(f"field {k}: output has {view.len} bytes, expected {n * dst_bytes}")
-                if cast != SF_CAST_COPY and (<size_t>view.buf) % 4:
-                    raise ValueError(f"field {k}: float32 output is not 4-byte aligned")
+                if cast != SF_CAST_COPY and (<size_t>view.buf) % sf_cast_out_itemsize(cast):
+                    raise ValueError(f"field {k}: float output is not aligned")
                 if scale is not None and cast == SF_CAST_COPY:
-                    raise ValueError(f"field {k}: an affine transform needs a float32 output")
+                    raise ValueError(f"field {k}: an affine transform needs a float output")
                 outs[k].cast = cast
                 outs[k].src_offset = src_offset
                 outs[k].src_bytes = src_bytes
@@ -422,6 +430,7 @@ cdef class ShardSet:
                 outs[k].dst = <char *>view.buf
                 outs[k].dst_bytes = dst_bytes
                 _fill_affine(&outs[k].affine, views, scale, offset, inner, period, k)
+                outs[k].inexact = &flags[k]
                 sample_bytes += dst_bytes
             if n == 0 or nf == 0:
                 return 0
@@ -449,9 +458,14 @@ cdef class ShardSet:
                 self._end()
             if rc != 0:
                 self._raise(&err)
+            if inexact is not None:
+                for k in range(nf):
+                    if flags[k]:
+                        inexact[k] = True
             return uncached
         finally:
             PyMem_Free(outs)
+            PyMem_Free(flags)
 
     def advise(self, const int64_t[::1] indices not None):
         """Starts reading the records ``indices`` into the page cache without waiting
@@ -471,11 +485,14 @@ cdef class ShardSet:
     def read_heap(self, const int64_t[::1] samples not None, const int64_t[::1] shards not None,
                   const int64_t[::1] offsets not None, const int64_t[::1] rows not None, int cast,
                   size_t row_elems, size_t src_row_bytes, out, size_t max_rows, pad, scale, offset,
-                  size_t inner, size_t period, size_t threads):
+                  size_t inner, size_t period, size_t threads, bint pad_first=False):
         """Reads variable-length rows: sample r has ``rows[r]`` rows at byte ``offsets[r]`` of heap
-        file ``shards[r]``; ``out`` holds ``len(samples) * max_rows`` rows, padded with ``pad``."""
+        file ``shards[r]``; ``out`` holds ``len(samples) * max_rows`` rows, padded with ``pad``
+        after each sample's rows, or before them with ``pad_first``. Returns whether an integer
+        value did not convert exactly."""
         cdef size_t n = samples.shape[0], r, dst_row_bytes, start, count, step
         cdef sf_heap_out field
+        cdef int flag = 0
         cdef sf_error err
         cdef int rc
         cdef _Views views = _Views(4)
@@ -486,7 +503,7 @@ cdef class ShardSet:
         if shards.shape[0] != samples.shape[0] or offsets.shape[0] != samples.shape[0] \
                 or rows.shape[0] != samples.shape[0]:
             raise ValueError("internal error: heap read arrays of different lengths")
-        if not 0 <= cast < SF_CAST_COUNT:
+        if not sf_cast_valid(cast):
             raise ValueError(f"bad cast {cast}")
         if cast != SF_CAST_COPY and src_row_bytes != row_elems * sf_cast_itemsize(cast):
             raise ValueError(f"{src_row_bytes} bytes do not hold {row_elems} elements")
@@ -494,7 +511,7 @@ cdef class ShardSet:
             if shards[r] < 0 or <size_t>shards[r] >= self.n or rows[r] < 0 or <size_t>rows[r] > max_rows \
                     or offsets[r] < 0:
                 raise ValueError(f"internal error: bad heap entry {r}")
-        dst_row_bytes = src_row_bytes if cast == SF_CAST_COPY else row_elems * 4
+        dst_row_bytes = src_row_bytes if cast == SF_CAST_COPY else row_elems * sf_cast_out_itemsize(cast)
         cdef Py_buffer *view = views.acquire(out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "output")
         if <size_t>view.len != n * max_rows * dst_row_bytes:
             raise ValueError(f"output has {view.len} bytes, expected {n * max_rows * dst_row_bytes}")
@@ -502,7 +519,9 @@ cdef class ShardSet:
         if <size_t>pad_view.len != (dst_row_bytes // row_elems if row_elems else <size_t>pad_view.len):
             raise ValueError("pad value is not one output element")
         if scale is not None and cast == SF_CAST_COPY:
-            raise ValueError("an affine transform needs a float32 output")
+            raise ValueError("an affine transform needs a float output")
+        if cast != SF_CAST_COPY and (<size_t>view.buf) % sf_cast_out_itemsize(cast):
+            raise ValueError("float output is not aligned")
         field.cast = cast
         field.row_elems = row_elems
         field.src_row_bytes = src_row_bytes
@@ -511,9 +530,11 @@ cdef class ShardSet:
         field.max_rows = max_rows
         field.pad = pad_view.buf
         field.pad_bytes = pad_view.len
+        field.pad_first = pad_first
+        field.inexact = &flag
         _fill_affine(&field.affine, views, scale, offset, inner, period, "variable field")
         if n == 0:
-            return
+            return False
         step = _slice_samples(max_rows * dst_row_bytes)
         start = 0
         rc = 0
@@ -532,19 +553,29 @@ cdef class ShardSet:
             self._end()
         if rc != 0:
             self._raise(&err)
+        return bool(flag)
 
 
-def convert(int cast, const unsigned char[::1] src not None, float[::1] dst not None, scale=None,
+def convert(int cast, const unsigned char[::1] src not None, dst not None, scale=None,
             offset=None, size_t inner=1, size_t period=1):
-    """Runs one conversion kernel from ``src`` (stored bytes) into ``dst``, without the GIL; for
-    tests and the benchmarks' copy ceiling."""
+    """Runs one conversion kernel from ``src`` (stored bytes) into ``dst`` (a writable, C-contiguous
+    buffer of output elements: float32, float16 or bfloat16 as ``cast`` says), without the GIL;
+    for tests and the benchmarks' copy ceiling. Returns whether some integer value was not
+    converted exactly."""
     cdef size_t itemsize = sf_cast_itemsize(cast)
-    cdef size_t n = dst.shape[0]
+    cdef size_t out_itemsize = sf_cast_out_itemsize(cast)
+    cdef size_t n
+    cdef int inexact = 0
     cdef sf_affine affine
-    cdef _Views views = _Views(2)
-    if cast <= SF_CAST_COPY or cast >= SF_CAST_COUNT or <size_t>src.shape[0] != n * itemsize:
+    cdef _Views views = _Views(3)
+    if cast == SF_CAST_COPY or not sf_cast_valid(cast):
+        raise ValueError("bad cast or sizes")
+    cdef Py_buffer *out = views.acquire(dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "dst")
+    n = <size_t>out.len // out_itemsize
+    if <size_t>out.len % out_itemsize or <size_t>src.shape[0] != n * itemsize or (<size_t>out.buf) % out_itemsize:
         raise ValueError("bad cast or sizes")
     _fill_affine(&affine, views, scale, offset, inner, period, "convert")
     if n:
         with nogil:
-            sf_convert(cast, &dst[0], &src[0], n, &affine, 0)
+            inexact = sf_convert(cast, out.buf, &src[0], n, &affine, 0)
+    return bool(inexact)

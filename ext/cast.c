@@ -1,7 +1,9 @@
 /* Conversion kernels; see cast.h. Each call works through the elements in blocks: a block of
  * stored bytes is converted into a local float block (simple loops the compiler vectorizes),
- * transformed, and copied out. Reading a whole block before storing any of it keeps the in-place
- * rule true, and the transform runs on a local array that aliases nothing. */
+ * transformed, narrowed to the 16-bit output if one was asked for, and copied out. Reading a whole
+ * block before storing any of it keeps the in-place rule true, and the transform runs on a local
+ * array that aliases nothing. Integer sources wider than 16 bits and float64 converted to a 16-bit
+ * output without a transform take a scalar path that rounds once from the exact value. */
 #include "cast.h"
 
 #include <stdint.h>
@@ -25,10 +27,25 @@
 #define SF_INLINE static inline __attribute__((always_inline))
 
 
+int sf_cast_valid(int cast)
+{
+    int stored = sf_cast_stored(cast), out = sf_cast_out(cast);
+    if (cast < 0 || stored >= SF_CAST_COUNT || out >= SF_OUT_COUNT)
+        return 0;
+    return stored != SF_CAST_COPY || out == 0;
+}
+
 size_t sf_cast_itemsize(int cast)
 {
     static const size_t sizes[SF_CAST_COUNT] = {0, 2, 2, 4, 8, 1, 1, 2, 2, 4, 4, 8, 8};
-    return cast >= 0 && cast < SF_CAST_COUNT ? sizes[cast] : 0;
+    return sf_cast_valid(cast) ? sizes[sf_cast_stored(cast)] : 0;
+}
+
+size_t sf_cast_out_itemsize(int cast)
+{
+    if (!sf_cast_valid(cast) || cast == SF_CAST_COPY)
+        return 0;
+    return sf_cast_out(cast) == SF_OUT_F32 ? 4 : 2;
 }
 
 /* Block kernels: convert m <= SF_BLOCK stored elements at `in` (any alignment: every element is
@@ -91,25 +108,47 @@ int sf_cast_has_f16c(void)
 #endif
 }
 
-#define SF_INT_BLOCK(name, type)                                         \
-    SF_INLINE void name(float *out, const unsigned char *in, size_t m)   \
+/* Whether integer v is exactly the float w (w is the output, or the float32 step before a
+ * transform): w converted back to an integer type that holds all of v's values, once w is known
+ * to be in its range (w >= the type's minimum always holds: it is v rounded). */
+#define SF_EXACT_ANY(v, w) ((void)(v), (void)(w), 1) /* 8-, 16-bit integers in float32; floats */
+#define SF_EXACT_I32(v, w) ((w) < 0x1p31f && (int32_t)(w) == (v))
+#define SF_EXACT_U32(v, w) ((w) < 0x1p32f && (int64_t)(w) == (int64_t)(v))
+#define SF_EXACT_I64(v, w) ((w) >= -0x1p63f && (w) < 0x1p63f && (int64_t)(w) == (v))
+#define SF_EXACT_U64(v, w) ((w) >= 0.0f && (w) < 0x1p64f && (uint64_t)(w) == (v))
+
+/* Integer block kernels: out = (float)v, returning 1 when some v was not exact in float32 (never
+ * for 8- and 16-bit integers: their check compiles to nothing). */
+#define SF_INT_BLOCK(name, type, exact)                                  \
+    SF_INLINE int name(float *out, const unsigned char *in, size_t m)    \
     {                                                                    \
+        int inexact = 0;                                                 \
         for (size_t j = 0; j < m; j++) {                                 \
             type v;                                                      \
             memcpy(&v, in + j * sizeof v, sizeof v);                     \
             out[j] = (float)v;                                           \
+            inexact |= !exact(v, out[j]);                                \
         }                                                                \
+        return inexact;                                                  \
     }
 
-SF_INT_BLOCK(u8_block, uint8_t)
-SF_INT_BLOCK(i8_block, int8_t)
-SF_INT_BLOCK(u16_block, uint16_t)
-SF_INT_BLOCK(i16_block, int16_t)
-SF_INT_BLOCK(u32_block, uint32_t)
-SF_INT_BLOCK(i32_block, int32_t)
-SF_INT_BLOCK(u64_block, uint64_t)
-SF_INT_BLOCK(i64_block, int64_t)
-SF_INT_BLOCK(f64_block, double)
+SF_INT_BLOCK(u8_block, uint8_t, SF_EXACT_ANY)
+SF_INT_BLOCK(i8_block, int8_t, SF_EXACT_ANY)
+SF_INT_BLOCK(u16_block, uint16_t, SF_EXACT_ANY)
+SF_INT_BLOCK(i16_block, int16_t, SF_EXACT_ANY)
+SF_INT_BLOCK(u32_block, uint32_t, SF_EXACT_U32)
+SF_INT_BLOCK(i32_block, int32_t, SF_EXACT_I32)
+SF_INT_BLOCK(u64_block, uint64_t, SF_EXACT_U64)
+SF_INT_BLOCK(i64_block, int64_t, SF_EXACT_I64)
+
+SF_INLINE void f64_block(float *out, const unsigned char *in, size_t m)
+{
+    for (size_t j = 0; j < m; j++) {
+        double v;
+        memcpy(&v, in + 8 * j, 8);
+        out[j] = (float)v;
+    }
+}
 
 /* Bit copies (never through a float register, so NaN payloads stay as they are). */
 SF_INLINE void f32_block(float *out, const unsigned char *in, size_t m)
@@ -141,6 +180,151 @@ SF_INLINE void f16_block(float *out, const unsigned char *in, size_t m)
 #endif
     f16_block_soft(out, in, m);
 }
+
+static inline float half_to_float(uint16_t h)
+{
+    uint32_t bits = sf_half_to_float_bits(h);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_float(uint16_t b)
+{
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Double -> bfloat16 bits in one rounding: to float32 rounding to odd (an inexact result gets its
+ * last bit set, so the next rounding cannot see a false tie), then to nearest even. */
+static inline uint16_t double_to_bf16_bits(double x)
+{
+    float f = (float)x;
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if (f == f && (double)f != x) {
+        if ((f < 0 ? -(double)f : (double)f) > (x < 0 ? -x : x))
+            bits -= 1; /* toward zero (from infinity: the largest float) */
+        bits |= 1;
+    }
+    return sf_float_to_bf16_bits(bits);
+}
+
+static void f32_to_f16_soft(uint16_t *h, const float *in, size_t m)
+{
+    for (size_t j = 0; j < m; j++) {
+        uint32_t bits;
+        memcpy(&bits, &in[j], 4);
+        h[j] = sf_float_to_half_bits(bits);
+    }
+}
+
+#ifdef SF_HAVE_F16C_PATH
+__attribute__((target("avx,f16c"))) static void f32_to_f16_f16c(uint16_t *h, const float *in, size_t m)
+{
+    size_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        __m256 v = _mm256_loadu_ps(in + j);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)))
+            f32_to_f16_soft(h + j, in + j, 8); /* the instruction quiets NaNs */
+        else
+            _mm_storeu_si128((__m128i *)(h + j), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    f32_to_f16_soft(h + j, in + j, m - j);
+}
+#endif
+
+SF_INLINE void f32_to_f16_block(uint16_t *h, const float *in, size_t m)
+{
+#ifdef SF_HAVE_F16C_PATH
+    if (have_f16c()) {
+        f32_to_f16_f16c(h, in, m);
+        return;
+    }
+#endif
+    f32_to_f16_soft(h, in, m);
+}
+
+SF_INLINE void f32_to_bf16_block(uint16_t *h, const float *in, size_t m)
+{
+    for (size_t j = 0; j < m; j++) {
+        uint32_t bits;
+        memcpy(&bits, &in[j], 4);
+        h[j] = sf_float_to_bf16_bits(bits);
+    }
+}
+
+/* A 64-bit integer as a double rounded to odd (inexact: toward zero, last bit set), so the
+ * bfloat16 rounding that follows is one rounding of the integer itself, as in ml_dtypes. */
+static inline double i64_to_double_odd(int64_t v)
+{
+    double x = (double)v;
+    int above = x >= 0x1p63 || (int64_t)x > v; /* x >= -2^63 always: v rounded */
+    int below = x < 0x1p63 && (int64_t)x < v;
+    if (above || below) {
+        uint64_t bits;
+        memcpy(&bits, &x, 8);
+        if (v >= 0 ? above : below)
+            bits -= 1;
+        bits |= 1;
+        memcpy(&x, &bits, 8);
+    }
+    return x;
+}
+
+static inline double u64_to_double_odd(uint64_t v)
+{
+    double x = (double)v;
+    int above = x >= 0x1p64 || (uint64_t)x > v;
+    if (above || (uint64_t)x < v) {
+        uint64_t bits;
+        memcpy(&bits, &x, 8);
+        bits -= (uint64_t)above;
+        bits |= 1;
+        memcpy(&x, &bits, 8);
+    }
+    return x;
+}
+
+static inline double as_double(double x) { return x; }
+
+/* 1 when some 16-bit output h[j] is not the exact value out[j] of an integer source. */
+SF_INLINE int narrow_inexact(const uint16_t *h, const float *out, size_t m, int out_kind)
+{
+    int inexact = 0;
+    for (size_t j = 0; j < m; j++)
+        inexact |= (out_kind == SF_OUT_F16 ? half_to_float(h[j]) : bf16_to_float(h[j])) != out[j];
+    return inexact;
+}
+
+/* Integers wider than 16 bits and float64 to a 16-bit output without a transform, one rounding
+ * from the value (through double: exact for 32-bit integers; 64-bit ones are rounded to odd on
+ * the way, and beyond 2^53 overflow float16 anyway). Returns 1 when some integer was not
+ * converted exactly. */
+#define SF_WIDE_TO_NARROW(name, type, exact, to_double)                            \
+    static int name(uint16_t *h, const unsigned char *in, size_t m, int out_kind)  \
+    {                                                                              \
+        int inexact = 0;                                                           \
+        for (size_t j = 0; j < m; j++) {                                           \
+            type v;                                                                \
+            memcpy(&v, in + j * sizeof v, sizeof v);                               \
+            double x = to_double(v);                                               \
+            uint64_t bits;                                                         \
+            memcpy(&bits, &x, 8);                                                  \
+            h[j] = out_kind == SF_OUT_F16 ? sf_double_to_half_bits(bits) : double_to_bf16_bits(x); \
+            float w = out_kind == SF_OUT_F16 ? half_to_float(h[j]) : bf16_to_float(h[j]);         \
+            inexact |= !exact(v, w);                                               \
+        }                                                                          \
+        return inexact;                                                            \
+    }
+
+SF_WIDE_TO_NARROW(u32_narrow, uint32_t, SF_EXACT_U32, as_double)
+SF_WIDE_TO_NARROW(i32_narrow, int32_t, SF_EXACT_I32, as_double)
+SF_WIDE_TO_NARROW(u64_narrow, uint64_t, SF_EXACT_U64, u64_to_double_odd)
+SF_WIDE_TO_NARROW(i64_narrow, int64_t, SF_EXACT_I64, i64_to_double_odd)
+SF_WIDE_TO_NARROW(f64_narrow, double, SF_EXACT_ANY, as_double)
 
 /* Applies the transform to out[0..m) whose first element is element `pos` of the sample. */
 SF_INLINE void affine_block(float *out, size_t m, const sf_affine *a, size_t pos)
@@ -188,48 +372,76 @@ SF_INLINE void store_block(float *dst, const float *out, size_t m, int stream)
 }
 
 /* The whole conversion in one function, so that every block kernel is inlined into each clone. */
-SF_CLONES static void convert_blocks(int cast, float *dst, const unsigned char *in, size_t n,
-                                     const sf_affine *affine, size_t first, int stream)
+SF_CLONES static int convert_blocks(int cast, unsigned char *dst, const unsigned char *in, size_t n,
+                                    const sf_affine *affine, size_t first, int stream)
 {
-    size_t itemsize = sf_cast_itemsize(cast);
+    int stored = sf_cast_stored(cast), out_kind = sf_cast_out(cast);
+    size_t itemsize = sf_cast_itemsize(cast), out_size = sf_cast_out_itemsize(cast);
     int transform = affine && affine->scale;
+    int inexact = 0;
     float out[SF_BLOCK];
+    uint16_t narrow[SF_BLOCK];
+    int direct = out_kind != SF_OUT_F32 && !transform &&
+                 (stored == SF_CAST_F64 || stored == SF_CAST_U32 || stored == SF_CAST_I32 ||
+                  stored == SF_CAST_U64 || stored == SF_CAST_I64);
     for (size_t i = 0; i < n; i += SF_BLOCK) {
         size_t m = n - i < SF_BLOCK ? n - i : SF_BLOCK;
         const unsigned char *src = in + i * itemsize;
-        switch (cast) {
+        if (direct) {
+            switch (stored) {
+            case SF_CAST_F64: f64_narrow(narrow, src, m, out_kind); break;
+            case SF_CAST_U32: inexact |= u32_narrow(narrow, src, m, out_kind); break;
+            case SF_CAST_I32: inexact |= i32_narrow(narrow, src, m, out_kind); break;
+            case SF_CAST_U64: inexact |= u64_narrow(narrow, src, m, out_kind); break;
+            default: inexact |= i64_narrow(narrow, src, m, out_kind); break;
+            }
+            memcpy(dst + i * 2, narrow, m * 2);
+            continue;
+        }
+        int integer = 0;
+        switch (stored) {
         case SF_CAST_F16: f16_block(out, src, m); break;
         case SF_CAST_BF16: bf16_block(out, src, m); break;
         case SF_CAST_F32: f32_block(out, src, m); break;
         case SF_CAST_F64: f64_block(out, src, m); break;
-        case SF_CAST_U8: u8_block(out, src, m); break;
-        case SF_CAST_I8: i8_block(out, src, m); break;
-        case SF_CAST_U16: u16_block(out, src, m); break;
-        case SF_CAST_I16: i16_block(out, src, m); break;
-        case SF_CAST_U32: u32_block(out, src, m); break;
-        case SF_CAST_I32: i32_block(out, src, m); break;
-        case SF_CAST_U64: u64_block(out, src, m); break;
-        case SF_CAST_I64: i64_block(out, src, m); break;
-        default: return;
+        case SF_CAST_U8: integer = 1; u8_block(out, src, m); break;
+        case SF_CAST_I8: integer = 1; i8_block(out, src, m); break;
+        case SF_CAST_U16: integer = 1; u16_block(out, src, m); break;
+        case SF_CAST_I16: integer = 1; i16_block(out, src, m); break;
+        case SF_CAST_U32: inexact |= u32_block(out, src, m); break;
+        case SF_CAST_I32: inexact |= i32_block(out, src, m); break;
+        case SF_CAST_U64: inexact |= u64_block(out, src, m); break;
+        case SF_CAST_I64: inexact |= i64_block(out, src, m); break;
+        default: return 0;
         }
         if (transform)
             affine_block(out, m, affine, first + i);
-        store_block(dst + i, out, m, stream);
+        if (out_kind == SF_OUT_F32) {
+            store_block((float *)(void *)(dst + i * 4), out, m, stream);
+            continue;
+        }
+        if (out_kind == SF_OUT_F16)
+            f32_to_f16_block(narrow, out, m);
+        else
+            f32_to_bf16_block(narrow, out, m);
+        if (integer && !transform)
+            inexact |= narrow_inexact(narrow, out, m, out_kind);
+        memcpy(dst + i * out_size, narrow, m * out_size);
     }
 #ifdef SF_HAVE_STREAM_STORES
-    if (stream)
+    if (stream && out_kind == SF_OUT_F32)
         _mm_sfence(); /* order the non-temporal stores before whatever signals completion */
 #endif
+    return inexact;
 }
 
-void sf_convert(int cast, float *dst, const void *src, size_t n, const sf_affine *affine,
-                size_t first)
+int sf_convert(int cast, void *dst, const void *src, size_t n, const sf_affine *affine, size_t first)
 {
-    convert_blocks(cast, dst, src, n, affine, first, 0);
+    return convert_blocks(cast, dst, src, n, affine, first, 0);
 }
 
-void sf_convert_stream(int cast, float *dst, const void *src, size_t n, const sf_affine *affine,
-                       size_t first)
+int sf_convert_stream(int cast, void *dst, const void *src, size_t n, const sf_affine *affine,
+                      size_t first)
 {
-    convert_blocks(cast, dst, src, n, affine, first, 1);
+    return convert_blocks(cast, dst, src, n, affine, first, 1);
 }

@@ -30,11 +30,18 @@ cdef extern from "cast.h":
         SF_CAST_COPY
         SF_CAST_COUNT
         SF_BLOCK
+    enum:
+        SF_OUT_F32
+        SF_OUT_F16
+        SF_OUT_BF16
+        SF_CAST_OUT_SHIFT
+    int sf_cast_valid(int cast)
     size_t sf_cast_itemsize(int cast)
+    size_t sf_cast_out_itemsize(int cast)
     int sf_cast_has_f16c()
     void sf_cast_allow_f16c(int allowed)
-    void sf_convert(int cast, float *dst, const void *src, size_t n, const sf_affine *affine,
-                    size_t first) nogil
+    int sf_convert(int cast, void *dst, const void *src, size_t n, const sf_affine *affine,
+                   size_t first) nogil
 
 
 cdef extern from "pool.h":
@@ -62,6 +69,7 @@ cdef extern from "reader.h":
         char *dst
         size_t dst_bytes
         sf_affine affine
+        int *inexact
 
     ctypedef struct sf_heap_out:
         int cast
@@ -73,6 +81,8 @@ cdef extern from "reader.h":
         const void *pad
         size_t pad_bytes
         sf_affine affine
+        int *inexact
+        int pad_first
 
     int sf_guard_mapped_reads()
     int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,

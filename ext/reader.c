@@ -123,12 +123,22 @@ typedef struct record_ctx {
     int slow;              /* map path, page-cache pass: a thread saw disk waits (atomic access) */
 } record_ctx;
 
+typedef int (*sf_convert_fn)(int, void *, const void *, size_t, const sf_affine *, size_t);
+
+/* Records that a conversion was not exact (any thread may; they only ever store 1). */
+static inline void note_inexact(int *flag, int inexact)
+{
+    if (inexact && flag)
+        __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
+}
+
 /* Where the stored bytes of a cast field land before conversion: the tail of the output slot when
  * the stored element is not wider than float32, else a scratch buffer. Streaming conversions read
  * from scratch too: the tail of the output slot would first be pulled into the cache. */
 static int lands_in_scratch(const record_ctx *ctx, const sf_field_out *f)
 {
-    return f->cast != SF_CAST_COPY && (ctx->stream || sf_cast_itemsize(f->cast) > 4);
+    return f->cast != SF_CAST_COPY &&
+           (ctx->stream || sf_cast_itemsize(f->cast) > sf_cast_out_itemsize(f->cast));
 }
 
 /* The batch row that item `item` of a range reads. */
@@ -178,14 +188,14 @@ static size_t record_iovecs(const record_ctx *ctx, size_t r, char *scratch, char
 /* Converts the cast fields of batch row r from where record_iovecs landed them. */
 static void convert_record(const record_ctx *ctx, size_t r, char *scratch)
 {
-    void (*convert)(int, float *, const void *, size_t, const sf_affine *, size_t) =
-        ctx->stream ? sf_convert_stream : sf_convert;
+    sf_convert_fn convert = ctx->stream ? sf_convert_stream : sf_convert;
     size_t scratch_used = 0;
     for (size_t k = 0; k < ctx->n_fields; k++) {
         const sf_field_out *f = &ctx->fields[k];
         char *landing = landing_of(ctx, f, r, scratch, &scratch_used);
         if (f->cast != SF_CAST_COPY)
-            convert(f->cast, (float *)(f->dst + r * f->dst_bytes), landing, f->count, &f->affine, 0);
+            note_inexact(f->inexact, convert(f->cast, f->dst + r * f->dst_bytes, landing, f->count,
+                                             &f->affine, 0));
     }
 }
 
@@ -483,15 +493,14 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
         return -1;
     }
     guard_jump = &jump;
-    void (*convert)(int, float *, const void *, size_t, const sf_affine *, size_t) =
-        ctx->stream ? sf_convert_stream : sf_convert;
+    sf_convert_fn convert = ctx->stream ? sf_convert_stream : sf_convert;
     /* Gathering needs consecutive items to be consecutive, contiguous output rows, and an affine
      * pattern that repeats whole within a record (the group is converted with first = 0). */
     const sf_field_out *g = &ctx->fields[0];
     size_t group = 0; /* records per gathered group; 0: convert record by record */
     if (ctx->n_fields == 1 && !ctx->rows && g->cast != SF_CAST_COPY &&
         g->src_bytes != 0 && g->src_bytes <= SF_GATHER_BYTES / 8 &&
-        g->dst_bytes == g->count * sizeof(float) &&
+        g->dst_bytes == g->count * sf_cast_out_itemsize(g->cast) &&
         (!g->affine.scale || g->count % (g->affine.inner * g->affine.period) == 0))
         group = SF_GATHER_BYTES / g->src_bytes;
     char gathered[SF_GATHER_BYTES];
@@ -514,8 +523,8 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
             }
             if (__atomic_load_n(&ctx->slow, __ATOMIC_RELAXED)) {
                 if (group && r > held)
-                    convert(g->cast, (float *)(g->dst + held * g->dst_bytes), gathered,
-                            (r - held) * g->count, &g->affine, 0);
+                    note_inexact(g->inexact, convert(g->cast, g->dst + held * g->dst_bytes, gathered,
+                                                     (r - held) * g->count, &g->affine, 0));
 #ifdef SF_HAVE_NOWAIT
                 guard_jump = NULL;
                 return read_records_pread(ctx, r, end, err);
@@ -532,8 +541,8 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
         if (group) {
             memcpy(gathered + (r - held) * g->src_bytes, record + g->src_offset, g->src_bytes);
             if (r + 1 - held == group || r + 1 == end) {
-                convert(g->cast, (float *)(g->dst + held * g->dst_bytes), gathered,
-                        (r + 1 - held) * g->count, &g->affine, 0);
+                note_inexact(g->inexact, convert(g->cast, g->dst + held * g->dst_bytes, gathered,
+                                                 (r + 1 - held) * g->count, &g->affine, 0));
                 held = r + 1;
             }
             continue;
@@ -544,7 +553,8 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
             if (f->cast == SF_CAST_COPY)
                 memcpy(row, record + f->src_offset, f->src_bytes);
             else
-                convert(f->cast, (float *)row, record + f->src_offset, f->count, &f->affine, 0);
+                note_inexact(f->inexact,
+                             convert(f->cast, row, record + f->src_offset, f->count, &f->affine, 0));
         }
     }
     guard_jump = NULL;
@@ -752,7 +762,7 @@ static int read_heap_range(void *vctx, size_t begin, size_t end, sf_error *err)
 {
     const heap_ctx *ctx = vctx;
     const sf_heap_out *f = ctx->field;
-    int wide = f->cast != SF_CAST_COPY && sf_cast_itemsize(f->cast) > 4;
+    int wide = f->cast != SF_CAST_COPY && sf_cast_itemsize(f->cast) > sf_cast_out_itemsize(f->cast);
     char *scratch = NULL;
     if (wide && f->max_rows > 0) {
         scratch = malloc(f->max_rows * f->src_row_bytes);
@@ -766,7 +776,9 @@ static int read_heap_range(void *vctx, size_t begin, size_t end, sf_error *err)
     for (size_t r = begin; r < end; r++) {
         size_t rows = (size_t)ctx->rows[r];
         size_t s = (size_t)ctx->shard[r];
-        char *out = f->dst + r * f->max_rows * f->dst_row_bytes;
+        char *slot = f->dst + r * f->max_rows * f->dst_row_bytes;
+        size_t pad_bytes = (f->max_rows - rows) * f->dst_row_bytes;
+        char *out = f->pad_first ? slot + pad_bytes : slot; /* where the rows go */
         size_t src_bytes = rows * f->src_row_bytes;
         char *landing = f->cast == SF_CAST_COPY ? out
                         : wide                  ? scratch
@@ -780,10 +792,11 @@ static int read_heap_range(void *vctx, size_t begin, size_t end, sf_error *err)
                 break;
             }
             if (f->cast != SF_CAST_COPY)
-                sf_convert(f->cast, (float *)out, landing, rows * f->row_elems, &f->affine, 0);
+                note_inexact(f->inexact,
+                             sf_convert(f->cast, out, landing, rows * f->row_elems, &f->affine, 0));
         }
-        fill_pad(out + rows * f->dst_row_bytes, (f->max_rows - rows) * f->row_elems, f->pad,
-                 f->pad_bytes);
+        fill_pad(f->pad_first ? slot : out + rows * f->dst_row_bytes, (f->max_rows - rows) * f->row_elems,
+                 f->pad, f->pad_bytes);
     }
     free(scratch);
     return rc == SF_OK ? 0 : -1;

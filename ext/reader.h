@@ -20,13 +20,14 @@ typedef struct sf_shards {
 
 /* One requested field of a record read. */
 typedef struct sf_field_out {
-    int cast;              /* enum sf_cast; SF_CAST_COPY keeps the stored bytes */
+    int cast;              /* conversion id (cast.h); SF_CAST_COPY keeps the stored bytes */
     size_t src_offset;     /* byte offset of the field in the record */
     size_t src_bytes;      /* stored bytes per sample */
     size_t count;          /* elements per sample */
     char *dst;             /* output base: row r starts at dst + r * dst_bytes */
     size_t dst_bytes;      /* output bytes per sample */
     sf_affine affine;      /* scale == NULL: none */
+    int *inexact;          /* non-NULL: set to 1 when a value did not convert exactly (cast.h) */
 } sf_field_out;
 
 /* Reads records `indices[0..n)` into each field's output row of the same position. Fields must be
@@ -54,7 +55,8 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
 int sf_advise_records(const sf_shards *shards, const int64_t *indices, size_t n);
 
 /* One variable-length field read: sample r has rows[r] rows (already clipped to max_rows) at byte
- * `offsets[r]` of heap file `shard[r]`. Rows past rows[r] up to max_rows are filled with `pad`. */
+ * `offsets[r]` of heap file `shard[r]`. The max_rows - rows[r] other rows of its output are filled
+ * with `pad`: after the rows, or before them with pad_first (keras' padding="pre"). */
 typedef struct sf_heap_out {
     int cast;
     size_t row_elems;      /* elements per row (product of the trailing dimensions) */
@@ -65,6 +67,8 @@ typedef struct sf_heap_out {
     const void *pad;       /* one output element */
     size_t pad_bytes;      /* output element size */
     sf_affine affine;
+    int *inexact;          /* as in sf_field_out */
+    int pad_first;         /* 1: padding rows before the sample's rows */
 } sf_heap_out;
 
 int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,

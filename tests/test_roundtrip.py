@@ -57,7 +57,7 @@ def test_every_dtype_and_shape_round_trips(tools, rng, new_path, mmap_mode, dtyp
     ds = shardfeed.open(path, mmap=mmap_mode)
     assert ds.num_shards == 5 and len(ds) == N
     indices = np.array([12, 0, 3, 2, 3, 11, -1, 4, 7, 5, 6, 9, 1, 0, -13, 8, 10], dtype=np.int64)
-    batch = ds.read(indices, dtype="float32" if as_float32 else None)
+    batch = ds.read(indices, dtype="float32" if as_float32 else None, lossy=True)
     expected, lengths = expected_batch(tools, dtype, columns, indices % N, as_float32)
     assert list(batch) == list(FIXED_SHAPES) + list(VARIABLE_SHAPES)
     for name in batch:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import shardfeed
+from shardfeed._reference import reference_read
 
 LENGTHS = [3, 0, 7, 1, 12, 5, 0, 2, 9, 4, 6, 1]
 
@@ -81,7 +82,7 @@ def test_maxlen_truncates_and_pads(tools, var_dataset, name, maxlen):
 @pytest.mark.parametrize("name", ["tok", "wav", "pts", "ids", "grid"])
 def test_cast_to_float32(tools, var_dataset, name, maxlen):
     path, columns = var_dataset
-    batch = shardfeed.open(path).read(INDICES, fields=name, dtype="float32", maxlen=maxlen, pad_value=-0.5)
+    batch = shardfeed.open(path).read(INDICES, fields=name, dtype="float32", maxlen=maxlen, pad_value=-0.5, lossy=True)
     rows = columns[name]
     length = max(len(rows[i]) for i in INDICES) if maxlen is None else maxlen
     tools.assert_identical(batch[name], padded(rows, INDICES, length, -0.5, np.float32))
@@ -168,3 +169,85 @@ def test_bad_pad_value(var_dataset):
     with pytest.raises(ValueError, match="pad_value for field 'tok' must be a scalar"):
         ds.read([0], fields="tok", pad_value=[1, 2])
     ds.read([0], fields="grid", pad_value=-1, dtype="float32")  # fits float32
+
+
+# ---- padding and truncating sides (keras.utils.pad_sequences semantics) -------------------------
+
+
+def sided(rows, indices, length, pad, dtype, padding, truncating):
+    """numpy: each row cut to `length` keeping its first ("post") or last ("pre") rows, then padded
+    after ("post") or before ("pre") it."""
+    rows = [np.asarray(rows[i]) for i in indices]
+    out = np.full((len(rows), length) + rows[0].shape[1:], pad, dtype=dtype)
+    with np.errstate(over="ignore"):
+        for k, r in enumerate(rows):
+            kept = (r[:length] if truncating == "post" else r[max(0, len(r) - length):]).astype(dtype)
+            if padding == "post":
+                out[k, :len(kept)] = kept
+            else:
+                out[k, length - len(kept):] = kept
+    return out
+
+
+@pytest.mark.parametrize("truncating", ["post", "pre"])
+@pytest.mark.parametrize("padding", ["post", "pre"])
+@pytest.mark.parametrize("maxlen", [None, 0, 3, 20])
+@pytest.mark.parametrize("name, dtype", [("tok", None), ("pts", None), ("grid", None), ("ids", None),
+                                         ("pts", "float32"), ("grid", "float16"), ("tok", "int16"),
+                                         ("wav", "float32")])
+def test_padding_and_truncating_sides(tools, var_dataset, name, dtype, maxlen, padding, truncating):
+    """Native copies and conversions (in place and through scratch) and numpy conversions alike."""
+    path, columns = var_dataset
+    ds = shardfeed.open(path)
+    batch = ds.read(INDICES, fields=name, dtype=dtype, maxlen=maxlen, pad_value=7, padding=padding,
+                    truncating=truncating)
+    rows = columns[name]
+    length = max(len(rows[i]) for i in INDICES) if maxlen is None else maxlen
+    want = np.dtype(dtype) if dtype else np.asarray(rows[0]).dtype
+    tools.assert_identical(batch[name], sided(rows, INDICES, length, 7, want, padding, truncating))
+    tools.assert_identical(batch.lengths[name], lengths_of(rows, INDICES, maxlen))
+    values, lengths = reference_read(path, INDICES, name, dtype=dtype, maxlen=maxlen, pad_value=7, padding=padding,
+                                     truncating=truncating)
+    tools.assert_identical(batch[name], values[name])
+    tools.assert_identical(batch.lengths[name], lengths[name])
+
+
+def test_pre_padding_with_scale_and_out(tools, var_dataset):
+    path, columns = var_dataset
+    out = {"pts": np.full((len(INDICES), 5, 3), 123, np.float32)}
+    batch = shardfeed.open(path).read(INDICES, fields="pts", out=out, scale=2.0, pad_value=-1, padding="pre",
+                                      truncating="pre")
+    rows = [(np.asarray(r).astype(np.float32) * np.float32(2)).astype(np.float32) for r in columns["pts"]]
+    assert batch["pts"] is out["pts"]
+    tools.assert_identical(out["pts"], sided(rows, INDICES, 5, -1, np.float32, "pre", "pre"))
+
+
+def test_sides_per_field(tools, var_dataset):
+    path, columns = var_dataset
+    batch = shardfeed.open(path).read(INDICES, fields=["tok", "grid"], maxlen=4, padding={"tok": "pre"},
+                                      truncating={"grid": "pre"})
+    tools.assert_identical(batch["tok"], sided(columns["tok"], INDICES, 4, 0, np.int32, "pre", "post"))
+    tools.assert_identical(batch["grid"], sided(columns["grid"], INDICES, 4, 0, np.uint8, "post", "pre"))
+
+
+@pytest.mark.parametrize("option", ["padding", "truncating"])
+def test_bad_side(var_dataset, option):
+    path, _ = var_dataset
+    with pytest.raises(ValueError, match=f"{option} for field 'tok' must be 'post' or 'pre', got 'front'"):
+        shardfeed.open(path).read([0], fields="tok", **{option: "front"})
+
+
+def test_same_as_keras_pad_sequences(var_dataset):
+    keras = pytest.importorskip("keras", reason="keras is not installed: compared with numpy above only")
+    path, columns = var_dataset
+    ds = shardfeed.open(path)
+    rows = [columns["tok"][i].tolist() for i in INDICES]
+    for padding in ("pre", "post"):
+        for truncating in ("pre", "post"):
+            for maxlen in (1, 4, 9, 15):
+                expected = keras.utils.pad_sequences(rows, maxlen=maxlen, dtype="int32", padding=padding,
+                                                     truncating=truncating, value=-3)
+                got = ds.read(INDICES, fields="tok", maxlen=maxlen, pad_value=-3, padding=padding,
+                              truncating=truncating)["tok"]
+                np.testing.assert_array_equal(got, expected, err_msg=f"{padding} {truncating} {maxlen}")
+                assert got.dtype == expected.dtype

@@ -30,24 +30,39 @@ def _option(option, name):
     return option.get(name) if isinstance(option, dict) else option
 
 
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _dtype(want):
+    if isinstance(want, str) and want == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(want)
+
+
 def _convert(field, raw, want, scale, offset):
-    """Stored values -> the dtype a read returns, with the optional affine transform."""
+    """Stored values -> the dtype a read returns, with the optional affine transform: numpy's
+    astype of the stored values (bfloat16 ones as float32), or of the float32 result of the
+    transform; bfloat16 outputs by ml_dtypes. (Values are converted as with lossy=True.)"""
     affine = scale is not None or offset is not None
+    if isinstance(want, str) and want == "auto":  # floats as float32, integers and bool as stored
+        want = np.float32 if field.dtype in _FLOATS else None
     if field.dtype == "bfloat16":
         raw = (raw.astype(np.uint32) << 16).view(np.float32)
-    if not affine and (want is None or np.dtype(want) == field.natural_dtype):
-        return raw.astype(field.natural_dtype)
+    natural = raw.astype(field.natural_dtype)
+    want = None if want is None else _dtype(want)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf, inf * 0, like the C core
+        if not affine:
+            return natural if want is None else natural.astype(want)
         x = raw.astype(np.float32)
-        if affine:
-            s = np.asarray(1.0 if scale is None else scale, dtype=np.float32)
-            o = np.asarray(0.0 if offset is None else offset, dtype=np.float32)
-            x = (x * s + o).astype(np.float32)
-    return x
+        s = np.asarray(1.0 if scale is None else scale, dtype=np.float32)
+        o = np.asarray(0.0 if offset is None else offset, dtype=np.float32)
+        x = (x * s + o).astype(np.float32)
+        return x if want is None else x.astype(want)
 
 
 def reference_read(path, indices, fields=None, dtype=None, scale=None, offset=None, maxlen=None,
-                   pad_value=0):
+                   pad_value=0, padding="post", truncating="post"):
     """Returns ``(values, lengths)``: dicts of field name -> batch array and, for variable-length
     fields, -> int64 row counts, with the semantics of ``Dataset.read``."""
     manifest = read_manifest(os.fspath(path))
@@ -91,7 +106,11 @@ def reference_read(path, indices, fields=None, dtype=None, scale=None, offset=No
         pad = pad_value.get(name, 0) if isinstance(pad_value, dict) else pad_value
         padded = np.full((len(rows), longest) + field.row_shape, pad, dtype=out_dtype)
         for k, r in enumerate(rows):
-            padded[k, :min(len(r), longest)] = r[:longest]
+            kept = r[:longest] if _option(truncating, name) == "post" else r[max(0, len(r) - longest):]
+            if _option(padding, name) == "post":
+                padded[k, :len(kept)] = kept
+            else:
+                padded[k, longest - len(kept):] = kept
         values[name] = padded
         lengths[name] = np.array([min(len(r), longest) for r in rows], dtype=np.int64)
     return values, lengths

@@ -12,19 +12,16 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
+from .read_options import (
+    CAST_COPY, INTEGER_DTYPES, STORED_KINDS, affine_layout, cast_values, conversion, exact, inexact_error, option_for,
+    output_dtype, per_field, side,
+)
 from .errors import ShardFormatError, ShardReadError
 from .format import (
     FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field, Manifest, check_header,
     read_manifest,
 )
 
-# Native conversion kernel per stored dtype, to float32 (ext/cast.h, enum sf_cast).
-CAST_COPY = 0
-CASTS = {
-    "float16": 1, "bfloat16": 2, "float32": 3, "float64": 4, "uint8": 5, "bool": 5, "int8": 6,
-    "uint16": 7, "int16": 8, "uint32": 9, "int32": 10, "uint64": 11, "int64": 12,
-}
-_FLOAT32 = np.dtype(np.float32)
 _INT64 = np.dtype(np.int64)
 _NO_AFFINE = (None, None, 1, 1)
 
@@ -85,7 +82,8 @@ def _check_threads(threads: Any) -> Optional[int]:
 
 class Batch(dict):
     """A dict of field name -> batch array; ``lengths`` maps each variable-length field to the
-    number of valid (unpadded) rows of every sample; ``uncached`` is how many of the batch's
+    number of valid (unpadded) rows of every sample (the first ones, or the last ones when read
+    with ``padding="pre"``); ``uncached`` is how many of the batch's
     fixed-size records were not in the page cache when it was read (each field's record reads
     counted once; all of them on systems where the reader cannot tell)."""
 
@@ -171,51 +169,6 @@ def _as_name_list(fields: Union[None, str, Sequence[str]], schema_fields: Mappin
     return names
 
 
-def _per_field(option: Any, name: str, several: bool, what: str) -> Any:
-    if option is None:
-        return None
-    if isinstance(option, abc.Mapping):
-        return option.get(name)
-    if option is not None and several:
-        raise ValueError(f"{what} applies to one field; pass a dict {{field: value}} when reading several")
-    return option
-
-
-def affine_layout(field: Field, scale: Any, offset: Any) -> Tuple[np.ndarray, np.ndarray, int, int]:
-    """Turns scale/offset broadcastable to the field's (row) shape into the kernel's
-    (scale, offset, inner, period) description: parameter p = (element // inner) % period."""
-    shape = field.row_shape
-    s = np.asarray(1.0 if scale is None else scale, dtype=np.float32)
-    o = np.asarray(0.0 if offset is None else offset, dtype=np.float32)
-    try:
-        params = np.broadcast_shapes(s.shape, o.shape)
-        fits = np.broadcast_shapes(params, shape) == shape and len(params) <= len(shape)
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(f"field {field.name!r}: scale {s.shape} / offset {o.shape} do not broadcast to "
-                         f"the field's shape {shape}")
-    if math.prod(shape) == 0:  # nothing to transform (and no layout with a zero period or inner)
-        return np.ones(1, np.float32), np.zeros(1, np.float32), 1, 1
-    params = (1,) * (len(shape) - len(params)) + params
-    s, o = (np.broadcast_to(a.reshape((1,) * (len(params) - a.ndim) + a.shape), params) for a in (s, o))
-    varying = [axis for axis, n in enumerate(params) if n != 1]
-    if not varying:
-        return (np.ascontiguousarray(s.reshape(-1)[:1]), np.ascontiguousarray(o.reshape(-1)[:1]), 1, 1)
-    first = varying[0]
-    if len(varying) == 1:  # per channel along one axis: one parameter per channel
-        period, inner = shape[first], math.prod(shape[first + 1:])
-        s, o = s.reshape(-1), o.reshape(-1)
-    else:  # varies along several axes: one parameter per element from the first varying axis on
-        period, inner = math.prod(shape[first:]), 1
-        tail = (1,) * first + tuple(shape[first:])
-        s, o = (np.broadcast_to(a, tail).reshape(-1) for a in (s, o))
-    if inner == 1 and period > 1:  # the kernel reads a window of period + block entries
-        reps = -(-(period + _core.BLOCK) // period)
-        s, o = np.tile(s, reps), np.tile(o, reps)
-    return np.ascontiguousarray(s, np.float32), np.ascontiguousarray(o, np.float32), inner, period
-
-
 class Dataset:
     """A dataset opened for reading: ``len(ds)``, ``ds.fields``, ``ds.metadata``, ``ds[i]`` and
     :meth:`read` for batches. Thread-safe; pickles by path (the copy reopens the files)."""
@@ -267,8 +220,10 @@ class Dataset:
         # Per field, what read() needs on every call: (natural dtype, cast kernel, variable,
         # row shape, elements per row, offset and bytes in the record), so that a read does not
         # recompute Field properties.
-        self._layout = {name: (f.natural_dtype, CASTS[f.dtype], f.variable, f.row_shape, f.count, f.offset,
+        self._layout = {name: (f.natural_dtype, STORED_KINDS[f.dtype], f.variable, f.row_shape, f.count, f.offset,
                                f.record_bytes) for name, f in self.fields.items()}
+        # (field, dtype option, affine) -> (output dtype, conversion id or None): see _conversion.
+        self._conversions: Dict[Tuple[str, Any, bool], Tuple[np.dtype, Optional[int]]] = {}
 
     # ---- basics -------------------------------------------------------------------------------
 
@@ -419,16 +374,6 @@ class Dataset:
             array[array < 0] -= len(self)  # keep the original value in the IndexError message
         return array
 
-    def _output_dtype(self, field: Field, dtype: Any, affine: bool) -> np.dtype:
-        if dtype is None:
-            return _FLOAT32 if affine else field.natural_dtype
-        wanted = np.dtype(dtype)
-        if wanted == _FLOAT32 or (wanted == field.natural_dtype and not affine):
-            return wanted
-        raise ValueError(f"field {field.name!r} ({field.dtype}) can be read as {field.natural_dtype}"
-                         f"{'' if field.natural_dtype == _FLOAT32 else ' or float32'}, not {wanted}"
-                         f"{' (scale/offset need float32)' if affine else ''}")
-
     def _check_out(self, name: str, array: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         if not isinstance(array, np.ndarray):
             raise TypeError(f"out[{name!r}] must be a numpy array, got {type(array).__name__}")
@@ -447,20 +392,56 @@ class Dataset:
             raise ValueError(f"out[{name!r}]: {', '.join(problems)}")
         return array
 
+    def _conversion(self, field: Field, dtype: Any, affine: bool) -> Tuple[np.dtype, Optional[int]]:
+        """The output dtype and the conversion id (None: numpy converts a copy) of a field read with
+        this dtype option, cached per dataset (computed once per option, not on every read)."""
+        key = (field.name, dtype, affine)
+        try:
+            return self._conversions[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable option: not cached
+            key = None
+        out_dtype = output_dtype(field, dtype, affine)
+        found = out_dtype, conversion(field, out_dtype, affine)
+        if key is not None:
+            self._conversions[key] = found
+        return found
+
     def read(self, indices: Any, fields: Union[None, str, Sequence[str]] = None, *, dtype: Any = None,
              out: Optional[Mapping[str, np.ndarray]] = None, scale: Any = None, offset: Any = None,
              maxlen: Union[None, int, Mapping[str, int]] = None, pad_value: Any = 0,
-             threads: Union[None, str, int] = None) -> Batch:
+             padding: Union[str, Mapping[str, str]] = "post", truncating: Union[str, Mapping[str, str]] = "post",
+             lossy: Union[bool, Mapping[str, bool]] = False, threads: Union[None, str, int] = None) -> Batch:
         """Reads the samples ``indices`` (any order, duplicates allowed, negative counts from the end)
         and returns a :class:`Batch` of arrays with a leading batch dimension.
 
         ``fields``: a name or list of names (default: all). ``dtype``: ``None`` (each field's stored
-        dtype; bfloat16 reads as float32) or ``"float32"`` (converted natively, in place), or a dict
-        per field. ``scale``/``offset``: ``out = stored * scale + offset`` in float32, each a scalar
-        or an array broadcastable to the field's shape (per channel), or a dict per field.
-        ``out``: dict of preallocated arrays to fill. Variable-length fields are padded with
-        ``pad_value`` to the longest sample, or to ``maxlen`` (longer samples are truncated); their
-        row counts are in ``batch.lengths``."""
+        dtype; bfloat16 reads as float32), ``"auto"`` (float fields as float32, integer and bool
+        fields as stored: ``shardfeed.read_options.AUTO_DTYPES``), or a dtype: float32, float16 and bfloat16 (the
+        ``ml_dtypes`` dtype; ``"bfloat16"`` names it) are converted natively, in place, rounding to
+        nearest even; others (another integer width, float64, bool) by numpy from the stored values.
+        A dict gives a value per field. The table of what each choice gives is in
+        docs/training.md, "Output dtypes".
+
+        ``lossy``: a conversion that cannot give back a stored value exactly (int64 16777217 as
+        float32, int16 2049 as float16, -1 as uint8, 1.5 as int32) raises
+        :class:`shardfeed.ValueRangeError` naming the field and sample, unless ``lossy`` is True
+        (or a dict ``{field: True}``). Narrowing floats (float64 to float32, float32 to float16) is
+        a choice of precision, never refused: out-of-range values become infinities.
+
+        ``scale``/``offset``: ``out = float32(stored) * scale + offset`` computed in float32 (no
+        fused multiply-add), each a scalar or an array broadcastable to the field's shape (per
+        channel), or a dict per field; the output is float32, or float16/bfloat16 when asked for
+        (that float32 result rounded to nearest even). ``out``: dict of preallocated arrays to fill.
+
+        Variable-length fields are padded with ``pad_value`` to the longest sample, or to
+        ``maxlen`` (longer samples are truncated). ``padding="post"`` (the default) puts the pad
+        rows after a sample's rows, ``"pre"`` before them; ``truncating="post"`` (the default)
+        keeps a long sample's first ``maxlen`` rows, ``"pre"`` its last ones, as in
+        ``keras.utils.pad_sequences`` (whose defaults are ``"pre"``). Each may be a dict per field.
+        ``batch.lengths`` holds each sample's rows in the output: its stored length, at most
+        ``maxlen``."""
         names = _as_name_list(fields, self.fields)
         index_array = self._indices(indices)
         n = len(index_array)
@@ -472,40 +453,72 @@ class Dataset:
         chosen = _check_threads(threads)
         thread_count = self.threads if chosen is None else chosen
 
-        record_reads = []
+        record_reads = []  # (spec for _core.read_records, field name, output dtype, affine)
+        checked = False  # whether a kernel may flag an inexact integer (integer sources only)
         variable = []
+        converted_later = {}  # field -> (natural values read, output dtype, out array or None)
         results: Dict[str, np.ndarray] = {}
         for name in names:
             field = self.fields[name]
-            field_scale = _per_field(scale, name, several, "scale")
-            field_offset = _per_field(offset, name, several, "offset")
+            field_scale = per_field(scale, name, several, "scale")
+            field_offset = per_field(offset, name, several, "offset")
             affine = field_scale is not None or field_offset is not None
             natural, stored_cast, variable_field, row_shape, count, at, nbytes = self._layout[name]
-            out_dtype = self._output_dtype(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
-            cast = CAST_COPY if out_dtype == natural and field.dtype != "bfloat16" and not affine else stored_cast
+            out_dtype, cast = self._conversion(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
             params = affine_layout(field, field_scale, field_offset) if affine else _NO_AFFINE
             if variable_field:
                 descriptors = np.empty((n, 2), dtype=np.uint64)
-                record_reads.append((CAST_COPY, at, nbytes, 2, descriptors, None, None, 1, 1))
-                variable.append((field, descriptors, out_dtype, cast, params))
+                record_reads.append(((CAST_COPY, at, nbytes, 2, descriptors, None, None, 1, 1), name, None, False))
+                variable.append((field, descriptors, out_dtype, cast, params, affine))
                 continue
             shape = (n,) + row_shape
-            target = self._check_out(name, out[name], shape, out_dtype) if name in out else _empty(shape, out_dtype)
+            target = self._check_out(name, out[name], shape, out_dtype) if name in out else None
+            if cast is None:  # numpy converts the values read as they are stored
+                converted_later[name] = (_empty(shape, natural), out_dtype, target)
+                cast, target = CAST_COPY, converted_later[name][0]
+            elif target is None:
+                target = _empty(shape, out_dtype)
             results[name] = target
-            record_reads.append((cast, at, nbytes, count, target) + params)
+            record_reads.append(((cast, at, nbytes, count, target) + params, name, out_dtype, affine))
+            checked = checked or (cast != CAST_COPY and field.dtype in INTEGER_DTYPES)
         if len(out) > 1:
             self._check_disjoint(out)
         if len(record_reads) > 1:
-            record_reads.sort(key=lambda spec: (spec[1], spec[2]))  # a zero-size field before the field at its offset
-        uncached = self._shards.read_records(index_array, record_reads, self._use_map, thread_count)
+            record_reads.sort(key=lambda read: (read[0][1], read[0][2]))  # a zero-size field before the field at its offset
+        inexact = [False] * len(record_reads) if checked else None
+        uncached = self._shards.read_records(index_array, [read[0] for read in record_reads], self._use_map,
+                                             thread_count, inexact)
+        if checked and any(inexact):
+            for (_, name, out_dtype, affine), flagged in zip(record_reads, inexact):
+                if flagged and not option_for(lossy, name):
+                    raise self._inexact(self.fields[name], index_array, out_dtype, affine)
+        for name, (values, out_dtype, target) in converted_later.items():
+            converted = cast_values(self.fields[name], values, out_dtype, index_array, bool(option_for(lossy, name)))
+            if target is None:
+                target = converted
+            else:
+                target[...] = converted
+            results[name] = target
 
         lengths: Dict[str, np.ndarray] = {}
-        for field, descriptors, out_dtype, cast, params in variable:
-            results[field.name], lengths[field.name] = self._read_variable(
-                field, index_array, descriptors, out_dtype, cast, params, out.get(field.name),
-                maxlen.get(field.name) if isinstance(maxlen, abc.Mapping) else maxlen,
-                pad_value.get(field.name, 0) if isinstance(pad_value, abc.Mapping) else pad_value, thread_count)
+        for field, descriptors, out_dtype, cast, params, affine in variable:
+            name = field.name
+            results[name], lengths[name] = self._read_variable(
+                field, index_array, descriptors, out_dtype, cast, params, out.get(name), option_for(maxlen, name),
+                pad_value.get(name, 0) if isinstance(pad_value, abc.Mapping) else pad_value, thread_count,
+                side(padding, name, "padding"), side(truncating, name, "truncating"), bool(option_for(lossy, name)),
+                affine)
         return Batch({name: results[name] for name in names}, lengths=lengths, uncached=uncached)
+
+    def _inexact(self, field: Field, indices: np.ndarray, out_dtype: np.dtype, affine: bool, **variable: Any) -> Exception:
+        """The error for a native conversion that flagged an inexact integer: the field is read
+        again as stored to find the first such sample (error path only)."""
+        check = np.dtype(np.float32) if affine else out_dtype
+        values = self.read(indices, fields=field.name, **variable)[field.name]
+        bad = ~exact(values, check)
+        if not bad.any():  # cannot happen while the kernels and exact() agree
+            return ValueError(f"field {field.name!r}: a value did not convert exactly to {out_dtype}")
+        return inexact_error(field, values, bad, indices, out_dtype, check)
 
     def readahead(self, indices: Any) -> None:
         """Asks the kernel to start reading the records of ``indices`` from disk into the page
@@ -524,8 +537,9 @@ class Dataset:
                     raise ValueError(f"out[{a_name!r}] and out[{b_name!r}] share memory")
 
     def _read_variable(self, field: Field, indices: np.ndarray, descriptors: np.ndarray, out_dtype: np.dtype,
-                       cast: int, params: tuple, out_array: Optional[np.ndarray], maxlen: Optional[int],
-                       pad_value: Any, threads: int) -> Tuple[np.ndarray, np.ndarray]:
+                       cast: Optional[int], params: tuple, out_array: Optional[np.ndarray], maxlen: Optional[int],
+                       pad_value: Any, threads: int, padding: str, truncating: str, lossy: bool,
+                       affine: bool) -> Tuple[np.ndarray, np.ndarray]:
         n = len(indices)
         shard = np.searchsorted(self._starts, indices, side="right") - 1
         offsets = descriptors[:, 0]
@@ -553,7 +567,7 @@ class Dataset:
         if out_array is not None:
             target = self._check_out(field.name, out_array, shape, out_dtype)
         else:
-            target = _empty(shape, out_dtype)
+            target = None
         try:
             pad = np.array(pad_value, dtype=out_dtype)
         except (OverflowError, ValueError, TypeError) as exc:
@@ -561,8 +575,26 @@ class Dataset:
         if pad.ndim:
             raise ValueError(f"pad_value for field {field.name!r} must be a scalar")
         clipped = np.minimum(rows, np.uint64(max_rows)).astype(np.int64)
-        self._shards.read_heap(indices, shard.astype(np.int64), offsets.astype(np.int64), clipped, cast,
-                               field.count, row_bytes, target, max_rows, pad.tobytes(), *params, threads)
+        starts = offsets.astype(np.int64)
+        if truncating == "pre":  # keep the last rows: skip the first ones
+            starts += (rows.astype(np.int64) - clipped) * row_bytes
+        read_as = out_dtype if cast is not None else field.natural_dtype
+        landing = target if cast is not None and target is not None else _empty(shape, read_as)
+        pad_bytes = pad.tobytes() if cast is not None else np.zeros((), read_as).tobytes()
+        inexact = self._shards.read_heap(indices, shard.astype(np.int64), starts, clipped, CAST_COPY if cast is None else cast,
+                               field.count, row_bytes, landing, max_rows, pad_bytes, *params, threads,
+                               padding == "pre")
+        if inexact and not lossy:
+            raise self._inexact(field, indices, out_dtype, affine, maxlen=max_rows, truncating=truncating)
+        if cast is not None:
+            return landing, clipped
+        converted = cast_values(field, landing, out_dtype, indices, lossy)  # padding: zeros, exact in any dtype
+        rows_at = np.arange(max_rows)
+        in_pad = rows_at >= clipped[:, None] if padding == "post" else rows_at < (max_rows - clipped)[:, None]
+        converted[in_pad] = pad
+        if target is None:
+            return converted, clipped
+        target[...] = converted
         return target, clipped
 
 

@@ -14,12 +14,17 @@ class SchemaError(ShardfeedError, ValueError):
 
 
 class ValueRangeError(ShardfeedError, ValueError):
-    """A value does not fit in the dtype its field stores (overflow, out-of-range integer).
+    """A value does not fit in the dtype its field stores (overflow, out-of-range integer), or in
+    the dtype a read was asked for (a cast that would not give back the stored value exactly).
 
     ``field`` and ``sample`` name the field and the sample index, where known."""
 
     field = None
     sample = None
+
+
+class OptionalDependencyError(ShardfeedError, ImportError):
+    """A feature needs a package that is not installed; the message names the ``pip install``."""
 
 
 class SourceError(ShardfeedError, ValueError):

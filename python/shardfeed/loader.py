@@ -97,8 +97,13 @@ class FeedOptions:
         input/output name: field}``; a batch is ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``,
         or without ``inputs`` the dict of fields (a :class:`~shardfeed.Batch`).
     How they are read (``Dataset.read``'s options):
-        ``fields`` (default: those named above), ``dtype`` (default float32 for every field),
-        ``scale``, ``offset``, ``maxlen`` and ``pad_value``.
+        ``fields`` (default: those named above); ``dtype`` (default ``"auto"``: float fields as
+        float32, integer and bool fields in their stored dtype, fields with ``scale``/``offset``
+        as float32; or float16, bfloat16, a dtype per field...: the table is in
+        docs/training.md, "Output dtypes"); ``lossy`` (a conversion that cannot give back every
+        stored value exactly raises unless True, or ``{field: True}``); ``scale``, ``offset``;
+        for variable-length fields ``maxlen``, ``pad_value``, ``padding`` and ``truncating``
+        (``"post"``, the default, or ``"pre"``, as in ``keras.utils.pad_sequences``).
     ``transform(batch) -> dict``:
         runs on each batch's dict of fields (with ``batch.indices``, ``batch.epoch`` and
         ``batch.step``: seed an augmentation's randomness from them to keep runs reproducible)
@@ -114,11 +119,14 @@ class FeedOptions:
     drop_remainder: bool = False
     transform: Optional[Callable[[Any], Mapping[str, Any]]] = None
     fields: Any = None
-    dtype: Any = "float32"
+    dtype: Any = "auto"
+    lossy: Any = False
     scale: Any = None
     offset: Any = None
     maxlen: Any = None
     pad_value: Any = 0
+    padding: Any = "post"
+    truncating: Any = "post"
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -136,8 +144,9 @@ class FeedOptions:
 
     def read_options(self) -> Dict[str, Any]:
         """The keyword arguments of ``Dataset.read`` (all but ``fields``)."""
-        return {"dtype": self.dtype, "scale": self.scale, "offset": self.offset, "maxlen": self.maxlen,
-                "pad_value": self.pad_value}
+        return {"dtype": self.dtype, "lossy": self.lossy, "scale": self.scale, "offset": self.offset,
+                "maxlen": self.maxlen, "pad_value": self.pad_value, "padding": self.padding,
+                "truncating": self.truncating}
 
 
 class BatchPlan:
@@ -524,7 +533,8 @@ def batches(source: Any, batch_size: int, *, epochs: Optional[int] = None, prefe
 
     ``options`` are the :class:`FeedOptions` (``inputs``, ``targets``, ``sample_weights``,
     ``shuffle``, ``seed``, ``shuffle_block``, ``drop_remainder``, ``transform``, ``fields``,
-    ``dtype``, ``scale``, ``offset``, ``maxlen``, ``pad_value``). It yields ``(x, y)`` tuples
+    ``dtype``, ``lossy``, ``scale``, ``offset``, ``maxlen``, ``pad_value``, ``padding``,
+    ``truncating``). It yields ``(x, y)`` tuples
     (``(x,)`` without ``targets``, ``(x, y, sample_weight)`` with ``sample_weights``), as
     ``model.fit`` expects, or each batch's dict of fields without ``inputs``.
 
