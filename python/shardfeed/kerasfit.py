@@ -13,8 +13,9 @@ decide whether a feed can be exact (``steps_per_epoch``, ``shuffle``, ``initial_
 
 It must be called from the thread that runs Keras's loop (``on_epoch_begin`` is; a generator's
 first ``next`` is, when Keras peeks at it). The route-matrix test (tests/test_routes.py) pins
-this to the Keras trainers of every backend; when a Keras version no longer matches, a feed
-that needs the epoch refuses to train instead of guessing.
+this to the Keras trainers of every backend (Keras 3.15). Not guarded at run time: with a
+Keras whose trainers no longer match (other method or loop-variable names), no call is found
+and the feeds fall back to their custom-loop rules, which the route-matrix test then shows.
 
 Importing this module imports nothing: Keras is looked up in ``sys.modules``.
 """
