@@ -7,7 +7,7 @@ labels) into the same model (Dense 128 relu, Dense 10; batch 256; SGD):
   memory (Keras shuffles them each epoch);
 - ``sequence``: ``shardfeed.keras.ShardSequence`` (workers=1);
 - ``generator``: ``ds.batches(...)`` with ``steps_per_epoch``;
-- ``tf.data``: ``ds.to_tf_dataset(...)`` with ``steps_per_epoch``;
+- ``tf.data``: ``ds.to_tf_dataset(..., epochs=None)`` with ``steps_per_epoch``;
 - ``keras-sequence-ceiling`` and ``keras-generator-ceiling``: the same batches (the sampler's
   order), made once from the in-memory float32 arrays, handed out by a ``keras.utils.PyDataset``
   that only indexes a list and by a generator that only iterates it. No loader can be faster
@@ -129,7 +129,7 @@ def _feed(name, ds, x, y):
         batches = [next(first), next(first)]
         first.close()
         return dict(x=ds.batches(BATCH, inputs="x", targets="y", **read), steps_per_epoch=steps, shuffle=False), batches
-    dataset = ds.to_tf_dataset(BATCH, inputs="x", targets="y", **read)
+    dataset = ds.to_tf_dataset(BATCH, inputs="x", targets="y", epochs=None, **read)
     batches = [tuple(t.numpy() for t in element) for element in dataset.take(2)]
     return dict(x=dataset, steps_per_epoch=steps, shuffle=False), batches
 

@@ -45,7 +45,8 @@ def data(request, tmp_path_factory):
 @pytest.mark.filterwarnings(FORK_WARNING)
 @pytest.mark.parametrize("cls", peers.PEERS, ids=[cls.name for cls in peers.PEERS])
 def test_peer_passes(cls, data):
-    pytest.importorskip(LIBRARY[cls])
+    pytest.importorskip(LIBRARY[cls], reason=f"{LIBRARY[cls]} is not installed (the {cls.name} peer needs it; "
+                                             "the torch peer comes with the [torch] extra, which .ci/run installs)")
     assert cls.unavailable() is None
     reader = cls(data)
     assert reader.files()

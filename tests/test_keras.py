@@ -262,7 +262,8 @@ def test_arrays_handed_to_keras_are_never_reused(data):
         "generator": (ds.batches(BATCH, inputs=INPUTS, targets="target", seed=8, prefetch=4),
                       {"steps_per_epoch": STEPS}),
         "sequence, 2 workers": (ShardSequence(ds, BATCH, INPUTS, "target", seed=8, workers=2), {}),
-        "tf.data": (ds.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=8), {"steps_per_epoch": STEPS}),
+        "tf.data": (ds.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=8, epochs=None),
+                    {"steps_per_epoch": STEPS}),
     }
     for name, (source, kwargs) in feeds.items():
         model = H.mlp(6, 2 * STEPS, BATCH)
@@ -302,7 +303,7 @@ def test_batches_wait_until_keras_lets_go(data, allocation, feed):
     if feed == "generator":
         source, kwargs = ds.batches(BATCH, **options), {"steps_per_epoch": STEPS}
     elif feed == "tf.data":
-        source, kwargs = ds.to_tf_dataset(BATCH, **options), {"steps_per_epoch": STEPS}
+        source, kwargs = ds.to_tf_dataset(BATCH, epochs=None, **options), {"steps_per_epoch": STEPS}
     else:
         workers = 2 if "2 workers" in feed else 1
         source, kwargs = ShardSequence(ds, BATCH, INPUTS, "target", seed=8, workers=workers, max_queue_size=2,
@@ -366,10 +367,8 @@ def test_sequence_api(data):
     with pytest.raises(IndexError):
         seq[4]
     first = seq[0][1]
-    seq.on_epoch_end()  # Keras's extra call before training: not the end of an epoch
-    np.testing.assert_array_equal(seq[0][1], first)
-    seq.on_epoch_begin()
-    seq.on_epoch_end()
+    np.testing.assert_array_equal(seq[0][1], first)  # indexing alone stays in the epoch
+    seq.on_epoch_end()  # a custom loop's end of epoch (Keras's own calls are told apart: test_routes.py)
     assert seq.epoch == 1 and not np.array_equal(seq[0][1], first)
     seq.set_epoch(0)
     np.testing.assert_array_equal(seq[0][1], first)
@@ -400,7 +399,7 @@ def main(helpers, path, method):
     seq = ShardSequence(ds, 64, {"x": "x", "tag": "tag"}, "target", seed=7, workers=2, use_multiprocessing=True)
     model.fit(seq, epochs=2, verbose=0, shuffle=False)
     seen = model.get_layer("recorder").seen()
-    print(json.dumps({"epoch": seq.epoch, "start_method": multiprocessing.get_start_method(),
+    print(json.dumps({"start_method": multiprocessing.get_start_method(),
                       "seen": [s.tolist() for s in seen]}))
 
 if __name__ == "__main__":
@@ -421,7 +420,7 @@ def test_use_multiprocessing(data, tmp_path, method):
                           capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["start_method"] == method and report["epoch"] == 2
+    assert report["start_method"] == method
     sampler = Sampler(ds, BATCH, seed=7)
     assert len(report["seen"]) == 2 * STEPS
     for step, got in enumerate(report["seen"]):

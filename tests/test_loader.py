@@ -69,9 +69,9 @@ def test_batches_match_numpy_in_sampler_order(data):
     seen = []
     for step, (x, y) in enumerate(ds.batches(64, inputs="image", targets="label", seed=4, epochs=2)):
         indices = sampler.indices(step)
-        assert x.dtype == np.float32 and y.dtype == np.float32
-        np.testing.assert_array_equal(x, columns["image"][indices].astype(np.float32))
-        np.testing.assert_array_equal(y, columns["label"][indices].astype(np.float32))
+        assert x.dtype == np.uint8 and y.dtype == np.int64  # dtype="auto": integers as stored
+        np.testing.assert_array_equal(x, columns["image"][indices])
+        np.testing.assert_array_equal(y, columns["label"][indices])
         seen.append(indices)
     assert len(seen) == 2 * len(sampler) == 20
     for epoch in range(2):  # every epoch visits every sample exactly once
@@ -304,10 +304,77 @@ def test_feed_options_are_declared_once_and_checked_by_every_front_end(data):
     assert (plan.sampler.seed, plan.sampler.shuffle_block, plan.sampler.drop_remainder) == (5, 4, True)
     x, y = plan.load(3)
     expected = Sampler(ds, 8, seed=5, shuffle_block=4, drop_remainder=True).indices(3)
-    np.testing.assert_array_equal(y, columns["label"][expected].astype(np.float32))
+    assert (x.dtype, y.dtype) == (np.float32, np.int64)  # dtype="auto": float16 as float32, int64 as stored
+    np.testing.assert_array_equal(y, columns["label"][expected])
     np.testing.assert_array_equal(x, columns["meta"][expected].astype(np.float32))
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.seed = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("workers,processes", [(1, False), (3, False), (2, True)])
+def test_step_pool_hands_out_each_step_only_for_itself(data, workers, processes):
+    """StepPool (what ShardSequence reads ahead with): whatever order the steps are asked in
+    (in order, restarts, jumps back and forth, several threads at once), get(step) is exactly
+    plan.load(step); reads ahead that are not asked for are dropped, never handed out."""
+    from shardfeed.loader import StepPool
+    ds, columns = data
+    plan = BatchPlan(ds, 64, inputs="meta", targets="id", seed=9)
+    sampler = Sampler(ds, 64, seed=9)
+    pool = StepPool(plan, workers=workers, processes=processes, depth=4)
+    try:
+        asked = [0, 1, 2, 3, 0, 1, 7, 8, 9, 2, 30, 31, 5, 5, 6]
+        for step in asked:
+            x, y = pool.get(step)
+            np.testing.assert_array_equal(y, sampler.indices(step).astype(np.float32))
+            np.testing.assert_array_equal(x, columns["meta"][sampler.indices(step)].astype(np.float32))
+        if not processes:
+            results = {}
+
+            def ask(first):
+                for step in range(first, first + 6):
+                    results[(first, step)] = pool.get(step)[1]
+            threads = [threading.Thread(target=ask, args=(first,)) for first in (0, 3, 40)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for (_, step), y in results.items():
+                np.testing.assert_array_equal(y, sampler.indices(step).astype(np.float32))
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="workers"):
+        StepPool(plan, workers=0)
+
+
+def test_integer_fields_come_out_exact_by_default_in_every_loader(tmp_path):
+    """Issue 13 item 7: int64 ids above 2**24 used to come out of the loaders rounded (float32 by
+    default). Now the default keeps integers as stored, in the generator, the Sequence and tf.data;
+    asking for float32 raises naming the field unless lossy=True, which rounds as numpy does."""
+    ids = np.array([16777217, 123456789, 5, 2**40 + 1], np.int64)
+    tokens = np.array([7, 2**31 - 1, -3, 0], np.int32)
+    path = str(tmp_path / "ids")
+    with shardfeed.Writer(path, fields={"id": ("int64", ()), "token": ("int32", ())}) as writer:
+        writer.extend({"id": ids, "token": tokens})
+    with shardfeed.open(path) as ds:
+        (x, y), = list(ds.batches(4, inputs="token", targets="id", shuffle=False, epochs=1))
+        assert (x.dtype, y.dtype) == (np.int32, np.int64)
+        np.testing.assert_array_equal(y, ids)
+        np.testing.assert_array_equal(x, tokens)
+        with pytest.raises(shardfeed.ValueRangeError, match="id"):
+            list(ds.batches(4, inputs="token", targets="id", shuffle=False, epochs=1, dtype="float32"))
+        (_, rounded), = list(ds.batches(4, inputs="token", targets="id", shuffle=False, epochs=1, dtype="float32",
+                                        lossy=True))
+        np.testing.assert_array_equal(rounded, ids.astype(np.float32))
+        pytest.importorskip("tensorflow", reason="the tensorflow extra is not installed")
+        pytest.importorskip("keras", reason="the tensorflow extra is not installed")
+        from shardfeed.keras import ShardSequence
+        x, y = ShardSequence(ds, 4, "token", "id", shuffle=False)[0]
+        np.testing.assert_array_equal(y, ids)
+        assert y.dtype == np.int64
+        (x, y), = [(a.numpy(), b.numpy()) for a, b in ds.to_tf_dataset(4, inputs="token", targets="id",
+                                                                       shuffle=False)]
+        np.testing.assert_array_equal(y, ids)
+        assert (x.dtype, y.dtype) == (np.int32, np.int64)
 
 
 def test_prefetcher_contract():

@@ -10,14 +10,15 @@ import json
 import operator
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 try:
     import keras
 except ImportError as exc:  # the Pillow way: say which extra brings it
     raise ImportError(f"shardfeed.keras needs Keras 3 ({exc}): pip install 'shardfeed[tensorflow]'") from exc
 
-from .loader import BatchPlan, FeedOptions
+from . import kerasfit
+from .loader import DEFAULT_PREFETCH, BatchPlan, FeedOptions, StepPool
 
 __all__ = ["BackupAndRestore", "ShardSequence"]
 
@@ -30,77 +31,180 @@ class ShardSequence(keras.utils.PyDataset):
     also be given by position): ``inputs``, ``targets`` and ``sample_weights`` (a field name, a
     list, or a dict of model input/output name -> field), ``shuffle``, ``seed``, ``shuffle_block``,
     ``drop_remainder``, ``transform``, ``dtype`` and the other read options.
-    ``workers``, ``use_multiprocessing`` and ``max_queue_size`` go to ``PyDataset`` (Keras reads
-    batches on that many threads or processes; with processes the sequence is pickled, its
-    dataset reopened by path, so ``transform`` must be picklable).
 
-    ``len(seq)`` is the number of batches per epoch. Batch ``i`` is a pure function of
-    ``(seed, epoch, i)`` and ``__getitem__`` is thread-safe. The epoch advances when Keras ends
-    an epoch it began: Keras 3 calls ``on_epoch_end`` once more than ``on_epoch_begin`` (before
-    training), and calls ``__getitem__(0)`` and ``(1)`` first to infer types, neither of which
-    moves the order; ``set_epoch(e)`` sets it by hand. With ``shuffle=False`` (validation data)
-    every run reads the same batches from batch 0.
+    ``len(seq)`` is the number of batches per epoch; batch ``i`` of data epoch ``e`` is the
+    :class:`~shardfeed.Sampler`'s batch ``(e, i)``, and ``__getitem__`` is thread-safe.
 
-    Pass ``shuffle=False`` to ``model.fit`` itself: the sequence already shuffles every sample
-    each epoch, and Keras's default ``shuffle=True`` would also reorder whole batches with
-    Python's global ``random`` state, which makes runs irreproducible and defeats exact resume.
-    Don't pass ``steps_per_epoch`` either: one Keras epoch is one pass over the sequence."""
+    Which epoch: in ``model.fit``, Keras epoch ``e`` reads data epoch ``e`` (so ``initial_epoch=k``
+    continues with epoch ``k``, and every backend trains the same batches), whatever Keras calls
+    around it: the epoch is read from fit's own loop (:mod:`shardfeed.kerasfit`), not counted from
+    ``on_epoch_begin``/``on_epoch_end`` calls, and the batch Keras reads to build the model is not
+    an epoch. ``evaluate``, ``predict`` and validation read the sequence's current epoch
+    (0 unless moved) from batch 0, every run. In a custom loop, ``on_epoch_end()`` moves to the
+    next epoch, and each ``for batch in seq`` reads the next epoch (the current one if none of
+    its batches was read yet); ``set_epoch(e)`` and :meth:`restore` move it by hand. After a fit
+    epoch ``e`` the current epoch is ``e + 1``.
+
+    Reading ahead: the sequence reads the next batches itself, keyed by step, on ``workers``
+    threads (processes with ``use_multiprocessing``: the plan is pickled to them, its dataset
+    reopened by path, so ``transform`` must be picklable under ``spawn``), up to
+    ``max_queue_size`` batches ahead (2 with one thread). Keras is told ``workers=1``: its own
+    worker queue keeps batches read for an epoch it stops early and hands them out in the next
+    one (issue 13), which a queue keyed by step cannot do.
+
+    Refused at the start of ``fit``, with the alternative: ``shuffle=True`` in ``fit`` (its
+    default; Keras would reorder whole batches with Python's ``random``: pass ``shuffle=False``,
+    the sequence already shuffles every sample each epoch) and ``steps_per_epoch`` (one Keras
+    epoch is one pass over the sequence; use a view such as ``ds.head(n)`` for shorter epochs)."""
 
     def __init__(self, source: Any, batch_size: int, inputs: Any = None, targets: Any = None, *,
                  workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10, **options: Any):
-        super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
+        super().__init__(workers=1, use_multiprocessing=False, max_queue_size=max_queue_size)
         options = FeedOptions.from_kwargs("ShardSequence()", dict(options, inputs=inputs, targets=targets))
         self.plan = BatchPlan(source, batch_size, options)
         if len(self.plan) == 0:
             raise ValueError(f"no batches: {self.plan.sampler.samples} samples with batch_size {batch_size} "
                              f"and drop_remainder={options.drop_remainder}")
-        self._base = 0  # global step of the current epoch's batch 0
-        self._in_epoch = False
+        self.read_workers = workers
+        self.read_processes = bool(use_multiprocessing)
+        self.read_ahead = max_queue_size if workers > 1 or use_multiprocessing else DEFAULT_PREFETCH
+        self._pool = self._new_pool()
+        self._current = 0  # custom loops: global step of the current epoch's batch 0
+        self._read_current = False  # a batch of the current epoch was read outside Keras
+        self._resume_at: Optional[int] = None  # restore(): the step the next fit epoch starts at
+        self._anchor: Optional[Tuple[int, int]] = None  # (Keras epoch, its first step) after a restore
+        self._keras_step: Optional[int] = None  # a Keras epoch in progress: global step of its batch 0
+        self._in_fit_epoch = False  # that Keras epoch is one of fit's (not evaluate's, nor the build)
 
     def __len__(self) -> int:
         return len(self.plan)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_pool"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> StepPool:
+        return StepPool(self.plan, workers=self.read_workers, processes=self.read_processes, depth=self.read_ahead,
+                        name="shardfeed-sequence")
 
     def __getitem__(self, index: int) -> Any:
         index = operator.index(index)
         if not 0 <= index < len(self.plan):
             raise IndexError(f"batch {index} is out of range: the sequence has {len(self.plan)} batches")
-        return self.plan.load(self._base + index)
+        base = self._keras_step
+        if base is None:
+            base = self._current
+            if kerasfit.keras_call() is None:  # not the batches Keras reads for their types
+                self._read_current = True
+        return self._pool.get(base + index)
+
+    def __iter__(self):
+        """One epoch, batch by batch: the next epoch (the current one if none of its batches was read)."""
+        if self._read_current:
+            self._current += len(self.plan)
+        first = self._current
+        self._read_current = True
+        for index in range(len(self.plan)):
+            yield self._pool.get(first + index)
 
     def __repr__(self) -> str:
         return (f"<shardfeed.keras.ShardSequence {len(self)} batches of {self.plan.sampler.batch_size} from "
                 f"{self.plan.view!r}, epoch {self.epoch}>")
 
+    def step_for_epoch(self, epoch: int) -> int:
+        """The global step Keras epoch ``epoch`` of a ``fit`` starts at: ``epoch * len(seq)``, or
+        after :meth:`restore`, the restored step for the next epoch Keras begins and consecutive
+        epochs from there (in that fit and later ones, until the next restore)."""
+        n = len(self.plan)
+        if self._resume_at is not None:
+            return self._resume_at
+        if self._anchor is not None:
+            anchor_epoch, anchor_step = self._anchor
+            step = anchor_step + (epoch - anchor_epoch) * n
+            if step < 0:
+                raise ValueError(f"Keras epoch {epoch} comes before the one this sequence was restored for "
+                                 f"(epoch {anchor_epoch} reads from step {anchor_step}): call restore() or "
+                                 "set_epoch() before a fit that starts earlier")
+            return step
+        return epoch * n
+
     def on_epoch_begin(self) -> None:
-        self._in_epoch = True
+        call = kerasfit.keras_call()
+        if call is None:
+            return  # a custom loop: the current epoch goes on
+        if call.method == "fit":
+            _refuse_inexact_fit(call, len(self.plan))
+        if call.method == "fit" and call.epoch is not None:
+            if self._resume_at is not None:
+                self._anchor, self._resume_at = (call.epoch, self._resume_at), None
+            self._keras_step = self.step_for_epoch(call.epoch)
+            self._in_fit_epoch = True
+        else:  # evaluate, predict, validation, or the batch fit reads to build the model
+            self._keras_step = self._current
+        self._pool.cancel()
 
     def on_epoch_end(self) -> None:
-        if self._in_epoch:  # the extra call Keras makes before training is not the end of an epoch
-            self._base += len(self.plan)
-            self._in_epoch = False
+        if kerasfit.keras_call() is not None:
+            # Keras's epochs come from its loop, not from these calls; after a fit epoch the
+            # sequence's current epoch is the next one (for a custom loop or evaluate after fit).
+            if self._in_fit_epoch and self._keras_step is not None:
+                self._current, self._read_current = self._keras_step + len(self.plan), False
+            self._keras_step, self._in_fit_epoch = None, False
+            self._pool.cancel()
+            return
+        self._current += len(self.plan)
+        self._read_current = False
+
+    def close(self) -> None:
+        """Stops the threads or processes reading ahead (they also stop when the sequence is
+        garbage-collected, and at exit)."""
+        self._pool.close()
 
     @property
     def epoch(self) -> int:
-        """The epoch the next ``__getitem__`` calls read (of a stream resumed mid-epoch, the epoch of batch 0)."""
-        return self._base // len(self.plan)
+        """The data epoch being read (of a stream resumed mid-epoch, the epoch of batch 0)."""
+        return self.step // len(self.plan)
 
     @property
     def step(self) -> int:
-        """Global step of this epoch's batch 0."""
-        return self._base
+        """Global step of the batch 0 being read: of the Keras epoch in progress, else of the
+        current epoch."""
+        return self._current if self._keras_step is None else self._keras_step
 
     def set_epoch(self, epoch: int) -> None:
-        self._base = self.plan.sampler.step_of((epoch, 0))
-        self._in_epoch = False
+        """Moves to the start of data epoch ``epoch``: the next epoch Keras begins reads it, and
+        the following ones continue from there; so do custom loops."""
+        self.restore((epoch, 0))
 
     def position(self, batches_done: int = 0) -> dict:
         """The resumable position after ``batches_done`` batches of the current epoch (a JSON-able dict)."""
-        return self.plan.sampler.position(self._base + batches_done)
+        return self.plan.sampler.position(self.step + batches_done)
 
     def restore(self, position: Any) -> None:
         """Continues at ``position`` (a :meth:`position` dict, ``(epoch, batch)`` or a global step):
-        the next epoch Keras begins reads from that batch on, straight into the following epoch."""
-        self._base = self.plan.sampler.step_of(position)
-        self._in_epoch = False
+        the next epoch Keras begins reads from that batch on, straight into the following epoch,
+        and so does a custom loop."""
+        step = self.plan.sampler.step_of(position)
+        self._current, self._read_current, self._resume_at, self._anchor = step, False, step, None
+
+
+def _refuse_inexact_fit(call: kerasfit.KerasCall, batches: int) -> None:
+    arguments = call.arguments
+    if arguments.get("steps_per_epoch") is not None:
+        raise ValueError(f"model.fit(ShardSequence, steps_per_epoch={arguments['steps_per_epoch']}): a Keras epoch "
+                         f"is one pass over the sequence ({batches} batches), so the data epochs would not line up "
+                         "with Keras's; leave steps_per_epoch out, and for shorter epochs train on a view "
+                         "(ds.head(n), ds.split(...))")
+    if arguments.get("shuffle", False):
+        raise ValueError("model.fit(ShardSequence, shuffle=True) (Keras's default): Keras would reorder whole "
+                         "batches with Python's random module, so a run would neither follow the sampler's order "
+                         "nor be reproducible; pass shuffle=False to fit (the sequence already shuffles every "
+                         "sample each epoch)")
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -165,19 +269,18 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if saved is not None:
             self.step = self._trained = saved
             self._restored = True
-        if self.data is not None:
-            if self._restored:
-                self.data.restore(self._trained)
-            else:
-                self._trained = self.data.step
+        if self.data is not None and self._restored:
+            self.data.restore(self._trained)  # the next Keras epoch continues the stream there
         self._epoch_start = None
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        if not self._restored and self._epoch_start is None:
-            steps = self.params.get("steps")
-            if steps:
-                self._trained = max(self._trained, epoch * steps)
-        self._epoch_start = self._trained
+        if self.data is not None:
+            self._epoch_start = self.data.step_for_epoch(epoch)
+        elif self._restored:
+            self._epoch_start = self._trained  # a generator started at the backup's step
+        else:
+            steps = self.params.get("steps") or 0
+            self._epoch_start = max(self._trained, epoch * steps)
         super().on_epoch_begin(epoch, logs)
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:

@@ -13,15 +13,19 @@ TensorFlow tensor wrapping it, Keras's queue) is never handed out again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import queue
+import sys
 import threading
+import weakref
 from collections import abc
 from typing import Any, Callable, Dict, Generator, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from . import kerasfit
 from .order import Sampler
 from .views import as_subset
 
@@ -93,8 +97,13 @@ class FeedOptions:
         input/output name: field}``; a batch is ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``,
         or without ``inputs`` the dict of fields (a :class:`~shardfeed.Batch`).
     How they are read (``Dataset.read``'s options):
-        ``fields`` (default: those named above), ``dtype`` (default float32 for every field),
-        ``scale``, ``offset``, ``maxlen`` and ``pad_value``.
+        ``fields`` (default: those named above); ``dtype`` (default ``"auto"``: float fields as
+        float32, integer and bool fields in their stored dtype, fields with ``scale``/``offset``
+        as float32; or float16, bfloat16, a dtype per field...: the table is in
+        docs/training.md, "Output dtypes"); ``lossy`` (a conversion that cannot give back every
+        stored value exactly raises unless True, or ``{field: True}``); ``scale``, ``offset``;
+        for variable-length fields ``maxlen``, ``pad_value``, ``padding`` and ``truncating``
+        (``"post"``, the default, or ``"pre"``, as in ``keras.utils.pad_sequences``).
     ``transform(batch) -> dict``:
         runs on each batch's dict of fields (with ``batch.indices``, ``batch.epoch`` and
         ``batch.step``: seed an augmentation's randomness from them to keep runs reproducible)
@@ -110,11 +119,14 @@ class FeedOptions:
     drop_remainder: bool = False
     transform: Optional[Callable[[Any], Mapping[str, Any]]] = None
     fields: Any = None
-    dtype: Any = "float32"
+    dtype: Any = "auto"
+    lossy: Any = False
     scale: Any = None
     offset: Any = None
     maxlen: Any = None
     pad_value: Any = 0
+    padding: Any = "post"
+    truncating: Any = "post"
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -132,8 +144,9 @@ class FeedOptions:
 
     def read_options(self) -> Dict[str, Any]:
         """The keyword arguments of ``Dataset.read`` (all but ``fields``)."""
-        return {"dtype": self.dtype, "scale": self.scale, "offset": self.offset, "maxlen": self.maxlen,
-                "pad_value": self.pad_value}
+        return {"dtype": self.dtype, "lossy": self.lossy, "scale": self.scale, "offset": self.offset,
+                "maxlen": self.maxlen, "pad_value": self.pad_value, "padding": self.padding,
+                "truncating": self.truncating}
 
 
 class BatchPlan:
@@ -374,7 +387,131 @@ class Prefetcher:
         self.close()
 
 
-def _stream(plan: BatchPlan, first: int, stop: Optional[int], prefetch: int) -> Generator[Any, None, None]:
+_WORKER_PLAN: Optional[BatchPlan] = None  # the plan of a StepPool's worker process
+
+
+def _set_worker_plan(plan: BatchPlan) -> None:
+    global _WORKER_PLAN
+    _WORKER_PLAN = plan
+
+
+def _load_in_worker(step: int) -> Any:
+    assert _WORKER_PLAN is not None, "a StepPool worker process without its plan"
+    return _WORKER_PLAN.load(step)
+
+
+class StepPool:
+    """``plan.load(step)`` for the steps a consumer asks for, with the next ``depth`` steps read
+    ahead on ``workers`` threads (or processes, with ``processes``: the plan is pickled to them
+    once, its dataset reopened by path, and the batches come back pickled).
+
+    Results are keyed by step: :meth:`get` returns exactly ``plan.load(step)`` whatever was asked
+    before, and a read ahead that the consumer does not ask for next (it jumped, or restarted an
+    epoch) is dropped, never handed out for another step. Thread-safe. :meth:`close` cancels the
+    reads ahead and stops the workers; the pool also closes when it is garbage-collected and at
+    interpreter exit. Processes start with the ``multiprocessing`` start method in effect."""
+
+    def __init__(self, plan: BatchPlan, *, workers: int = 1, processes: bool = False, depth: int = DEFAULT_PREFETCH,
+                 name: str = "shardfeed-steps"):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"the read-ahead depth must be an int >= 0, got {depth!r}")
+        self.plan, self.workers, self.processes, self.depth, self.name = plan, workers, bool(processes), depth, name
+        self._lock = threading.Lock()
+        self._ahead: Dict[int, Any] = {}  # step -> Future
+        self._executor: Any = None
+        self._finalizer: Any = None
+
+    def _start(self) -> Any:
+        if self._executor is None:
+            if self.processes:
+                import multiprocessing
+                self._executor = concurrent.futures.ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context(), initializer=_set_worker_plan,
+                    initargs=(self.plan,))
+            else:
+                self._executor = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
+            self._finalizer = weakref.finalize(self, _shutdown, self._executor)
+        return self._executor
+
+    def _submit(self, step: int) -> Any:
+        if self.processes:
+            return self._start().submit(_load_in_worker, step)
+        return self._start().submit(self.plan.load, step)
+
+    def get(self, step: int) -> Any:
+        with self._lock:
+            future = self._ahead.pop(step, None)
+            for other in [s for s in self._ahead if not step < s <= step + self.depth]:
+                self._ahead.pop(other).cancel()
+            if future is None and (self.depth == 0 and not self.processes):
+                future = None  # read in the caller's thread below
+            elif future is None:
+                future = self._submit(step)
+            for ahead in range(step + 1, step + self.depth + 1):
+                if ahead not in self._ahead:
+                    self._ahead[ahead] = self._submit(ahead)
+        if future is None:
+            return self.plan.load(step)
+        return future.result()
+
+    def cancel(self) -> None:
+        """Drops the reads ahead (those not started are cancelled)."""
+        with self._lock:
+            for future in self._ahead.values():
+                future.cancel()
+            self._ahead.clear()
+
+    def close(self) -> None:
+        self.cancel()
+        with self._lock:
+            finalizer, self._finalizer, self._executor = self._finalizer, None, None
+        if finalizer is not None:
+            finalizer()
+
+
+def _shutdown(executor: Any) -> None:
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _refuse_inexact_keras_fit(plan: BatchPlan, epochs: Optional[int], started: bool, frame: Any) -> None:
+    """Called on a generator's first ``next``: when that is Keras's ``fit`` peeking at it, refuses
+    the uses in which the batches Keras trains could not be the sampler's epoch after epoch."""
+    call = kerasfit.keras_call()
+    if call is None or call.method != "fit":
+        return
+    arguments = call.arguments
+    per_epoch = len(plan.sampler)
+    if getattr(arguments.get("validation_data"), "gi_frame", None) is frame:
+        raise ValueError("a shardfeed generator as validation_data: Keras replays a generator's first batches "
+                         "at every validation run; pass a shardfeed.keras.ShardSequence(..., shuffle=False)")
+    if kerasfit.distributed(call.model):
+        raise ValueError("model.fit(generator) under tf.distribute: Keras reads ahead from the generator to build "
+                         "the model and drops what it read, so batches would be skipped; use "
+                         "ds.to_tf_dataset(..., epochs=None) with steps_per_epoch, or a shardfeed.keras.ShardSequence")
+    steps_per_epoch = arguments.get("steps_per_epoch")
+    keras_epochs = int(arguments.get("epochs", 1)) - int(arguments.get("initial_epoch", 0))
+    if steps_per_epoch is None and (epochs is None or keras_epochs > 1):
+        raise ValueError(f"model.fit(generator) without steps_per_epoch: Keras ends its first epoch only when the "
+                         f"generator ends, then replays the generator's first batches; pass "
+                         f"steps_per_epoch={per_epoch} (the batches per epoch) with a generator of epochs=None, or "
+                         "use a shardfeed.keras.ShardSequence")
+    if steps_per_epoch is not None and steps_per_epoch != per_epoch:
+        raise ValueError(f"model.fit(generator, steps_per_epoch={steps_per_epoch}): an epoch of this generator has "
+                         f"{per_epoch} batches, so Keras's epochs would not be the data epochs; pass "
+                         f"steps_per_epoch={per_epoch}, or train on a view (ds.head(n), ds.split(...)) for shorter "
+                         "epochs")
+    initial_epoch = int(arguments.get("initial_epoch", 0))
+    if initial_epoch and not started:
+        raise ValueError(f"model.fit(generator, initial_epoch={initial_epoch}) with a generator starting at epoch "
+                         f"0: pass start=({initial_epoch}, 0) to batches() so that Keras epoch {initial_epoch} "
+                         f"reads data epoch {initial_epoch}")
+
+
+def _stream(plan: BatchPlan, first: int, stop: Optional[int], prefetch: int, epochs: Optional[int],
+            started: bool) -> Generator[Any, None, None]:
+    _refuse_inexact_keras_fit(plan, epochs, started, sys._getframe())
     if prefetch == 0:
         steps: Iterable[int] = itertools.count(first) if stop is None else range(first, stop)
         for step in steps:
@@ -396,7 +533,8 @@ def batches(source: Any, batch_size: int, *, epochs: Optional[int] = None, prefe
 
     ``options`` are the :class:`FeedOptions` (``inputs``, ``targets``, ``sample_weights``,
     ``shuffle``, ``seed``, ``shuffle_block``, ``drop_remainder``, ``transform``, ``fields``,
-    ``dtype``, ``scale``, ``offset``, ``maxlen``, ``pad_value``). It yields ``(x, y)`` tuples
+    ``dtype``, ``lossy``, ``scale``, ``offset``, ``maxlen``, ``pad_value``, ``padding``,
+    ``truncating``). It yields ``(x, y)`` tuples
     (``(x,)`` without ``targets``, ``(x, y, sample_weight)`` with ``sample_weights``), as
     ``model.fit`` expects, or each batch's dict of fields without ``inputs``.
 
@@ -420,4 +558,4 @@ def batches(source: Any, batch_size: int, *, epochs: Optional[int] = None, prefe
     plan = BatchPlan(source, batch_size, FeedOptions.from_kwargs("batches()", options))
     steps = plan.steps(epochs, start)
     first = 0 if start is None else plan.sampler.step_of(start)
-    return _stream(plan, first, steps.stop if isinstance(steps, range) else None, prefetch)
+    return _stream(plan, first, steps.stop if isinstance(steps, range) else None, prefetch, epochs, start is not None)

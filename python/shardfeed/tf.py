@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import threading
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from . import kerasfit
 from .loader import BatchPlan, FeedOptions
 
 __all__ = ["to_tf_dataset"]
@@ -33,7 +35,7 @@ def _signature_from_sample(plan: BatchPlan, step: int, batch_dim: Optional[int])
         lambda a: tf.TensorSpec([batch_dim] + list(np.shape(a)[1:]), tf.as_dtype(np.asarray(a).dtype)), sample)
 
 
-def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = None, prefetch: int = tf.data.AUTOTUNE,
+def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = 1, prefetch: int = tf.data.AUTOTUNE,
                   start: Any = None, num_parallel_calls: int = 1, output_signature: Any = None,
                   **options: Any) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` whose elements are whole batches, the same batches, in the same order,
@@ -49,10 +51,23 @@ def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = None,
     variable-length dimension is ``maxlen`` or None). With a ``transform``, the spec is taken
     from the first batch (all but the batch dimension fixed) unless ``output_signature`` is given.
 
-    Like any ``tf.data`` dataset it is a description, not a stream: every iteration starts again
-    at ``start`` and covers epochs up to ``epochs - 1`` (``epochs=None``: forever). For Keras,
-    use ``epochs=None`` with ``model.fit(ds, steps_per_epoch=batches_per_epoch, epochs=E)``;
-    a finite dataset passed to ``fit`` for several epochs would repeat the same order each epoch.
+    Epochs: each iteration of the dataset reads ``epochs`` epochs (default 1), and each new
+    iteration (a new ``iter()``, the next epoch of ``model.fit(ds, epochs=N)``, the next pass of
+    ``ds.repeat()``) reads the next ones, as tf.data's ``shuffle`` reshuffles every iteration:
+    iteration ``r`` reads data epochs ``r * epochs`` to ``(r + 1) * epochs - 1``; the first
+    iteration is the one that holds ``start`` (default step 0), from ``start`` on. So ``model.fit(ds, epochs=N)`` trains
+    Keras epoch ``e`` on data epoch ``e``, without ``steps_per_epoch``. ``epochs=None``: one
+    endless stream from ``start`` that every iteration starts again; for ``model.fit(ds,
+    steps_per_epoch=len(sampler), epochs=N)``, which keeps one iteration for the whole fit, and
+    the route to use under ``tf.distribute``, where Keras also iterates the dataset once to
+    build the model, which would count as an epoch of the finite form.
+
+    Resuming: the iterator checkpoints with ``tf.train.Checkpoint(iterator=it)`` (the dataset
+    sets tf.data's external-state policy to ignore the batch-reading function, whose only state
+    is the step it is given), and a restored iterator continues with the very next batch. A
+    restarted ``model.fit`` resumes with ``start=`` (a step, ``(epoch, batch)`` or a
+    ``Sampler.position``) and ``epochs=None``, e.g. ``start=backup.step`` with
+    :class:`shardfeed.keras.BackupAndRestore`.
 
     In ``tf.distribute``, ``strategy.experimental_distribute_dataset`` splits each global batch
     across replicas; with ``distribute_datasets_from_function``, give every input pipeline its
@@ -63,7 +78,7 @@ def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = None,
     a reference to it until it is freed: a batch's memory goes to a later batch only once every
     tensor wrapping it is gone (see :mod:`shardfeed.loader`)."""
     plan = BatchPlan(source, batch_size, FeedOptions.from_kwargs("to_tf_dataset()", options))
-    steps = plan.steps(epochs, start)
+    plan.steps(epochs, start)  # checks epochs and start
     first = 0 if start is None else plan.sampler.step_of(start)
     batch_dim = plan.sampler.batch_size if plan.options.drop_remainder else None
     if output_signature is None:
@@ -93,9 +108,88 @@ def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = None,
         return tf.nest.pack_sequence_as(output_signature, [
             tf.ensure_shape(t, spec.shape) for t, spec in zip(tensors, flat_specs)])
 
-    if isinstance(steps, range):
-        numbers = tf.data.Dataset.range(steps.start, steps.stop)
-    else:
+    per_iteration = (epochs or 0) * len(plan.sampler)
+    iterations = _Iterations(first // per_iteration if per_iteration else 0)
+    if epochs is None:
         numbers = tf.data.Dataset.counter(start=first)
-    dataset = numbers.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
-    return dataset.prefetch(prefetch)
+    else:
+        # The cardinality stays unknown: told it, Keras's TensorFlow trainer would also make an
+        # iteration at the end of each epoch, which it drops.
+        numbers = _epochs_per_iteration(plan, first, int(epochs), iterations)
+    dataset = numbers.map(load, num_parallel_calls=num_parallel_calls, deterministic=True).prefetch(prefetch)
+    options = tf.data.Options()
+    # The only state of the map function is its argument, the step: an iterator checkpoint that
+    # records the steps' position resumes exactly.
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    dataset = dataset.with_options(options)
+    return dataset if epochs is None else _hook_iterations(dataset, iterations)
+
+
+class _Iterations:
+    """Which iteration of a finite dataset begins: counted, one per iteration, like the seed
+    generator that makes tf.data's ``shuffle`` reshuffle each iteration, except where Keras says
+    otherwise. The dataset's ``__iter__`` looks at the Keras call on the stack
+    (:mod:`shardfeed.kerasfit`) and leaves a note for the iteration's first read, which runs on
+    a tf.data thread (Keras reads from each iteration it makes before it makes the next one): the
+    iteration ``fit`` makes to build the model (then drops) is not counted, one it makes in its
+    epoch ``e`` is iteration ``e``. ``fit`` with ``steps_per_epoch`` is refused: Keras then keeps
+    one iteration across epochs and runs out of data after the first."""
+
+    def __init__(self, first: int) -> None:
+        self._lock = threading.Lock()
+        self._next = first
+        self._note: Optional[Tuple[str, int]] = None
+
+    def iteration_begins(self) -> None:
+        call = kerasfit.keras_call()
+        if call is not None and call.method == "fit" and call.arguments.get("steps_per_epoch") is not None:
+            raise ValueError(f"model.fit(to_tf_dataset(...), steps_per_epoch={call.arguments['steps_per_epoch']}) "
+                             "with a finite dataset (one epoch per iteration, the default): Keras keeps one "
+                             "iteration for the whole fit and runs out of data after it; leave steps_per_epoch "
+                             "out, or pass epochs=None to to_tf_dataset for an endless stream")
+        with self._lock:
+            if call is None or call.method != "fit":
+                self._note = None
+            elif call.building:
+                self._note = ("uncounted", 0)
+            else:
+                self._note = ("keras", call.epoch)
+
+    def take(self) -> int:
+        with self._lock:
+            note, self._note = self._note, None
+            if note is not None and note[0] == "uncounted":
+                return self._next
+            r = note[1] if note is not None else self._next
+            self._next = r + 1
+            return r
+
+
+def _hook_iterations(dataset: tf.data.Dataset, iterations: _Iterations) -> tf.data.Dataset:
+    """``dataset`` with an ``__iter__`` that tells ``iterations`` an iteration begins (a subclass of
+    its own class: transformations of it are plain datasets, whose passes are counted)."""
+    base = type(dataset)
+
+    def __iter__(self):  # noqa: N807
+        iterations.iteration_begins()
+        return base.__iter__(self)
+
+    dataset.__class__ = type("ShardfeedDataset", (base,), {"__iter__": __iter__, "__module__": __name__})
+    return dataset
+
+
+def _epochs_per_iteration(plan: BatchPlan, first: int, epochs: int, iterations: _Iterations) -> tf.data.Dataset:
+    """The steps of iteration ``r``: data epochs ``r * epochs`` to ``(r + 1) * epochs - 1`` (from
+    ``first`` in the iteration that holds it, which is the first one counted)."""
+    per_iteration = epochs * len(plan.sampler)
+
+    def bounds() -> np.ndarray:
+        r = iterations.take()
+        hi = (r + 1) * per_iteration
+        return np.array([min(max(first, r * per_iteration), hi), hi], np.int64)
+
+    def steps(_: tf.Tensor) -> tf.data.Dataset:
+        lo_hi = tf.numpy_function(bounds, [], tf.int64, stateful=True, name="shardfeed_iteration")
+        return tf.data.Dataset.range(lo_hi[0], lo_hi[1])
+
+    return tf.data.Dataset.range(1).flat_map(steps)
