@@ -116,10 +116,21 @@ class StepClock(keras.callbacks.Callback):
             self.seconds = time.perf_counter() - self.start
 
 
+def timed_view(ds, config: Config):
+    """A view of ``ds`` whose one epoch is exactly the ``warmup + steps`` batches timed (a Keras epoch
+    is a whole pass over a feed: shardfeed refuses a ``steps_per_epoch`` that cuts one), its samples
+    spread evenly over the whole dataset so that reads from disk are as scattered as a full epoch's."""
+    wanted = config.batch * (config.warmup + config.steps)
+    if wanted > len(ds):
+        raise ValueError(f"the dataset has {len(ds)} images, fewer than the {wanted} timed")
+    return ds.subset(np.linspace(0, len(ds) - 1, wanted).astype(np.int64))
+
+
 def fit_seconds(model, feed, config: Config) -> float:
     clock = StepClock(config)
-    model.fit(feed, epochs=1, steps_per_epoch=config.warmup + config.steps, shuffle=False, verbose=0,
-              callbacks=[clock])
+    generator = not isinstance(feed, ShardSequence)  # a generator needs its epoch's length
+    model.fit(feed, epochs=1, steps_per_epoch=config.warmup + config.steps if generator else None, shuffle=False,
+              verbose=0, callbacks=[clock])
     if clock.seconds is None:
         raise RuntimeError(f"fit stopped before step {config.warmup + config.steps} (too few samples?)")
     return clock.seconds
@@ -129,7 +140,7 @@ class CheckedSequence(ShardSequence):
     """``ShardSequence`` whose first ``config.check_steps`` batches are checked against numpy's."""
 
     def __init__(self, ds, config: Config, feed: str):
-        super().__init__(ds, config.batch, inputs="image", targets="label", seed=config.seed,
+        super().__init__(timed_view(ds, config), config.batch, inputs="image", targets="label", seed=config.seed,
                          drop_remainder=True, **read_options())
         self.config, self.feed = config, feed
 
@@ -142,6 +153,7 @@ class CheckedSequence(ShardSequence):
 
 def checked_batches(ds, config: Config, feed: str):
     """``ds.batches(...)``, the generator for ``model.fit``, its first batches checked."""
+    ds = timed_view(ds, config)
     sampler = shardfeed.Sampler(ds, config.batch, seed=config.seed, drop_remainder=True)
     batches = ds.batches(config.batch, inputs="image", targets="label", seed=config.seed, drop_remainder=True,
                          **read_options())

@@ -66,7 +66,8 @@ def test_keras_feeds_are_checked_against_numpy(images, monkeypatch):
     pytest.importorskip("tensorflow", reason="the tensorflow extra is not installed")
     import gpu_routes
     with shardfeed.open(images) as ds:
-        sampler = shardfeed.Sampler(ds, TINY.batch, seed=TINY.seed, drop_remainder=True)
+        # the feeds read a view of the timed batches' samples, spread over the dataset
+        sampler = shardfeed.Sampler(gpu_routes.timed_view(ds, TINY), TINY.batch, seed=TINY.seed, drop_remainder=True)
         sequence = gpu_routes.CheckedSequence(ds, TINY, "seq")
         batches = gpu_routes.checked_batches(ds, TINY, "gen")
         for step in range(TINY.check_steps + 1):
