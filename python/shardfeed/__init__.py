@@ -16,8 +16,8 @@ by parallel processes without copying shard data.
 
 from .dataset import Batch, Dataset, free_batch_memory, get_num_threads, open, set_num_threads
 from .errors import (
-    SchemaError, ShardfeedError, ShardfeedWarning, ShardFormatError, ShardReadError, ShardWriteError, SourceError,
-    ValueRangeError, WriterLockedError,
+    RecordChecksumError, SchemaError, ShardfeedError, ShardfeedWarning, ShardFormatError, ShardReadError,
+    ShardWriteError, SourceError, ValueRangeError, WriterLockedError,
 )
 from .format import Field
 from .merge import MergeResult, merge
@@ -28,7 +28,8 @@ from .writer import Writer
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "Dataset", "Field", "MergeResult", "Permutation", "Sampler", "SchemaError", "ShardFormatError",
+    "Batch", "Dataset", "Field", "MergeResult", "Permutation", "RecordChecksumError", "Sampler", "SchemaError",
+    "ShardFormatError",
     "ShardReadError", "ShardWriteError", "ShardfeedError", "ShardfeedWarning", "SourceError", "Subset",
     "ValueRangeError", "VerifyReport", "Writer", "WriterLockedError", "convert", "free_batch_memory",
     "get_num_threads", "merge", "open", "set_num_threads", "verify",

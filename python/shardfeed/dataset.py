@@ -495,6 +495,8 @@ class Dataset:
             record_reads.append((cast, at, nbytes, count, target) + params)
         if len(out) > 1:
             self._check_disjoint(out)
+        if variable:  # the heap reads use the indices again: a private copy, like the native reads'
+            index_array = index_array.copy()
         if len(record_reads) > 1:
             record_reads.sort(key=lambda spec: (spec[1], spec[2]))  # a zero-size field before the field at its offset
         uncached = self._shards.read_records(index_array, record_reads, self._use_map, thread_count)
