@@ -666,6 +666,8 @@ static int read_records_checked(void *vctx, size_t begin, size_t end, sf_error *
     int rc = 0;
     for (size_t r = begin; r < end; r++) {
         current = r;
+        if (ctx->use_map && r + SF_PREFETCH_AHEAD < end)
+            prefetch_record(ctx, ctx->indices[r + SF_PREFETCH_AHEAD]);
         int64_t index = ctx->indices[r];
         size_t s = shard_of(sh, index);
         size_t k = (size_t)(index - sh->starts[s]);

@@ -89,7 +89,8 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
     # Check every part's files before touching anything: a missing or resized shard fails the merge.
     for part, manifest in zip(part_paths, manifests):
         for shard in manifest.shards:
-            for name, size in ((shard.file, shard.size), (shard.heap_file, shard.heap_size)):
+            for name, size in ((shard.file, shard.size), (shard.heap_file, shard.heap_size),
+                               (shard.checksums_file, shard.checksums_size)):
                 if name is None:
                     continue
                 actual = os.stat(os.path.join(part, name)).st_size
@@ -106,6 +107,10 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
             if shard.heap_file is not None:
                 new["heap_file"] = stem + ".var"
                 moved_any |= _place(os.path.join(part, shard.heap_file), os.path.join(target, new["heap_file"]), move)
+            if shard.checksums_file is not None:  # the per-record checksums go with their shard
+                new["checksums_file"] = stem + ".crc"
+                moved_any |= _place(os.path.join(part, shard.checksums_file),
+                                    os.path.join(target, new["checksums_file"]), move)
             entries.append(ShardEntry(**new))
     write_manifest(target, Manifest(first.schema, entries, merged_metadata))
     if move:
@@ -141,7 +146,7 @@ def _place(source: str, destination: str, move: bool) -> bool:
 
 def _remove_part(part: str, manifest: Manifest) -> None:
     """Removes a merged part: its manifest first (so it is no longer a dataset), then its files."""
-    for name in [MANIFEST_NAME] + [n for s in manifest.shards for n in (s.file, s.heap_file) if n]:
+    for name in [MANIFEST_NAME] + [n for s in manifest.shards for n in (s.file, s.heap_file, s.checksums_file) if n]:
         try:
             os.unlink(os.path.join(part, name))
         except FileNotFoundError:

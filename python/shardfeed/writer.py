@@ -18,11 +18,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import _core
 from ._convert import cast_to_stored
 from .errors import SchemaError, ShardfeedWarning, ShardWriteError, WriterLockedError
 from .format import (
-    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field, Manifest, Schema, ShardEntry,
-    format_checksum, pack_header, read_manifest, write_manifest,
+    CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, Field,
+    Manifest, Schema, ShardEntry, checksum_words, format_checksum, pack_header, read_manifest, write_manifest,
 )
 
 DEFAULT_SHARD_SIZE = 256 << 20
@@ -39,7 +40,7 @@ _writeback: Any = None  # sync_file_range from libc, resolved on first use; Fals
 LOCK_NAME = "writer.lock"
 # Files a writer may leave behind when it is killed: the shard it was filling, a manifest it had
 # not yet renamed into place. Only these names are ever removed, and only by the lock holder.
-_SHARD_FILE = re.compile(r"shard-\d{6,}\.(rec|var)")
+_SHARD_FILE = re.compile(r"shard-\d{6,}\.(rec|var|crc)")
 _TEMPORARY_MANIFEST = re.compile(re.escape(MANIFEST_NAME) + r"\.tmp-\d+")
 _WRITE_HINTS = {
     errno.ENOSPC: "the disk is full",
@@ -136,8 +137,13 @@ class _ShardFile:
                 _OutputFile(os.path.join(directory, self.name + ".var"), pack_header(FILE_KIND_HEAP, schema))
                 if schema.variable_fields else None
             )
+            # The per-record checksums (docs/format.md), written in step with the records.
+            self.checksums = _OutputFile(os.path.join(directory, self.name + ".crc"),
+                                         pack_header(FILE_KIND_CHECKSUMS, schema))
         except BaseException:
             self.records.discard()
+            if getattr(self, "heap", None) is not None:
+                self.heap.discard()
             raise
         self.num_samples = 0
 
@@ -150,15 +156,17 @@ class _ShardFile:
             heap_size = self.heap.size
             entry = ShardEntry(**{**entry.__dict__, "heap_file": os.path.basename(self.heap.path),
                                   "heap_size": heap_size, "heap_checksum": self.heap.finish()})
-        return entry
+        checksums_size = self.checksums.size
+        return ShardEntry(**{**entry.__dict__, "checksums_file": os.path.basename(self.checksums.path),
+                             "checksums_size": checksums_size, "checksums_checksum": self.checksums.finish()})
 
     def discard(self) -> None:
-        for out in (self.records, self.heap):
+        for out in (self.records, self.heap, self.checksums):
             if out is not None:
                 out.discard()
 
     def close(self) -> None:
-        for out in (self.records, self.heap):
+        for out in (self.records, self.heap, self.checksums):
             if out is not None:
                 out.close()
 
@@ -335,6 +343,8 @@ class Writer:
         self._buffer = np.zeros(max(1, min(self._records_per_shard, _BUFFER_BYTES // record_bytes)),
                                 dtype=self.schema.record_dtype)
         self._buffered = 0
+        # The per-record checksums of the buffered records (format.checksum_words per sample).
+        self._buffer_checksums = np.zeros((len(self._buffer), checksum_words(self.schema)), dtype=CHECKSUM_DTYPE)
         # One fixed field filling the whole record (no padding): large batches skip the write buffer
         # and go from the caller's array (or its cast) straight to the shard file.
         only = next(iter(self.schema.fields.values()))
@@ -466,7 +476,7 @@ class Writer:
     def _remove_leftovers(self) -> None:
         """With the lock held: removes what a killed writer left (uncommitted shard files, temporary
         manifests) and warns naming it."""
-        listed = {name for s in self._manifest.shards for name in (s.file, s.heap_file) if name}
+        listed = {name for s in self._manifest.shards for name in (s.file, s.heap_file, s.checksums_file) if name}
         leftovers = sorted(name for name in os.listdir(self.path)
                            if (_SHARD_FILE.fullmatch(name) and name not in listed)
                            or _TEMPORARY_MANIFEST.fullmatch(name))
@@ -532,8 +542,9 @@ class Writer:
         take = min(count - position, self._records_per_shard - self._shard.num_samples)
         if not (_is_stored(column, field) and column.flags.c_contiguous):
             take = min(take, len(self._buffer))  # a cast or a copy: bounded like the buffer
-        values = _cast(column[position:position + take], field, len(self))
-        self._shard.records.write(np.ascontiguousarray(values))
+        values = np.ascontiguousarray(_cast(column[position:position + take], field, len(self)))
+        self._shard.records.write(values)
+        self._shard.checksums.write(_core.record_checksums(values, self.schema.record_bytes))
         self._shard.num_samples += take
         return take
 
@@ -557,7 +568,21 @@ class Writer:
             for i, data in enumerate(samples):
                 descriptors[i, 0] = self._shard.heap.write(data) if data.size else self._shard.heap.size
                 descriptors[i, 1] = data.shape[0]
+        self._checksum_records(rows, list(variable.values()), self._buffered)
         self._buffered += take
+
+    def _checksum_records(self, rows: np.ndarray, variable: List[List[np.ndarray]], at: int) -> None:
+        """The per-record checksums of the records ``rows`` (complete: descriptors set) into the
+        checksum buffer from row ``at``: each record's CRC32C, and with variable fields the CRC32C
+        of each sample's rows of all of them, in field order (docs/format.md)."""
+        sums = self._buffer_checksums[at:at + len(rows)]
+        sums[:, 0] = _core.record_checksums(rows.reshape(-1).view(np.uint8), self.schema.record_bytes)
+        if variable:
+            for i in range(len(rows)):
+                crc = 0
+                for samples in variable:
+                    crc = _core.crc32c(samples[i], crc)
+                sums[i, 1] = crc
 
     def _heap_take(self, columns: Dict[str, Any], position: int, take: int) -> int:
         """How many of the next ``take`` samples go into the current shard: a heap that reaches the
@@ -590,6 +615,7 @@ class Writer:
     def _flush(self) -> None:
         if self._buffered:
             self._shard.records.write(self._buffer[:self._buffered])
+            self._shard.checksums.write(self._buffer_checksums[:self._buffered])
             self._shard.num_samples += self._buffered
             self._buffered = 0
 
