@@ -466,7 +466,7 @@ class _Sink:
         else:
             _remove(os.path.join(self.path, MANIFEST_NAME))
         for name in os.listdir(self.path):
-            if name not in self._before and re.fullmatch(r"shard-\d+\.(rec|var)", name):
+            if name not in self._before and re.fullmatch(r"shard-\d+\.(rec|var|crc)", name):
                 _remove(os.path.join(self.path, name))
         if self._created_dir:
             try:
