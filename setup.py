@@ -12,7 +12,7 @@ import sys
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-SOURCES = ["ext/_core.pyx", "ext/pool.c", "ext/reader.c", "ext/cast.c"]
+SOURCES = ["ext/_core.pyx", "ext/pool.c", "ext/reader.c", "ext/cast.c", "ext/crc32c.c"]
 
 
 def core_extension() -> Extension:
@@ -43,7 +43,7 @@ def core_extension() -> Extension:
         "shardfeed._core",
         sources=SOURCES,
         include_dirs=["ext"],
-        depends=[os.path.join("ext", name) for name in ("native.pxd", "cast.h", "pool.h", "reader.h", "sf_error.h")],
+        depends=[os.path.join("ext", name) for name in ("native.pxd", "cast.h", "crc32c.h", "pool.h", "reader.h", "sf_error.h")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         define_macros=macros,

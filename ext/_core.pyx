@@ -10,9 +10,10 @@ from native cimport *
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo,
                              PyBuffer_Release, PyObject_GetBuffer)
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.errno cimport errno
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t
+from libc.string cimport memcpy
 from posix.mman cimport (MADV_RANDOM, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, MAP_SHARED, PROT_READ,
                         PROT_WRITE, madvise, mmap, munmap)
 from posix.types cimport off_t
@@ -21,7 +22,9 @@ from posix.unistd cimport _SC_PAGESIZE, close as c_close, sysconf
 import errno as _errno
 import os
 
-from shardfeed.errors import ShardReadError
+import numpy as np
+
+from shardfeed.errors import RecordChecksumError, ShardReadError
 
 cdef extern from *:
     """
@@ -36,8 +39,10 @@ BLOCK = SF_BLOCK
 # A conversion id is the stored kind | OUTPUT_KINDS[output dtype name] << CAST_OUT_SHIFT (ext/cast.h).
 CAST_OUT_SHIFT = SF_CAST_OUT_SHIFT
 OUTPUT_KINDS = {"float32": SF_OUT_F32, "float16": SF_OUT_F16, "bfloat16": SF_OUT_BF16}
+sf_crc32c_init()
 BUILD_INFO = {
     "f16c": bool(sf_cast_has_f16c()),
+    "crc32c_hardware": bool(sf_crc32c_hardware()),
     "sanitizers": SF_SANITIZERS.decode(),
     "max_threads": SF_POOL_MAX_THREADS,
 }
@@ -78,6 +83,41 @@ def allow_f16c(bint allowed):
     now in use. For tests; do not call while other threads read."""
     sf_cast_allow_f16c(allowed)
     return bool(sf_cast_has_f16c())
+
+
+def crc32c(data, unsigned int crc=0, bint portable=False):
+    """CRC32C (Castagnoli) of the bytes of ``data`` (any contiguous buffer), continuing from ``crc``
+    like ``zlib.crc32``. ``portable``: the table-driven code whatever the CPU (the tests' reference
+    for the hardware path)."""
+    cdef _Views views = _Views(1)
+    cdef Py_buffer *view = views.acquire(data, PyBUF_C_CONTIGUOUS, "crc32c data")
+    cdef uint32_t result
+    with nogil:
+        result = (sf_crc32c_portable if portable else sf_crc32c)(crc, view.buf, <size_t>view.len)
+    return result
+
+
+def record_checksums(data, size_t record_bytes):
+    """The CRC32C of each ``record_bytes``-byte record of ``data`` (a contiguous buffer of whole
+    records), as a uint32 array: the per-record checksums of the format (docs/format.md)."""
+    cdef _Views views = _Views(1)
+    cdef Py_buffer *view = views.acquire(data, PyBUF_C_CONTIGUOUS, "records")
+    if record_bytes == 0 or <size_t>view.len % record_bytes:
+        raise ValueError(f"{view.len} bytes are not whole records of {record_bytes} bytes")
+    cdef size_t count = <size_t>view.len // record_bytes
+    out = np.empty(count, np.uint32)
+    cdef uint32_t[::1] sums = out
+    if count:
+        with nogil:
+            sf_crc32c_records(view.buf, record_bytes, count, &sums[0])
+    return out
+
+
+def allow_crc32c_hardware(bint allowed):
+    """Switches the CPU's crc32 instruction on or off (off: the table-driven code); returns whether
+    it is now in use. For tests; do not call while other threads compute checksums."""
+    sf_crc32c_allow_hardware(allowed)
+    return bool(sf_crc32c_hardware())
 
 
 def pool_size():
@@ -210,6 +250,19 @@ cdef class _Views:
         PyMem_Free(self.views)
 
 
+cdef class _Int64Copy:
+    """A private array of ``n`` int64 for one call, freed with the object."""
+    cdef int64_t *data
+
+    def __cinit__(self, size_t n):
+        self.data = <int64_t *>PyMem_Malloc(n * sizeof(int64_t) if n else 1)
+        if self.data == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self.data)
+
+
 cdef str _what(what):
     """The subject of an error message: ``what`` itself, or "field k" for a field number (formatted
     only when an error is raised, not on every read)."""
@@ -248,6 +301,8 @@ cdef class ShardSet:
     cdef int64_t *starts
     cdef char **maps
     cdef size_t *map_bytes
+    cdef const uint32_t **checksums
+    cdef list _checksum_arrays  # keeps the arrays `checksums` points into
     cdef size_t n
     cdef int active          # reads in progress; changed only with the GIL held
     cdef readonly bint closed
@@ -255,9 +310,10 @@ cdef class ShardSet:
     cdef readonly tuple heap_paths
     cdef readonly int64_t num_samples
     cdef readonly bint mapped
+    cdef readonly bint checked  # reads compare each record with its CRC32C
 
     def __cinit__(self, record_fds, heap_fds, counts, paths, heap_paths, size_t header_bytes,
-                  size_t record_bytes, bint use_map):
+                  size_t record_bytes, bint use_map, checksums=None):
         cdef size_t n = len(record_fds)
         cdef size_t i
         self.n = n
@@ -266,7 +322,8 @@ cdef class ShardSet:
         self.starts = <int64_t *>PyMem_Calloc(n + 1, sizeof(int64_t))
         self.maps = <char **>PyMem_Calloc(n + 1, sizeof(char *))
         self.map_bytes = <size_t *>PyMem_Calloc(n + 1, sizeof(size_t))
-        if not (self.fds and self.heap_fds and self.starts and self.maps and self.map_bytes):
+        self.checksums = <const uint32_t **>PyMem_Calloc(n + 1, sizeof(uint32_t *))
+        if not (self.fds and self.heap_fds and self.starts and self.maps and self.map_bytes and self.checksums):
             raise MemoryError()
         for i in range(n + 1):
             self.fds[i] = -1
@@ -291,6 +348,18 @@ cdef class ShardSet:
             total += count
             self.starts[i + 1] = total
         self.num_samples = total
+        cdef uint32_t[::1] sums
+        if checksums is not None:  # reads check every record (sf_read_records)
+            self._checksum_arrays = [np.ascontiguousarray(a, dtype=np.uint32) for a in checksums]
+            if len(self._checksum_arrays) != shard_count:
+                raise ValueError("internal error: shard lists of different lengths")
+            for i in range(n):
+                sums = self._checksum_arrays[i]
+                if sums.shape[0] != self.starts[i + 1] - self.starts[i]:
+                    raise ValueError(f"{self.paths[i]}: {sums.shape[0]} record checksums for "
+                                     f"{self.starts[i + 1] - self.starts[i]} records")
+                self.checksums[i] = &sums[0] if sums.shape[0] else NULL
+        self.checked = checksums is not None
 
         cdef void *base
         cdef size_t length
@@ -312,6 +381,7 @@ cdef class ShardSet:
         self.c.heap_fds = self.heap_fds if heap_fds is not None else NULL
         self.c.starts = self.starts
         self.c.maps = <const char *const *>self.maps if use_map else NULL
+        self.c.checksums = <const uint32_t *const *>self.checksums if checksums is not None else NULL
         self.c.header_bytes = header_bytes
         self.c.record_bytes = record_bytes
 
@@ -322,6 +392,7 @@ cdef class ShardSet:
         PyMem_Free(self.starts)
         PyMem_Free(self.maps)
         PyMem_Free(self.map_bytes)
+        PyMem_Free(self.checksums)
 
     cdef void _release(self):
         """Unmaps and closes everything; only when no read is in progress."""
@@ -362,15 +433,30 @@ cdef class ShardSet:
         paths = self.heap_paths if err.file_kind == SF_FILE_HEAP else self.paths
         path = paths[err.shard] if 0 <= err.shard < len(paths) else None
         where = f"sample {err.sample} at byte offset {err.offset}"
+        if err.kind == SF_ERR_CHECKSUM:
+            raise RecordChecksumError(f"{path}: the record of {where} does not match its CRC32C checksum "
+                                      "(damaged after it was written); `shardfeed verify` lists every "
+                                      "damaged sample", path=path, sample=err.sample)
         if err.kind == SF_ERR_EOF:
             raise ShardReadError(_errno.EIO, f"file ended before the data of {where}: the shard is "
                                  "shorter than its manifest entry (truncated?)", path)
         raise ShardReadError(err.err_no, f"{os.strerror(err.err_no)} (reading {where})", path)
 
-    cdef int _check_indices(self, const int64_t[::1] indices) except -1:
-        cdef Py_ssize_t r
+    cdef _Int64Copy _private_indices(self, const int64_t[::1] indices):
+        """A private copy of ``indices``, checked: the native threads read the copy, so another
+        Python thread writing into the caller's array during the read (numpy releases the GIL for
+        large operations) changes nothing they rely on."""
+        cdef size_t n = indices.shape[0]
+        cdef _Int64Copy copy = _Int64Copy(n)
+        if n:
+            memcpy(copy.data, &indices[0], n * sizeof(int64_t))
+        self._check_indices(copy.data, n)
+        return copy
+
+    cdef int _check_indices(self, const int64_t *indices, size_t n) except -1:
+        cdef size_t r
         cdef int64_t total = self.num_samples
-        for r in range(indices.shape[0]):
+        for r in range(n):
             if indices[r] < 0 or indices[r] >= total:
                 raise IndexError(f"index {indices[r]} (position {r}) is out of range for a dataset "
                                  f"of {total} samples")
@@ -390,6 +476,7 @@ cdef class ShardSet:
         cdef int rc
         cdef Py_buffer *view
         cdef _Views views = _Views(3 * nf)
+        cdef _Int64Copy own  # the indices the native threads read
         cdef sf_field_out *outs = <sf_field_out *>PyMem_Calloc(nf if nf else 1, sizeof(sf_field_out))
         cdef int *flags = <int *>PyMem_Calloc(nf if nf else 1, sizeof(int))
         if outs == NULL or flags == NULL:
@@ -401,7 +488,7 @@ cdef class ShardSet:
                 raise ValueError("I/O operation on a closed dataset")
             if use_map and not self.mapped:
                 raise ValueError("internal error: the shards are not mapped")
-            self._check_indices(indices)
+            own = self._private_indices(indices)
             if inexact is not None and <size_t>len(inexact) != nf:
                 raise ValueError("internal error: one inexact entry per field")
             for k in range(nf):
@@ -446,7 +533,7 @@ cdef class ShardSet:
                 while start < n and rc == 0:
                     count = n - start if n - start < step else step
                     with nogil:
-                        rc = sf_read_records(&self.c, &indices[start], count, outs, nf, use_map, threads,
+                        rc = sf_read_records(&self.c, own.data + start, count, outs, nf, use_map, threads,
                                              &slice_uncached, &err)
                     uncached += slice_uncached
                     start += count
@@ -471,13 +558,14 @@ cdef class ShardSet:
         """Starts reading the records ``indices`` into the page cache without waiting
         (``POSIX_FADV_WILLNEED``). Advice: returns 0, or the errno value of a call that failed."""
         cdef int rc = 0
-        self._check_indices(indices)
-        if indices.shape[0] == 0:
+        cdef size_t n = indices.shape[0]
+        cdef _Int64Copy own = self._private_indices(indices)
+        if n == 0:
             return 0
         self._begin()
         try:
             with nogil:
-                rc = sf_advise_records(&self.c, &indices[0], <size_t>indices.shape[0])
+                rc = sf_advise_records(&self.c, own.data, n)
         finally:
             self._end()
         return rc
@@ -507,9 +595,21 @@ cdef class ShardSet:
             raise ValueError(f"bad cast {cast}")
         if cast != SF_CAST_COPY and src_row_bytes != row_elems * sf_cast_itemsize(cast):
             raise ValueError(f"{src_row_bytes} bytes do not hold {row_elems} elements")
+        # The native threads read private copies of the four arrays, checked here (as the indices
+        # of read_records: the caller's arrays may change while they run).
+        cdef _Int64Copy own = _Int64Copy(4 * n)
+        cdef int64_t *own_samples = own.data
+        cdef int64_t *own_shards = own.data + n
+        cdef int64_t *own_offsets = own.data + 2 * n
+        cdef int64_t *own_rows = own.data + 3 * n
+        if n:
+            memcpy(own_samples, &samples[0], n * sizeof(int64_t))
+            memcpy(own_shards, &shards[0], n * sizeof(int64_t))
+            memcpy(own_offsets, &offsets[0], n * sizeof(int64_t))
+            memcpy(own_rows, &rows[0], n * sizeof(int64_t))
         for r in range(n):
-            if shards[r] < 0 or <size_t>shards[r] >= self.n or rows[r] < 0 or <size_t>rows[r] > max_rows \
-                    or offsets[r] < 0:
+            if own_shards[r] < 0 or <size_t>own_shards[r] >= self.n or own_rows[r] < 0 \
+                    or <size_t>own_rows[r] > max_rows or own_offsets[r] < 0:
                 raise ValueError(f"internal error: bad heap entry {r}")
         dst_row_bytes = src_row_bytes if cast == SF_CAST_COPY else row_elems * sf_cast_out_itemsize(cast)
         cdef Py_buffer *view = views.acquire(out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "output")
@@ -543,8 +643,8 @@ cdef class ShardSet:
             while start < n and rc == 0:
                 count = n - start if n - start < step else step
                 with nogil:
-                    rc = sf_read_heap(&self.c, &samples[start], &shards[start], &offsets[start], &rows[start],
-                                      count, &field, threads, &err)
+                    rc = sf_read_heap(&self.c, own_samples + start, own_shards + start, own_offsets + start,
+                                      own_rows + start, count, &field, threads, &err)
                 start += count
                 field.dst += count * max_rows * dst_row_bytes
                 if start < n:

@@ -1,6 +1,6 @@
 # C declarations of the native reader (ext/*.h), shared by _core.pyx.
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t
 
 
 cdef extern from "sf_error.h":
@@ -16,6 +16,7 @@ cdef extern from "sf_error.h":
         SF_ERR_IO
         SF_ERR_EOF
         SF_ERR_NOMEM
+        SF_ERR_CHECKSUM
         SF_FILE_RECORDS
         SF_FILE_HEAP
 
@@ -58,6 +59,7 @@ cdef extern from "reader.h":
         const int *heap_fds
         const int64_t *starts
         const char *const *maps
+        const uint32_t *const *checksums
         size_t header_bytes
         size_t record_bytes
 
@@ -92,3 +94,12 @@ cdef extern from "reader.h":
     int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
                      const int64_t *offsets, const int64_t *rows, size_t n,
                      const sf_heap_out *field, size_t threads, sf_error *err) nogil
+
+
+cdef extern from "crc32c.h":
+    void sf_crc32c_init()
+    uint32_t sf_crc32c(uint32_t crc, const void *data, size_t n) nogil
+    uint32_t sf_crc32c_portable(uint32_t crc, const void *data, size_t n) nogil
+    void sf_crc32c_records(const void *data, size_t record_bytes, size_t count, uint32_t *out) nogil
+    int sf_crc32c_hardware()
+    void sf_crc32c_allow_hardware(int allowed)

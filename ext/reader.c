@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -21,6 +22,7 @@
 #include <sched.h>
 #endif
 
+#include "crc32c.h"
 #include "pool.h"
 
 #if defined(__linux__) && defined(RWF_NOWAIT)
@@ -121,6 +123,7 @@ typedef struct record_ctx {
     const size_t *rows;    /* the batch rows to read, items [begin, end) index it; NULL: all rows */
     unsigned char *missed; /* non-NULL: page-cache pass: rows left for the blocking pass get a 1 */
     int slow;              /* map path, page-cache pass: a thread saw disk waits (atomic access) */
+    int use_map;           /* checked reads: records come from the maps (else preadv) */
 } record_ctx;
 
 typedef int (*sf_convert_fn)(int, void *, const void *, size_t, const sf_affine *, size_t);
@@ -350,29 +353,59 @@ static int read_records_pread(void *vctx, size_t begin, size_t end, sf_error *er
 }
 
 /* A mapped shard that shrinks after it was opened (truncated by someone else) turns a copy from
- * the map into SIGBUS. While a thread copies from a map, guard_jump points at its recovery point:
- * the handler jumps back there and the read fails with SF_ERR_EOF, as on the preadv path. A SIGBUS
- * outside a guarded copy goes to whatever handler was installed before. */
+ * the map into SIGBUS. While a thread copies from a map, guard_jump points at its recovery point
+ * and guard_shards at the shards it copies from: a fault at an address inside one of their maps
+ * makes the handler jump back there, and the read fails with SF_ERR_EOF, as on the preadv path.
+ *
+ * Any other SIGBUS (a fault elsewhere, or one sent with kill) is not the reader's. The handler then
+ * steps out of the chain: it puts back the action that was installed before it (handler, SIG_DFL
+ * or SIG_IGN, with its flags) and lets the signal happen again, so that action sees it once with
+ * its own siginfo: a fault re-runs the faulting instruction on return; a sent signal is raised
+ * again. Handlers installed after ours and chained to it (faulthandler saves ours as its previous
+ * action) form a cycle once sf_guard_mapped_reads puts ours back in front: ours -> faulthandler ->
+ * ours. `forwarding` breaks it: when the handler runs again for a signal it already handed on
+ * (before any mapped read re-armed it), the chain has been walked, and the default action ends it.
+ * Without that, each handler called the other: thousands of tracebacks, then a stack overflow. */
 #if defined(__GNUC__) || defined(__clang__)
 static __thread sigjmp_buf *guard_jump __attribute__((tls_model("initial-exec")));
+static __thread const sf_shards *guard_shards __attribute__((tls_model("initial-exec")));
 #else
 static _Thread_local sigjmp_buf *guard_jump;
+static _Thread_local const sf_shards *guard_shards;
 #endif
 static struct sigaction previous_bus;
+static volatile sig_atomic_t forwarding;
+
+/* Whether addr lies in one of the shard maps (async-signal-safe: reads only). */
+static int in_shard_maps(const sf_shards *sh, const void *addr)
+{
+    const char *at = addr;
+    for (size_t s = 0; sh != NULL && sh->maps != NULL && s < sh->n_shards; s++) {
+        const char *map = sh->maps[s];
+        size_t bytes = sh->header_bytes + (size_t)(sh->starts[s + 1] - sh->starts[s]) * sh->record_bytes;
+        if (map != NULL && at >= map && at < map + bytes)
+            return 1;
+    }
+    return 0;
+}
 
 static void on_sigbus(int sig, siginfo_t *info, void *context)
 {
+    (void)context;
     sigjmp_buf *jump = guard_jump;
-    if (jump != NULL)
+    int fault = info != NULL && info->si_code > 0; /* raised by the kernel, not sent by a process */
+    if (jump != NULL && fault && in_shard_maps(guard_shards, info->si_addr))
         siglongjmp(*jump, 1);
-    if (previous_bus.sa_flags & SA_SIGINFO) {
-        previous_bus.sa_sigaction(sig, info, context);
-    } else if (previous_bus.sa_handler == SIG_DFL || previous_bus.sa_handler == SIG_IGN) {
-        /* Returning re-runs the faulting instruction, which now gets the default action. */
-        signal(SIGBUS, SIG_DFL);
-    } else {
-        previous_bus.sa_handler(sig);
+    int cycle = forwarding;
+    forwarding = 1;
+    struct sigaction next = previous_bus;
+    if (cycle) {
+        memset(&next, 0, sizeof next);
+        next.sa_handler = SIG_DFL;
     }
+    sigaction(sig, &next, NULL);
+    if (!fault || cycle)
+        raise(sig);
 }
 
 int sf_guard_mapped_reads(void)
@@ -389,6 +422,7 @@ int sf_guard_mapped_reads(void)
     mine.sa_flags = SA_SIGINFO | SA_NODEFER;
     if (sigemptyset(&mine.sa_mask) != 0 || sigaction(SIGBUS, &mine, &previous_bus) != 0)
         return errno;
+    forwarding = 0;
     return 0;
 }
 
@@ -486,12 +520,14 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
     volatile size_t current = begin; /* the record being copied, for the SIGBUS error */
     if (sigsetjmp(jump, 0) != 0) {
         guard_jump = NULL;
+        guard_shards = NULL;
         int64_t index = ctx->indices[current];
         size_t s = shard_of(sh, index);
         int64_t at = (int64_t)sh->header_bytes + (index - sh->starts[s]) * (int64_t)sh->record_bytes;
         set_error(err, SF_ERR_EOF, SF_FILE_RECORDS, s, at, index);
         return -1;
     }
+    guard_shards = sh;
     guard_jump = &jump;
     sf_convert_fn convert = ctx->stream ? sf_convert_stream : sf_convert;
     /* Gathering needs consecutive items to be consecutive, contiguous output rows, and an affine
@@ -559,6 +595,126 @@ static int read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
     }
     guard_jump = NULL;
     return 0;
+}
+
+/* A shard cut inside a page after it was mapped: the pages wholly past the new end raise SIGBUS
+ * (the guard above), but the rest of the page that holds the new end reads as zeros, with no
+ * fault. So after a mapped batch, each shard it read from is fstat()ed once, and the first record
+ * (in batch order) whose requested bytes are not all inside the file fails the read with
+ * SF_ERR_EOF, as on the preadv path. Checking after the copies is what makes it exact: a cut
+ * before or during a copy shows in the size; data copied before a later cut was whole. One fstat
+ * per distinct shard of the batch (measured in benchmarks/RESULTS.md, "Truncation check"). */
+static int check_mapped_sizes(const record_ctx *ctx, size_t n, sf_error *err)
+{
+    const sf_shards *sh = ctx->shards;
+    size_t span_end = sh->checksums ? sh->record_bytes : ctx->fields[0].src_offset + ctx->span_bytes;
+    unsigned char *seen = calloc(sh->n_shards / 8 + 1, 1);
+    if (!seen) {
+        set_error(err, SF_ERR_NOMEM, SF_FILE_RECORDS, 0, -1, -1);
+        err->shard = -1;
+        return -1;
+    }
+    int rc = 0;
+    for (size_t r = 0; r < n && rc == 0; r++) {
+        size_t s = shard_of(sh, ctx->indices[r]);
+        if (seen[s / 8] & (1u << (s % 8)))
+            continue;
+        seen[s / 8] |= (unsigned char)(1u << (s % 8));
+        struct stat st;
+        if (fstat(sh->fds[s], &st) != 0) {
+            set_error(err, SF_ERR_IO, SF_FILE_RECORDS, s, -1, ctx->indices[r]);
+            rc = -1;
+            break;
+        }
+        off_t whole = (off_t)sh->header_bytes + (off_t)(sh->starts[s + 1] - sh->starts[s]) * (off_t)sh->record_bytes;
+        if (st.st_size >= whole)
+            continue;
+        for (size_t q = r; q < n; q++) { /* the first record of shard s the batch read that was cut */
+            int64_t index = ctx->indices[q];
+            if (index < sh->starts[s] || index >= sh->starts[s + 1])
+                continue;
+            off_t at = (off_t)sh->header_bytes + (off_t)(index - sh->starts[s]) * (off_t)sh->record_bytes;
+            if (at + (off_t)span_end > st.st_size) {
+                set_error(err, SF_ERR_EOF, SF_FILE_RECORDS, s, (int64_t)at, index);
+                rc = -1;
+                break;
+            }
+        }
+    }
+    free(seen);
+    return rc;
+}
+
+/* Checked reads (shards->checksums, see reader.h): items [begin, end), one whole record at a time.
+ * The CRC is computed on the bytes the fields are then taken from (the map, or the scratch record
+ * preadv filled), so what is returned is what was checked. */
+static int read_records_checked(void *vctx, size_t begin, size_t end, sf_error *err)
+{
+    const record_ctx *ctx = vctx;
+    const sf_shards *sh = ctx->shards;
+    char *volatile scratch = ctx->use_map ? NULL : malloc(sh->record_bytes); /* volatile: kept over sigsetjmp */
+    if (!ctx->use_map && !scratch) {
+        set_error(err, SF_ERR_NOMEM, SF_FILE_RECORDS, 0, -1, -1);
+        err->shard = -1;
+        return -1;
+    }
+    sigjmp_buf jump;
+    volatile size_t current = begin; /* the record being read, for the SIGBUS error */
+    if (ctx->use_map) {
+        if (sigsetjmp(jump, 0) != 0) {
+            guard_jump = NULL;
+            guard_shards = NULL;
+            int64_t index = ctx->indices[current];
+            size_t s = shard_of(sh, index);
+            set_error(err, SF_ERR_EOF, SF_FILE_RECORDS, s,
+                      (int64_t)sh->header_bytes + (index - sh->starts[s]) * (int64_t)sh->record_bytes, index);
+            return -1;
+        }
+        guard_shards = sh;
+        guard_jump = &jump;
+    }
+    int rc = 0;
+    for (size_t r = begin; r < end; r++) {
+        current = r;
+        if (ctx->use_map && r + SF_PREFETCH_AHEAD < end)
+            prefetch_record(ctx, ctx->indices[r + SF_PREFETCH_AHEAD]);
+        int64_t index = ctx->indices[r];
+        size_t s = shard_of(sh, index);
+        size_t k = (size_t)(index - sh->starts[s]);
+        off_t at = (off_t)sh->header_bytes + (off_t)k * (off_t)sh->record_bytes;
+        const char *record = scratch;
+        if (ctx->use_map) {
+            record = sh->maps[s] + at;
+        } else {
+            struct iovec iov = {scratch, sh->record_bytes};
+            size_t done = 0;
+            int e = preadv_full(sh->fds[s], &iov, 1, at, &done);
+            if (e != SF_OK) {
+                set_error(err, e, SF_FILE_RECORDS, s, (int64_t)at, index);
+                rc = -1;
+                break;
+            }
+        }
+        if (sf_crc32c(0, record, sh->record_bytes) != sh->checksums[s][k]) {
+            set_error(err, SF_ERR_CHECKSUM, SF_FILE_RECORDS, s, (int64_t)at, index);
+            rc = -1;
+            break;
+        }
+        for (size_t f = 0; f < ctx->n_fields; f++) {
+            const sf_field_out *field = &ctx->fields[f];
+            char *row = field->dst + r * field->dst_bytes;
+            if (field->cast == SF_CAST_COPY)
+                memcpy(row, record + field->src_offset, field->src_bytes);
+            else
+                sf_convert(field->cast, (float *)row, record + field->src_offset, field->count, &field->affine, 0);
+        }
+    }
+    if (ctx->use_map) {
+        guard_jump = NULL;
+        guard_shards = NULL;
+    }
+    free(scratch);
+    return rc;
 }
 
 static size_t pick_chunk(size_t n, size_t threads, size_t min_items)
@@ -711,9 +867,27 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
     /* Two passes whatever the thread count: a record of the map path that is not in the page
      * cache is read by one preadv, not one page fault per 4 KiB page; and the first pass's
      * RWF_NOWAIT misses have every disk read of the batch under way at once. */
+    if (shards->checksums) {
+        ctx.use_map = use_map;
+        *uncached = n;
+        size_t min_items = use_map ? SF_MAP_CHUNK_BYTES / shards->record_bytes : 1;
+        size_t workers = use_map ? cpus : threads;
+        int rc = sf_parallel_for(n, pick_chunk(n, workers, min_items), workers, read_records_checked, &ctx, err);
+        /* The zero-filled tail of a cut page fails its checksum: say that the shard was cut. */
+        if (use_map && (rc == 0 || err->kind == SF_ERR_CHECKSUM)) {
+            sf_error cut;
+            sf_error_clear(&cut);
+            if (check_mapped_sizes(&ctx, n, &cut) != 0) {
+                *err = cut;
+                rc = -1;
+            }
+        }
+        return rc;
+    }
     if (use_map) {
         size_t min_items = bytes ? SF_MAP_CHUNK_BYTES / bytes : n;
-        return read_cached_first(&ctx, read_records_map, n, min_items, cpus, threads, uncached, err);
+        int rc = read_cached_first(&ctx, read_records_map, n, min_items, cpus, threads, uncached, err);
+        return rc != 0 ? rc : check_mapped_sizes(&ctx, n, err);
     }
 #ifdef SF_HAVE_NOWAIT
     return read_cached_first(&ctx, read_records_pread, n, 1, cpus, threads, uncached, err);

@@ -14,6 +14,8 @@ typedef struct sf_shards {
     const int *heap_fds;       /* heap file per shard, or NULL when the schema has no variable fields */
     const int64_t *starts;     /* n_shards + 1 cumulative sample counts; starts[0] == 0 */
     const char *const *maps;   /* read-only map of each record file, or NULL */
+    const uint32_t *const *checksums; /* per shard, the CRC32C of each of its records (docs/format.md),
+                                       * or NULL: reads are not checked */
     size_t header_bytes;       /* bytes before the first record */
     size_t record_bytes;       /* bytes per record */
 } sf_shards;
@@ -37,6 +39,10 @@ typedef struct sf_field_out {
  * read with blocking preadv on `threads` threads. Consecutive items that are adjacent records of
  * one shard (k, k+1, ...) are read by one preadv per run (up to 1 MiB and IOV_MAX iovecs) on the
  * preadv paths. */
+/* With shards->checksums set, every record is read whole, one at a time (from the map when
+ * use_map != 0, else by one preadv into a scratch record), and its CRC32C compared with the stored
+ * one before its fields are copied or converted: a mismatch fails the read with SF_ERR_CHECKSUM
+ * naming the sample. */
 /* Installs the SIGBUS handler that turns a fault in a copy from a map (a shard truncated after it
  * was mapped) into SF_ERR_EOF; reinstalls it if another handler replaced it. Call before each read
  * with use_map, from one thread at a time. Returns 0 or an errno value. */

@@ -8,7 +8,8 @@ enum sf_error_kind {
     SF_OK = 0,
     SF_ERR_IO = 1,      /* a system call failed; err_no holds errno */
     SF_ERR_EOF = 2,     /* the file ended before the record did (truncated after open) */
-    SF_ERR_NOMEM = 3    /* malloc failed */
+    SF_ERR_NOMEM = 3,   /* malloc failed */
+    SF_ERR_CHECKSUM = 4 /* a record does not match its stored CRC32C (checked reads) */
 };
 
 enum sf_file_kind { SF_FILE_RECORDS = 0, SF_FILE_HEAP = 1 };

@@ -25,7 +25,9 @@ import time
 import numpy as np
 
 import shardfeed
-from shardfeed.format import HEADER_BYTES, MANIFEST_NAME, check_header, parse_manifest, FILE_KIND_HEAP, FILE_KIND_RECORDS
+from shardfeed.format import (
+    FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, check_header, parse_manifest,
+)
 
 KINDS = ("manifest-bytes", "manifest-json", "header", "contents")
 # Values that break things: wrong types, huge and negative counts, paths out of the directory,
@@ -144,7 +146,7 @@ class Target:
     def check_header_oracle(self, name: str, data: bytes) -> None:
         """The header check passes exactly when the 44 bytes it describes are intact."""
         original = self.files[name]
-        kind = FILE_KIND_HEAP if name.endswith(".var") else FILE_KIND_RECORDS
+        kind = {".var": FILE_KIND_HEAP, ".crc": FILE_KIND_CHECKSUMS}.get(name[-4:], FILE_KIND_RECORDS)
         schema = shardfeed.format.Schema.from_spec(self.manifest["fields"])
         intact = len(data) >= HEADER_BYTES and data[:44] == original[:44]
         try:
@@ -157,7 +159,8 @@ class Target:
 
     def open_and_read(self, source: Source) -> None:
         try:
-            ds = shardfeed.open(self.work, mmap=bool(source.byte() % 2))
+            choice = source.byte()  # mmap or preadv; reads checked against the record checksums or not
+            ds = shardfeed.open(self.work, mmap=bool(choice % 2), verify=bool(choice & 2))
         except shardfeed.ShardfeedError as exc:
             assert isinstance(exc, (ValueError, OSError)), type(exc)
             return
@@ -180,7 +183,7 @@ class Target:
         report = shardfeed.verify(self.work)
         bad_files = {os.path.basename(p.file) for p in report.problems}
         names = {name: number for number, s in enumerate(self.manifest["shards"])
-                 for name in (s["file"], s.get("heap", {}).get("file"))}
+                 for name in (s["file"], s.get("heap", {}).get("file"), s.get("checksums", {}).get("file"))}
         assert report.bad_shards == sorted({names[name] for name in changed}), (changed, str(report))
         assert bad_files <= changed, (bad_files, changed)
 

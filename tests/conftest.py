@@ -120,6 +120,21 @@ def assert_identical(actual, expected, what=""):
         np.testing.assert_array_equal(actual, expected, err_msg=what)
 
 
+def as_format_v1(path):
+    """Turns a dataset just written into one as a shardfeed before per-record checksums wrote it
+    (format version 1: the same shard files, no ``.crc`` files, no "checksums" entries)."""
+    import json
+    manifest_path = os.path.join(path, "manifest.json")
+    with open(manifest_path) as f:
+        doc = json.load(f)
+    for shard in doc["shards"]:
+        os.unlink(os.path.join(path, shard.pop("checksums")["file"]))
+    doc["version"] = 1
+    with open(manifest_path, "w") as f:
+        json.dump(doc, f, indent=1)
+    return path
+
+
 @pytest.fixture(scope="session")
 def new_path(tmp_path_factory):
     """A function returning a fresh, not yet existing directory path (usable in hypothesis tests)."""
@@ -137,7 +152,7 @@ def tools():
     conftest)."""
     return types.SimpleNamespace(
         ALL_DTYPES=ALL_DTYPES, random_values=random_values, write_dataset=write_dataset,
-        expected_natural=expected_natural, assert_identical=assert_identical,
+        expected_natural=expected_natural, assert_identical=assert_identical, as_format_v1=as_format_v1,
     )
 
 

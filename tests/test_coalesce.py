@@ -52,7 +52,7 @@ def expected(columns, name, indices, scale=None, offset=None):
 def data(tools, rng, new_path):
     columns = {name: tools.random_values(rng, dtype, (N,) + shape) for name, (dtype, shape) in FIELDS.items()}
     path = tools.write_dataset(new_path(), FIELDS, columns, shard_size=HEADER_BYTES + PER_SHARD * RECORD)
-    assert len(os.listdir(path)) == N // PER_SHARD + 2  # shards and the manifest
+    assert len(os.listdir(path)) == 2 * (N // PER_SHARD + 1) + 1  # shards, their checksums and the manifest
     return path, columns
 
 

@@ -44,7 +44,9 @@ def test_merge_links_shards_in_order_without_copying(tmp_path, rng, tools):
     assert shardfeed.open(tmp_path / "all").metadata == {"classes": ["a", "b"]}
     for part, x in zip(parts, xs):  # the parts are still datasets of their own
         tools.assert_identical(read_all(part)["x"], x)
-    assert sorted(os.listdir(tmp_path / "all")) == sorted(["manifest.json"] + [s.file for s in manifest.shards])
+    assert sorted(os.listdir(tmp_path / "all")) == sorted(["manifest.json"] + [s.file for s in manifest.shards]
+                                                          + [s.checksums_file for s in manifest.shards])
+    assert [s.checksums_file for s in manifest.shards] == [f"shard-{k:06d}.crc" for k in range(result.num_shards)]
 
 
 def test_merge_with_move_removes_the_parts(tmp_path, rng, tools):

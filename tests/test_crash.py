@@ -220,7 +220,7 @@ def test_every_kill_leaves_the_committed_samples_and_append_recovers(kill_runs):
         assert report.ok and not report.notes, (where, str(report))
         with open(os.path.join(path, MANIFEST_NAME)) as f:
             listed = {s["file"] for s in json.load(f)["shards"]}
-        heaps = {name.replace(".rec", ".var") for name in listed}
+        heaps = {name.replace(".rec", ext) for name in listed for ext in (".var", ".crc")}
         assert set(os.listdir(path)) == listed | heaps | {MANIFEST_NAME}, (where, os.listdir(path))
     assert recovered_with_warning >= len(runs["results"]) // 2
 
@@ -292,7 +292,7 @@ def test_writer_killed_by_sigkill_releases_the_lock(new_path):
     child.stdout.close()
     with pytest.warns(shardfeed.ShardfeedWarning, match=f"pid {child.pid} .* did not finish; continuing after the 20 "
                                                         r"committed samples, removed its uncommitted files "
-                                                        r"\['shard-000002.rec'\]"):
+                                                        r"\['shard-000002.crc', 'shard-000002.rec'\]"):
         w = shardfeed.Writer(path, mode="a")
     with w:
         w.extend({"x": np.arange(20, 30)})
@@ -310,7 +310,8 @@ def test_failed_open_releases_the_lock(tools, new_path):
         w.append({"x": 3})
 
 
-@pytest.mark.parametrize("interrupt_at, committed", [(1, 4), (2, 8)], ids=["flushing", "new-shard"])
+@pytest.mark.parametrize("interrupt_at, committed", [(1, 4), (2, 4), (3, 8)],
+                         ids=["flushing", "flushing-checksums", "new-shard"])
 def test_keyboard_interrupt_in_extend_keeps_the_committed_shards(new_path, monkeypatch, interrupt_at, committed):
     """An exception that is not a value error (Ctrl-C) in the middle of writing ends the writer
     without committing the half-written shard; the committed ones stay, nothing else is left."""
@@ -321,7 +322,7 @@ def test_keyboard_interrupt_in_extend_keeps_the_committed_shards(new_path, monke
     original = writer_module._OutputFile.write
     calls = []
 
-    def interrupted(self, data):  # call 1 flushes shard 1 (which then commits), call 2 starts shard 2
+    def interrupted(self, data):  # calls 1-2 flush shard 1 and its checksums (then it commits), 3 starts shard 2
         calls.append(1)
         if len(calls) == interrupt_at:
             raise KeyboardInterrupt
@@ -331,7 +332,7 @@ def test_keyboard_interrupt_in_extend_keeps_the_committed_shards(new_path, monke
         with w:
             w.extend({"x": np.arange(6, 20)})
     monkeypatch.undo()
-    shards = [f"shard-{k:06d}.rec" for k in range(committed // 4)]
+    shards = [f"shard-{k:06d}.{ext}" for k in range(committed // 4) for ext in ("crc", "rec")]
     assert sorted(os.listdir(path)) == [MANIFEST_NAME] + shards
     np.testing.assert_array_equal(shardfeed.open(path)[:]["x"], np.arange(committed))
     with pytest.raises(ValueError, match="is closed"):

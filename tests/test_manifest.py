@@ -83,7 +83,8 @@ def test_heap_names_must_stay_inside_the_dataset(dataset, name):
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(extra=1), "unknown keys ['extra'] / missing keys []"),
     (lambda d: d.pop("metadata"), "unknown keys [] / missing keys ['metadata']"),
-    (lambda d: d.update(version=2), "format version 2, this shardfeed reads version 1"),
+    (lambda d: d.update(version=3), "format version 3, this shardfeed reads versions 1, 2"),
+    (lambda d: d.update(version=True), "format version True, this shardfeed reads versions 1, 2"),
     (lambda d: d.update(format="other"), "not a shardfeed manifest (format 'other')"),
     (lambda d: d.update(record_bytes=32), "record_bytes 32 does not match the schema's 24"),
     (lambda d: d.update(num_samples=7), "num_samples 7 is not the sum of the shards' counts (6)"),

@@ -325,6 +325,53 @@ def test_shard_truncated_after_open_mmap(new_path, faulthandler):
     assert lines[4] == "still [0.0, 396.0]"
 
 
+MMAP_TRUNCATION_IN_PAGE = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import shardfeed
+    path, cut = sys.argv[1], int(sys.argv[2])
+    with shardfeed.Writer(path, fields={"x": ("float32", (4,))}) as w:
+        w.extend({"x": np.arange(1, 20001.0).reshape(5000, 4)})
+    ds = shardfeed.open(path, mmap=True, threads=2)
+    ds.read(np.arange(5000))  # every page cached and mapped
+    os.truncate(os.path.join(path, "shard-000000.rec"), cut)
+    first_lost = (cut - 64) // 16  # the first record not wholly in the file
+    page_end = (cut + 4095) // 4096 * 4096  # the zero-filled rest of the file's last page
+    in_page = range(first_lost, (page_end - 64) // 16)
+    for batch in [[k] for k in in_page] + [[0, k] for k in in_page] + [list(in_page), list(range(5000))]:
+        try:
+            got = ds.read(batch)
+        except shardfeed.ShardReadError as exc:
+            print("ShardReadError", exc.filename, "|", exc.strerror)
+        else:
+            print("no error for", batch[:3], got["x"][:, 0].tolist()[:3])
+    print("still", ds.read([0, first_lost - 1])["x"][:, 0].tolist())
+""")
+
+
+@pytest.mark.skipif("thread" in shardfeed._core.BUILD_INFO["sanitizers"],
+                    reason="ThreadSanitizer does not survive the SIGBUS guard's siglongjmp (see above)")
+@pytest.mark.parametrize("cut", [64 + 16 * 100 + 8, 64 + 16 * 1000, 5 * 4096 + 3])
+def test_mmap_records_in_the_last_page_of_a_truncated_shard_raise(new_path, cut):
+    """A mapped shard cut inside a page: the records past the new end that the page still spans
+    (zero-filled by the kernel, no SIGBUS) raise ShardReadError like those of later pages, instead
+    of reading as zeros."""
+    path = new_path()
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", MMAP_TRUNCATION_IN_PAGE, path, str(cut)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"exit status {done.returncode}: {done.stderr[-800:]}"
+    lines = done.stdout.splitlines()
+    first_lost = (cut - 64) // 16
+    in_page = (((cut + 4095) // 4096 * 4096) - 64) // 16 - first_lost
+    assert in_page > 0 and len(lines) == 2 * in_page + 3, done.stdout[-2000:]
+    shard_file = os.path.join(path, "shard-000000.rec")
+    for line in lines[:-1]:
+        assert line.startswith(f"ShardReadError {shard_file} | "), line
+        assert "truncated" in line
+    assert f"sample {first_lost} at byte offset {64 + 16 * first_lost}" in lines[0]
+    assert lines[-1] == f"still [1.0, {4.0 * first_lost - 3}]"
+
+
 def test_threads_auto_is_the_automatic_choice(tmp_path):
     path = str(tmp_path / "d")
     with shardfeed.Writer(path, {"x": ("float16", (4,))}) as writer:

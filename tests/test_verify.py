@@ -64,7 +64,10 @@ def test_an_intact_dataset_is_ok(dataset, capfd):
     assert doc["ok"] is True and doc["num_samples"] == N and doc["problems"] == []
 
 
-def test_a_changed_byte_marks_its_shard(dataset, capfd):
+def test_a_changed_byte_marks_its_shard_in_an_old_dataset(dataset, capfd, tools):
+    """A dataset without per-record checksums (format version 1): the whole shard is suspect.
+    (tests/test_record_checksums.py: with them, exactly the damaged sample is named.)"""
+    tools.as_format_v1(dataset)
     patch(shard(dataset, 2), record_at(3), b"\x55")  # inside x of sample 23: only the checksum can tell
     report = shardfeed.verify(dataset)
     assert not report.ok and report.bad_shards == [2] and report.bad_ranges == [(20, 30)]
@@ -84,11 +87,13 @@ def test_a_changed_byte_marks_its_shard(dataset, capfd):
 def test_a_corrupt_descriptor_names_the_sample(dataset):
     patch(shard(dataset, 1), record_at(4, 16 + 8), (10 ** 6).to_bytes(8, "little"))  # sample 14: a million rows
     report = shardfeed.verify(dataset)
-    messages = {p.message.split(":")[0]: p for p in report.problems}
     exact = [p for p in report.problems if "points outside its heap file" in p.message]
     assert len(exact) == 1 and exact[0].samples == [(14, 15)] and exact[0].file == shard(dataset, 1)
     assert exact[0].message == "sample 14: variable field 't' points outside its heap file"
-    assert report.bad_shards == [1] and len(messages) == 2  # and the checksum
+    [checksum] = [p for p in report.problems if "CRC32C" in p.message]  # and its record checksum
+    assert checksum.samples == [(14, 15)] and checksum.message.startswith("sample 14: record failed")
+    assert report.bad_shards == [1] and len(report.problems) == 2 and report.bad_ranges == [(14, 15)]
+    assert str(report).count("sample 14") == 2  # the heap file is not blamed for what a damaged record points at
 
 
 def test_a_bad_bool_names_the_samples(dataset):
@@ -137,9 +142,9 @@ def test_unreadable_shards_are_bad_as_a_whole(dataset, damage, message):
 def test_extra_data_and_several_bad_shards(dataset):
     with open(shard(dataset, 3), "ab") as f:
         f.write(b"\0" * 7)
-    patch(shard(dataset, 0, ".var"), HEADER_BYTES + 1, b"\x01")
+    patch(shard(dataset, 0, ".var"), HEADER_BYTES + 1, b"\x01")  # the first row: sample 1's (sample 0 has none)
     report = shardfeed.verify(dataset)
-    assert report.bad_shards == [0, 3] and report.bad_ranges == [(0, 10), (30, 40)]
+    assert report.bad_shards == [0, 3] and report.bad_ranges == [(1, 2), (30, 40)]
     assert any(p.message.endswith("(extra data)") for p in report.problems)
 
 
@@ -210,7 +215,7 @@ def test_notes_on_writers(dataset):
         assert report.ok
         assert report.notes == [f"a writer (pid {os.getpid()}) is at work: samples after the {N} committed are not "
                                 "listed yet",
-                                "uncommitted files ['shard-000004.rec', 'shard-000004.var']: ignored by readers, "
+                                "uncommitted files ['shard-000004.crc', 'shard-000004.rec', 'shard-000004.var']: ignored by readers, "
                                 "removed by the next Writer(path, mode='a')"]
     # the leftovers of a writer that was killed: its pid in a lock file nobody holds
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

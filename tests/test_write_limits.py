@@ -29,7 +29,7 @@ CHILD = textwrap.dedent(r'''
         assert np.array_equal(ds.read(np.arange(committed))["x"], x[:committed])
         assert shardfeed.verify(path).ok, str(shardfeed.verify(path))
         names = set(os.listdir(path))
-        listed = {s.file for s in ds._manifest.shards}
+        listed = {name for s in ds._manifest.shards for name in (s.file, s.checksums_file)}
         assert names == listed | {MANIFEST_NAME}, sorted(names - listed)
 
     def write_until_failure(w, start):

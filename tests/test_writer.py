@@ -297,7 +297,8 @@ def test_shard_files_respect_the_size_cap_and_manifest_checksums(tools, rng, new
         file = os.path.join(path, shard["file"])
         assert os.path.getsize(file) == shard["size"] <= shard_size
         assert file_checksum(file) == shard["checksum"]
-    assert sorted(os.listdir(path)) == sorted([MANIFEST_NAME] + [s["file"] for s in manifest["shards"]])
+    assert sorted(os.listdir(path)) == sorted([MANIFEST_NAME] + [s["file"] for s in manifest["shards"]]
+                                              + [s["checksums"]["file"] for s in manifest["shards"]])
 
 
 def test_variable_heap_ends_a_shard_within_one_batch(new_path):

@@ -17,11 +17,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from . import _core
 from .errors import ShardFormatError
 from .format import (
-    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME, MERGE_JOURNAL_NAME,
-    SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, check_header, file_system_path,
-    format_checksum, open_regular, parse_lock, read_manifest,
+    CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME,
+    MERGE_JOURNAL_NAME, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, check_header,
+    checksum_words, file_system_path, format_checksum, open_regular, parse_lock, read_manifest,
 )
 
 _CHUNK_BYTES = 4 << 20
@@ -211,6 +212,58 @@ def _open_checked(file: str, expected_size: int, kind: int, manifest: Manifest, 
     return f, size
 
 
+def _describe_ranges(ranges: List[Tuple[int, int]]) -> str:
+    """[start, stop) ranges as text: "samples 3, 10-12 (4 samples)"."""
+    shown = ", ".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in ranges[:20])
+    count = sum(b - a for a, b in ranges)
+    return (f"sample{'s' if count > 1 else ''} {shown}{', ...' if len(ranges) > 20 else ''}"
+            + (f" ({count} samples)" if count > 1 else ""))
+
+
+def _load_record_checksums(path: str, manifest: Manifest, number: int, shard: ShardEntry,
+                           report: VerifyReport) -> Optional[np.ndarray]:
+    """The shard's per-record checksums, (samples, checksum_words) uint32, or None when it has none
+    (written before format version 2) or they are damaged (reported: the shard is then checked by
+    its whole-file checksums only, as before)."""
+    if shard.checksums_file is None:
+        return None
+    file = os.path.join(path, shard.checksums_file)
+    known = len(report.problems)
+    opened = _open_checked(file, shard.checksums_size, FILE_KIND_CHECKSUMS, manifest, number, (0, 0), report)
+    for problem in report.problems[known:]:
+        problem.samples = []  # not the samples' fault: they are checked by the whole-file checksums
+        problem.message += ": the shard's samples are checked by its whole-file checksums only"
+    if opened is None:
+        return None
+    f, size = opened
+    with f:
+        f.seek(0)
+        data = f.read()
+    if size != shard.checksums_size or format_checksum(zlib.crc32(data)) != shard.checksums_checksum:
+        if size == shard.checksums_size:
+            report.problems.append(Problem(file, f"checksum {format_checksum(zlib.crc32(data))} does not match "
+                                           f"the manifest's {shard.checksums_checksum}: the per-record checksums "
+                                           "are damaged, the shard's samples are checked by its whole-file "
+                                           "checksums only", number))
+        return None
+    return np.frombuffer(data, CHECKSUM_DTYPE, offset=HEADER_BYTES).reshape(-1, checksum_words(manifest.schema))
+
+
+def _heap_row_checksums(heap_file, records: np.ndarray, schema) -> np.ndarray:
+    """CRC32C of each record's rows of all variable fields, in field order (the second checksum
+    word); reads the rows with one pread per sample and field."""
+    sums = np.zeros(len(records), np.uint32)
+    fields = [(f.name, f.count * f.stored_dtype.itemsize) for f in schema.variable_fields]
+    for i in range(len(records)):
+        crc = 0
+        for name, row_bytes in fields:
+            offset, rows = (int(v) for v in records[name][i])
+            if rows:
+                crc = _core.crc32c(os.pread(heap_file.fileno(), rows * row_bytes, offset), crc)
+        sums[i] = crc
+    return sums
+
+
 def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry, first: int,
                   report: VerifyReport) -> None:
     schema = manifest.schema
@@ -218,6 +271,8 @@ def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry,
     rec_path = os.path.join(path, shard.file)
     heap_path = os.path.join(path, shard.heap_file) if shard.heap_file else None
     heap_size = None
+    stored = _load_record_checksums(path, manifest, number, shard, report)
+    heap_damaged = None  # the heap file's checksum problem, reported unless its samples are named
     if heap_path is not None:  # its size tells which rows a truncated heap still holds
         opened = _open_checked(heap_path, shard.heap_size, FILE_KIND_HEAP, manifest, number, whole, report)
         if opened is not None:
@@ -232,12 +287,34 @@ def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry,
                 report.problems.append(Problem(heap_path, f"cannot read: {exc.strerror}", number, [whole]))
             else:
                 if format_checksum(crc) != shard.heap_checksum:
-                    report.problems.append(Problem(heap_path, f"checksum {format_checksum(crc)} does not match the "
-                                                   f"manifest's {shard.heap_checksum}: all samples of the shard are "
-                                                   "suspect", number, [whole]))
+                    heap_damaged = Problem(heap_path, f"checksum {format_checksum(crc)} does not match the "
+                                           f"manifest's {shard.heap_checksum}: all samples of the shard are "
+                                           "suspect", number, [whole])
 
+    heap_rows = None  # the heap file, open for the second checksum word
+    if stored is not None and stored.shape[1] > 1 and heap_size == shard.heap_size:
+        heap_rows = _open_shard_file(heap_path)
+    try:
+        _verify_records(path, manifest, number, shard, first, report, stored, heap_rows, heap_damaged,
+                        heap_path, heap_size)
+    finally:
+        if heap_rows is not None:
+            heap_rows.close()
+
+
+def _verify_records(path: str, manifest: Manifest, number: int, shard: ShardEntry, first: int,
+                    report: VerifyReport, stored: Optional[np.ndarray], heap_rows, heap_damaged: Optional[Problem],
+                    heap_path: Optional[str], heap_size: Optional[int]) -> None:
+    """The record file of a shard: size, header, whole-file checksum, the records' structure, and
+    with per-record checksums (``stored``) each record's and each sample's heap rows'."""
+    schema = manifest.schema
+    whole = (first, first + shard.num_samples)
+    rec_path = os.path.join(path, shard.file)
+    named: Dict[str, List[Tuple[int, int]]] = {}  # samples whose record (or heap rows) fail their checksum
     opened = _open_checked(rec_path, shard.size, FILE_KIND_RECORDS, manifest, number, whole, report)
     if opened is None:
+        if heap_damaged is not None:
+            report.problems.append(heap_damaged)
         return
     f, size = opened
     record_bytes = schema.record_bytes
@@ -256,15 +333,33 @@ def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry,
                     records = np.frombuffer(chunk, dtype=schema.record_dtype, count=complete)
                     for file, what, rows in _bad_records(records, schema, shard, rec_path, heap_path, heap_size):
                         _extend_ranges(bad.setdefault((file, what), []), _ranges(rows + first + done))
+                    if stored is not None:
+                        expected = stored[done:done + complete]
+                        actual = _core.record_checksums(chunk[:complete * record_bytes], record_bytes)
+                        _extend_ranges(named.setdefault(rec_path, []),
+                                       _ranges(np.flatnonzero(actual != expected[:, 0]) + first + done))
+                        if heap_rows is not None:  # rows of intact records only: a damaged one's descriptors
+                            intact = np.flatnonzero(actual == expected[:, 0])  # may point anywhere
+                            rows_actual = _heap_row_checksums(heap_rows, records[intact], schema)
+                            _extend_ranges(named.setdefault(heap_path, []),
+                                           _ranges(intact[rows_actual != expected[intact, 1]] + first + done))
                     done += complete
     except OSError as exc:  # an I/O error: what was read is reported, the rest of the shard is suspect
         report.problems.append(Problem(rec_path, f"cannot read past sample {first + done}: {exc.strerror}",
                                        number, [whole]))
     else:
-        if format_checksum(crc) != shard.checksum:
+        if format_checksum(crc) != shard.checksum and not (named.get(rec_path) and done == shard.num_samples):
             report.problems.append(Problem(rec_path, f"checksum {format_checksum(crc)} does not match the "
                                            f"manifest's {shard.checksum}: all samples of the shard are suspect",
                                            number, [whole]))
+    for file, ranges in named.items():
+        if ranges:
+            what = "record" if file == rec_path else "variable-length rows"
+            report.problems.append(Problem(file, f"{_describe_ranges(ranges)}: {what} failed the per-record CRC32C "
+                                           "check (the bytes changed after they were written)", number, ranges))
+    heap_named = heap_path is not None and bool(named.get(heap_path))
+    if heap_damaged is not None and not heap_named:
+        report.problems.append(heap_damaged)
     if done < shard.num_samples and size < shard.size:
         missing = [(first + done, whole[1])]
         report.problems.append(Problem(rec_path, f"the records of {_describe(missing)} are missing (file of "
@@ -314,7 +409,7 @@ def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) 
     temporary = sorted(n for n in names if TEMPORARY_MANIFEST_PATTERN.fullmatch(n))
     unlisted: List[str] = []
     if manifest is not None:
-        listed = {n for s in manifest.shards for n in (s.file, s.heap_file) if n}
+        listed = {n for s in manifest.shards for n in (s.file, s.heap_file, s.checksums_file) if n}
         unlisted = sorted(n for n in names if SHARD_FILE_PATTERN.fullmatch(n) and n not in listed)
     if LOCK_NAME in names:
         holder = _lock_holder(os.path.join(path, LOCK_NAME))

@@ -18,8 +18,9 @@ from .read_options import (
 )
 from .errors import ShardFormatError, ShardReadError
 from .format import (
-    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, MERGE_JOURNAL_NAME, Field, Manifest, check_header,
-    file_system_path, open_regular, read_manifest,
+    CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME,
+    MERGE_JOURNAL_NAME, Field, Manifest, ShardEntry, check_header, checksum_words, file_system_path, open_regular,
+    read_manifest,
 )
 
 _MAX_OUTPUT_BYTES = 1 << 62  # more than numpy's sizes (intp) and BatchMemory can describe
@@ -170,6 +171,33 @@ def _open_file(path: str, size: int, kind: int, manifest: Manifest) -> int:
     return fd
 
 
+def _record_checksums(path: str, shard: ShardEntry, manifest: Manifest) -> np.ndarray:
+    """The stored CRC32C of each record of a shard (its ``.crc`` file, header and size checked),
+    for ``open(..., verify=True)``."""
+    if shard.checksums_file is None:
+        raise ShardFormatError(f"{os.path.join(path, shard.file)}: this shard has no per-record checksums "
+                               "(written by a shardfeed before format version 2), so verify=True cannot check "
+                               "its reads; `shardfeed verify` checks its whole-file checksum")
+    file = os.path.join(path, shard.checksums_file)
+    fd = _open_file(file, shard.checksums_size, FILE_KIND_CHECKSUMS, manifest)
+    try:
+        data = bytearray(shard.checksums_size - HEADER_BYTES)
+        view, at = memoryview(data), HEADER_BYTES
+        while view:
+            got = os.preadv(fd, [view], at)
+            if got == 0:
+                raise ShardReadError(errno.EIO, "file ended before its manifest size (truncated?)", file)
+            view, at = view[got:], at + got
+    except OSError as exc:
+        if isinstance(exc, ShardReadError):
+            raise
+        raise ShardReadError(exc.errno, f"cannot read the record checksums: {exc.strerror}", file) from None
+    finally:
+        os.close(fd)
+    words = np.frombuffer(data, dtype=CHECKSUM_DTYPE).reshape(shard.num_samples, checksum_words(manifest.schema))
+    return np.ascontiguousarray(words[:, 0], dtype=np.uint32)
+
+
 def _as_name_list(fields: Union[None, str, Sequence[str]], schema_fields: Mapping[str, Field]) -> List[str]:
     if fields is None:
         return list(schema_fields)
@@ -187,8 +215,11 @@ class Dataset:
     :meth:`read` for batches. Thread-safe; pickles by path (the copy reopens the files)."""
 
     def __init__(self, path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "auto",
-                 mmap: Union[str, bool] = "auto"):
+                 mmap: Union[str, bool] = "auto", verify: bool = False):
         self.path = file_system_path(path, ShardReadError)
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be True or False, got {verify!r}")
+        self.verify_reads = verify
         self._threads = _check_threads(threads)
         if mmap not in ("auto", True, False):
             raise ValueError(f"mmap must be 'auto', True or False, got {mmap!r}")
@@ -216,6 +247,7 @@ class Dataset:
         paths = [os.path.join(self.path, s.file) for s in manifest.shards]
         use_map = self._record_bytes <= MMAP_MAX_RECORD_BYTES if mmap == "auto" else bool(mmap)
         has_heap = bool(manifest.schema.variable_fields)
+        checksums = [_record_checksums(self.path, shard, manifest) for shard in manifest.shards] if verify else None
         fds: List[int] = []
         heap_fds: List[int] = []
         try:
@@ -231,7 +263,7 @@ class Dataset:
         # The ShardSet owns the descriptors from here on, even if it fails.
         self._shards = _core.ShardSet(fds, heap_fds if has_heap else None, counts, paths,
                                       self._heap_paths if has_heap else None, HEADER_BYTES,
-                                      self._record_bytes, use_map)
+                                      self._record_bytes, use_map, checksums)
         self._use_map = use_map
         # Per field, what read() needs on every call: (natural dtype, cast kernel, variable,
         # row shape, elements per row, offset and bytes in the record), so that a read does not
@@ -268,7 +300,7 @@ class Dataset:
         self.close()
 
     def __reduce__(self):
-        return (_reopen, (self.path, self._threads, self._mmap_option))
+        return (_reopen, (self.path, self._threads, self._mmap_option, self.verify_reads))
 
     def preload(self) -> bool:
         """Reads every file of the dataset once, front to back, so that the operating system's
@@ -500,6 +532,8 @@ class Dataset:
             checked = checked or (cast != CAST_COPY and field.dtype in INTEGER_DTYPES)
         if len(out) > 1:
             self._check_disjoint(out)
+        if variable:  # the heap reads use the indices again: a private copy, like the native reads'
+            index_array = index_array.copy()
         if len(record_reads) > 1:
             record_reads.sort(key=lambda read: (read[0][1], read[0][2]))  # a zero-size field before the field at its offset
         inexact = [False] * len(record_reads) if checked else None
@@ -637,14 +671,23 @@ def free_batch_memory() -> int:
     return _core.free_batch_memory()
 
 
-def _reopen(path: str, threads: Optional[int], mmap: Union[str, bool]) -> Dataset:
-    return Dataset(path, threads=threads, mmap=mmap)
+def _reopen(path: str, threads: Optional[int], mmap: Union[str, bool], verify: bool = False) -> Dataset:
+    return Dataset(path, threads=threads, mmap=mmap, verify=verify)
 
 
 def open(path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "auto",
-         mmap: Union[str, bool] = "auto") -> Dataset:
+         mmap: Union[str, bool] = "auto", verify: bool = False) -> Dataset:
     """Opens a dataset directory for reading. ``threads``: native reader threads per batch, or
     ``"auto"`` (the default: :func:`get_num_threads`, see :func:`set_num_threads`). ``mmap``: copy records that are in the
     page cache from a read-only memory map instead of ``preadv`` — ``"auto"`` does for records of
-    at most 64 KiB."""
-    return Dataset(path, threads=threads, mmap=mmap)
+    at most 64 KiB.
+
+    ``verify=True``: every read compares each record it reads (whole, whichever fields are asked
+    for) with the CRC32C stored when it was written, and raises :class:`RecordChecksumError` naming
+    the shard and sample on a mismatch, before returning anything of the batch; for those who would
+    rather stop than train on damaged data. The rows of variable-length fields are not checked on
+    read (``shardfeed.verify`` checks them). Costs: the checksums are read into memory at open (4
+    bytes per sample), records are read one at a time and whole, and each is checksummed
+    (benchmarks/RESULTS.md, "Per-record checksums"). A dataset with shards written before
+    per-record checksums (format version 1) cannot be opened with ``verify=True``."""
+    return Dataset(path, threads=threads, mmap=mmap, verify=verify)

@@ -37,6 +37,17 @@ class ShardFormatError(ShardfeedError, ValueError):
     """A manifest or shard file is malformed, of another version, or inconsistent with the manifest."""
 
 
+class RecordChecksumError(ShardFormatError):
+    """A record read with ``shardfeed.open(path, verify=True)`` does not match the CRC32C stored for
+    it when it was written: its bytes changed on disk or in transfer. ``path`` is the shard file and
+    ``sample`` the sample's index in the dataset."""
+
+    def __init__(self, message, *, path=None, sample=None):
+        super().__init__(message)
+        self.path = path
+        self.sample = sample
+
+
 class ShardReadError(ShardfeedError, OSError):
     """Reading a shard failed; ``filename`` is the shard path and ``errno`` the system error."""
 

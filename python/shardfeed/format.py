@@ -26,14 +26,20 @@ import numpy as np
 from .errors import SchemaError, ShardFormatError, ShardReadError
 
 FORMAT_NAME = "shardfeed"
-FORMAT_VERSION = 1
+# Manifest version this shardfeed writes, and those it reads. Version 2 added per-record checksums
+# (a shard's "checksums" entry, optional so that shards of version-1 datasets stay valid in it).
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+# Version in the shard files' headers: their layout has not changed since version 1.
+SHARD_FILE_VERSION = 1
 
 # ---- names in a dataset directory (their one owner; docs/format.md) ---------------------------
 MANIFEST_NAME = "manifest.json"
 RECORDS_SUFFIX = ".rec"
 HEAP_SUFFIX = ".var"
+CHECKSUMS_SUFFIX = ".crc"  # a shard's per-record checksums (version 2)
 # The names writers and merge give shard files (a manifest may list other plain names).
-SHARD_FILE_PATTERN = re.compile(r"shard-\d{6,}\.(rec|var)")
+SHARD_FILE_PATTERN = re.compile(r"shard-\d{6,}\.(rec|var|crc)")
 # The writer's lock: flock()ed while a writer is open; holds "<pid> <host>\n".
 LOCK_NAME = "writer.lock"
 # A manifest written but not yet renamed into place (by the process of that pid).
@@ -135,6 +141,8 @@ MAGIC = b"SHRDFEED"
 HEADER_BYTES = 64
 FILE_KIND_RECORDS = 0
 FILE_KIND_HEAP = 1
+FILE_KIND_CHECKSUMS = 2
+CHECKSUM_DTYPE = np.dtype("<u4")
 # magic, version, file kind, header bytes, record bytes, schema fingerprint (16 bytes), reserved
 _HEADER = struct.Struct("<8sIIIQ16s20x")
 assert _HEADER.size == HEADER_BYTES
@@ -322,9 +330,31 @@ class Schema:
         return f"Schema({', '.join(f'{f.name}: {f.dtype}{list(f.shape)}' for f in self.fields.values())})"
 
 
+# ---- per-record checksums (docs/format.md, "Record checksums") ---------------------------------
+
+
+def checksum_words(schema: Schema) -> int:
+    """uint32 checksums per sample in a ``.crc`` file: the record's CRC32C, then (when the schema
+    has variable-length fields) the CRC32C of the sample's rows of those fields, in field order."""
+    return 2 if schema.variable_fields else 1
+
+
+def checksum_file_size(schema: Schema, num_samples: int) -> int:
+    return HEADER_BYTES + num_samples * checksum_words(schema) * CHECKSUM_DTYPE.itemsize
+
+
+def _header_record_bytes(kind: int, schema: Schema) -> int:
+    """The header's record-size field: bytes per record (records), per sample (checksums), 0 (heap)."""
+    if kind == FILE_KIND_RECORDS:
+        return schema.record_bytes
+    if kind == FILE_KIND_CHECKSUMS:
+        return checksum_words(schema) * CHECKSUM_DTYPE.itemsize
+    return 0
+
+
 def pack_header(kind: int, schema: Schema) -> bytes:
-    record_bytes = schema.record_bytes if kind == FILE_KIND_RECORDS else 0
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, kind, HEADER_BYTES, record_bytes, schema.fingerprint)
+    return _HEADER.pack(MAGIC, SHARD_FILE_VERSION, kind, HEADER_BYTES, _header_record_bytes(kind, schema),
+                        schema.fingerprint)
 
 
 def check_header(path: str, data: bytes, kind: int, schema: Schema) -> None:
@@ -334,12 +364,12 @@ def check_header(path: str, data: bytes, kind: int, schema: Schema) -> None:
     magic, version, file_kind, header_bytes, record_bytes, fingerprint = _HEADER.unpack(data[:HEADER_BYTES])
     if magic != MAGIC:
         raise ShardFormatError(f"{path}: not a shardfeed shard (magic {magic!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise ShardFormatError(f"{path}: shard format version {version}, this shardfeed reads {FORMAT_VERSION}")
+    if version != SHARD_FILE_VERSION:
+        raise ShardFormatError(f"{path}: shard format version {version}, this shardfeed reads {SHARD_FILE_VERSION}")
     if file_kind != kind or header_bytes != HEADER_BYTES:
         raise ShardFormatError(f"{path}: header says file kind {file_kind} / header {header_bytes} bytes, "
                                f"expected kind {kind} / {HEADER_BYTES} bytes")
-    expected_record = schema.record_bytes if kind == FILE_KIND_RECORDS else 0
+    expected_record = _header_record_bytes(kind, schema)
     if record_bytes != expected_record:
         raise ShardFormatError(f"{path}: record size {record_bytes} bytes does not match the schema's "
                                f"{expected_record} bytes")
@@ -364,6 +394,7 @@ def file_checksum(path: str, block: int = 1 << 22) -> str:
 _MANIFEST_KEYS = {"format", "version", "fields", "record_bytes", "num_samples", "shards", "metadata"}
 _SHARD_KEYS = {"file", "num_samples", "size", "checksum"}
 _HEAP_KEYS = {"file", "size", "checksum"}
+_CHECKSUMS_KEY = "checksums"  # optional in version 2: {"file", "size", "checksum"} of the .crc file
 
 
 @dataclass(frozen=True)
@@ -375,6 +406,9 @@ class ShardEntry:
     heap_file: Optional[str] = None
     heap_size: int = 0
     heap_checksum: Optional[str] = None
+    checksums_file: Optional[str] = None  # the per-record checksums (None: a shard written before them)
+    checksums_size: int = 0
+    checksums_checksum: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         entry: Dict[str, Any] = {
@@ -382,6 +416,9 @@ class ShardEntry:
         }
         if self.heap_file is not None:
             entry["heap"] = {"file": self.heap_file, "size": self.heap_size, "checksum": self.heap_checksum}
+        if self.checksums_file is not None:
+            entry[_CHECKSUMS_KEY] = {"file": self.checksums_file, "size": self.checksums_size,
+                                     "checksum": self.checksums_checksum}
         return entry
 
 
@@ -456,9 +493,10 @@ def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
         raise ShardFormatError(f"{manifest_path}: expected a JSON object, got {type(doc).__name__}")
     if doc.get("format") != FORMAT_NAME:
         raise ShardFormatError(f"{manifest_path}: not a shardfeed manifest (format {doc.get('format')!r})")
-    if doc.get("version") != FORMAT_VERSION:
-        raise ShardFormatError(f"{manifest_path}: format version {doc.get('version')!r}, "
-                               f"this shardfeed reads version {FORMAT_VERSION}")
+    version = doc.get("version")
+    if isinstance(version, bool) or version not in READ_VERSIONS:
+        raise ShardFormatError(f"{manifest_path}: format version {version!r}, "
+                               f"this shardfeed reads versions {', '.join(map(str, READ_VERSIONS))}")
     unknown, missing = set(doc) - _MANIFEST_KEYS, _MANIFEST_KEYS - set(doc)
     if unknown or missing:
         raise ShardFormatError(f"{manifest_path}: unknown keys {sorted(unknown)} / missing keys {sorted(missing)}")
@@ -481,8 +519,10 @@ def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
     for number, raw in enumerate(doc["shards"]):
         what = f"shard {number}"
         expected_keys = _SHARD_KEYS | ({"heap"} if has_heap else set())
-        if not isinstance(raw, dict) or set(raw) != expected_keys:
-            raise ShardFormatError(f"{manifest_path}: {what} must have exactly the keys {sorted(expected_keys)}")
+        optional = {_CHECKSUMS_KEY} if version >= 2 else set()
+        if not isinstance(raw, dict) or not expected_keys <= set(raw) <= expected_keys | optional:
+            raise ShardFormatError(f"{manifest_path}: {what} must have exactly the keys {sorted(expected_keys)}"
+                                   + (f", and may have {sorted(optional)}" if optional else ""))
         name = _safe_file_name(manifest_path, raw["file"], what)
         count = _count(manifest_path, raw["num_samples"], f"{what} num_samples")
         size = _count(manifest_path, raw["size"], f"{what} size")
@@ -501,7 +541,9 @@ def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
             )
             if entry["heap_size"] < HEADER_BYTES:
                 raise ShardFormatError(f"{manifest_path}: {what} heap size {entry['heap_size']} is below the header size")
-        for file_name in (entry["file"], entry.get("heap_file")):
+        if _CHECKSUMS_KEY in raw:
+            entry.update(_parse_checksums_entry(manifest_path, raw[_CHECKSUMS_KEY], what, schema, count))
+        for file_name in (entry["file"], entry.get("heap_file"), entry.get("checksums_file")):
             if file_name is not None:
                 if file_name in seen:
                     raise ShardFormatError(f"{manifest_path}: file {file_name!r} is listed twice")
@@ -512,6 +554,17 @@ def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
         raise ShardFormatError(f"{manifest_path}: num_samples {doc['num_samples']!r} is not the sum of the "
                                f"shards' counts ({manifest.num_samples})")
     return manifest
+
+
+def _parse_checksums_entry(manifest_path: str, raw: Any, what: str, schema: Schema, count: int) -> Dict[str, Any]:
+    if not isinstance(raw, dict) or set(raw) != _HEAP_KEYS:
+        raise ShardFormatError(f"{manifest_path}: {what} checksums must have exactly the keys {sorted(_HEAP_KEYS)}")
+    size = _count(manifest_path, raw["size"], f"{what} checksums size")
+    if size != checksum_file_size(schema, count):
+        raise ShardFormatError(f"{manifest_path}: {what} checksums file has size {size}, but {count} samples "
+                               f"need {checksum_file_size(schema, count)}")
+    return dict(checksums_file=_safe_file_name(manifest_path, raw["file"], f"{what} checksums"),
+                checksums_size=size, checksums_checksum=_checksum(manifest_path, raw["checksum"], f"{what} checksums"))
 
 
 def read_manifest(path: str) -> Manifest:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import SchemaError, ShardFormatError, ShardReadError, ShardWriteError, SourceError
 from .format import (
-    HEAP_SUFFIX, MANIFEST_NAME, MERGE_JOURNAL_NAME, RECORDS_SUFFIX, SHARD_FILE_PATTERN,
+    CHECKSUMS_SUFFIX, HEAP_SUFFIX, MANIFEST_NAME, MERGE_JOURNAL_NAME, RECORDS_SUFFIX, SHARD_FILE_PATTERN,
     TEMPORARY_JOURNAL_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, file_system_path, open_regular, parse_manifest,
     read_manifest, replace_atomically, shard_stem, temporary_journal_name, write_manifest,
 )
@@ -155,7 +155,11 @@ def _plan(part_paths: List[str], target: str, metadata: Optional[Mapping[str, An
             if shard.heap_file is not None:
                 new["heap_file"] = stem + HEAP_SUFFIX
                 files.append((number, shard.heap_file, new["heap_file"]))
-            for name, size in ((shard.file, shard.size), (shard.heap_file, shard.heap_size)):
+            if shard.checksums_file is not None:  # the per-record checksums go with their shard
+                new["checksums_file"] = stem + CHECKSUMS_SUFFIX
+                files.append((number, shard.checksums_file, new["checksums_file"]))
+            for name, size in ((shard.file, shard.size), (shard.heap_file, shard.heap_size),
+                               (shard.checksums_file, shard.checksums_size)):
                 if name is not None:
                     _check_size(os.path.join(part, name), size)
             entries.append(ShardEntry(**new))

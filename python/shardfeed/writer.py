@@ -14,12 +14,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from . import _core
 from ._convert import cast_to_stored
 from .errors import SchemaError, ShardfeedError, ShardfeedWarning, ShardWriteError, SourceError
 from .format import (
-    FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, HEAP_SUFFIX, LOCK_NAME, MANIFEST_NAME, MERGE_JOURNAL_NAME,
-    RECORDS_SUFFIX, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Field, Manifest, Schema, ShardEntry, create_new,
-    file_system_path, format_checksum, pack_header, read_manifest, shard_stem, write_manifest,
+    CHECKSUM_DTYPE, CHECKSUMS_SUFFIX, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, HEAP_SUFFIX, LOCK_NAME,
+    MANIFEST_NAME, MERGE_JOURNAL_NAME, RECORDS_SUFFIX, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Field, Manifest,
+    Schema, ShardEntry, checksum_words, create_new, file_system_path, format_checksum, pack_header, read_manifest,
+    shard_stem, write_manifest,
 )
 from .lock import WriterLock
 
@@ -73,25 +75,32 @@ class _ShardFile:
         """Creates the files of a new shard under the first free name from ``shard-<number>`` on:
         a name in ``taken`` (the manifest's) or of any existing file, link included, is skipped,
         never reused (O_EXCL), so no committed file can be truncated (a manifest whose names are
-        not shard-000000 ... N-1, a merged dataset whose shards are links to its parts')."""
+        not shard-000000 ... N-1, a merged dataset whose shards are links to its parts'). Besides
+        the records: the heap file (variable-length fields) and the per-record checksums
+        (docs/format.md), written in step with the records."""
+        suffixes = (RECORDS_SUFFIX, HEAP_SUFFIX, CHECKSUMS_SUFFIX)
         while True:
             stem = shard_stem(number)
             number += 1
-            if stem + RECORDS_SUFFIX in taken or stem + HEAP_SUFFIX in taken:
+            if any(stem + suffix in taken for suffix in suffixes):
                 continue
             try:
                 self.records = _OutputFile(os.path.join(directory, stem + RECORDS_SUFFIX),
                                            pack_header(FILE_KIND_RECORDS, schema))
             except FileExistsError:
                 continue
+            self.heap = self.checksums = None
             try:
-                self.heap = (_OutputFile(os.path.join(directory, stem + HEAP_SUFFIX), pack_header(FILE_KIND_HEAP, schema))
-                             if schema.variable_fields else None)
+                if schema.variable_fields:
+                    self.heap = _OutputFile(os.path.join(directory, stem + HEAP_SUFFIX),
+                                            pack_header(FILE_KIND_HEAP, schema))
+                self.checksums = _OutputFile(os.path.join(directory, stem + CHECKSUMS_SUFFIX),
+                                             pack_header(FILE_KIND_CHECKSUMS, schema))
             except FileExistsError:
-                self.records.discard()
+                self.discard()
                 continue
             except BaseException:
-                self.records.discard()
+                self.discard()
                 raise
             break
         self.number = number - 1
@@ -106,15 +115,17 @@ class _ShardFile:
             heap_size = self.heap.size
             entry = ShardEntry(**{**entry.__dict__, "heap_file": os.path.basename(self.heap.path),
                                   "heap_size": heap_size, "heap_checksum": self.heap.finish()})
-        return entry
+        checksums_size = self.checksums.size
+        return ShardEntry(**{**entry.__dict__, "checksums_file": os.path.basename(self.checksums.path),
+                             "checksums_size": checksums_size, "checksums_checksum": self.checksums.finish()})
 
     def discard(self) -> None:
-        for out in (self.records, self.heap):
+        for out in (self.records, self.heap, self.checksums):
             if out is not None:
                 out.discard()
 
     def close(self) -> None:
-        for out in (self.records, self.heap):
+        for out in (self.records, self.heap, self.checksums):
             if out is not None:
                 out.close()
 
@@ -306,6 +317,8 @@ class Writer:
         self._buffer = np.zeros(max(1, min(self._records_per_shard, _BUFFER_BYTES // record_bytes)),
                                 dtype=self.schema.record_dtype)
         self._buffered = 0
+        # The per-record checksums of the buffered records (format.checksum_words per sample).
+        self._buffer_checksums = np.zeros((len(self._buffer), checksum_words(self.schema)), dtype=CHECKSUM_DTYPE)
         # One fixed field filling the whole record (no padding): large batches skip the write buffer
         # and go from the caller's array (or its cast) straight to the shard file.
         only = next(iter(self.schema.fields.values()))
@@ -403,7 +416,7 @@ class Writer:
         return None if lock is None else lock.release()
 
     def _listed_names(self) -> "set[str]":
-        return {name for s in self._manifest.shards for name in (s.file, s.heap_file) if name}
+        return {name for s in self._manifest.shards for name in (s.file, s.heap_file, s.checksums_file) if name}
 
     def _guarded(self, work, *args: Any) -> None:
         """Runs ``work``; an OSError (disk full, file-size limit, I/O error) ends the writer: the
@@ -520,8 +533,9 @@ class Writer:
         take = min(count - position, self._records_per_shard - self._shard.num_samples)
         if not (_is_stored(column, field) and column.flags.c_contiguous):
             take = min(take, len(self._buffer))  # a cast or a copy: bounded like the buffer
-        values = _cast(column[position:position + take], field, len(self))
-        self._shard.records.write(np.ascontiguousarray(values))
+        values = np.ascontiguousarray(_cast(column[position:position + take], field, len(self)))
+        self._shard.records.write(values)
+        self._shard.checksums.write(_core.record_checksums(values, self.schema.record_bytes))
         self._shard.num_samples += take
         return take
 
@@ -545,7 +559,21 @@ class Writer:
             for i, data in enumerate(samples):
                 descriptors[i, 0] = self._shard.heap.write(data) if data.size else self._shard.heap.size
                 descriptors[i, 1] = data.shape[0]
+        self._checksum_records(rows, list(variable.values()), self._buffered)
         self._buffered += take
+
+    def _checksum_records(self, rows: np.ndarray, variable: List[List[np.ndarray]], at: int) -> None:
+        """The per-record checksums of the records ``rows`` (complete: descriptors set) into the
+        checksum buffer from row ``at``: each record's CRC32C, and with variable fields the CRC32C
+        of each sample's rows of all of them, in field order (docs/format.md)."""
+        sums = self._buffer_checksums[at:at + len(rows)]
+        sums[:, 0] = _core.record_checksums(rows.reshape(-1).view(np.uint8), self.schema.record_bytes)
+        if variable:
+            for i in range(len(rows)):
+                crc = 0
+                for samples in variable:
+                    crc = _core.crc32c(samples[i], crc)
+                sums[i, 1] = crc
 
     def _heap_take(self, columns: Dict[str, Any], position: int, take: int) -> int:
         """How many of the next ``take`` samples go into the current shard: a heap that reaches the
@@ -578,6 +606,7 @@ class Writer:
     def _flush(self) -> None:
         if self._buffered:
             self._shard.records.write(self._buffer[:self._buffered])
+            self._shard.checksums.write(self._buffer_checksums[:self._buffered])
             self._shard.num_samples += self._buffered
             self._buffered = 0
 
