@@ -150,10 +150,13 @@ def test_dataset_provided_strings_are_escaped_before_the_terminal(tmp_path):
     assert done.returncode == 0 and "m\\x1b[1m: float64 -> float64[2]" in done.stdout and "\x1b" not in done.stdout
 
 
-def test_keras_module_without_keras_names_the_extra():
-    code = "import sys; sys.modules['keras'] = None; import shardfeed.keras"  # as if Keras were not installed
+@pytest.mark.parametrize("module, framework, message", [
+    ("shardfeed.keras", "keras", "shardfeed.keras needs Keras 3"),
+    ("shardfeed.tf", "tensorflow", "shardfeed.tf (Dataset.to_tf_dataset) needs TensorFlow"),
+])
+def test_framework_module_without_its_framework_names_the_extra(module, framework, message):
+    code = f"import sys; sys.modules[{framework!r}] = None; import {module}"  # as if it were not installed
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("ImportError: shardfeed.keras needs Keras 3") and \
-        "pip install 'shardfeed[tensorflow]'" in last, done.stderr
+    assert last.startswith("ImportError: " + message) and "pip install 'shardfeed[tensorflow]'" in last, done.stderr

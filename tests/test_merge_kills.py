@@ -142,7 +142,7 @@ DRIVER = textwrap.dedent(r'''
             report = shardfeed.verify(target)
             assert report.ok and not report.notes, str(report)
             assert sorted(os.listdir(target)) == [MANIFEST_NAME] + sorted(
-                f"shard-{i:06d}.{e}" for i in range(5) for e in ("rec", "var")), os.listdir(target)
+                f"shard-{i:06d}.{e}" for i in range(5) for e in ("crc", "rec", "var")), os.listdir(target)
             assert not any(os.path.exists(p) for p in parts), [os.listdir(p) for p in parts if os.path.exists(p)]
         except Exception as exc:
             failures.append(f"kill at step {k}: {type(exc).__name__}: {exc}")

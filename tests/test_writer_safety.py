@@ -88,7 +88,7 @@ def test_append_after_a_removed_manifest_entry_keeps_every_committed_shard(tools
     edit_manifest(path, lambda doc: doc["shards"].pop(0))
     listed = {name: file_bytes(os.path.join(path, name)) for name in ("shard-000001.rec", "shard-000002.rec")}
     with pytest.warns(shardfeed.ShardfeedWarning, match=r"removed files the manifest does not list .*"
-                                                        r"\['shard-000000.rec'\]"):
+                                                        r"\['shard-000000.crc', 'shard-000000.rec'\]"):
         w = shardfeed.Writer(path, mode="a")  # (the unlisted shard-000000.rec is a leftover now)
     with w:
         w.extend({"x": np.full((3, 2), -1, np.int32)})
@@ -204,8 +204,8 @@ def test_a_planted_temporary_manifest_link_is_not_written_through(tools, tmp_pat
     os.symlink(victim, target / f"{MANIFEST_NAME}.tmp-{os.getpid()}")
     shardfeed.merge([part], str(target))
     assert victim.read_bytes() == content
-    assert shardfeed.verify(str(target)).ok and sorted(os.listdir(target)) == [
-        MANIFEST_NAME, "shard-000000.rec", "shard-000001.rec", "shard-000002.rec"]
+    assert shardfeed.verify(str(target)).ok and sorted(os.listdir(target)) == [MANIFEST_NAME] + [
+        f"shard-{k:06d}.{e}" for k in range(3) for e in ("crc", "rec")]
 
 
 def test_merge_honours_the_writer_locks(tools, tmp_path):

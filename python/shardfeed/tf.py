@@ -7,7 +7,12 @@ import threading
 from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
-import tensorflow as tf
+
+try:
+    import tensorflow as tf
+except ImportError as exc:  # as shardfeed.keras: say which extra brings it
+    raise ImportError(f"shardfeed.tf (Dataset.to_tf_dataset) needs TensorFlow ({exc}): "
+                      "pip install 'shardfeed[tensorflow]'") from exc
 
 from . import kerasfit
 from .loader import BatchPlan, FeedOptions
