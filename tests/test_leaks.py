@@ -112,13 +112,7 @@ LEAKS = textwrap.dedent(r'''
 @pytest.mark.skipif(shardfeed._core.BUILD_INFO["sanitizers"] != "",
                     reason="sanitizer runtimes quarantine freed memory")
 def test_memory_and_descriptors_stay_flat(tmp_path):
-    # Measured under the allocator users run: CI's PYTHONDEVMODE=1 installs pymalloc's debug hooks,
-    # which pad every block and made the open/close phase's RssAnon rise by 2.5, 3.6 and 5.4 MiB in
-    # three runs of the same code (0.4-0.55 MiB without them, and 0.3 MiB under dev mode with
-    # PYTHONMALLOC=malloc): arena fragmentation that varies run to run, not memory the library holds.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDEVMODE", "PYTHONMALLOC")}
-    done = subprocess.run([sys.executable, "-c", LEAKS, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env=env)
+    done = subprocess.run([sys.executable, "-c", LEAKS, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     readings = json.loads(done.stdout)
     print("phase, RssAnon KiB, open fds:", readings)
