@@ -59,6 +59,24 @@ def run(new_path, before, fault):
                           text=True, timeout=120)
 
 
+# Under AddressSanitizer the first SIGBUS handler of all is ASan's own (installed before the
+# interpreter starts), and the chain ends there: ASan reports the fault and ends the process, by
+# abort or by exit status 1, and, with faulthandler installed at start-up (PYTHONDEVMODE=1), its
+# report can itself fault ("nested bug"). What holds under ASan is that the fault went down the
+# chain once (one Bus error traceback) and ended in ASan's handler; the plain build, which the main
+# test run uses, checks the exact ending.
+ASAN = "address" in shardfeed._core.BUILD_INFO["sanitizers"]
+
+
+def assert_died_of_the_fault(done):
+    assert done.stderr.count("Fatal Python error: Bus error") <= 1, done.stderr[:3000]
+    if ASAN:
+        assert done.returncode in (1, -signal.SIGABRT, -signal.SIGBUS), (done.returncode, done.stderr[-2000:])
+        assert done.returncode == -signal.SIGBUS or "AddressSanitizer" in done.stderr, done.stderr[-2000:]
+    else:
+        assert done.returncode == -signal.SIGBUS, (done.returncode, done.stderr[-2000:])
+
+
 @pytest.mark.parametrize("fault", ["memory", "sent"])
 def test_a_fault_that_is_not_the_readers_reaches_faulthandler_once(new_path, fault):
     """faulthandler enabled after the first mapped read: its handler and the reader's must not pass
@@ -67,12 +85,7 @@ def test_a_fault_that_is_not_the_readers_reaches_faulthandler_once(new_path, fau
     done = run(new_path, "faulthandler", fault)
     assert done.stdout.splitlines()[0] == "reader: ShardReadError", done.stdout
     assert done.stderr.count("Fatal Python error: Bus error") == 1, done.stderr[:3000]
-    assert done.returncode == -signal.SIGBUS, (done.returncode, done.stderr[-2000:])
-
-
-# Under AddressSanitizer the action installed before the reader's is ASan's own SIGBUS handler,
-# which reports the fault (once) and aborts.
-ASAN = "address" in shardfeed._core.BUILD_INFO["sanitizers"]
+    assert_died_of_the_fault(done)
 
 
 @pytest.mark.parametrize("fault", ["memory", "sent"])
@@ -80,10 +93,7 @@ def test_a_fault_that_is_not_the_readers_gets_the_default_action(new_path, fault
     done = run(new_path, "default", fault)
     assert done.stdout.splitlines()[0] == "reader: ShardReadError", done.stdout
     assert "survived" not in done.stdout
-    if ASAN and done.returncode == -signal.SIGABRT:
-        assert done.stderr.count("AddressSanitizer:DEADLYSIGNAL") == 1, done.stderr[-2000:]
-    else:
-        assert done.returncode == -signal.SIGBUS, (done.returncode, done.stderr[-2000:])
+    assert_died_of_the_fault(done)
 
 
 def test_a_sent_sigbus_is_ignored_when_the_previous_action_was_to_ignore_it(new_path):
