@@ -54,11 +54,13 @@ def test_exceptions_are_also_builtins():
 
 
 def test_import_is_light_and_fast():
+    # CPU time of the import, not wall time: the suite runs on shared machines (CI measured 1.26 s of
+    # wall time at load 8 under AddressSanitizer).
     code = (
         "import sys, time\n"
-        "t = time.perf_counter()\n"
+        "t = time.process_time()\n"
         "import shardfeed\n"
-        "elapsed = time.perf_counter() - t\n"
+        "elapsed = time.process_time() - t\n"
         "import json\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'keras', 'torch', 'jax', 'h5py', 'pandas'))\n"
