@@ -1,6 +1,7 @@
 """Joining datasets written in parts (by parallel processes or cluster tasks) into one, without
-copying shard data: the parts' shard files are hard-linked (or, with ``move=True``, moved) into the
-target under new names, and one manifest listing them all is written.
+copying shard data: the parts' shard files are hard-linked into the target under new names (with
+``move=True`` on a file system without hard links, copied), and one manifest listing them all is
+written.
 
 Shard files do not know their position in a dataset (their header holds the format version, the
 record size and the schema's fingerprint, and a variable-length field's descriptors point into
