@@ -57,6 +57,35 @@ def test_merge_with_move_removes_the_parts(tmp_path, rng, tools):
     tools.assert_identical(read_all(tmp_path / "all")["x"], np.concatenate(xs))
 
 
+@pytest.mark.parametrize("ranges", ["copy_file_range", "pread"])
+def test_merge_with_move_copies_where_the_file_system_has_no_hard_links(tmp_path, rng, tools, monkeypatch, ranges):
+    import errno
+
+    xs = [rng.standard_normal((n, 3)).astype(np.float32) for n in (30, 17)]
+    parts = [write(tmp_path / f"p{i}", x, np.arange(len(x))) for i, x in enumerate(xs)]
+    files = sum(2 * len(read_manifest(p).shards) for p in parts)  # .rec and .crc
+
+    def no_link(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    if ranges == "pread":  # in pieces of 100 bytes, each at its offset
+        import importlib
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+        monkeypatch.setattr(importlib.import_module("shardfeed.merge"), "_COPY_PIECE_BYTES", 100)
+    with pytest.raises(OSError, match="pass move=True"):
+        shardfeed.merge(parts, tmp_path / "linked")
+    assert all(read_all(p)["x"].shape == x.shape for p, x in zip(parts, xs))
+    result = shardfeed.merge(parts, tmp_path / "all", move=True)
+    assert (result.moved, result.copied, result.num_samples) == (True, files, 47)
+    assert not any(os.path.exists(p) for p in parts)
+    batch = read_all(tmp_path / "all")
+    tools.assert_identical(batch["x"], np.concatenate(xs))
+    tools.assert_identical(batch["y"], np.concatenate([np.arange(len(x)) for x in xs]))
+    report = shardfeed.verify(tmp_path / "all")
+    assert report.ok and not report.notes, str(report)
+
+
 def test_merge_keeps_variable_length_heaps_valid(tmp_path, rng, tools):
     sequences = [rng.integers(0, 9, int(rng.integers(0, 6))) for _ in range(50)]
     for k, (a, b) in enumerate([(0, 20), (20, 50)]):

@@ -217,9 +217,15 @@ def test_huge_indices_are_index_errors(dataset, index):
 
 def test_a_maxlen_no_array_can_hold_is_refused_naming_the_field(dataset):
     ds = shardfeed.open(dataset)
-    with pytest.raises(ValueError, match=r"field 't': a batch of 2 samples padded to maxlen=4611686018427387904 "
-                                         "rows"):
+    limit = 2 ** 62  # bytes: more than numpy's sizes (intp) can describe
+    with pytest.raises(shardfeed.OutputSizeError, match=r"field 't': a batch of 2 samples padded to "
+                       rf"maxlen=4611686018427387904 rows .* more than the {limit} bytes an output array") as info:
         ds.read([0, 1], maxlen=2 ** 62)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, shardfeed.ShardfeedError)
+    assert (info.value.field, info.value.limit) == ("t", limit)
+    assert info.value.nbytes == 2 * 2 ** 62 * np.dtype(ds.fields["t"].dtype).itemsize
+    with pytest.raises(shardfeed.OutputSizeError, match="field 't'"):  # the array passed as out= too
+        ds.read([0, 1], maxlen=2 ** 61, fields="t", out={"t": np.empty((2, 3), np.int64)})
     np.testing.assert_array_equal(ds.read([2], maxlen=3)["t"], [[0, 1, 0]])
 
 

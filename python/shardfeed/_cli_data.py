@@ -376,7 +376,8 @@ _MERGE_HELP = """\
 Joins datasets written in parts (by `shardfeed convert --part K/N`, parallel processes or cluster
 tasks) into one dataset at OUT, in the order given, without copying shard data: shard files are
 hard-linked into OUT (so the parts must be on the same file system), or moved with --move, which
-also removes the parts. The parts must have the same fields and the same metadata (or pass
+also removes the parts once OUT is complete (where the file system has no hard links, --move
+copies the files, and OUT needs room for them until then). The parts must have the same fields and the same metadata (or pass
 --metadata). Name parts with zero-padded numbers (part-000, part-001, ...) so that a shell glob
 lists them in order.
 
@@ -392,8 +393,10 @@ def _merge(args: argparse.Namespace) -> int:
         if isinstance(exc, ShardfeedError):
             raise
         args.parser.error(printable(in_option_terms(str(exc))))
+    how = (f"moved ({result.copied} file(s) copied: this file system has no hard links)" if result.copied
+           else f"{'moved' if result.moved else 'linked'} without copying")
     say(args, f"{result.path}: {result.num_samples} samples in {result.num_shards} shard(s) from "
-               f"{result.parts} part(s), {'moved' if result.moved else 'linked'} without copying")
+               f"{result.parts} part(s), {how}")
     return 0
 
 

@@ -16,7 +16,7 @@ from .read_options import (
     CAST_COPY, INTEGER_DTYPES, STORED_KINDS, affine_layout, cast_values, conversion, exact, inexact_error, option_for,
     output_dtype, per_field, side,
 )
-from .errors import ShardFormatError, ShardReadError
+from .errors import OutputSizeError, ShardFormatError, ShardReadError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME,
     MERGE_JOURNAL_NAME, Field, Manifest, ShardEntry, check_header, checksum_words, file_system_path, open_regular,
@@ -617,8 +617,10 @@ class Dataset:
         shape = (n, max_rows) + field.row_shape
         nbytes = math.prod(shape) * out_dtype.itemsize
         if nbytes >= _MAX_OUTPUT_BYTES:
-            raise ValueError(f"field {field.name!r}: a batch of {n} samples padded to maxlen={max_rows} rows of "
-                             f"{field.row_shape} would take {nbytes} bytes, more than an array may hold")
+            raise OutputSizeError(f"field {field.name!r}: a batch of {n} samples padded to maxlen={max_rows} rows "
+                                  f"of {field.row_shape} would take {nbytes} bytes, more than the {_MAX_OUTPUT_BYTES} "
+                                  "bytes an output array may take", field=field.name, nbytes=nbytes,
+                                  limit=_MAX_OUTPUT_BYTES)
         if out_array is not None:
             target = self._check_out(field.name, out_array, shape, out_dtype)
         else:

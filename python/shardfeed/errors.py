@@ -23,6 +23,18 @@ class ValueRangeError(ShardfeedError, ValueError):
     sample = None
 
 
+class OutputSizeError(ShardfeedError, ValueError):
+    """A read's output array would be larger than an array may hold (a ``maxlen`` too large for the
+    batch). ``field`` names the field, ``nbytes`` the bytes it would take and ``limit`` the most an
+    output array may take."""
+
+    def __init__(self, message, *, field=None, nbytes=None, limit=None):
+        super().__init__(message)
+        self.field = field
+        self.nbytes = nbytes
+        self.limit = limit
+
+
 class OptionalDependencyError(ShardfeedError, ImportError):
     """A feature needs a package that is not installed; the message names the ``pip install``."""
 

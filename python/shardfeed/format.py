@@ -583,21 +583,42 @@ def read_manifest(path: str) -> Manifest:
         if size > MAX_MANIFEST_BYTES:
             raise ShardFormatError(f"{manifest_path}: {size} bytes, larger than a manifest may be "
                                    f"({MAX_MANIFEST_BYTES} bytes)")
-        chunks = []
-        left = MAX_MANIFEST_BYTES + 1  # a file that grows while it is read is bounded too
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 24))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        if left <= 0:
+        data = read_bounded(fd, size, MAX_MANIFEST_BYTES)
+        if data is None:
             raise ShardFormatError(f"{manifest_path}: larger than a manifest may be ({MAX_MANIFEST_BYTES} bytes)")
     except OSError as exc:
         raise ShardReadError(exc.errno, f"cannot read: {exc.strerror}", manifest_path) from None
     finally:
         os.close(fd)
-    return parse_manifest(manifest_path, b"".join(chunks))
+    return parse_manifest(manifest_path, data)
+
+
+# What read_bounded asks for once it has the bytes fstat promised: enough to see the end (or that
+# the file grew), and below glibc's initial mmap threshold (128 KiB).
+_READ_PIECE_BYTES = 1 << 16
+
+
+def read_bounded(fd: int, size: int, limit: int) -> Optional[bytes]:
+    """The bytes of the open file ``fd`` from its offset to its end (``size``: its size as fstat
+    gave it), or None when it holds more than ``limit`` bytes (a file that grows while it is
+    read is bounded too).
+
+    It never asks for much more than the file holds: ``os.read(fd, n)`` allocates ``n`` bytes
+    before reading, and frees the whole block when it reads nothing (at the end of the file).
+    Freeing a block of up to 32 MiB that glibc had mapped raises its mmap threshold to that size
+    (and its trim threshold to twice that) for the rest of the process: every later buffer below
+    it comes from the heap, and up to twice that size of freed heap stays resident. A 16 MiB read
+    at every manifest read did that, making RssAnon grow by megabytes over open/close cycles
+    (tests/test_leaks.py)."""
+    chunks = []
+    got = 0
+    while got <= limit:
+        chunk = os.read(fd, min(limit + 1 - got, max(size + 1 - got, _READ_PIECE_BYTES)))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        got += len(chunk)
+    return None
 
 
 def write_manifest(path: str, manifest: Manifest) -> None:

@@ -1,6 +1,7 @@
 """Joining datasets written in parts (by parallel processes or cluster tasks) into one, without
-copying shard data: the parts' shard files are hard-linked (or, with ``move=True``, moved) into the
-target under new names, and one manifest listing them all is written.
+copying shard data: the parts' shard files are hard-linked into the target under new names (with
+``move=True`` on a file system without hard links, copied), and one manifest listing them all is
+written.
 
 Shard files do not know their position in a dataset (their header holds the format version, the
 record size and the schema's fingerprint, and a variable-length field's descriptors point into
@@ -12,14 +13,16 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import SchemaError, ShardFormatError, ShardReadError, ShardWriteError, SourceError
 from .format import (
     CHECKSUMS_SUFFIX, HEAP_SUFFIX, MANIFEST_NAME, MERGE_JOURNAL_NAME, RECORDS_SUFFIX, SHARD_FILE_PATTERN,
-    TEMPORARY_JOURNAL_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, file_system_path, open_regular, parse_manifest,
-    read_manifest, replace_atomically, shard_stem, temporary_journal_name, write_manifest,
+    TEMPORARY_JOURNAL_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, create_new, file_system_path,
+    fsync_directory, open_regular, parse_manifest, read_bounded, read_manifest, replace_atomically, shard_stem,
+    temporary_journal_name, write_manifest,
 )
 from .lock import WriterLock
 
@@ -28,6 +31,7 @@ __all__ = ["MergeResult", "merge"]
 # Hard links that fail with these mean "this file system has none" (not a per-file problem).
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 _MAX_JOURNAL_BYTES = 1 << 30
+_COPY_PIECE_BYTES = 1 << 20  # a copy's pieces where copy_file_range is not available
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class MergeResult:
     num_shards: int
     parts: int
     moved: bool
+    copied: int = 0  # files this call copied (move=True where the file system has no hard links)
 
 
 def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | str", *, move: bool = False,
@@ -55,11 +60,15 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
     a dataset already. The merge holds the target's writer lock, and with ``move=True`` the parts'
     (a part being written is refused, :class:`WriterLockedError`).
 
-    The merged manifest is written last (atomically): an interrupted merge without ``move`` leaves
-    the parts as they were and no dataset at ``path``. With ``move=True`` the merge first writes its
-    plan to ``path``/merge.journal; a merge interrupted after that (the parts may then have lost
-    files to the target, where links are not supported) is completed by running the same merge
-    again, which finds the journal and finishes the moves, the manifest and the parts' removal.
+    Where the file system has no hard links, ``move=True`` copies the files into the target instead
+    (the target then needs room for them until the parts are removed); without ``move`` that is an
+    error naming the option.
+
+    The merged manifest is written last (atomically), and no part loses a file before it is: an
+    interrupted merge leaves the parts as they were (openable, the same samples) or the target
+    complete. With ``move=True`` the merge writes its plan to ``path``/merge.journal once every file
+    is in the target, before the manifest; a merge interrupted after that is finished by running
+    the same merge again, which finds the journal and removes the parts, the journal last.
     """
     part_paths = [file_system_path(p, ShardReadError) for p in parts]
     target = file_system_path(path, ShardWriteError)
@@ -77,6 +86,7 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
     os.makedirs(target, exist_ok=True)
     lock = WriterLock(target)
     part_locks: Dict[str, WriterLock] = {}
+    copied = 0
     try:
         plan = _read_journal(target)
         if plan is None:
@@ -87,7 +97,8 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
                     part_locks[part] = WriterLock(part)
             plan = _plan(part_paths, target, metadata)
             _remove_leftovers(target, shards=True)
-            if move:  # from here on the parts may lose files to the target: record what goes where
+            copied = _place_all(plan, target, move)  # links or copies: the parts keep every file
+            if move:  # the parts go once the manifest is committed: record which, for a re-run
                 replace_atomically(target, MERGE_JOURNAL_NAME, temporary_journal_name(os.getpid()),
                                    json.dumps(plan.to_json()).encode())
         else:
@@ -96,12 +107,12 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
             for part in part_paths:
                 if os.path.isdir(part):  # (an earlier run may have removed it)
                     part_locks[part] = WriterLock(part)
-        _carry_out(plan, target, move, part_locks)
+        copied += _carry_out(plan, target, move, part_locks)
     finally:
         for part_lock in part_locks.values():
             part_lock.release()
         lock.release()
-    return MergeResult(target, plan.manifest.num_samples, len(plan.manifest.shards), len(part_paths), move)
+    return MergeResult(target, plan.manifest.num_samples, len(plan.manifest.shards), len(part_paths), move, copied)
 
 
 @dataclass
@@ -187,13 +198,13 @@ def _remove_leftovers(target: str, shards: bool) -> None:
             os.unlink(os.path.join(target, name))
 
 
-def _carry_out(plan: _Plan, target: str, move: bool, part_locks: Dict[str, WriterLock]) -> None:
+def _carry_out(plan: _Plan, target: str, move: bool, part_locks: Dict[str, WriterLock]) -> int:
     """Places every file (each step can be repeated: a file already in place is left), commits the
     target's manifest, then with ``move`` removes the parts (their files, their locks, their
-    directories if nothing else is there) and last the journal."""
+    directories if nothing else is there) and last the journal. Returns the number of files copied."""
+    copied = 0
     if not os.path.lexists(os.path.join(target, MANIFEST_NAME)):
-        for number, name, new_name in plan.files:
-            _place(os.path.join(plan.parts[number], name), os.path.join(target, new_name), move)
+        copied = _place_all(plan, target, move)
         write_manifest(target, plan.manifest)
     if move:
         for number, part in enumerate(plan.parts):
@@ -205,26 +216,47 @@ def _carry_out(plan: _Plan, target: str, move: bool, part_locks: Dict[str, Write
             except OSError:
                 pass  # other files are there (or it is gone): leave the directory
         os.unlink(os.path.join(target, MERGE_JOURNAL_NAME))
+    return copied
 
 
-def _place(source: str, destination: str, move: bool) -> None:
-    """Hard-links ``source`` to ``destination``; with ``move``, renames where links are not
-    supported. A destination that is already the source's file (linked or moved by an earlier,
-    interrupted run of the same merge) is left as it is."""
+def _place_all(plan: _Plan, target: str, move: bool) -> int:
+    """Places every file of the plan in the target (a file already there is left, see _place);
+    returns the number of files copied."""
+    sizes = {}
+    for shard in plan.manifest.shards:
+        sizes.update({shard.file: shard.size, shard.heap_file: shard.heap_size,
+                      shard.checksums_file: shard.checksums_size})
+    copied = 0
+    for number, name, new_name in plan.files:
+        copied += _place(os.path.join(plan.parts[number], name), os.path.join(target, new_name), move,
+                         sizes[new_name])
+    if copied:
+        fsync_directory(target)
+    return copied
+
+
+def _place(source: str, destination: str, move: bool, size: int) -> bool:
+    """Hard-links ``source`` to ``destination``; with ``move``, copies it where links are not
+    supported (the part keeps its file until the merged manifest is committed). A destination
+    that is already the source's file (linked by an earlier, interrupted run of the same merge),
+    that the source's file was renamed to (by a merge of an earlier version, whose journal lists
+    it), or a regular file of ``size`` bytes where the source remains (copied by an earlier run,
+    whose journal was written after its copies) is left as it is. Returns whether it copied."""
     try:
         placed = os.lstat(destination)
     except FileNotFoundError:
         placed = None
     if placed is not None:
         try:
-            if os.path.samestat(placed, os.lstat(source)):
-                return  # linked before
+            if os.path.samestat(placed, os.lstat(source)) or (move and stat.S_ISREG(placed.st_mode)
+                                                              and placed.st_size == size):
+                return False  # linked or copied before
         except FileNotFoundError:
-            return  # moved before (the journal says the source's file went here)
+            return False  # moved before (the journal says the source's file went here)
         raise SourceError(f"{destination}: exists and is not {source}; the merge will not replace it")
     try:
         os.link(source, destination)
-        return
+        return False
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             raise OSError(errno.EXDEV, "the part and the merge target are on different file systems; merging "
@@ -233,9 +265,47 @@ def _place(source: str, destination: str, move: bool) -> None:
         if exc.errno not in _NO_LINKS or not move:
             if exc.errno in _NO_LINKS:
                 raise OSError(exc.errno, f"cannot hard-link shard files here ({exc.strerror}); pass move=True "
-                              "(shardfeed merge --move) to move them into the target instead", source) from None
+                              "(shardfeed merge --move) to copy them into the target instead", source) from None
             raise
-    os.rename(source, destination)
+    _copy(source, destination, size)
+    return True
+
+
+def _copy(source: str, destination: str, size: int) -> None:
+    """Copies the regular file ``source`` (``size`` bytes, as its manifest says) into the new file
+    ``destination`` and fsyncs it (copy_file_range where the system has it: on file systems with
+    reflinks no data is copied)."""
+    fd_in = open_regular(source)
+    try:
+        fd_out = create_new(destination)
+        try:
+            done = 0
+            ranges = hasattr(os, "copy_file_range")
+            while done < size:
+                piece = 0
+                if ranges:
+                    try:
+                        piece = os.copy_file_range(fd_in, fd_out, size - done, done, done)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                                             errno.ENOTSUP):
+                            raise
+                        ranges = False
+                        continue
+                else:
+                    data = os.pread(fd_in, min(size - done, _COPY_PIECE_BYTES), done)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.pwrite(fd_out, view, done + len(data) - len(view)):]
+                    piece = len(data)
+                if piece == 0:
+                    raise SourceError(f"{source}: ended after {done} bytes while copied, its manifest says {size}")
+                done += piece
+            os.fsync(fd_out)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
 
 
 def _remove_part(part: str, names: List[str]) -> None:
@@ -257,10 +327,12 @@ def _read_journal(target: str) -> Optional[_Plan]:
             return None
         raise
     try:
-        data = os.read(fd, _MAX_JOURNAL_BYTES)
+        data = read_bounded(fd, os.fstat(fd).st_size, _MAX_JOURNAL_BYTES)
     finally:
         os.close(fd)
     try:
+        if data is None:
+            raise ValueError(f"larger than {_MAX_JOURNAL_BYTES} bytes")
         doc = json.loads(data)
         parts = [str(p) for p in doc["parts"]]
         files = [(int(n), str(a), str(b)) for n, a, b in doc["files"]]

@@ -314,7 +314,11 @@ class Writer:
         record_bytes = self.schema.record_bytes
         self._records_per_shard = max(1, (shard_size - HEADER_BYTES) // record_bytes)
         self._heap_limit = shard_size
-        self._buffer = np.zeros(max(1, min(self._records_per_shard, _BUFFER_BYTES // record_bytes)),
+        # At most _BUFFER_BYTES of records and as much of their checksums, which outweigh records
+        # smaller than a sample's checksum words: a larger block, once freed, would raise glibc's
+        # mmap threshold for the whole process (format.read_bounded says what that costs).
+        sample_bytes = max(record_bytes, checksum_words(self.schema) * CHECKSUM_DTYPE.itemsize)
+        self._buffer = np.zeros(max(1, min(self._records_per_shard, _BUFFER_BYTES // sample_bytes)),
                                 dtype=self.schema.record_dtype)
         self._buffered = 0
         # The per-record checksums of the buffered records (format.checksum_words per sample).
