@@ -36,7 +36,7 @@ class _MemmapReader:
     """The baseline: each shard's records as a structured numpy.memmap, fancy-indexed."""
 
     def __init__(self, ds: Any, names: List[str]):
-        from ._convert import bfloat16_bits_to_float32
+        from ._casting import bfloat16_bits_to_float32
 
         self._bf16 = bfloat16_bits_to_float32
         manifest = ds._manifest

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from . import _core
-from ._convert import cast_to_stored
+from ._casting import cast_to_stored
 from .errors import SchemaError, ShardfeedError, ShardfeedWarning, ShardWriteError, SourceError
 from .format import (
     CHECKSUM_DTYPE, CHECKSUMS_SUFFIX, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, HEAP_SUFFIX, LOCK_NAME,
@@ -242,7 +242,7 @@ def _is_stored(values: np.ndarray, field: Field) -> bool:
 
 
 def _cast(values: np.ndarray, field: Field, first_sample: int) -> np.ndarray:
-    return values if _is_stored(values, field) else cast_to_stored(values, field, first_sample)
+    return values if _is_stored(values, field) else cast_to_stored(values, field, first_sample)[0]
 
 
 class Writer:
@@ -594,7 +594,7 @@ class Writer:
         if data.ndim != len(field.shape) or data.shape[1:] != field.row_shape:
             raise SchemaError(f"field {field.name!r}, sample {sample}: expected shape (rows, "
                               f"{', '.join(map(str, field.row_shape))}) for {field.shape}, got {data.shape}")
-        return np.ascontiguousarray(cast_to_stored(data[None], field, sample)[0])
+        return np.ascontiguousarray(cast_to_stored(data[None], field, sample)[0][0])
 
     def _shard_full(self) -> bool:
         shard = self._shard
