@@ -60,7 +60,7 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     """Checks every shard's checksum, size, header and records; exit status 0 when the dataset is
     intact, 1 when something is bad (listed with the shards and samples it affects)."""
-    from ._verify import verify
+    from .verification import verify
 
     report = verify(args.path)
     if args.json:

@@ -345,7 +345,7 @@ class Dataset:
         """Checks every shard this dataset lists (checksums, sizes, headers, records) and returns a
         :class:`shardfeed.VerifyReport` naming the bad shards and, where the structure shows them,
         the bad samples. See :func:`shardfeed.verify`."""
-        from ._verify import verify_manifest
+        from .verification import verify_manifest
         return verify_manifest(self.path, self._manifest)
 
     def __getitem__(self, index: Any) -> Any:
