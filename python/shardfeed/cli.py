@@ -120,11 +120,6 @@ def _json_object(text: str) -> Dict[str, Any]:
     return value
 
 
-def _progress(args: argparse.Namespace) -> bool:
-    """A progress bar unless --quiet; tqdm shows it only when stderr is a terminal."""
-    return not args.quiet
-
-
 # ---- convert -----------------------------------------------------------------------------------
 
 _CONVERT_HELP = """\
@@ -207,11 +202,10 @@ def _dtypes(parser: argparse.ArgumentParser, items: List[str]) -> Any:
     return named or (every[0] if every else None)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from . import convert
-
+def _source_kind(args: argparse.Namespace, named: List[Tuple[Optional[str], str]]) -> str:
+    """The kind of the sources (--from, or guessed from the first); a usage error for an option
+    that does not apply to it."""
     parser = args.parser
-    named = [_split_named(s) for s in args.sources]
     kind = args.source_kind or _guess_kind(named[0][1])
     if kind is None:
         parser.error(f"cannot tell what kind of source {named[0][1]!r} is; pass --from {{{','.join(_SOURCE_KINDS)}}}")
@@ -228,11 +222,6 @@ def _convert(args: argparse.Namespace) -> int:
         match = re.fullmatch(r"(\d+)[xX](\d+)", args.size)
         if not match or min(int(match.group(1)), int(match.group(2))) < 1:
             parser.error(f"--size expects WIDTHxHEIGHT, both at least 1 (e.g. 64x64), got {args.size!r}")
-    fields = _pairs(parser, args.field, "--field")
-    options: Dict[str, Any] = dict(dtypes=_dtypes(parser, args.dtype), shard_size=args.shard_size,
-                                   metadata=args.metadata, mode="a" if args.append else "w",
-                                   overflow=args.overflow, progress=_progress(args), chunk_bytes=args.chunk_size)
-    parallel = dict(workers=args.workers, part=args.part)
     if args.workers > 1 and args.part is not None:
         parser.error("--workers and --part do not go together")
     if args.workers > 1 and args.append:
@@ -245,55 +234,95 @@ def _convert(args: argparse.Namespace) -> int:
             parser.error(f"--{option.replace('_', '-')} applies to {allowed} sources, not {kind}")
     if args.classes is not None and kind not in ("csv", "files"):
         parser.error("--classes applies to csv and files sources")
-    classes = None if args.classes is None else ("auto" if args.classes == "auto" else args.classes.split(","))
     if args.on_error != "raise" and kind not in ("csv", "files"):
         parser.error("--on-error applies to csv and files sources")
-    sources = [path for _, path in named]
+    return kind
+
+
+def _classes(args: argparse.Namespace) -> Any:
+    return None if args.classes is None else ("auto" if args.classes == "auto" else args.classes.split(","))
+
+
+def _from_npy(args: argparse.Namespace, named: List[Tuple[Optional[str], str]], fields: Dict[str, str],
+              options: Dict[str, Any]) -> Any:
+    from . import convert
+
+    parser, sources = args.parser, [path for _, path in named]
+    if fields:
+        parser.error("--field does not apply to .npy sources: name " + ("the field NAME=FILE" if args.sample_per_file
+                                                                           else "them NAME=FILE"))
+    if args.sample_per_file:
+        names = {name for name, _ in named}
+        if len(names) > 1:
+            parser.error("--sample-per-file writes one field: give every source the same NAME= or none")
+        return convert.from_npy(args.output, sources, sample_per_file=True, field=names.pop(), **options)
+    if any(name for name, _ in named):
+        if not all(name for name, _ in named):
+            parser.error("name every .npy source (NAME=FILE) or none")
+        grouped: Dict[str, List[str]] = {}
+        for name, path in named:
+            grouped.setdefault(name, []).append(path)
+        return convert.from_npy(args.output, grouped, **options)
+    return convert.from_npy(args.output, sources, **options)
+
+
+def _from_npz(args: argparse.Namespace, named: List[Tuple[Optional[str], str]], fields: Dict[str, str],
+              options: Dict[str, Any]) -> Any:
+    from . import convert
+
+    return convert.from_npz(args.output, [path for _, path in named], fields=fields or None, **options)
+
+
+def _from_hdf5(args: argparse.Namespace, named: List[Tuple[Optional[str], str]], fields: Dict[str, str],
+               options: Dict[str, Any]) -> Any:
+    from . import convert
+
+    return convert.from_hdf5(args.output, [path for _, path in named], datasets=fields or None, **options)
+
+
+def _from_csv(args: argparse.Namespace, named: List[Tuple[Optional[str], str]], fields: Dict[str, str],
+              options: Dict[str, Any]) -> Any:
+    from . import convert
+
+    csv_fields = {name: (spec.rstrip(",").split(",") if "," in spec else spec) for name, spec in fields.items()}
+    if csv_fields and args.list_field:  # list fields named by --list-field only: the column of that name
+        csv_fields.update({name: name for name in args.list_field if name not in csv_fields})
+    lists = {name: args.list_sep for name in args.list_field} or None
+    return convert.from_csv(args.output, [path for _, path in named], fields=csv_fields or None, label=args.label,
+                            lists=lists, classes=_classes(args), delimiter=args.delimiter, header=not args.no_header,
+                            on_error=args.on_error, **options)
+
+
+def _from_files(args: argparse.Namespace, named: List[Tuple[Optional[str], str]], fields: Dict[str, str],
+                options: Dict[str, Any]) -> Any:
+    from . import convert
+
+    if len(named) != 1:
+        args.parser.error("a files source is one directory")
+    if fields:
+        args.parser.error("--field does not apply to a directory of files: name its field NAME=DIR")
+    splits = _pairs(args.parser, args.split, "--split") if args.split else None
+    size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
+    classes = _classes(args)
+    return convert.from_files(args.output, named[0][1], files=args.files, splits=splits, labels=args.labels,
+                              field=named[0][0], classes=classes if classes != "auto" else None,
+                              image_mode=args.image_mode, size=size, layout="chw" if args.channels_first else "hwc",
+                              on_error=args.on_error, threads=args.threads, **options)
+
+
+_CONVERTERS = {"npy": _from_npy, "npz": _from_npz, "hdf5": _from_hdf5, "csv": _from_csv, "files": _from_files}
+
+
+def _convert(args: argparse.Namespace) -> int:
+    parser = args.parser
+    named = [_split_named(s) for s in args.sources]
+    kind = _source_kind(args, named)
+    options: Dict[str, Any] = dict(dtypes=_dtypes(parser, args.dtype), shard_size=args.shard_size,
+                                   metadata=args.metadata, mode="a" if args.append else "w",
+                                   overflow=args.overflow, progress=not args.quiet, chunk_bytes=args.chunk_size,
+                                   workers=args.workers, part=args.part)
     try:
-        if kind == "npy" and args.sample_per_file:
-            if fields:
-                parser.error("--field does not apply to .npy sources: name the field NAME=FILE")
-            names = {name for name, _ in named}
-            if len(names) > 1:
-                parser.error("--sample-per-file writes one field: give every source the same NAME= or none")
-            report = convert.from_npy(args.output, sources, sample_per_file=True, field=names.pop(),
-                                      **parallel, **options)
-        elif kind == "npy":
-            if fields:
-                parser.error("--field does not apply to .npy sources: name them NAME=FILE")
-            if any(name for name, _ in named):
-                if not all(name for name, _ in named):
-                    parser.error("name every .npy source (NAME=FILE) or none")
-                grouped: Dict[str, List[str]] = {}
-                for name, path in named:
-                    grouped.setdefault(name, []).append(path)
-                report = convert.from_npy(args.output, grouped, **parallel, **options)
-            else:
-                report = convert.from_npy(args.output, sources, **parallel, **options)
-        elif kind == "npz":
-            report = convert.from_npz(args.output, sources, fields=fields or None, **parallel, **options)
-        elif kind == "hdf5":
-            report = convert.from_hdf5(args.output, sources, datasets=fields or None, **parallel, **options)
-        elif kind == "csv":
-            csv_fields = {name: (spec.rstrip(",").split(",") if "," in spec else spec) for name, spec in fields.items()}
-            if csv_fields and args.list_field:  # list fields named by --list-field only: the column of that name
-                csv_fields.update({name: name for name in args.list_field if name not in csv_fields})
-            lists = {name: args.list_sep for name in args.list_field} or None
-            report = convert.from_csv(args.output, sources, fields=csv_fields or None, label=args.label, lists=lists,
-                                      classes=classes, delimiter=args.delimiter, header=not args.no_header,
-                                      on_error=args.on_error, **parallel, **options)
-        else:
-            if len(sources) != 1:
-                parser.error("a files source is one directory")
-            if fields:
-                parser.error("--field does not apply to a directory of files: name its field NAME=DIR")
-            splits = _pairs(parser, args.split, "--split") if args.split else None
-            size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
-            report = convert.from_files(args.output, sources[0], files=args.files, splits=splits, labels=args.labels,
-                                        field=named[0][0],
-                                        classes=classes if classes != "auto" else None, image_mode=args.image_mode,
-                                        size=size, layout="chw" if args.channels_first else "hwc",
-                                        on_error=args.on_error, threads=args.threads, **parallel, **options)
+        report = _CONVERTERS[kind](args, named, _pairs(parser, args.field, "--field"), options)
     except ShardfeedError as exc:
         if getattr(exc, "argument", None) == "dtypes":  # --dtype NAME= for a field the source lacks
             parser.error(f"--dtype given for {', '.join(printable(n) for n in exc.unknown)}, which the source "
