@@ -11,7 +11,8 @@ import weakref
 from typing import Optional, Tuple
 
 from .errors import ShardFormatError, WriterLockedError
-from .format import LOCK_NAME, describe_file_type, format_lock, open_regular, parse_lock
+from .fileio import describe_file_type, open_regular
+from .format import LOCK_NAME, format_lock, parse_lock
 
 
 class WriterLock:

@@ -26,8 +26,9 @@ from .errors import ShardFormatError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME,
     MERGE_JOURNAL_NAME, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, check_header,
-    checksum_words, file_system_path, format_checksum, open_regular, read_manifest,
+    checksum_words, format_checksum, read_manifest,
 )
+from .fileio import file_system_path, open_regular
 from .lock import lock_holder
 
 _CHUNK_BYTES = 4 << 20
