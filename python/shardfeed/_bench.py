@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -66,6 +66,28 @@ def _read_through(paths: List[str]) -> None:
                 pass
 
 
+def _random_batches(rng: np.random.Generator, count: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of indices: one random permutation of the samples after another."""
+    while True:
+        order = rng.permutation(count)
+        for start in range(0, count, batch_size):
+            yield order[start:start + batch_size]
+
+
+def _timed(reader: Any, batches: Iterator[np.ndarray], seconds: float, most: Optional[int]) -> Tuple[int, float]:
+    """Reads batches for ``seconds`` (or until ``most`` samples are read): (samples read, seconds)."""
+    done = 0
+    started = time.perf_counter()
+    limit = started + seconds
+    while True:
+        indices = next(batches)
+        reader(indices)
+        done += len(indices)
+        now = time.perf_counter()
+        if now >= limit or (most is not None and done >= most):
+            return done, now - started
+
+
 def bench(path: str, *, batch_size: int = 256, seconds: float = 2.0, fields: Optional[List[str]] = None,
           threads: Optional[int] = None, cold: bool = True, memmap: bool = True, seed: int = 0,
           say: Any = None) -> Dict[str, Any]:
@@ -96,25 +118,9 @@ def bench(path: str, *, batch_size: int = 256, seconds: float = 2.0, fields: Opt
         return result
     rng = np.random.default_rng(seed)
 
-    def batches() -> Any:
-        while True:
-            order = rng.permutation(count)
-            for start in range(0, count, batch_size):
-                yield order[start:start + batch_size]
-
     def run(reader: Any, condition: str, name: str, cold: bool) -> None:
-        done = 0
-        stream = batches()
-        started = time.perf_counter()
-        limit = started + seconds
-        while True:
-            indices = next(stream)
-            reader(indices)
-            done += len(indices)
-            now = time.perf_counter()
-            if now >= limit or (cold and done >= max(batch_size, count // 8)):
-                break
-        elapsed = now - started
+        done, elapsed = _timed(reader, _random_batches(rng, count, batch_size), seconds,
+                               max(batch_size, count // 8) if cold else None)
         entry = {"condition": condition, "reader": name, "samples": done, "seconds": elapsed,
                  "samples_per_s": done / elapsed, "mb_per_s": done * record_bytes / elapsed / 1e6}
         result["results"].append(entry)

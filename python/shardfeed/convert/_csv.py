@@ -148,6 +148,48 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
         delimiter = "\t" if files[0].lower().endswith((".tsv", ".tsv.gz")) else ","
     if len(delimiter) != 1 or delimiter in "\"\r\n":
         raise ValueError(f"delimiter must be one character (not a quote or newline), got {delimiter!r}")
+    headers, columns = _headers(files, delimiter, header, fields, label)
+    string_labels = label is not None and classes is not None
+    layout = CsvLayout(columns, fields, label, label_field, dtypes, string_labels, lists)
+    if isinstance(classes, str):
+        if classes != "auto":
+            raise ValueError(f"classes must be a list of names or 'auto', got {classes!r}")
+        classes = _scan_labels(files, layout.string_label, delimiter, header, headers)
+    class_index = {str(c): i for i, c in enumerate(classes)} if string_labels else None
+    meta = dict(metadata or {})
+    if string_labels:
+        meta.setdefault("classes", [str(c) for c in classes])
+
+    sizes = [os.path.getsize(name) for name in files]
+    if workers != 1:
+        return run_parallel(from_csv, path, (files,), dict(
+            fields=fields, label=label, label_field=label_field, classes=classes, dtypes=dtypes, lists=lists, delimiter=delimiter,
+            header=header, on_error=on_error, shard_size=shard_size, metadata=metadata, mode=mode, overflow=overflow,
+            chunk_bytes=chunk_bytes), workers, progress, total=sum(sizes))
+
+    pieces = _part_pieces(files, headers, sizes, part)
+    data_starts = {name: (offset if found is not None else 0) for name, (found, offset) in zip(files, headers)}
+
+    parser = CsvParser(layout, delimiter, class_index, on_error)
+    with Sink(path, layout.spec(), {n: ("str" if string_labels and n == layout.label_field else
+                                         {"f8": "float64", "i8": "int64", "u8": "uint64"}[parse_kind(layout.dtypes[n])])
+                                     for n in list(layout.fields) + list(layout.lists)},
+               shard_size=shard_size, metadata=meta, mode=mode, overflow=overflow, progress=progress,
+               total=sum((b if b is not None else os.path.getsize(n)) - a for n, a, b in pieces)) as sink:
+        for name, start, stop in pieces:
+            found = headers[files.index(name)][0]
+            reader = _CsvChunks(name, start, stop, data_starts[name], 1 if header and found is not None else 0)
+            try:
+                _convert_piece(name, reader, parser, sink, chunk_bytes)
+            finally:
+                reader.close()
+    return sink.report
+
+
+def _headers(files: List[str], delimiter: str, header: bool, fields: Optional[Mapping[str, Any]],
+             label: Any) -> Tuple[List[Tuple[Optional[List[str]], int]], List[str]]:
+    """Each file's (header or None when empty, offset of its data) and the columns they agree on
+    (every file empty: the columns ``fields`` and ``label`` name)."""
     headers = []
     columns: Optional[List[str]] = None
     first_file = None
@@ -167,30 +209,18 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
                               "empty dataset")
         columns = sorted({str(c) for s in fields.values() for c in (s if isinstance(s, (list, tuple)) else [s])}
                          | ({str(label)} if label is not None else set()))
-    string_labels = label is not None and classes is not None
-    layout = CsvLayout(columns, fields, label, label_field, dtypes, string_labels, lists)
-    if isinstance(classes, str):
-        if classes != "auto":
-            raise ValueError(f"classes must be a list of names or 'auto', got {classes!r}")
-        classes = _scan_labels(files, layout.string_label, delimiter, header, headers)
-    class_index = {str(c): i for i, c in enumerate(classes)} if string_labels else None
-    meta = dict(metadata or {})
-    if string_labels:
-        meta.setdefault("classes", [str(c) for c in classes])
+    return headers, columns
 
-    sizes = [os.path.getsize(name) for name in files]
-    if workers != 1:
-        return run_parallel(from_csv, path, (files,), dict(
-            fields=fields, label=label, label_field=label_field, classes=classes, dtypes=dtypes, lists=lists, delimiter=delimiter,
-            header=header, on_error=on_error, shard_size=shard_size, metadata=metadata, mode=mode, overflow=overflow,
-            chunk_bytes=chunk_bytes), workers, progress, total=sum(sizes))
 
-    # the byte ranges of this part: files' data regions laid end to end
+def _part_pieces(files: List[str], headers: List[Tuple[Optional[List[str]], int]], sizes: List[int],
+                 part: Optional[Tuple[int, int]]) -> List[Tuple[str, int, Optional[int]]]:
+    """The byte ranges (file, start, stop or None: to its end) of this part: the files' data
+    regions laid end to end and cut into n; a compressed file goes whole to the part where it starts."""
     regions = [(name, (offset if found is not None else size), size) for name, (found, offset), size
                in zip(files, headers, sizes)]
     total = sum(size - start for _, start, size in regions)
     lo, hi = part_range(total, part) if part is not None else (0, total)
-    pieces = []
+    pieces: List[Tuple[str, int, Optional[int]]] = []
     at = 0
     for name, start, size in regions:
         length = size - start
@@ -202,32 +232,22 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
             if a < b:
                 pieces.append((name, start + a - at, start + b - at))
         at += length
-    data_starts = {name: (offset if found is not None else 0) for name, (found, offset) in zip(files, headers)}
+    return pieces
 
-    parser = CsvParser(layout, delimiter, class_index, on_error)
-    with Sink(path, layout.spec(), {n: ("str" if string_labels and n == layout.label_field else
-                                         {"f8": "float64", "i8": "int64", "u8": "uint64"}[parse_kind(layout.dtypes[n])])
-                                     for n in list(layout.fields) + list(layout.lists)},
-               shard_size=shard_size, metadata=meta, mode=mode, overflow=overflow, progress=progress,
-               total=sum((b if b is not None else os.path.getsize(n)) - a for n, a, b in pieces)) as sink:
-        for name, start, stop in pieces:
-            found = headers[files.index(name)][0]
-            reader = _CsvChunks(name, start, stop, data_starts[name], 1 if header and found is not None else 0)
-            try:
-                while True:
-                    raw, first_line = reader.next(chunk_bytes)
-                    if not raw:
-                        break
-                    nbytes = sum(map(len, raw))
-                    batch, lines = parser.parse(name, raw, first_line, sink)
-                    if batch is not None:
-                        sink.put(batch, nbytes, locate=lambda row, lines=lines, name=name: f"{name}, line {lines[row]}")
-                    else:
-                        sink.bar.update(nbytes)
-                        sink.report.source_bytes += nbytes
-            finally:
-                reader.close()
-    return sink.report
+
+def _convert_piece(name: str, reader: "_CsvChunks", parser: CsvParser, sink: Sink, chunk_bytes: int) -> None:
+    """Parses and writes one byte range of a file, about ``chunk_bytes`` of lines at a time."""
+    while True:
+        raw, first_line = reader.next(chunk_bytes)
+        if not raw:
+            return
+        nbytes = sum(map(len, raw))
+        batch, lines = parser.parse(name, raw, first_line, sink)
+        if batch is not None:
+            sink.put(batch, nbytes, locate=lambda row, lines=lines: f"{name}, line {lines[row]}")
+        else:
+            sink.bar.update(nbytes)
+            sink.report.source_bytes += nbytes
 
 
 def _scan_labels(files: List[str], index: int, delimiter: str, header: bool, headers: List[Any]) -> List[str]:
