@@ -18,7 +18,7 @@ class FieldReport:
     """What converting did to one field. When the stored dtype is a float narrower than the source
     (``measured``), over the ``values`` finite on both sides: ``max_abs_error``/``max_rel_error``,
     the largest relative error in the stored dtype's normal range (``normal_rel_error``), and how
-    many nonzero values became ``subnormal`` or ``zeroed`` (see :mod:`shardfeed._precision`);
+    many nonzero values became ``subnormal`` or ``zeroed`` (see :mod:`shardfeed.convert._precision`);
     ``saturated`` counts values clipped by ``overflow="saturate"``."""
 
     name: str
