@@ -151,8 +151,8 @@ LAYERS = [
     ("views and order", {"order", "views"}),
     ("feed", {"kerasfit", "loader"}),
     ("front ends", {"keras", "tf", "torch"}),
-    ("tools", {"convert", "_bench", "_demo"}),
-    ("command line", {"cli", "__main__"}),
+    ("tools", {"convert", "_demo"}),
+    ("command line", {"cli", "_bench", "__main__"}),
 ]
 RANK = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 

@@ -1,14 +1,20 @@
-"""Random-read throughput of a dataset on this machine, page-cached and cold, against
-numpy.memmap: what ``shardfeed bench`` measures (its options and output are in cli.py)."""
+"""``shardfeed bench``: random-read throughput of a dataset on this machine, page-cached and cold,
+against numpy.memmap -- the command's options and output, and the measurements (:func:`bench`),
+which know nothing of argparse. Registered by cli.py."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from . import dataset as _dataset
+from ._text import human_bytes
+from .cli import Formatter, positive, say
 from .format import HEADER_BYTES
 
 
@@ -92,8 +98,6 @@ def bench(path: str, *, batch_size: int = 256, seconds: float = 2.0, fields: Opt
           threads: Optional[int] = None, cold: bool = True, memmap: bool = True, seed: int = 0,
           say: Any = None) -> Dict[str, Any]:
     """The measurements ``shardfeed bench`` prints, as a dict."""
-    from . import dataset as _dataset
-
     say = say or (lambda *a: None)
     ds = _dataset.open(path, threads=threads)
     names = fields or list(ds.fields)
@@ -162,8 +166,6 @@ def bench(path: str, *, batch_size: int = 256, seconds: float = 2.0, fields: Opt
 
 def check_same(path: str, names: List[str]) -> bool:
     """shardfeed and the memmap baseline return the same values (checked on one batch)."""
-    from . import dataset as _dataset
-
     with _dataset.open(path) as ds:
         if not len(ds) or any(ds.fields[n].variable for n in names):
             return True
@@ -175,3 +177,66 @@ def check_same(path: str, names: List[str]) -> bool:
         finally:
             baseline.close()
     return all(np.array_equal(ours[n].view(np.uint8), theirs[n].view(np.uint8)) for n in names)
+
+
+_BENCH_HELP = """\
+Measures random-read throughput of a dataset on this machine: batches of uniformly random sample
+indices read with shardfeed (all fields, or --fields, in their stored dtype), and the same records
+read with numpy.memmap (fancy indexing of each shard's records, then one array per field) when the
+fields have a fixed shape. Two conditions:
+
+  page-cached  after reading every shard file once (if the dataset fits in the page cache)
+  cold         every shard file evicted from the page cache (posix_fadvise DONTNEED) before each
+               reader's pass; each pass reads a random permutation, so no record twice
+
+Each measurement runs for --seconds; a cold pass also stops after an eighth of the samples, so
+that the kernel's readahead around earlier records (memmap's page faults read 128 KiB or more)
+does not turn it into a sequential read of the whole file.
+Prints samples/s, MB/s of records and the ratio to memmap; --json for a machine-readable result.
+The dataset is only read."""
+
+
+def _bench(args: argparse.Namespace) -> int:
+    names = args.fields.split(",") if args.fields else None
+    with _dataset.open(args.path) as ds:
+        for name in names or []:
+            if name not in ds.fields:
+                args.parser.error(f"no field {name!r}; the dataset has {list(ds.fields)}")
+        description = (f"{ds.path}: {len(ds)} samples of {ds.schema.record_bytes} B in {ds.num_shards} shard(s), "
+                       f"{human_bytes(sum(s.size + s.heap_size for s in ds._manifest.shards))}; batches of "
+                       f"{args.batch_size}, {ds.threads if args.threads is None else args.threads} threads")
+        names = names or list(ds.fields)
+    if not args.json:
+        say(args, description)
+    result = bench(args.path, batch_size=args.batch_size, seconds=args.seconds, fields=names, threads=args.threads,
+                   cold=not args.no_cold, memmap=not args.no_memmap,
+                   say=(lambda *a: None) if args.json or args.quiet else print)
+    result["same_values_as_memmap"] = check_same(args.path, names) if result["memmap"] == "yes" else None
+    if args.json:
+        print(json.dumps(result, indent=1))
+    elif not args.quiet:
+        for entry in result["results"]:
+            if entry["reader"] == "shardfeed" and entry["ratio_to_memmap"]:
+                print(f"{entry['condition']}: shardfeed reads {entry['ratio_to_memmap']:.2f}x as many samples/s as numpy.memmap")
+        if result["memmap"] != "yes":
+            print(f"memmap baseline: {result['memmap']}")
+        if result.get("page_cached_note"):
+            print(f"note: {result['page_cached_note']}")
+    return 0 if result["same_values_as_memmap"] is not False else 1
+
+
+def add_command(commands: Any) -> None:
+    """Adds ``bench`` to the ``shardfeed`` sub-command parser."""
+    p = commands.add_parser("bench", help="random-read throughput of a dataset, page-cached and cold, vs numpy.memmap",
+                            description=_BENCH_HELP, formatter_class=Formatter)
+    p.add_argument("path")
+    p.add_argument("--batch-size", type=positive, default=256, help="samples per read (default 256)")
+    p.add_argument("--seconds", type=float, default=2.0, help="time per measurement (default 2)")
+    p.add_argument("--fields", metavar="A,B", help="fields to read (default: all)")
+    p.add_argument("--threads", type=positive, help="native reader threads (default: shardfeed's automatic choice)")
+    p.add_argument("--no-cold", action="store_true", help="skip the cold measurements")
+    p.add_argument("--no-memmap", action="store_true", help="skip the numpy.memmap baseline")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing (the exit status says whether "
+                   "shardfeed and memmap read the same values)")
+    p.set_defaults(run=_bench, parser=p)

@@ -5,8 +5,8 @@ Exit status: 0 success, 1 a data error, 2 a usage error; a closed output pipe (s
 --shards | head -1) ends the command quietly with 141, as it does standard tools."""
 
 # This module parses the arguments and dispatches to the library: convert (shardfeed.convert),
-# merge, verify, info, head, and bench (its measurements in _bench.py); the demo's program is in
-# _demo.py. The library's messages name Python arguments (mode='a', metadata=); the command line
+# merge, verify, info and head; bench is a module of its own (_bench.py: its options and its
+# measurements), and so is the demo (_demo.py). The library's messages name Python arguments (mode='a', metadata=); the command line
 # translates them into its options (--append, --metadata) in one table, _OPTION_TERMS, so that a
 # message that changes wording in the library is caught by the command-line tests that look for
 # the option's name.
@@ -25,7 +25,6 @@ import numpy as np
 
 from . import __version__
 from . import dataset as _dataset
-from ._bench import bench, check_same
 from ._text import human_bytes, plain, printable
 from .errors import ShardfeedError
 from .format import STORED_DTYPES
@@ -498,70 +497,6 @@ def _add_merge(commands: Any) -> None:
     p.set_defaults(run=_merge, parser=p)
 
 
-# ---- bench ------------------------------------------------------------------------------------
-
-_BENCH_HELP = """\
-Measures random-read throughput of a dataset on this machine: batches of uniformly random sample
-indices read with shardfeed (all fields, or --fields, in their stored dtype), and the same records
-read with numpy.memmap (fancy indexing of each shard's records, then one array per field) when the
-fields have a fixed shape. Two conditions:
-
-  page-cached  after reading every shard file once (if the dataset fits in the page cache)
-  cold         every shard file evicted from the page cache (posix_fadvise DONTNEED) before each
-               reader's pass; each pass reads a random permutation, so no record twice
-
-Each measurement runs for --seconds; a cold pass also stops after an eighth of the samples, so
-that the kernel's readahead around earlier records (memmap's page faults read 128 KiB or more)
-does not turn it into a sequential read of the whole file.
-Prints samples/s, MB/s of records and the ratio to memmap; --json for a machine-readable result.
-The dataset is only read."""
-
-
-def _bench(args: argparse.Namespace) -> int:
-    names = args.fields.split(",") if args.fields else None
-    with _dataset.open(args.path) as ds:
-        for name in names or []:
-            if name not in ds.fields:
-                args.parser.error(f"no field {name!r}; the dataset has {list(ds.fields)}")
-        description = (f"{ds.path}: {len(ds)} samples of {ds.schema.record_bytes} B in {ds.num_shards} shard(s), "
-                       f"{human_bytes(sum(s.size + s.heap_size for s in ds._manifest.shards))}; batches of "
-                       f"{args.batch_size}, {ds.threads if args.threads is None else args.threads} threads")
-        names = names or list(ds.fields)
-    if not args.json:
-        say(args, description)
-    result = bench(args.path, batch_size=args.batch_size, seconds=args.seconds, fields=names, threads=args.threads,
-                   cold=not args.no_cold, memmap=not args.no_memmap,
-                   say=(lambda *a: None) if args.json or args.quiet else print)
-    result["same_values_as_memmap"] = check_same(args.path, names) if result["memmap"] == "yes" else None
-    if args.json:
-        print(json.dumps(result, indent=1))
-    elif not args.quiet:
-        for entry in result["results"]:
-            if entry["reader"] == "shardfeed" and entry["ratio_to_memmap"]:
-                print(f"{entry['condition']}: shardfeed reads {entry['ratio_to_memmap']:.2f}x as many samples/s as numpy.memmap")
-        if result["memmap"] != "yes":
-            print(f"memmap baseline: {result['memmap']}")
-        if result.get("page_cached_note"):
-            print(f"note: {result['page_cached_note']}")
-    return 0 if result["same_values_as_memmap"] is not False else 1
-
-
-def _add_bench(commands: Any) -> None:
-    p = commands.add_parser("bench", help="random-read throughput of a dataset, page-cached and cold, vs numpy.memmap",
-                            description=_BENCH_HELP, formatter_class=Formatter)
-    p.add_argument("path")
-    p.add_argument("--batch-size", type=positive, default=256, help="samples per read (default 256)")
-    p.add_argument("--seconds", type=float, default=2.0, help="time per measurement (default 2)")
-    p.add_argument("--fields", metavar="A,B", help="fields to read (default: all)")
-    p.add_argument("--threads", type=positive, help="native reader threads (default: shardfeed's automatic choice)")
-    p.add_argument("--no-cold", action="store_true", help="skip the cold measurements")
-    p.add_argument("--no-memmap", action="store_true", help="skip the numpy.memmap baseline")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing (the exit status says whether "
-                   "shardfeed and memmap read the same values)")
-    p.set_defaults(run=_bench, parser=p)
-
-
 # ---- info, verify, demo; the parser ----------------------------------------------------------
 
 
@@ -638,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(commands)
     _add_head(commands)
     _add_merge(commands)
-    _add_bench(commands)
+    from ._bench import add_command as add_bench  # the bench command: its options and measurements
+    add_bench(commands)
     return parser
 
 
