@@ -240,3 +240,20 @@ def test_the_private_name_check_covers_the_sub_packages():
 def test_the_public_names_stay_exported(name):
     assert name in shardfeed.__all__ and getattr(shardfeed, name).__name__ == name
     assert getattr(shardfeed, name).__module__ == ("shardfeed.views" if name == "Subset" else "shardfeed.order")
+
+
+CONVERT_NAMES = ["ConversionReport", "FieldReport", "from_arrays", "from_csv", "from_files", "from_hdf5", "from_iterable",
+                 "from_npy", "from_npz", "DEFAULT_CHUNK_BYTES", "IMAGE_SUFFIXES", "PathLike", "Progress"]
+
+
+@pytest.mark.parametrize("name", CONVERT_NAMES)
+def test_the_converters_public_names_stay_where_they_were(name):
+    """shardfeed.convert became a package: what convert.py offered is still shardfeed.convert.<name>."""
+    import importlib
+
+    convert = importlib.import_module("shardfeed.convert")
+    assert hasattr(convert, name)
+    exported = getattr(convert, name)
+    if callable(exported) and hasattr(exported, "__module__") and name[0] != "P":
+        assert exported.__module__.startswith("shardfeed.convert.") and exported.__name__ == name
+        assert (name in convert.__all__) == (name[0] in "CFf")

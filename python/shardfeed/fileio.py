@@ -63,6 +63,8 @@ def create_new(path: str, mode: int = 0o644) -> int:
     """Creates ``path`` for writing; it must not exist (not even as a dangling link): returns the
     descriptor, raises FileExistsError otherwise."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+
+
 def encodable(name: str) -> bool:
     """Whether a file system name can hold ``name`` (not a lone surrogate)."""
     try:

@@ -91,7 +91,7 @@ class Writer:
             with _opening(self.path, "creating its directory"):
                 os.makedirs(self.path, exist_ok=True)
         elif not os.path.lexists(manifest_path):
-            raise FileNotFoundError(errno.ENOENT, "no dataset to append to (no manifest.json; a writer killed "
+            raise FileNotFoundError(errno.ENOENT, f"no dataset to append to (no {MANIFEST_NAME}; a writer killed "
                                     "before its first commit leaves none: create the dataset with mode='w')",
                                     manifest_path)
         with _opening(self.path, "taking its lock"):

@@ -13,6 +13,7 @@ from ._options import DEFAULT_CHUNK_BYTES, PathLike, Progress, common_options, e
 from ._parallel import run_parallel
 from ._report import ConversionReport
 
+
 def from_arrays(path: PathLike, arrays: Any, *, dtypes: Any = None, part: Optional[Tuple[int, int]] = None,
                 shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None, mode: str = "w",
                 overflow: str = "error", progress: Progress = False,
@@ -34,7 +35,7 @@ def from_arrays(path: PathLike, arrays: Any, *, dtypes: Any = None, part: Option
         named = {"x": arrays}
     columns = {name: Column(name, [ArrayPiece(a, f"field {name!r}")]) for name, a in named.items()}
     return convert_columns(path, columns, dtypes=dtypes, part=part,
-                            **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
+                           **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
 
 
 def _field_files(sources: Any, default: str) -> Dict[str, List[str]]:
@@ -71,7 +72,7 @@ def from_npy(path: PathLike, sources: Any, *, sample_per_file: bool = False, fie
                           mode=mode, overflow=overflow, progress=progress, chunk_bytes=chunk_bytes)
     if workers != 1:
         return run_parallel(from_npy, path, (sources,), dict(field=field, dtypes=dtypes, shard_size=shard_size,
-                         metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
+                            metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
     files = _field_files(sources, field or "x")
     columns: Dict[str, Column] = {}
     notes = []
@@ -96,7 +97,7 @@ def from_npy(path: PathLike, sources: Any, *, sample_per_file: bool = False, fie
             c.close()
         raise
     report = convert_columns(path, columns, dtypes=dtypes, part=part,
-                              **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
+                             **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
     report.notes += notes
     return report
 
@@ -111,7 +112,7 @@ def from_npz(path: PathLike, sources: Any, *, fields: Any = None, dtypes: Any = 
     names or ``{"field": "member"}``. Other options: see :func:`from_npy`."""
     if workers != 1:
         return run_parallel(from_npz, path, (sources,), dict(fields=fields, dtypes=dtypes, shard_size=shard_size,
-                         metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
+                            metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
     archives = expand(sources, (".npz",), ".npz")
     opened: List[Dict[str, Piece]] = []
     try:
@@ -139,4 +140,4 @@ def from_npz(path: PathLike, sources: Any, *, fields: Any = None, dtypes: Any = 
             if member not in chosen.values():
                 piece.close()
     return convert_columns(path, columns, dtypes=dtypes, part=part,
-                            **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
+                           **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))

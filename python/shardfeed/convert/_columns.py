@@ -16,6 +16,7 @@ from ._options import PathLike, Progress, check_dtypes_cover, dtype_for, part_ra
 from ._report import ConversionReport
 from ._sink import Sink
 
+
 class Piece:
     """Rows of one source file or array, read by slices."""
 
@@ -205,8 +206,6 @@ def npz_pieces(path: str) -> Dict[str, Piece]:
     return pieces
 
 
-
-
 class Member(Piece):
     """One member of a structured array's rows."""
 
@@ -273,8 +272,8 @@ class Column:
 
 
 def convert_columns(path: PathLike, columns: Dict[str, Column], *, dtypes: Any, part: Optional[Tuple[int, int]],
-                     chunk_bytes: int, shard_size: int, metadata: Optional[Mapping[str, Any]], mode: str,
-                     overflow: str, progress: Progress, align: int = 1) -> ConversionReport:
+                    chunk_bytes: int, shard_size: int, metadata: Optional[Mapping[str, Any]], mode: str,
+                    overflow: str, progress: Progress, align: int = 1) -> ConversionReport:
     try:
         if not columns:
             raise SchemaError("no fields to convert")
@@ -294,7 +293,7 @@ def convert_columns(path: PathLike, columns: Dict[str, Column], *, dtypes: Any, 
         some = next(iter(columns.values()))
         cuts = sorted(set(range(start, stop, rows)) | {s for c in columns.values() for s in c.starts if start < s < stop})
         with Sink(path, spec, source_dtypes, shard_size=shard_size, metadata=metadata, mode=mode,
-                   overflow=overflow, progress=progress, total=(stop - start) * row_bytes) as sink:
+                  overflow=overflow, progress=progress, total=(stop - start) * row_bytes) as sink:
             for a, b in zip(cuts, cuts[1:] + [stop]):
                 batch = {name: c.read(a, b) for name, c in columns.items()}
                 sink.put(batch, (b - a) * row_bytes, locate=lambda row, a=a: some.where(a + row))

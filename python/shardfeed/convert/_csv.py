@@ -172,10 +172,10 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
 
     parser = CsvParser(layout, delimiter, class_index, on_error)
     with Sink(path, layout.spec(), {n: ("str" if string_labels and n == layout.label_field else
-                                         {"f8": "float64", "i8": "int64", "u8": "uint64"}[parse_kind(layout.dtypes[n])])
-                                     for n in list(layout.fields) + list(layout.lists)},
-               shard_size=shard_size, metadata=meta, mode=mode, overflow=overflow, progress=progress,
-               total=sum((b if b is not None else os.path.getsize(n)) - a for n, a, b in pieces)) as sink:
+                                        {"f8": "float64", "i8": "int64", "u8": "uint64"}[parse_kind(layout.dtypes[n])])
+                                    for n in list(layout.fields) + list(layout.lists)},
+              shard_size=shard_size, metadata=meta, mode=mode, overflow=overflow, progress=progress,
+              total=sum((b if b is not None else os.path.getsize(n)) - a for n, a, b in pieces)) as sink:
         for name, start, stop in pieces:
             found = headers[files.index(name)][0]
             reader = _CsvChunks(name, start, stop, data_starts[name], 1 if header and found is not None else 0)

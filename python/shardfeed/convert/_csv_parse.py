@@ -15,6 +15,7 @@ from . import _csv_lists
 from ._options import check_dtypes_cover, dtype_for
 from ._sink import Sink
 
+
 def parse_kind(dtype: str) -> str:
     """How a column of a field of this dtype is parsed: as float64, int64 or uint64."""
     if dtype in FLOAT_DTYPES:

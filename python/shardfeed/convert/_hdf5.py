@@ -11,6 +11,7 @@ from ._options import DEFAULT_CHUNK_BYTES, PathLike, Progress, common_options, e
 from ._parallel import run_parallel
 from ._report import ConversionReport
 
+
 def from_hdf5(path: PathLike, sources: Any, *, datasets: Any = None, dtypes: Any = None,
               part: Optional[Tuple[int, int]] = None, workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
               metadata: Optional[Mapping[str, Any]] = None, mode: str = "w", overflow: str = "error",
@@ -22,7 +23,7 @@ def from_hdf5(path: PathLike, sources: Any, *, datasets: Any = None, dtypes: Any
     Other options: see :func:`from_npy`."""
     if workers != 1:
         return run_parallel(from_hdf5, path, (sources,), dict(datasets=datasets, dtypes=dtypes, shard_size=shard_size,
-                         metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
+                            metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
     try:
         import h5py
     except ImportError:
@@ -56,7 +57,7 @@ def from_hdf5(path: PathLike, sources: Any, *, datasets: Any = None, dtypes: Any
                     align = max(align, item.chunks[0])
             columns[field_name] = Column(field_name, pieces)
         return convert_columns(path, columns, dtypes=dtypes, part=part, align=align,
-                                **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
+                               **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
     finally:
         for handle in handles:
             handle.close()

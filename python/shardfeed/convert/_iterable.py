@@ -15,6 +15,7 @@ from ._options import DEFAULT_CHUNK_BYTES, PathLike, Progress, check_dtypes_cove
 from ._report import ConversionReport
 from ._sink import Sink
 
+
 def from_iterable(path: PathLike, samples: Iterable[Any], *, fields: Optional[Mapping[str, Any]] = None,
                   dtypes: Any = None, total: Optional[int] = None, shard_size: int = DEFAULT_SHARD_SIZE,
                   metadata: Optional[Mapping[str, Any]] = None, mode: str = "w", overflow: str = "error",
@@ -48,7 +49,7 @@ def from_iterable(path: PathLike, samples: Iterable[Any], *, fields: Optional[Ma
     fixed_bytes = schema.record_bytes
     common = common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes)
     with Sink(path, spec, source_dtypes, shard_size=common["shard_size"], metadata=metadata, mode=mode,
-               overflow=overflow, progress=progress, total=total, unit="samples") as sink:
+              overflow=overflow, progress=progress, total=total, unit="samples") as sink:
         pending: Dict[str, List[Any]] = {n: [] for n in names}
         pending_bytes = 0
         number = 0

@@ -19,6 +19,7 @@ DEFAULT_CHUNK_BYTES = 8 << 20
 PathLike = Union[str, "os.PathLike[str]"]
 Progress = Union[bool, Callable[[int], None]]
 
+
 def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -105,9 +106,10 @@ def source_dtype_name(dtype: np.dtype) -> str:
     return dtype.newbyteorder("=").name if dtype.byteorder not in "=|" else dtype.name
 
 
-
-def common_options(shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None, mode: str = "w",
-            overflow: str = "error", progress: Progress = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Dict[str, Any]:
+def common_options(shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None,
+                   mode: str = "w", overflow: str = "error", progress: Progress = False,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Dict[str, Any]:
+    """The options every converter takes, ``chunk_bytes`` checked (the Writer and the sink check the rest)."""
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
     return dict(shard_size=shard_size, metadata=metadata, mode=mode, overflow=overflow, progress=progress,

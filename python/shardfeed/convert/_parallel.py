@@ -16,6 +16,7 @@ from ._progress import progress_bar
 from ._report import MAX_EXAMPLES, ConversionReport
 from ._sink import refuse_foreign_directory
 
+_progress_queue: Any = None  # in a worker process: where its progress goes (set by _worker_init)
 
 
 def _worker_init(queue: Any) -> None:

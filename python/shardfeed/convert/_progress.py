@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 
 from ._options import Progress
 
+
 class NoBar:
     def update(self, n: int) -> None:
         pass

@@ -12,7 +12,6 @@ from . import _precision, _sample_files
 MAX_EXAMPLES = 20  # skipped rows/files listed in a report
 
 
-
 @dataclass
 class FieldReport:
     """What converting did to one field. When the stored dtype is a float narrower than the source
