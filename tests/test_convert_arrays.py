@@ -12,7 +12,7 @@ import pytest
 
 import shardfeed
 from shardfeed import convert
-from shardfeed._convert import bfloat16_bits_to_float32, float_to_bfloat16_bits
+from shardfeed._casting import bfloat16_bits_to_float32, float_to_bfloat16_bits
 
 
 def read_all(path):

@@ -83,9 +83,9 @@ def test_large_writes_are_checksummed_piece_by_piece_exactly(tmp_path, rng):
 def test_checksum_thread_with_any_piece_size(tmp_path, rng, monkeypatch, piece):
     import zlib
 
-    from shardfeed import writer as writer_module
+    from shardfeed import shardfile
 
-    monkeypatch.setattr(writer_module, "_WRITE_PIECE", piece)
+    monkeypatch.setattr(shardfile, "_WRITE_PIECE", piece)
     values = rng.integers(0, 255, (300, 999), dtype=np.uint8)
     path = write(str(tmp_path / "d"), {"x": ("uint8", (999,))}, [{"x": values[:1]}, {"x": values[1:]}], 1 << 30)
     (shard,) = read_manifest(path).shards
@@ -98,7 +98,7 @@ def test_a_failed_large_write_stops_the_checksum_thread(tmp_path, rng, monkeypat
     import errno
     import threading
 
-    from shardfeed import writer as writer_module
+    from shardfeed import shardfile
 
     class Full:
         """A shard file whose third piece finds the disk full."""
@@ -115,13 +115,13 @@ def test_a_failed_large_write_stops_the_checksum_thread(tmp_path, rng, monkeypat
         def __getattr__(self, name):
             return getattr(self.file, name)
 
-    original = writer_module._OutputFile.__init__
+    original = shardfile._OutputFile.__init__
 
     def init(self, path, header):
         original(self, path, header)
         self.file = Full(self.file)
 
-    monkeypatch.setattr(writer_module._OutputFile, "__init__", init)
+    monkeypatch.setattr(shardfile._OutputFile, "__init__", init)
     before = threading.active_count()
     w = shardfeed.Writer(tmp_path / "d", fields={"x": ("float32", (1024,))})
     with pytest.raises(shardfeed.ShardWriteError, match="the disk is full"):
@@ -133,10 +133,10 @@ def test_a_failed_large_write_stops_the_checksum_thread(tmp_path, rng, monkeypat
 def test_writes_start_writeback_every_few_megabytes(tmp_path, rng, monkeypatch, tools):
     """Each shard file asks the kernel to start writing its data to disk every 8 MiB (so the fsync
     that commits it waits for the tail only); the ranges are consecutive and the data intact."""
-    from shardfeed import writer as writer_module
+    from shardfeed import shardfile
 
     calls = []
-    monkeypatch.setattr(writer_module, "_writeback", lambda fd, offset, length, flags: calls.append(
+    monkeypatch.setattr(shardfile, "_writeback", lambda fd, offset, length, flags: calls.append(
         (os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd, offset, length, flags)))
     values = rng.standard_normal((5000, 1024)).astype(np.float32)  # about 20 MiB
     write(str(tmp_path / "d"), {"x": ("float32", (1024,))}, [{"x": values[i:i + 500]} for i in range(0, 5000, 500)],
@@ -149,12 +149,12 @@ def test_writes_start_writeback_every_few_megabytes(tmp_path, rng, monkeypatch, 
 
 
 def test_writeback_hint_is_found_on_linux():
-    from shardfeed import writer as writer_module
+    from shardfeed import shardfile
 
     fd = os.open(os.devnull, os.O_WRONLY)
     try:
-        writer_module._start_writeback(fd, 0, 4096)  # a hint: no error whatever the file
+        shardfile._start_writeback(fd, 0, 4096)  # a hint: no error whatever the file
     finally:
         os.close(fd)
     if sys.platform.startswith("linux"):
-        assert callable(writer_module._writeback)
+        assert callable(shardfile._writeback)

@@ -46,7 +46,7 @@ DRIVER = textwrap.dedent(r'''
     import json, os, signal, sys
     import numpy as np
     import shardfeed
-    from shardfeed import writer as W
+    from shardfeed import shardfile as W
 
     root, shard_size = sys.argv[1], int(sys.argv[2])
     fields, sessions, data = CONFIG
@@ -315,11 +315,11 @@ def test_failed_open_releases_the_lock(tools, new_path):
 def test_keyboard_interrupt_in_extend_keeps_the_committed_shards(new_path, monkeypatch, interrupt_at, committed):
     """An exception that is not a value error (Ctrl-C) in the middle of writing ends the writer
     without committing the half-written shard; the committed ones stay, nothing else is left."""
-    from shardfeed import writer as writer_module
+    from shardfeed import shardfile
     path = new_path()
     w = shardfeed.Writer(path, fields={"x": "int64"}, shard_size=HEADER_BYTES + 8 * 4)
     w.extend({"x": np.arange(6)})  # shard 0 committed, 2 samples buffered for shard 1
-    original = writer_module._OutputFile.write
+    original = shardfile._OutputFile.write
     calls = []
 
     def interrupted(self, data):  # calls 1-2 flush shard 1 and its checksums (then it commits), 3 starts shard 2
@@ -327,7 +327,7 @@ def test_keyboard_interrupt_in_extend_keeps_the_committed_shards(new_path, monke
         if len(calls) == interrupt_at:
             raise KeyboardInterrupt
         return original(self, data)
-    monkeypatch.setattr(writer_module._OutputFile, "write", interrupted)
+    monkeypatch.setattr(shardfile._OutputFile, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         with w:
             w.extend({"x": np.arange(6, 20)})

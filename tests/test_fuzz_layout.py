@@ -60,7 +60,7 @@ def test_the_oracles_catch_broken_code(target, monkeypatch):
     import os
 
     from shardfeed import format as fmt
-    from shardfeed import lock, writer
+    from shardfeed import lock, shardfile, writer
     runs = dict(target.runs)
     target.run(b"")  # an unchanged dataset: opens, appends, merges
     assert target.runs["opened"] > runs["opened"] and target.runs["appended"] > runs["appended"]
@@ -85,7 +85,7 @@ def test_the_oracles_catch_broken_code(target, monkeypatch):
         target.run(placing("manifest", "fifo"))
     monkeypatch.undo()
 
-    monkeypatch.setattr(writer, "create_new", lambda path, mode=0o644: os.open(path, os.O_WRONLY | os.O_CREAT |
+    monkeypatch.setattr(shardfile, "create_new", lambda path, mode=0o644: os.open(path, os.O_WRONLY | os.O_CREAT |
                                                                                 os.O_TRUNC, mode))
     monkeypatch.setattr(writer.Writer, "_listed_names", lambda self: set())
     with pytest.raises(fuzz.Finding, match="an append changed committed samples|no longer opens"):

@@ -201,7 +201,7 @@ def test_dataset_verify_checks_the_shards_it_opened(dataset):
 def test_reading_in_small_pieces_gives_the_same_report(dataset, monkeypatch):
     patch(shard(dataset, 1), record_at(7, 8), b"\x03")
     whole = shardfeed.verify(dataset).to_json()
-    monkeypatch.setattr(importlib.import_module("shardfeed._verify"), "_CHUNK_BYTES", RECORD * 3)
+    monkeypatch.setattr(importlib.import_module("shardfeed.verification"), "_CHUNK_BYTES", RECORD * 3)
     assert shardfeed.verify(dataset).to_json() == whole
     assert [p["samples"] for p in whole["problems"] if "bool" in p["message"]] == [[[17, 18]]]
 
@@ -236,7 +236,7 @@ def test_notes_on_writers(dataset):
 
 def test_an_io_error_while_reading_is_reported_not_raised(dataset, monkeypatch):
     """EIO half-way through a shard (a failing disk): a problem for that shard, the others checked."""
-    module = importlib.import_module("shardfeed._verify")
+    module = importlib.import_module("shardfeed.verification")
 
     class Failing:
         def __init__(self, file):
@@ -267,3 +267,17 @@ def test_an_io_error_while_reading_is_reported_not_raised(dataset, monkeypatch):
     assert report.bad_shards == [1] and report.bad_ranges == [(10, 20)]
     [problem] = report.problems
     assert problem.message == "cannot read past sample 14: Input/output error"
+
+
+def test_sample_ranges_are_described_by_one_formatter():
+    """The problems' texts (structure and per-record checksums) come from one formatter."""
+    from shardfeed.verification import describe_samples
+
+    assert describe_samples([(14, 15)]) == "sample 14"
+    assert describe_samples([(14, 15), (16, 20)]) == "samples 14, 16-19"
+    assert describe_samples([(50, 52)], with_count=True) == "samples 50-51 (2 samples)"
+    assert describe_samples([(23, 24)], with_count=True) == "sample 23"
+    many = [(k, k + 1) for k in range(0, 24, 2)]  # 12 single samples: the first 10 shown, then the count
+    assert describe_samples(many) == "samples 0, 2, 4, 6, 8, 10, 12, 14, 16, 18 ... (12 samples)"
+    assert describe_samples(many, with_count=True) == describe_samples(many)
+    assert shardfeed.verify is shardfeed.verification.verify and callable(shardfeed.verify)

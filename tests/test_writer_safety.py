@@ -137,17 +137,17 @@ def test_a_new_shard_skips_a_name_whose_heap_file_is_listed(tools, new_path):
 def test_shard_files_are_created_never_reused(tools, new_path, monkeypatch):
     """Under a race (a file appears under the chosen name after the writer looked), O_EXCL makes
     the writer take the next name instead of truncating the file."""
-    from shardfeed import writer
+    from shardfeed import shardfile
     path, x = three_shards(tools, new_path())
     planted = os.path.join(path, "shard-000003.rec")
-    real = writer.create_new
+    real = shardfile.create_new
 
     def racing(name, *args):
         if name == planted and not os.path.exists(planted):
             with open(planted, "wb") as f:
                 f.write(b"someone else's file")
         return real(name, *args)
-    monkeypatch.setattr(writer, "create_new", racing)
+    monkeypatch.setattr(shardfile, "create_new", racing)
     with shardfeed.Writer(path, mode="a") as w:
         w.extend({"x": np.ones((1, 2), np.int32)})
     assert file_bytes(planted) == b"someone else's file"

@@ -26,7 +26,7 @@ from .format import Field
 from .merge import MergeResult, merge
 from .order import Permutation, Sampler
 from .views import Subset
-from ._verify import VerifyReport, verify
+from .verification import VerifyReport, verify
 from .writer import Writer
 
 __version__ = "0.1.0"

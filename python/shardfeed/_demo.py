@@ -27,17 +27,10 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 
 from . import dataset as _dataset
+from ._text import human_bytes
 from .writer import Writer
 
 CLASSES = 10
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def memory() -> Dict[str, int]:

@@ -19,9 +19,9 @@ from .read_options import (
 from .errors import OutputSizeError, ShardFormatError, ShardReadError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME,
-    MERGE_JOURNAL_NAME, Field, Manifest, ShardEntry, check_header, checksum_words, file_system_path, open_regular,
-    read_manifest,
+    MERGE_JOURNAL_NAME, Field, Manifest, ShardEntry, check_header, checksum_words, read_manifest,
 )
+from .fileio import file_system_path, open_regular
 
 _MAX_OUTPUT_BYTES = 1 << 62  # more than numpy's sizes (intp) and BatchMemory can describe
 _INT64 = np.dtype(np.int64)
@@ -345,7 +345,7 @@ class Dataset:
         """Checks every shard this dataset lists (checksums, sizes, headers, records) and returns a
         :class:`shardfeed.VerifyReport` naming the bad shards and, where the structure shows them,
         the bad samples. See :func:`shardfeed.verify`."""
-        from ._verify import verify_manifest
+        from .verification import verify_manifest
         return verify_manifest(self.path, self._manifest)
 
     def __getitem__(self, index: Any) -> Any:

@@ -11,7 +11,8 @@ import weakref
 from typing import Optional, Tuple
 
 from .errors import ShardFormatError, WriterLockedError
-from .format import LOCK_NAME, describe_file_type, format_lock, parse_lock
+from .fileio import describe_file_type, open_regular
+from .format import LOCK_NAME, format_lock, parse_lock
 
 
 class WriterLock:
@@ -34,7 +35,7 @@ class WriterLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = self._holder(fd)
+                holder = _holder(fd)
                 os.close(fd)
                 pid = holder[0] if holder else None
                 who = f"pid {pid} on host {holder[1]}" if holder else "a process that has not written its pid yet"
@@ -52,7 +53,7 @@ class WriterLock:
                 except FileNotFoundError:
                     same = False
                 if same and not created:  # a leftover nobody holds: note its writer, replace it
-                    self.stale = self._holder(fd) or self.stale
+                    self.stale = _holder(fd) or self.stale
                     os.unlink(self.path)
                     same = False
             except BaseException:
@@ -94,10 +95,6 @@ class WriterLock:
             return None
         return fd, False
 
-    @staticmethod
-    def _holder(fd: int) -> Optional[Tuple[int, str]]:
-        """(pid, host) from the lock file, or None when it is empty or unreadable."""
-        return parse_lock(os.pread(fd, 4096, 0))
 
     def release(self) -> Optional[OSError]:
         """Removes the lock file (a clean finish), then drops the lock. Returns the error of a
@@ -123,3 +120,23 @@ class WriterLock:
             os.close(self.fd)
             self.fd = -1
         return failure
+
+
+def _holder(fd: int) -> Optional[Tuple[int, str]]:
+    """(pid, host) from an open lock file, or None when it is empty or unreadable."""
+    return parse_lock(os.pread(fd, 4096, 0))
+
+
+def lock_holder(lock_path: str) -> Optional[Tuple[int, str]]:
+    """(pid, host) of the writer named in the lock file at ``lock_path``, read without taking the
+    lock (and never through a link); None when there is none or it names no writer."""
+    try:
+        fd = open_regular(lock_path)
+    except (OSError, ShardFormatError):
+        return None
+    try:
+        return _holder(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

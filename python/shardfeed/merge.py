@@ -20,10 +20,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from .errors import SchemaError, ShardFormatError, ShardReadError, ShardWriteError, SourceError
 from .format import (
     CHECKSUMS_SUFFIX, HEAP_SUFFIX, MANIFEST_NAME, MERGE_JOURNAL_NAME, RECORDS_SUFFIX, SHARD_FILE_PATTERN,
-    TEMPORARY_JOURNAL_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, create_new, file_system_path,
-    fsync_directory, open_regular, parse_manifest, read_bounded, read_manifest, replace_atomically, shard_stem,
+    TEMPORARY_JOURNAL_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, parse_manifest, read_bounded,
+    read_manifest, shard_stem,
     temporary_journal_name, write_manifest,
 )
+from .fileio import create_new, file_system_path, fsync_directory, open_regular, replace_atomically
 from .lock import WriterLock
 
 __all__ = ["MergeResult", "merge"]

@@ -1,5 +1,6 @@
 """``shardfeed bench``: random-read throughput of a dataset on this machine, page-cached and cold,
-against numpy.memmap (registered by _cli_data.add_commands)."""
+against numpy.memmap -- the command's options and output, and the measurements (:func:`bench`),
+which know nothing of argparse. Registered by cli.py."""
 
 from __future__ import annotations
 
@@ -7,36 +8,21 @@ import argparse
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from ._cli_text import Formatter, human, positive, say
+from . import dataset as _dataset
+from ._text import human_bytes
+from .cli import Formatter, positive, say
 from .format import HEADER_BYTES
-
-
-_BENCH_HELP = """\
-Measures random-read throughput of a dataset on this machine: batches of uniformly random sample
-indices read with shardfeed (all fields, or --fields, in their stored dtype), and the same records
-read with numpy.memmap (fancy indexing of each shard's records, then one array per field) when the
-fields have a fixed shape. Two conditions:
-
-  page-cached  after reading every shard file once (if the dataset fits in the page cache)
-  cold         every shard file evicted from the page cache (posix_fadvise DONTNEED) before each
-               reader's pass; each pass reads a random permutation, so no record twice
-
-Each measurement runs for --seconds; a cold pass also stops after an eighth of the samples, so
-that the kernel's readahead around earlier records (memmap's page faults read 128 KiB or more)
-does not turn it into a sequential read of the whole file.
-Prints samples/s, MB/s of records and the ratio to memmap; --json for a machine-readable result.
-The dataset is only read."""
 
 
 class _MemmapReader:
     """The baseline: each shard's records as a structured numpy.memmap, fancy-indexed."""
 
     def __init__(self, ds: Any, names: List[str]):
-        from ._convert import bfloat16_bits_to_float32
+        from ._casting import bfloat16_bits_to_float32
 
         self._bf16 = bfloat16_bits_to_float32
         manifest = ds._manifest
@@ -86,12 +72,32 @@ def _read_through(paths: List[str]) -> None:
                 pass
 
 
+def _random_batches(rng: np.random.Generator, count: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of indices: one random permutation of the samples after another."""
+    while True:
+        order = rng.permutation(count)
+        for start in range(0, count, batch_size):
+            yield order[start:start + batch_size]
+
+
+def _timed(reader: Any, batches: Iterator[np.ndarray], seconds: float, most: Optional[int]) -> Tuple[int, float]:
+    """Reads batches for ``seconds`` (or until ``most`` samples are read): (samples read, seconds)."""
+    done = 0
+    started = time.perf_counter()
+    limit = started + seconds
+    while True:
+        indices = next(batches)
+        reader(indices)
+        done += len(indices)
+        now = time.perf_counter()
+        if now >= limit or (most is not None and done >= most):
+            return done, now - started
+
+
 def bench(path: str, *, batch_size: int = 256, seconds: float = 2.0, fields: Optional[List[str]] = None,
           threads: Optional[int] = None, cold: bool = True, memmap: bool = True, seed: int = 0,
           say: Any = None) -> Dict[str, Any]:
     """The measurements ``shardfeed bench`` prints, as a dict."""
-    from . import dataset as _dataset
-
     say = say or (lambda *a: None)
     ds = _dataset.open(path, threads=threads)
     names = fields or list(ds.fields)
@@ -116,25 +122,9 @@ def bench(path: str, *, batch_size: int = 256, seconds: float = 2.0, fields: Opt
         return result
     rng = np.random.default_rng(seed)
 
-    def batches() -> Any:
-        while True:
-            order = rng.permutation(count)
-            for start in range(0, count, batch_size):
-                yield order[start:start + batch_size]
-
     def run(reader: Any, condition: str, name: str, cold: bool) -> None:
-        done = 0
-        stream = batches()
-        started = time.perf_counter()
-        limit = started + seconds
-        while True:
-            indices = next(stream)
-            reader(indices)
-            done += len(indices)
-            now = time.perf_counter()
-            if now >= limit or (cold and done >= max(batch_size, count // 8)):
-                break
-        elapsed = now - started
+        done, elapsed = _timed(reader, _random_batches(rng, count, batch_size), seconds,
+                               max(batch_size, count // 8) if cold else None)
         entry = {"condition": condition, "reader": name, "samples": done, "seconds": elapsed,
                  "samples_per_s": done / elapsed, "mb_per_s": done * record_bytes / elapsed / 1e6}
         result["results"].append(entry)
@@ -174,10 +164,8 @@ def bench(path: str, *, batch_size: int = 256, seconds: float = 2.0, fields: Opt
     return result
 
 
-def _check_same(path: str, names: List[str]) -> bool:
+def check_same(path: str, names: List[str]) -> bool:
     """shardfeed and the memmap baseline return the same values (checked on one batch)."""
-    from . import dataset as _dataset
-
     with _dataset.open(path) as ds:
         if not len(ds) or any(ds.fields[n].variable for n in names):
             return True
@@ -191,16 +179,31 @@ def _check_same(path: str, names: List[str]) -> bool:
     return all(np.array_equal(ours[n].view(np.uint8), theirs[n].view(np.uint8)) for n in names)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from . import dataset as _dataset
+_BENCH_HELP = """\
+Measures random-read throughput of a dataset on this machine: batches of uniformly random sample
+indices read with shardfeed (all fields, or --fields, in their stored dtype), and the same records
+read with numpy.memmap (fancy indexing of each shard's records, then one array per field) when the
+fields have a fixed shape. Two conditions:
 
+  page-cached  after reading every shard file once (if the dataset fits in the page cache)
+  cold         every shard file evicted from the page cache (posix_fadvise DONTNEED) before each
+               reader's pass; each pass reads a random permutation, so no record twice
+
+Each measurement runs for --seconds; a cold pass also stops after an eighth of the samples, so
+that the kernel's readahead around earlier records (memmap's page faults read 128 KiB or more)
+does not turn it into a sequential read of the whole file.
+Prints samples/s, MB/s of records and the ratio to memmap; --json for a machine-readable result.
+The dataset is only read."""
+
+
+def _bench(args: argparse.Namespace) -> int:
     names = args.fields.split(",") if args.fields else None
     with _dataset.open(args.path) as ds:
         for name in names or []:
             if name not in ds.fields:
                 args.parser.error(f"no field {name!r}; the dataset has {list(ds.fields)}")
         description = (f"{ds.path}: {len(ds)} samples of {ds.schema.record_bytes} B in {ds.num_shards} shard(s), "
-                       f"{human(sum(s.size + s.heap_size for s in ds._manifest.shards))}; batches of "
+                       f"{human_bytes(sum(s.size + s.heap_size for s in ds._manifest.shards))}; batches of "
                        f"{args.batch_size}, {ds.threads if args.threads is None else args.threads} threads")
         names = names or list(ds.fields)
     if not args.json:
@@ -208,7 +211,7 @@ def _bench(args: argparse.Namespace) -> int:
     result = bench(args.path, batch_size=args.batch_size, seconds=args.seconds, fields=names, threads=args.threads,
                    cold=not args.no_cold, memmap=not args.no_memmap,
                    say=(lambda *a: None) if args.json or args.quiet else print)
-    result["same_values_as_memmap"] = _check_same(args.path, names) if result["memmap"] == "yes" else None
+    result["same_values_as_memmap"] = check_same(args.path, names) if result["memmap"] == "yes" else None
     if args.json:
         print(json.dumps(result, indent=1))
     elif not args.quiet:
@@ -222,7 +225,8 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if result["same_values_as_memmap"] is not False else 1
 
 
-def add_bench(commands: Any) -> None:
+def add_command(commands: Any) -> None:
+    """Adds ``bench`` to the ``shardfeed`` sub-command parser."""
     p = commands.add_parser("bench", help="random-read throughput of a dataset, page-cached and cold, vs numpy.memmap",
                             description=_BENCH_HELP, formatter_class=Formatter)
     p.add_argument("path")

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .errors import SchemaError
+from ..errors import SchemaError
 
 _WHAT = {"f8": "a number", "i8": "an integer", "u8": "an unsigned integer"}
 

@@ -19,7 +19,7 @@ import os
 import shlex
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
-from .errors import SourceError
+from ..errors import SourceError
 
 _HEADER_NAMES = ("file", "filename", "file_name", "path", "name", "image", "sample")
 

@@ -1,4 +1,8 @@
-"""Checking a dataset on disk: every shard's checksum and structure (``shardfeed.verify``).
+"""Checking a dataset on disk: every shard's checksum and structure. The package exports
+:func:`verify` and :class:`VerifyReport` as ``shardfeed.verify`` and ``shardfeed.VerifyReport``; the
+module is named for what it does, not after the function, so that ``shardfeed.verify`` is the
+function however the module is imported (``import shardfeed.verify as m`` would bind the function,
+and ``mock.patch("shardfeed.verify.x")`` would look in it, if both had one name).
 
 Checksums are CRC-32s of whole files (docs/format.md), so a checksum mismatch marks all samples of
 that shard as suspect. Problems the structure shows are pinned to samples: records missing from a
@@ -22,8 +26,10 @@ from .errors import ShardFormatError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME,
     MERGE_JOURNAL_NAME, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, check_header,
-    checksum_words, file_system_path, format_checksum, open_regular, parse_lock, read_manifest,
+    checksum_words, format_checksum, read_manifest,
 )
+from .fileio import file_system_path, open_regular
+from .lock import lock_holder
 
 _CHUNK_BYTES = 4 << 20
 
@@ -172,13 +178,14 @@ def _extend_ranges(ranges: List[Tuple[int, int]], more: List[Tuple[int, int]]) -
             ranges.append((start, stop))
 
 
-def _describe(ranges: List[Tuple[int, int]]) -> str:
-    """``samples 3, 7-9, 12 ...`` for sorted [start, stop) ranges (at most 10 shown)."""
-    shown = ", ".join(str(a) if b - a == 1 else f"{a}, {a + 1}" if b - a == 2 else f"{a}-{b - 1}"
-                      for a, b in ranges[:10])
+def describe_samples(ranges: List[Tuple[int, int]], *, with_count: bool = False) -> str:
+    """Sorted [start, stop) ranges as text: ``samples 3, 7-9, 12`` (the first 10 ranges, then
+    `` ... (N samples)``); ``with_count`` adds `` (N samples)`` whenever there are several."""
+    shown = ", ".join(str(a) if b - a == 1 else f"{a}-{b - 1}" for a, b in ranges[:10])
     count = sum(b - a for a, b in ranges)
-    more = f" ... ({count} samples)" if len(ranges) > 10 else ""
-    return f"sample{'s' if count > 1 else ''} {shown}{more}"
+    more = len(ranges) > 10
+    return (f"sample{'s' if count > 1 else ''} {shown}{' ...' if more else ''}"
+            + (f" ({count} samples)" if count > 1 and (with_count or more) else ""))
 
 
 def _open_shard_file(file: str):
@@ -210,14 +217,6 @@ def _open_checked(file: str, expected_size: int, kind: int, manifest: Manifest, 
         report.problems.append(Problem(file, f"file is {size} bytes, the manifest says {expected_size} ({word})",
                                        number, [whole] if size > expected_size else []))
     return f, size
-
-
-def _describe_ranges(ranges: List[Tuple[int, int]]) -> str:
-    """[start, stop) ranges as text: "samples 3, 10-12 (4 samples)"."""
-    shown = ", ".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in ranges[:20])
-    count = sum(b - a for a, b in ranges)
-    return (f"sample{'s' if count > 1 else ''} {shown}{', ...' if len(ranges) > 20 else ''}"
-            + (f" ({count} samples)" if count > 1 else ""))
 
 
 def _load_record_checksums(path: str, manifest: Manifest, number: int, shard: ShardEntry,
@@ -266,9 +265,7 @@ def _heap_row_checksums(heap_file, records: np.ndarray, schema) -> np.ndarray:
 
 def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry, first: int,
                   report: VerifyReport) -> None:
-    schema = manifest.schema
     whole = (first, first + shard.num_samples)
-    rec_path = os.path.join(path, shard.file)
     heap_path = os.path.join(path, shard.heap_file) if shard.heap_file else None
     heap_size = None
     stored = _load_record_checksums(path, manifest, number, shard, report)
@@ -355,17 +352,17 @@ def _verify_records(path: str, manifest: Manifest, number: int, shard: ShardEntr
     for file, ranges in named.items():
         if ranges:
             what = "record" if file == rec_path else "variable-length rows"
-            report.problems.append(Problem(file, f"{_describe_ranges(ranges)}: {what} failed the per-record CRC32C "
+            report.problems.append(Problem(file, f"{describe_samples(ranges, with_count=True)}: {what} failed the per-record CRC32C "
                                            "check (the bytes changed after they were written)", number, ranges))
     heap_named = heap_path is not None and bool(named.get(heap_path))
     if heap_damaged is not None and not heap_named:
         report.problems.append(heap_damaged)
     if done < shard.num_samples and size < shard.size:
         missing = [(first + done, whole[1])]
-        report.problems.append(Problem(rec_path, f"the records of {_describe(missing)} are missing (file of "
+        report.problems.append(Problem(rec_path, f"the records of {describe_samples(missing)} are missing (file of "
                                        f"{size} bytes)", number, missing))
     for (file, what), ranges in bad.items():
-        report.problems.append(Problem(file, f"{_describe(ranges)}: {what}", number, ranges))
+        report.problems.append(Problem(file, f"{describe_samples(ranges)}: {what}", number, ranges))
 
 
 def _outside(offsets: np.ndarray, counts: np.ndarray, row_bytes: np.uint64, end: int) -> np.ndarray:
@@ -412,7 +409,7 @@ def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) 
         listed = {n for s in manifest.shards for n in (s.file, s.heap_file, s.checksums_file) if n}
         unlisted = sorted(n for n in names if SHARD_FILE_PATTERN.fullmatch(n) and n not in listed)
     if LOCK_NAME in names:
-        holder = _lock_holder(os.path.join(path, LOCK_NAME))
+        holder = lock_holder(os.path.join(path, LOCK_NAME))
         committed = "" if manifest is None else f": the dataset holds the {report.num_samples} samples it committed"
         if holder is None:
             state = "a writer did not finish (its lock file names no process)" if unlisted or temporary else None
@@ -438,19 +435,6 @@ def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) 
     elif unlisted or temporary:
         report.notes.append(f"uncommitted files {unlisted + temporary}: ignored by readers, removed by the next "
                             "Writer(path, mode='a')")
-
-
-def _lock_holder(lock_path: str) -> Optional[Tuple[int, str]]:
-    try:
-        fd = open_regular(lock_path)
-    except (OSError, ShardFormatError):
-        return None
-    try:
-        return parse_lock(os.pread(fd, 4096, 0))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
