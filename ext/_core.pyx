@@ -42,7 +42,8 @@ OUTPUT_KINDS = {"float32": SF_OUT_F32, "float16": SF_OUT_F16, "bfloat16": SF_OUT
 sf_crc32c_init()
 BUILD_INFO = {
     "f16c": bool(sf_cast_has_f16c()),
-    "crc32c_hardware": bool(sf_crc32c_hardware()),
+    "crc32c_kernel": sf_crc32c_kernel().decode(),
+    "crc32c_hardware": sf_crc32c_kernel() != b"table",
     "sanitizers": SF_SANITIZERS.decode(),
     "max_threads": SF_POOL_MAX_THREADS,
 }
@@ -85,16 +86,49 @@ def allow_f16c(bint allowed):
     return bool(sf_cast_has_f16c())
 
 
-def crc32c(data, unsigned int crc=0, bint portable=False):
+def crc32c(data, unsigned int crc=0):
     """CRC32C (Castagnoli) of the bytes of ``data`` (any contiguous buffer), continuing from ``crc``
-    like ``zlib.crc32``. ``portable``: the table-driven code whatever the CPU (the tests' reference
-    for the hardware path)."""
+    like ``zlib.crc32``, with the kernel in use (:func:`crc32c_kernels`)."""
     cdef _Views views = _Views(1)
     cdef Py_buffer *view = views.acquire(data, PyBUF_C_CONTIGUOUS, "crc32c data")
     cdef uint32_t result
     with nogil:
-        result = (sf_crc32c_portable if portable else sf_crc32c)(crc, view.buf, <size_t>view.len)
+        result = sf_crc32c(crc, view.buf, <size_t>view.len)
     return result
+
+
+def crc32c_copy(dst, src, unsigned int crc=0):
+    """Copies the bytes of ``src`` into ``dst`` (a writable buffer of the same size) and returns
+    their CRC32C, computed in the same pass (the kernel of checked reads; for tests)."""
+    cdef _Views views = _Views(2)
+    cdef Py_buffer *out = views.acquire(dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "crc32c_copy dst")
+    cdef Py_buffer *view = views.acquire(src, PyBUF_C_CONTIGUOUS, "crc32c_copy src")
+    cdef uint32_t result
+    if out.len != view.len:
+        raise ValueError(f"crc32c_copy: dst has {out.len} bytes, src {view.len}")
+    with nogil:
+        result = sf_crc32c_copy(crc, out.buf, view.buf, <size_t>view.len)
+    return result
+
+
+def crc32c_kernels():
+    """The CRC32C kernels this CPU can run, fastest first (the first is in use unless
+    :func:`use_crc32c_kernel` chose another); ``"table"`` (slicing by 8) is always last."""
+    names = []
+    cdef const char *name = sf_crc32c_kernel_name(0)
+    while name != NULL:
+        names.append(name.decode())
+        name = sf_crc32c_kernel_name(len(names))
+    return names
+
+
+def use_crc32c_kernel(str name):
+    """Makes every checksum use kernel ``name`` (one of :func:`crc32c_kernels`); returns the name
+    of the kernel in use before. For tests and benchmarks; not while other threads read."""
+    before = sf_crc32c_kernel().decode()
+    if sf_crc32c_use(name.encode()) != 0:
+        raise ValueError(f"CRC32C kernel {name!r} is not available here; these are: {crc32c_kernels()}")
+    return before
 
 
 def record_checksums(data, size_t record_bytes):
@@ -111,13 +145,6 @@ def record_checksums(data, size_t record_bytes):
         with nogil:
             sf_crc32c_records(view.buf, record_bytes, count, &sums[0])
     return out
-
-
-def allow_crc32c_hardware(bint allowed):
-    """Switches the CPU's crc32 instruction on or off (off: the table-driven code); returns whether
-    it is now in use. For tests; do not call while other threads compute checksums."""
-    sf_crc32c_allow_hardware(allowed)
-    return bool(sf_crc32c_hardware())
 
 
 def pool_size():
@@ -434,7 +461,8 @@ cdef class ShardSet:
         path = paths[err.shard] if 0 <= err.shard < len(paths) else None
         where = f"sample {err.sample} at byte offset {err.offset}"
         if err.kind == SF_ERR_CHECKSUM:
-            raise RecordChecksumError(f"{path}: the record of {where} does not match its CRC32C checksum "
+            what = "variable-length rows" if err.file_kind == SF_FILE_HEAP else "record"
+            raise RecordChecksumError(f"{path}: the {what} of {where} does not match its CRC32C checksum "
                                       "(damaged after it was written); `shardfeed verify` lists every "
                                       "damaged sample", path=path, sample=err.sample)
         if err.kind == SF_ERR_EOF:
@@ -654,6 +682,51 @@ cdef class ShardSet:
         if rc != 0:
             self._raise(&err)
         return bool(flag)
+
+    def check_heap(self, const int64_t[::1] samples not None, const int64_t[::1] shards not None,
+                   const int64_t[:, :, ::1] spans not None, const uint32_t[::1] expected not None,
+                   size_t threads):
+        """Checks the variable-length rows of each sample against its stored CRC32C: sample r's
+        rows are the byte ranges ``spans[r, j] = (offset, bytes)`` of heap file ``shards[r]``, one
+        per variable field in field order, and the CRC32C of them all must be ``expected[r]``.
+        Raises :class:`RecordChecksumError` naming the first sample that fails."""
+        cdef size_t n = samples.shape[0], n_spans = spans.shape[1], r, j
+        cdef sf_error err
+        cdef int rc
+        if self.closed:
+            raise ValueError("I/O operation on a closed dataset")
+        if self.c.heap_fds == NULL:
+            raise ValueError("internal error: this dataset has no heap files")
+        if shards.shape[0] != <Py_ssize_t>n or spans.shape[0] != <Py_ssize_t>n or expected.shape[0] != <Py_ssize_t>n \
+                or spans.shape[2] != 2:
+            raise ValueError("internal error: heap check arrays of different lengths")
+        # Private copies, checked here (the caller's arrays may change while the threads run).
+        cdef _Int64Copy own = _Int64Copy(2 * n + 2 * n * n_spans)
+        cdef _Int64Copy own_expected = _Int64Copy(n)
+        cdef uint32_t *own_sums = <uint32_t *>own_expected.data
+        if n:
+            memcpy(own.data, &samples[0], n * sizeof(int64_t))
+            memcpy(own.data + n, &shards[0], n * sizeof(int64_t))
+            if n_spans:
+                memcpy(own.data + 2 * n, &spans[0, 0, 0], 2 * n * n_spans * sizeof(int64_t))
+            memcpy(own_sums, &expected[0], n * sizeof(uint32_t))
+        for r in range(n):
+            if own.data[n + r] < 0 or <size_t>own.data[n + r] >= self.n:
+                raise ValueError(f"internal error: bad heap check entry {r}")
+            for j in range(2 * n_spans):
+                if own.data[2 * n + 2 * r * n_spans + j] < 0:
+                    raise ValueError(f"internal error: bad heap check entry {r}")
+        if n == 0:
+            return
+        self._begin()
+        try:
+            with nogil:
+                rc = sf_check_heap(&self.c, own.data, own.data + n, own.data + 2 * n, n_spans, own_sums, n,
+                                   threads, &err)
+        finally:
+            self._end()
+        if rc != 0:
+            self._raise(&err)
 
 
 def convert(int cast, const unsigned char[::1] src not None, dst not None, scale=None,

@@ -94,12 +94,17 @@ cdef extern from "reader.h":
     int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
                      const int64_t *offsets, const int64_t *rows, size_t n,
                      const sf_heap_out *field, size_t threads, sf_error *err) nogil
+    int sf_check_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
+                      const int64_t *spans, size_t n_spans, const uint32_t *expected, size_t n,
+                      size_t threads, sf_error *err) nogil
 
 
 cdef extern from "crc32c.h":
     void sf_crc32c_init()
     uint32_t sf_crc32c(uint32_t crc, const void *data, size_t n) nogil
+    uint32_t sf_crc32c_copy(uint32_t crc, void *dst, const void *src, size_t n) nogil
     uint32_t sf_crc32c_portable(uint32_t crc, const void *data, size_t n) nogil
     void sf_crc32c_records(const void *data, size_t record_bytes, size_t count, uint32_t *out) nogil
-    int sf_crc32c_hardware()
-    void sf_crc32c_allow_hardware(int allowed)
+    const char *sf_crc32c_kernel()
+    const char *sf_crc32c_kernel_name(size_t k)
+    int sf_crc32c_use(const char *name)

@@ -645,9 +645,36 @@ static int check_mapped_sizes(const record_ctx *ctx, size_t n, sf_error *err)
     return rc;
 }
 
-/* Checked reads (shards->checksums, see reader.h): items [begin, end), one whole record at a time.
- * The CRC is computed on the bytes the fields are then taken from (the map, or the scratch record
- * preadv filled), so what is returned is what was checked. */
+/* Checks the whole record at `record` against its stored CRC32C and takes batch row r's fields
+ * from it: copied fields in the same pass as the checksum (sf_crc32c_copy), while the record is in
+ * the cache; converted fields once it passed. 0, or -1 on a mismatch (copied fields may have been
+ * written: the read fails). */
+static int take_checked_record(const record_ctx *ctx, size_t r, const char *record, uint32_t expected)
+{
+    uint32_t crc = 0;
+    size_t at = 0;
+    for (size_t k = 0; k < ctx->n_fields; k++) {
+        const sf_field_out *f = &ctx->fields[k];
+        crc = sf_crc32c(crc, record + at, f->src_offset - at);
+        if (f->cast == SF_CAST_COPY)
+            crc = sf_crc32c_copy(crc, f->dst + r * f->dst_bytes, record + f->src_offset, f->src_bytes);
+        else
+            crc = sf_crc32c(crc, record + f->src_offset, f->src_bytes);
+        at = f->src_offset + f->src_bytes;
+    }
+    if (sf_crc32c(crc, record + at, ctx->shards->record_bytes - at) != expected)
+        return -1;
+    for (size_t k = 0; k < ctx->n_fields; k++) {
+        const sf_field_out *f = &ctx->fields[k];
+        if (f->cast != SF_CAST_COPY)
+            note_inexact(f->inexact, sf_convert(f->cast, f->dst + r * f->dst_bytes, record + f->src_offset,
+                                                f->count, &f->affine, 0));
+    }
+    return 0;
+}
+
+/* Checked reads (shards->checksums, see reader.h): items [begin, end), one whole record at a time,
+ * from the map or into a scratch record by preadv; what is returned is what was checked. */
 static int read_records_checked(void *vctx, size_t begin, size_t end, sf_error *err)
 {
     const record_ctx *ctx = vctx;
@@ -695,18 +722,10 @@ static int read_records_checked(void *vctx, size_t begin, size_t end, sf_error *
                 break;
             }
         }
-        if (sf_crc32c(0, record, sh->record_bytes) != sh->checksums[s][k]) {
+        if (take_checked_record(ctx, r, record, sh->checksums[s][k]) != 0) {
             set_error(err, SF_ERR_CHECKSUM, SF_FILE_RECORDS, s, (int64_t)at, index);
             rc = -1;
             break;
-        }
-        for (size_t f = 0; f < ctx->n_fields; f++) {
-            const sf_field_out *field = &ctx->fields[f];
-            char *row = field->dst + r * field->dst_bytes;
-            if (field->cast == SF_CAST_COPY)
-                memcpy(row, record + field->src_offset, field->src_bytes);
-            else
-                sf_convert(field->cast, (float *)row, record + field->src_offset, field->count, &field->affine, 0);
         }
     }
     if (ctx->use_map) {
@@ -985,4 +1004,63 @@ int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *
     if (n == 0)
         return 0;
     return sf_parallel_for(n, pick_chunk(n, threads, 1), threads, read_heap_range, &ctx, err);
+}
+
+typedef struct heap_check_ctx {
+    const sf_shards *shards;
+    const int64_t *sample, *shard, *spans;
+    size_t n_spans;
+    const uint32_t *expected;
+} heap_check_ctx;
+
+/* Bytes of a sample's rows read at a time by the check (a per-thread buffer). */
+#define SF_CHECK_CHUNK_BYTES ((size_t)64 << 10)
+
+static int check_heap_range(void *vctx, size_t begin, size_t end, sf_error *err)
+{
+    const heap_check_ctx *ctx = vctx;
+    char *chunk = malloc(SF_CHECK_CHUNK_BYTES);
+    if (!chunk) {
+        set_error(err, SF_ERR_NOMEM, SF_FILE_HEAP, 0, -1, -1);
+        err->shard = -1;
+        return -1;
+    }
+    int rc = 0;
+    for (size_t r = begin; r < end && rc == 0; r++) {
+        size_t s = (size_t)ctx->shard[r];
+        const int64_t *span = ctx->spans + 2 * r * ctx->n_spans;
+        uint32_t crc = 0;
+        for (size_t j = 0; j < ctx->n_spans && rc == 0; j++) {
+            int64_t at = span[2 * j];
+            for (size_t left = (size_t)span[2 * j + 1]; left > 0;) {
+                size_t bytes = left < SF_CHECK_CHUNK_BYTES ? left : SF_CHECK_CHUNK_BYTES, done = 0;
+                struct iovec iov = {chunk, bytes};
+                int e = preadv_full(ctx->shards->heap_fds[s], &iov, 1, (off_t)at, &done);
+                if (e != SF_OK) {
+                    set_error(err, e, SF_FILE_HEAP, s, at + (int64_t)done, ctx->sample[r]);
+                    rc = -1;
+                    break;
+                }
+                crc = sf_crc32c(crc, chunk, bytes);
+                at += (int64_t)bytes;
+                left -= bytes;
+            }
+        }
+        if (rc == 0 && crc != ctx->expected[r]) {
+            set_error(err, SF_ERR_CHECKSUM, SF_FILE_HEAP, s, ctx->n_spans ? span[0] : 0, ctx->sample[r]);
+            rc = -1;
+        }
+    }
+    free(chunk);
+    return rc;
+}
+
+int sf_check_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard, const int64_t *spans,
+                  size_t n_spans, const uint32_t *expected, size_t n, size_t threads, sf_error *err)
+{
+    heap_check_ctx ctx = {shards, sample, shard, spans, n_spans, expected};
+    sf_error_clear(err);
+    if (n == 0)
+        return 0;
+    return sf_parallel_for(n, pick_chunk(n, threads, 1), threads, check_heap_range, &ctx, err);
 }

@@ -81,4 +81,12 @@ int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *
                  const int64_t *offsets, const int64_t *rows, size_t n, const sf_heap_out *field,
                  size_t threads, sf_error *err);
 
+/* Checks the variable-length rows of samples `sample[0..n)` against their stored CRC32C (the second
+ * checksum word, docs/format.md): sample r's rows are the n_spans byte ranges spans[2 (r n_spans
+ * + j)] (offset) and spans[2 (r n_spans + j) + 1] (bytes) of heap file shard[r], one per variable
+ * field in field order, whose CRC32C, continued from one range to the next, must be expected[r].
+ * A mismatch fails with SF_ERR_CHECKSUM naming the sample and its first range's offset. */
+int sf_check_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard, const int64_t *spans,
+                  size_t n_spans, const uint32_t *expected, size_t n, size_t threads, sf_error *err);
+
 #endif

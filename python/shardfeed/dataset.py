@@ -171,9 +171,10 @@ def _open_file(path: str, size: int, kind: int, manifest: Manifest) -> int:
     return fd
 
 
-def _record_checksums(path: str, shard: ShardEntry, manifest: Manifest) -> np.ndarray:
-    """The stored CRC32C of each record of a shard (its ``.crc`` file, header and size checked),
-    for ``open(..., verify=True)``."""
+def _stored_checksums(path: str, shard: ShardEntry, manifest: Manifest) -> np.ndarray:
+    """The stored checksum words of each sample of a shard (its ``.crc`` file, header and size
+    checked), one row per sample: the record's CRC32C, then its variable-length rows' where the
+    schema has variable fields; for ``open(..., verify=True)``."""
     if shard.checksums_file is None:
         raise ShardFormatError(f"{os.path.join(path, shard.file)}: this shard has no per-record checksums "
                                "(written by a shardfeed before format version 2), so verify=True cannot check "
@@ -194,8 +195,7 @@ def _record_checksums(path: str, shard: ShardEntry, manifest: Manifest) -> np.nd
         raise ShardReadError(exc.errno, f"cannot read the record checksums: {exc.strerror}", file) from None
     finally:
         os.close(fd)
-    words = np.frombuffer(data, dtype=CHECKSUM_DTYPE).reshape(shard.num_samples, checksum_words(manifest.schema))
-    return np.ascontiguousarray(words[:, 0], dtype=np.uint32)
+    return np.frombuffer(data, dtype=CHECKSUM_DTYPE).reshape(shard.num_samples, checksum_words(manifest.schema))
 
 
 def _as_name_list(fields: Union[None, str, Sequence[str]], schema_fields: Mapping[str, Field]) -> List[str]:
@@ -247,7 +247,14 @@ class Dataset:
         paths = [os.path.join(self.path, s.file) for s in manifest.shards]
         use_map = self._record_bytes <= MMAP_MAX_RECORD_BYTES if mmap == "auto" else bool(mmap)
         has_heap = bool(manifest.schema.variable_fields)
-        checksums = [_record_checksums(self.path, shard, manifest) for shard in manifest.shards] if verify else None
+        words = [_stored_checksums(self.path, shard, manifest) for shard in manifest.shards] if verify else None
+        checksums = [np.ascontiguousarray(w[:, 0], dtype=np.uint32) for w in words] if words is not None else None
+        # verify=True with variable fields: the CRC32C of each sample's rows (all variable fields), in
+        # dataset order, checked by read() before it reads any rows.
+        self._row_checksums: Optional[np.ndarray] = None
+        if words is not None and has_heap:
+            self._row_checksums = np.concatenate([np.asarray(w[:, 1], dtype=np.uint32) for w in words] or
+                                                 [np.zeros(0, np.uint32)])
         fds: List[int] = []
         heap_fds: List[int] = []
         try:
@@ -532,6 +539,14 @@ class Dataset:
             checked = checked or (cast != CAST_COPY and field.dtype in INTEGER_DTYPES)
         if len(out) > 1:
             self._check_disjoint(out)
+        row_descriptors = {field.name: descriptors for field, descriptors, *_ in variable}
+        if variable and self._row_checksums is not None:  # the rows check needs every variable field's
+            for field in self.schema.variable_fields:
+                if field.name not in row_descriptors:
+                    descriptors = row_descriptors[field.name] = np.empty((n, 2), dtype=np.uint64)
+                    at, nbytes = self._layout[field.name][5:]
+                    record_reads.append(((CAST_COPY, at, nbytes, 2, descriptors, None, None, 1, 1), field.name,
+                                         None, False))
         if variable:  # the heap reads use the indices again: a private copy, like the native reads'
             index_array = index_array.copy()
         if len(record_reads) > 1:
@@ -552,6 +567,8 @@ class Dataset:
             results[name] = target
 
         lengths: Dict[str, np.ndarray] = {}
+        if variable and self._row_checksums is not None:
+            self._check_rows(index_array, row_descriptors, thread_count)
         for field, descriptors, out_dtype, cast, params, affine in variable:
             name = field.name
             results[name], lengths[name] = self._read_variable(
@@ -587,12 +604,10 @@ class Dataset:
                 if np.may_share_memory(a, b):
                     raise ValueError(f"out[{a_name!r}] and out[{b_name!r}] share memory")
 
-    def _read_variable(self, field: Field, indices: np.ndarray, descriptors: np.ndarray, out_dtype: np.dtype,
-                       cast: Optional[int], params: tuple, out_array: Optional[np.ndarray], maxlen: Optional[int],
-                       pad_value: Any, threads: int, padding: str, truncating: str, lossy: bool,
-                       affine: bool) -> Tuple[np.ndarray, np.ndarray]:
-        n = len(indices)
-        shard = np.searchsorted(self._starts, indices, side="right") - 1
+    def _heap_rows(self, field: Field, indices: np.ndarray, shard: np.ndarray,
+                   descriptors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The (offset, rows) of each sample's rows of a variable field, from its record
+        descriptors; ShardFormatError where they leave the heap file."""
         offsets = descriptors[:, 0]
         rows = descriptors[:, 1]
         row_bytes = field.count * field.stored_dtype.itemsize
@@ -604,6 +619,28 @@ class Dataset:
             raise ShardFormatError(f"{self._heap_paths[shard[r]]}: sample {indices[r]} of field {field.name!r} "
                                    f"points at {rows[r]} rows at byte {offsets[r]}, outside the "
                                    f"{heap_end[r]}-byte heap file (corrupt record)")
+        return offsets, rows
+
+    def _check_rows(self, indices: np.ndarray, descriptors: Mapping[str, np.ndarray], threads: int) -> None:
+        """verify=True: checks the variable-length rows of every sample read (all variable fields,
+        as the checksum covers them together) against their stored CRC32C."""
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        fields = self.schema.variable_fields
+        spans = np.empty((len(indices), len(fields), 2), dtype=np.int64)
+        for j, field in enumerate(fields):
+            offsets, rows = self._heap_rows(field, indices, shard, descriptors[field.name])
+            spans[:, j, 0] = offsets
+            spans[:, j, 1] = rows * np.uint64(field.count * field.stored_dtype.itemsize)
+        self._shards.check_heap(indices, shard.astype(np.int64), spans, self._row_checksums[indices], threads)
+
+    def _read_variable(self, field: Field, indices: np.ndarray, descriptors: np.ndarray, out_dtype: np.dtype,
+                       cast: Optional[int], params: tuple, out_array: Optional[np.ndarray], maxlen: Optional[int],
+                       pad_value: Any, threads: int, padding: str, truncating: str, lossy: bool,
+                       affine: bool) -> Tuple[np.ndarray, np.ndarray]:
+        n = len(indices)
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        offsets, rows = self._heap_rows(field, indices, shard, descriptors)
+        row_bytes = field.count * field.stored_dtype.itemsize
         if out_array is not None:
             if out_array.ndim < 2:
                 raise ValueError(f"out[{field.name!r}] must have shape (batch, maxlen, ...)")
@@ -685,9 +722,11 @@ def open(path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "au
     ``verify=True``: every read compares each record it reads (whole, whichever fields are asked
     for) with the CRC32C stored when it was written, and raises :class:`RecordChecksumError` naming
     the shard and sample on a mismatch, before returning anything of the batch; for those who would
-    rather stop than train on damaged data. The rows of variable-length fields are not checked on
-    read (``shardfeed.verify`` checks them). Costs: the checksums are read into memory at open (4
-    bytes per sample), records are read one at a time and whole, and each is checksummed
-    (benchmarks/RESULTS.md, "Per-record checksums"). A dataset with shards written before
-    per-record checksums (format version 1) cannot be opened with ``verify=True``."""
+    rather stop than train on damaged data. A read of a variable-length field also checks each
+    sample's rows, of all its variable-length fields (one checksum covers them together), before
+    reading them. Costs: the checksums are read into memory at open (4 bytes per sample, 8 with
+    variable-length fields), records are read one at a time and whole, each is checksummed as it is
+    copied, and rows are read once more for their check (benchmarks/RESULTS.md, "Per-record
+    checksums"). A dataset with shards written before per-record checksums (format version 1)
+    cannot be opened with ``verify=True``."""
     return Dataset(path, threads=threads, mmap=mmap, verify=verify)
