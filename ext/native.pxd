@@ -29,6 +29,18 @@ cdef extern from "cast.h":
         size_t period
     enum:
         SF_CAST_COPY
+        SF_CAST_F16
+        SF_CAST_BF16
+        SF_CAST_F32
+        SF_CAST_F64
+        SF_CAST_U8
+        SF_CAST_I8
+        SF_CAST_U16
+        SF_CAST_I16
+        SF_CAST_U32
+        SF_CAST_I32
+        SF_CAST_U64
+        SF_CAST_I64
         SF_CAST_COUNT
         SF_BLOCK
     enum:
@@ -108,3 +120,14 @@ cdef extern from "crc32c.h":
     const char *sf_crc32c_kernel()
     const char *sf_crc32c_kernel_name(size_t k)
     int sf_crc32c_use(const char *name)
+
+
+cdef extern from "batch_memory.h":
+    enum:
+        SF_BATCH_CACHE_SLOTS
+    size_t SF_BATCH_CACHE_BYTES
+    size_t sf_batch_size(size_t nbytes)
+    void *sf_batch_alloc(size_t nbytes)
+    void sf_batch_release(void *data, size_t nbytes)
+    size_t sf_batch_cached(size_t *sizes)
+    size_t sf_batch_free_cached()

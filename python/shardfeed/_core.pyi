@@ -4,7 +4,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 COMPILED: bool
 BLOCK: int
+CAST_COPY: int
 CAST_OUT_SHIFT: int
+STORED_KINDS: Dict[str, int]
 OUTPUT_KINDS: Dict[str, int]
 BUILD_INFO: Dict[str, Any]
 
@@ -22,8 +24,25 @@ def free_batch_memory() -> int: ...
 
 class BatchMemory:
     def __init__(self, nbytes: int) -> None: ...
-def convert(cast: int, src: Any, dst: Any, scale: Any = ..., offset: Any = ..., inner: int = ...,
-            period: int = ...) -> bool: ...
+
+class Affine:
+    scale: Any
+    offset: Any
+    inner: int
+    period: int
+    def __init__(self, scale: Any, offset: Any, inner: int = ..., period: int = ...) -> None: ...
+
+class FieldRead:
+    cast: int
+    src_offset: int
+    src_bytes: int
+    count: int
+    out: Any
+    affine: Optional[Affine]
+    def __init__(self, cast: int, src_offset: int, src_bytes: int, count: int, out: Any,
+                 affine: Optional[Affine] = ...) -> None: ...
+
+def convert(cast: int, src: Any, dst: Any, affine: Optional[Affine] = ...) -> bool: ...
 
 class ShardSet:
     paths: Tuple[str, ...]
@@ -36,9 +55,10 @@ class ShardSet:
                  paths: Sequence[str], heap_paths: Optional[Sequence[str]], header_bytes: int,
                  record_bytes: int, use_map: bool, checksums: Optional[Sequence[Any]] = ...) -> None: ...
     def close(self) -> None: ...
-    def read_records(self, indices: Any, fields: List[tuple], use_map: bool, threads: int,
+    def read_records(self, indices: Any, fields: List[FieldRead], use_map: bool, threads: int,
                      inexact: Optional[List[bool]] = ...) -> int: ...
     def advise(self, indices: Any) -> int: ...
     def read_heap(self, samples: Any, shards: Any, offsets: Any, rows: Any, cast: int, row_elems: int,
-                  src_row_bytes: int, out: Any, max_rows: int, pad: Any, scale: Any, offset: Any,
-                  inner: int, period: int, threads: int, pad_first: bool = ...) -> bool: ...
+                  src_row_bytes: int, out: Any, max_rows: int, pad: Any, affine: Optional[Affine],
+                  threads: int, pad_first: bool = ...) -> bool: ...
+    def check_heap(self, samples: Any, shards: Any, spans: Any, expected: Any, threads: int) -> None: ...

@@ -25,14 +25,13 @@ from .format import (
 
 _MAX_OUTPUT_BYTES = 1 << 62  # more than numpy's sizes (intp) and BatchMemory can describe
 _INT64 = np.dtype(np.int64)
-_NO_AFFINE = (None, None, 1, 1)
 
 # Records up to this size are copied from a read-only memory map (MADV_RANDOM) instead of one
 # preadv() each. Page-cached, the map is 2-8x faster up to 1 KiB and 1.3-1.7x up to 64 KiB (no
 # system call, one pass over the bytes); records that are not in the page cache are read by
 # preadv on either path, so cold reads are the same. Above 64 KiB the gain is small or nil
 # (none for uint8 images with a fused normalisation) and not worth the map's costs: mapped pages
-# count in the RSS, and a shard truncated under a reader needs the SIGBUS guard (ext/reader.c).
+# count in the RSS, and a shard truncated under a reader needs the SIGBUS guard (ext/mapped.c).
 # Figures: benchmarks/RESULTS.md.
 MMAP_MAX_RECORD_BYTES = 64 * 1024
 
@@ -509,7 +508,7 @@ class Dataset:
         chosen = _check_threads(threads)
         thread_count = self.threads if chosen is None else chosen
 
-        record_reads = []  # (spec for _core.read_records, field name, output dtype, affine)
+        record_reads = []  # (_core.FieldRead, field name, output dtype, affine)
         checked = False  # whether a kernel may flag an inexact integer (integer sources only)
         variable = []
         converted_later = {}  # field -> (natural values read, output dtype, out array or None)
@@ -521,10 +520,10 @@ class Dataset:
             affine = field_scale is not None or field_offset is not None
             natural, stored_cast, variable_field, row_shape, count, at, nbytes = self._layout[name]
             out_dtype, cast = self._conversion(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
-            params = affine_layout(field, field_scale, field_offset) if affine else _NO_AFFINE
+            params = affine_layout(field, field_scale, field_offset) if affine else None
             if variable_field:
                 descriptors = np.empty((n, 2), dtype=np.uint64)
-                record_reads.append(((CAST_COPY, at, nbytes, 2, descriptors, None, None, 1, 1), name, None, False))
+                record_reads.append((_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors), name, None, False))
                 variable.append((field, descriptors, out_dtype, cast, params, affine))
                 continue
             shape = (n,) + row_shape
@@ -535,7 +534,7 @@ class Dataset:
             elif target is None:
                 target = _empty(shape, out_dtype)
             results[name] = target
-            record_reads.append(((cast, at, nbytes, count, target) + params, name, out_dtype, affine))
+            record_reads.append((_core.FieldRead(cast, at, nbytes, count, target, params), name, out_dtype, affine))
             checked = checked or (cast != CAST_COPY and field.dtype in INTEGER_DTYPES)
         if len(out) > 1:
             self._check_disjoint(out)
@@ -545,12 +544,12 @@ class Dataset:
                 if field.name not in row_descriptors:
                     descriptors = row_descriptors[field.name] = np.empty((n, 2), dtype=np.uint64)
                     at, nbytes = self._layout[field.name][5:]
-                    record_reads.append(((CAST_COPY, at, nbytes, 2, descriptors, None, None, 1, 1), field.name,
-                                         None, False))
+                    record_reads.append((_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors), field.name, None,
+                                         False))
         if variable:  # the heap reads use the indices again: a private copy, like the native reads'
             index_array = index_array.copy()
         if len(record_reads) > 1:
-            record_reads.sort(key=lambda read: (read[0][1], read[0][2]))  # a zero-size field before the field at its offset
+            record_reads.sort(key=lambda read: (read[0].src_offset, read[0].src_bytes))  # a zero-size field first
         inexact = [False] * len(record_reads) if checked else None
         uncached = self._shards.read_records(index_array, [read[0] for read in record_reads], self._use_map,
                                              thread_count, inexact)
@@ -634,7 +633,8 @@ class Dataset:
         self._shards.check_heap(indices, shard.astype(np.int64), spans, self._row_checksums[indices], threads)
 
     def _read_variable(self, field: Field, indices: np.ndarray, descriptors: np.ndarray, out_dtype: np.dtype,
-                       cast: Optional[int], params: tuple, out_array: Optional[np.ndarray], maxlen: Optional[int],
+                       cast: Optional[int], params: Optional[_core.Affine], out_array: Optional[np.ndarray],
+                       maxlen: Optional[int],
                        pad_value: Any, threads: int, padding: str, truncating: str, lossy: bool,
                        affine: bool) -> Tuple[np.ndarray, np.ndarray]:
         n = len(indices)
@@ -675,7 +675,7 @@ class Dataset:
         landing = target if cast is not None and target is not None else _empty(shape, read_as)
         pad_bytes = pad.tobytes() if cast is not None else np.zeros((), read_as).tobytes()
         inexact = self._shards.read_heap(indices, shard.astype(np.int64), starts, clipped, read_cast,
-                               field.count, row_bytes, landing, max_rows, pad_bytes, *params, threads,
+                               field.count, row_bytes, landing, max_rows, pad_bytes, params, threads,
                                padding == "pre")
         if inexact and not lossy:
             raise self._inexact(field, indices, out_dtype, affine, maxlen=max_rows, truncating=truncating)
