@@ -48,20 +48,6 @@ int sf_preadv_cached(int fd, const struct iovec *iov, size_t count, off_t offset
 }
 #endif
 
-size_t sf_shard_of(const sf_shards *shards, int64_t index)
-{
-    /* First shard whose start is past index, minus one (empty shards are skipped over). */
-    size_t lo = 0, hi = shards->n_shards;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (shards->starts[mid + 1] <= index)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
 void sf_set_error(sf_error *err, int kind, int file_kind, size_t shard, int64_t offset,
                       int64_t sample)
 {

@@ -31,8 +31,21 @@ int sf_preadv_full(int fd, struct iovec *iov, int count, off_t offset, size_t *d
 int sf_preadv_cached(int fd, const struct iovec *iov, size_t count, off_t offset, size_t total);
 #endif
 
-/* The shard that holds sample `index` (a valid index; empty shards are skipped over). */
-size_t sf_shard_of(const sf_shards *shards, int64_t index);
+/* The shard that holds sample `index` (a valid index; empty shards are skipped over). Inline: the
+ * map path calls it for every record. */
+static inline size_t sf_shard_of(const sf_shards *shards, int64_t index)
+{
+    /* First shard whose start is past index, minus one (empty shards are skipped over). */
+    size_t lo = 0, hi = shards->n_shards;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (shards->starts[mid + 1] <= index)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
 
 /* Fills *err (errno too, for SF_ERR_IO). */
 void sf_set_error(sf_error *err, int kind, int file_kind, size_t shard, int64_t offset, int64_t sample);
