@@ -12,7 +12,11 @@ import sys
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-SOURCES = ["ext/_core.pyx", "ext/pool.c", "ext/reader.c", "ext/cast.c", "ext/crc32c.c"]
+SOURCES = ["ext/_core.pyx", "ext/pool.c", "ext/reader.c", "ext/records.c", "ext/mapped.c", "ext/checked.c",
+           "ext/heap.c", "ext/io.c", "ext/cast.c", "ext/crc32c.c", "ext/crc32c_x86.c", "ext/crc32c_arm.c",
+           "ext/batch_memory.c"]
+HEADERS = ["native.pxd", "batch_memory.h", "cast.h", "crc32c.h", "crc32c_kernels.h", "io.h", "pool.h", "reader.h",
+           "records.h", "sf_error.h"]
 
 
 def core_extension() -> Extension:
@@ -43,7 +47,7 @@ def core_extension() -> Extension:
         "shardfeed._core",
         sources=SOURCES,
         include_dirs=["ext"],
-        depends=[os.path.join("ext", name) for name in ("native.pxd", "cast.h", "crc32c.h", "pool.h", "reader.h", "sf_error.h")],
+        depends=[os.path.join("ext", name) for name in HEADERS],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         define_macros=macros,

@@ -1,11 +1,12 @@
 """What per-record CRC32C checksums cost (docs/format.md, "Record checksums").
 
 - ``checked-read-8KiB``: page-cached random batches of 256 float16[4096] records (8 KiB) read into
-  a reused ``out=`` array through the memory map, with ``open(path, verify=True)`` and without.
-  The two are timed in alternating passes in the same test (the machine is shared and its speed
-  drifts within seconds), and the benchmark itself times the checked passes. ``extra_info``:
-  ``unchecked_s`` and ``checked_s`` (median pass), ``ratio`` (checked over unchecked: 1.10 = 10%
-  slower), ``correct`` (both read the numpy data).
+  a reused ``out=`` array, through the memory map and by preadv (``mmap=False``), with
+  ``open(path, verify=True)`` and without. The two are timed in alternating passes in the same
+  test (the machine is shared and its speed drifts within seconds), and the benchmark itself times
+  the checked passes. ``extra_info``: ``unchecked_s`` and ``checked_s`` (median pass), ``ratio``
+  (checked over unchecked: 1.10 = 10% slower), ``kernel`` (the CRC32C kernel in use),
+  ``load_average`` (1 minute, at the end), ``correct`` (both read the numpy data).
 - ``write-8KiB``: writing the same records (two ``extend`` calls, fsync per shard); ``extra_info``
   ``checksum_s``: what computing their checksums alone takes (``_core.record_checksums``, median of
   the same rounds), and ``checksum_share``, its part of the write's median time.
@@ -37,7 +38,8 @@ def _records(count: int) -> np.ndarray:
 
 
 @pytest.mark.benchmark(group="checked-read-8KiB")
-def test_checked_reads_page_cached(benchmark, tmp_path, timing_enabled):
+@pytest.mark.parametrize("mmap", [True, False], ids=["mapped", "preadv"])
+def test_checked_reads_page_cached(benchmark, tmp_path, timing_enabled, mmap):
     count = TIMED_RECORDS if timing_enabled else 3 * BATCH + 5
     data = _records(count)
     path = str(tmp_path / "d")
@@ -46,8 +48,8 @@ def test_checked_reads_page_cached(benchmark, tmp_path, timing_enabled):
     rng = np.random.default_rng(1)
     batches = [rng.integers(0, count, BATCH) for _ in range(max(4, count // BATCH))]
     out = np.empty((BATCH, RECORD_ELEMENTS), np.float16)
-    plain = shardfeed.open(path, mmap=True)
-    checked = shardfeed.open(path, mmap=True, verify=True)
+    plain = shardfeed.open(path, mmap=mmap)
+    checked = shardfeed.open(path, mmap=mmap, verify=True)
 
     def one_pass(ds) -> float:
         start = time.perf_counter()
@@ -64,7 +66,8 @@ def test_checked_reads_page_cached(benchmark, tmp_path, timing_enabled):
         checked_s.append(one_pass(checked))
     benchmark.pedantic(one_pass, args=(checked,), rounds=rounds, iterations=1)
     benchmark.extra_info.update(
-        reader="checked", records=count, record_bytes=2 * RECORD_ELEMENTS, batch=BATCH, correct=correct,
+        reader="checked-map" if mmap else "checked-preadv", records=count, kernel=_core.BUILD_INFO["crc32c_kernel"],
+        load_average=os.getloadavg()[0], record_bytes=2 * RECORD_ELEMENTS, batch=BATCH, correct=correct,
         unchecked_s=statistics.median(unchecked_s), checked_s=statistics.median(checked_s),
         ratio=statistics.median(checked_s) / statistics.median(unchecked_s),
     )

@@ -278,7 +278,7 @@ class BenchData:
         with shardfeed.open(self.path) as ds:
             field = ds.fields["x"]
         self._cast = STORED_KINDS[profile.dtype]
-        self._affine = affine_layout(field, NORM_SCALE, NORM_OFFSET) if profile.normalise else (None, None, 1, 1)
+        self._affine = affine_layout(field, NORM_SCALE, NORM_OFFSET) if profile.normalise else None
 
     @property
     def dataset_bytes(self) -> int:
@@ -306,8 +306,7 @@ class BenchData:
 
     def convert(self, stored: np.ndarray, out: np.ndarray) -> None:
         """Casts stored records to float32 (normalising images) with shardfeed's kernel."""
-        scale, offset, inner, period = self._affine
-        _core.convert(self._cast, stored.reshape(-1).view(np.uint8), out.reshape(-1), scale, offset, inner, period)
+        _core.convert(self._cast, stored.reshape(-1).view(np.uint8), out.reshape(-1), self._affine)
 
     def reader(self, cls):
         if cls.name not in self.readers:

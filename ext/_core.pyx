@@ -14,10 +14,8 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t
 from libc.string cimport memcpy
-from posix.mman cimport (MADV_RANDOM, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, MAP_SHARED, PROT_READ,
-                        PROT_WRITE, madvise, mmap, munmap)
-from posix.types cimport off_t
-from posix.unistd cimport _SC_PAGESIZE, close as c_close, sysconf
+from posix.mman cimport MADV_RANDOM, MAP_FAILED, MAP_SHARED, PROT_READ, madvise, mmap, munmap
+from posix.unistd cimport close as c_close
 
 import errno as _errno
 import os
@@ -36,13 +34,21 @@ cdef extern from *:
 
 COMPILED = True
 BLOCK = SF_BLOCK
-# A conversion id is the stored kind | OUTPUT_KINDS[output dtype name] << CAST_OUT_SHIFT (ext/cast.h).
+# A conversion id is the stored kind | OUTPUT_KINDS[output dtype name] << CAST_OUT_SHIFT, or CAST_COPY
+# where the stored bytes are the output (ext/cast.h, enum sf_cast).
+CAST_COPY = SF_CAST_COPY
 CAST_OUT_SHIFT = SF_CAST_OUT_SHIFT
+STORED_KINDS = {
+    "float16": SF_CAST_F16, "bfloat16": SF_CAST_BF16, "float32": SF_CAST_F32, "float64": SF_CAST_F64,
+    "uint8": SF_CAST_U8, "bool": SF_CAST_U8, "int8": SF_CAST_I8, "uint16": SF_CAST_U16, "int16": SF_CAST_I16,
+    "uint32": SF_CAST_U32, "int32": SF_CAST_I32, "uint64": SF_CAST_U64, "int64": SF_CAST_I64,
+}
 OUTPUT_KINDS = {"float32": SF_OUT_F32, "float16": SF_OUT_F16, "bfloat16": SF_OUT_BF16}
 sf_crc32c_init()
 BUILD_INFO = {
     "f16c": bool(sf_cast_has_f16c()),
-    "crc32c_hardware": bool(sf_crc32c_hardware()),
+    "crc32c_kernel": sf_crc32c_kernel().decode(),
+    "crc32c_hardware": sf_crc32c_kernel() != b"table",
     "sanitizers": SF_SANITIZERS.decode(),
     "max_threads": SF_POOL_MAX_THREADS,
 }
@@ -65,6 +71,65 @@ cdef inline size_t _slice_samples(size_t bytes_per_sample) nogil:
     return by_bytes if by_bytes < _SLICE_SAMPLES else _SLICE_SAMPLES
 
 
+# One slice of a batch read (ShardSet._read_in_slices): items [start, start + count) of a job.
+ctypedef int (*_slice_reader)(void *job, size_t start, size_t count, sf_error *err) noexcept nogil
+
+
+cdef struct _RecordJob:
+    const sf_shards *shards
+    const int64_t *indices
+    sf_field_out *fields
+    size_t n_fields
+    int use_map
+    size_t threads
+    size_t uncached
+
+
+cdef int _read_record_slice(void *vjob, size_t start, size_t count, sf_error *err) noexcept nogil:
+    cdef _RecordJob *job = <_RecordJob *>vjob
+    cdef size_t k, uncached = 0
+    cdef int rc = sf_read_records(job.shards, job.indices + start, count, job.fields, job.n_fields, job.use_map,
+                                  job.threads, &uncached, err)
+    job.uncached += uncached
+    for k in range(job.n_fields):  # the next slice's rows
+        job.fields[k].dst += count * job.fields[k].dst_bytes
+    return rc
+
+
+cdef struct _HeapJob:
+    const sf_shards *shards
+    const int64_t *samples
+    const int64_t *shard
+    const int64_t *offsets
+    const int64_t *rows
+    sf_heap_out *field
+    size_t threads
+
+
+cdef int _read_heap_slice(void *vjob, size_t start, size_t count, sf_error *err) noexcept nogil:
+    cdef _HeapJob *job = <_HeapJob *>vjob
+    cdef int rc = sf_read_heap(job.shards, job.samples + start, job.shard + start, job.offsets + start,
+                               job.rows + start, count, job.field, job.threads, err)
+    job.field.dst += count * job.field.max_rows * job.field.dst_row_bytes
+    return rc
+
+
+cdef struct _HeapCheckJob:
+    const sf_shards *shards
+    const int64_t *samples
+    const int64_t *shard
+    const int64_t *spans
+    size_t n_spans
+    const uint32_t *expected
+    size_t threads
+
+
+cdef int _check_heap_slice(void *vjob, size_t start, size_t count, sf_error *err) noexcept nogil:
+    cdef _HeapCheckJob *job = <_HeapCheckJob *>vjob
+    return sf_check_heap(job.shards, job.samples + start, job.shard + start, job.spans + 2 * start * job.n_spans,
+                         job.n_spans, job.expected + start, count, job.threads, err)
+
+
 def any_negative(const int64_t[::1] indices not None):
     """Whether any of ``indices`` is negative (a read's indices counted from the end): 0.28 us
     for a batch of 256 where ``np.minimum.reduce(indices) < 0`` takes 0.69 us."""
@@ -85,16 +150,49 @@ def allow_f16c(bint allowed):
     return bool(sf_cast_has_f16c())
 
 
-def crc32c(data, unsigned int crc=0, bint portable=False):
+def crc32c(data, unsigned int crc=0):
     """CRC32C (Castagnoli) of the bytes of ``data`` (any contiguous buffer), continuing from ``crc``
-    like ``zlib.crc32``. ``portable``: the table-driven code whatever the CPU (the tests' reference
-    for the hardware path)."""
+    like ``zlib.crc32``, with the kernel in use (:func:`crc32c_kernels`)."""
     cdef _Views views = _Views(1)
     cdef Py_buffer *view = views.acquire(data, PyBUF_C_CONTIGUOUS, "crc32c data")
     cdef uint32_t result
     with nogil:
-        result = (sf_crc32c_portable if portable else sf_crc32c)(crc, view.buf, <size_t>view.len)
+        result = sf_crc32c(crc, view.buf, <size_t>view.len)
     return result
+
+
+def crc32c_copy(dst, src, unsigned int crc=0):
+    """Copies the bytes of ``src`` into ``dst`` (a writable buffer of the same size) and returns
+    their CRC32C, computed in the same pass (the kernel of checked reads; for tests)."""
+    cdef _Views views = _Views(2)
+    cdef Py_buffer *out = views.acquire(dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "crc32c_copy dst")
+    cdef Py_buffer *view = views.acquire(src, PyBUF_C_CONTIGUOUS, "crc32c_copy src")
+    cdef uint32_t result
+    if out.len != view.len:
+        raise ValueError(f"crc32c_copy: dst has {out.len} bytes, src {view.len}")
+    with nogil:
+        result = sf_crc32c_copy(crc, out.buf, view.buf, <size_t>view.len)
+    return result
+
+
+def crc32c_kernels():
+    """The CRC32C kernels this CPU can run, fastest first (the first is in use unless
+    :func:`use_crc32c_kernel` chose another); ``"table"`` (slicing by 8) is always last."""
+    names = []
+    cdef const char *name = sf_crc32c_kernel_name(0)
+    while name != NULL:
+        names.append(name.decode())
+        name = sf_crc32c_kernel_name(len(names))
+    return names
+
+
+def use_crc32c_kernel(str name):
+    """Makes every checksum use kernel ``name`` (one of :func:`crc32c_kernels`); returns the name
+    of the kernel in use before. For tests and benchmarks; not while other threads read."""
+    before = sf_crc32c_kernel().decode()
+    if sf_crc32c_use(name.encode()) != 0:
+        raise ValueError(f"CRC32C kernel {name!r} is not available here; these are: {crc32c_kernels()}")
+    return before
 
 
 def record_checksums(data, size_t record_bytes):
@@ -113,75 +211,14 @@ def record_checksums(data, size_t record_bytes):
     return out
 
 
-def allow_crc32c_hardware(bint allowed):
-    """Switches the CPU's crc32 instruction on or off (off: the table-driven code); returns whether
-    it is now in use. For tests; do not call while other threads compute checksums."""
-    sf_crc32c_allow_hardware(allowed)
-    return bool(sf_crc32c_hardware())
-
-
 def pool_size():
     """Native threads started so far in this process."""
     return sf_pool_size()
 
 
-# Memory for large output arrays, kept for reuse when numpy frees them. A new array above glibc's
-# mmap threshold (which adapts up to 32 MiB) is mapped fresh, and the kernel faults in and zeroes
-# every page of it on first write: for a 38 MiB batch of float32 images that is most of the CPU
-# time of a read from disk (benchmarks/RESULTS.md, "Batch memory"). A block freed by numpy (no
-# array or view references it any more) goes to a small cache instead, and the next array of the
-# same size takes it back, its pages already mapped. The cache holds at most _CACHE_SLOTS blocks
-# and _CACHE_MAX_BYTES bytes; the oldest blocks are unmapped to make room (munmap of a whole mapping
-# this module made cannot fail). Every access holds the GIL (allocation is called from Python, and
-# tp_dealloc runs with it), which is what serialises the cache.
-cdef enum:
-    _CACHE_SLOTS = 8
-cdef size_t _CACHE_MAX_BYTES = 256 << 20
-cdef size_t _cached_total = 0
-cdef void *_cached_data[_CACHE_SLOTS]
-cdef size_t _cached_bytes[_CACHE_SLOTS]
-cdef int _cached_count = 0
-cdef size_t _page_bytes = <size_t>sysconf(_SC_PAGESIZE)
-BATCH_MEMORY_CACHE = {"blocks": _CACHE_SLOTS, "bytes": _CACHE_MAX_BYTES}
-
-
-cdef void *_cache_remove(int i) noexcept:
-    """Takes cached block ``i`` out of the cache and returns it."""
-    global _cached_count, _cached_total
-    cdef void *data = _cached_data[i]
-    cdef int j
-    _cached_total -= _cached_bytes[i]
-    for j in range(i + 1, _cached_count):
-        _cached_data[j - 1] = _cached_data[j]
-        _cached_bytes[j - 1] = _cached_bytes[j]
-    _cached_count -= 1
-    return data
-
-
-cdef void _cache_put(void *data, size_t size) noexcept:
-    """Keeps a freed block (unmaps it if it alone exceeds the cap), unmapping the oldest cached
-    blocks to stay within ``_CACHE_SLOTS`` blocks and ``_CACHE_MAX_BYTES`` bytes."""
-    global _cached_count, _cached_total
-    cdef size_t oldest
-    if size > _CACHE_MAX_BYTES:
-        munmap(data, size)
-        return
-    while _cached_count == _CACHE_SLOTS or _cached_total + size > _CACHE_MAX_BYTES:
-        oldest = _cached_bytes[0]
-        munmap(_cache_remove(0), oldest)
-    _cached_data[_cached_count] = data
-    _cached_bytes[_cached_count] = size
-    _cached_count += 1
-    _cached_total += size
-
-
-cdef void *_cache_take(size_t size) noexcept:
-    """The most recently cached block of exactly ``size`` bytes, removed from the cache, or NULL."""
-    cdef int i
-    for i in range(_cached_count - 1, -1, -1):
-        if _cached_bytes[i] == size:
-            return _cache_remove(i)
-    return NULL
+# Memory for large output arrays, kept for reuse when numpy frees them (ext/batch_memory.h: why,
+# and the cache's limits). Every call holds the GIL, which is what serialises the cache.
+BATCH_MEMORY_CACHE = {"blocks": SF_BATCH_CACHE_SLOTS, "bytes": SF_BATCH_CACHE_BYTES}
 
 
 cdef class BatchMemory:
@@ -191,36 +228,29 @@ cdef class BatchMemory:
     cdef size_t size
 
     def __cinit__(self, size_t nbytes):
-        self.size = (nbytes + _page_bytes - 1) // _page_bytes * _page_bytes if nbytes else _page_bytes
-        self.data = _cache_take(self.size)
+        self.size = sf_batch_size(nbytes)
+        self.data = sf_batch_alloc(nbytes)
         if self.data == NULL:
-            self.data = mmap(NULL, self.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-            if self.data == MAP_FAILED:
-                self.data = NULL
-                raise MemoryError(f"could not map {self.size} bytes for a batch array: {os.strerror(errno)}")
+            raise MemoryError(f"could not map {self.size} bytes for a batch array: {os.strerror(errno)}")
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         PyBuffer_FillInfo(view, self, self.data, self.size, 0, flags)
 
     def __dealloc__(self):
         if self.data != NULL:
-            _cache_put(self.data, self.size)
+            sf_batch_release(self.data, self.size)
 
 
 def cached_batch_memory():
     """The sizes in bytes of the blocks now cached for reuse (oldest first)."""
-    return [_cached_bytes[i] for i in range(_cached_count)]
+    cdef size_t sizes[SF_BATCH_CACHE_SLOTS]
+    cdef size_t count = sf_batch_cached(sizes)
+    return [sizes[i] for i in range(count)]
 
 
 def free_batch_memory():
     """Unmaps every cached block; returns the bytes unmapped."""
-    global _cached_count, _cached_total
-    cdef size_t freed = _cached_total
-    while _cached_count:
-        _cached_count -= 1
-        munmap(_cached_data[_cached_count], _cached_bytes[_cached_count])
-    _cached_total = 0
-    return freed
+    return sf_batch_free_cached()
 
 
 cdef class _Views:
@@ -269,26 +299,70 @@ cdef str _what(what):
     return f"field {what}" if isinstance(what, int) else what
 
 
-cdef int _fill_affine(sf_affine *affine, _Views views, scale, offset, size_t inner, size_t period,
-                      what) except -1:
+cdef class Affine:
+    """``out = float32(stored) * scale[p] + offset[p]`` with p = (element // inner) % period: the
+    transform of one field in the kernels' layout (ext/cast.h), from ``period`` float32 parameters
+    each. The kernels read a window of period + BLOCK parameters where inner == 1 (one parameter per
+    element): this class tiles them so, the rule living with the kernels."""
+    cdef readonly object scale
+    cdef readonly object offset
+    cdef readonly size_t inner
+    cdef readonly size_t period
+
+    def __cinit__(self, scale, offset, size_t inner=1, size_t period=1):
+        if inner < 1 or period < 1:
+            raise ValueError(f"bad affine layout inner={inner} period={period}")
+        s = np.ascontiguousarray(scale, dtype=np.float32).reshape(-1)
+        o = np.ascontiguousarray(offset, dtype=np.float32).reshape(-1)
+        if s.shape[0] != <Py_ssize_t>period or o.shape[0] != <Py_ssize_t>period:
+            raise ValueError(f"scale and offset need {period} entries each, got {s.shape[0]} and {o.shape[0]}")
+        if inner == 1 and period > 1:
+            reps = (period + SF_BLOCK + period - 1) // period  # whole periods covering period + BLOCK
+            s, o = np.tile(s, reps), np.tile(o, reps)
+        self.scale, self.offset, self.inner, self.period = s, o, inner, period
+
+    def __repr__(self):
+        return f"Affine(inner={self.inner}, period={self.period})"
+
+
+cdef int _fill_affine(sf_affine *affine, _Views views, Affine params, what) except -1:
+    """The C description of ``params`` (None: no transform); its arrays are held by ``views``."""
     affine.scale = NULL
     affine.offset = NULL
     affine.inner = 1
     affine.period = 1
-    if scale is None:
+    if params is None:
         return 0
-    if inner < 1 or period < 1:
-        raise ValueError(f"{_what(what)}: bad affine layout inner={inner} period={period}")
-    cdef size_t needed = period + SF_BLOCK if (inner == 1 and period > 1) else period
-    cdef Py_buffer *s = views.acquire(scale, PyBUF_C_CONTIGUOUS, what, " scale")
-    cdef Py_buffer *o = views.acquire(offset, PyBUF_C_CONTIGUOUS, what, " offset")
-    if s.itemsize != 4 or o.itemsize != 4 or <size_t>s.len < needed * 4 or <size_t>o.len < needed * 4:
-        raise ValueError(f"{_what(what)}: scale and offset must be float32 with at least {needed} entries")
+    cdef Py_buffer *s = views.acquire(params.scale, PyBUF_C_CONTIGUOUS, what, " scale")
+    cdef Py_buffer *o = views.acquire(params.offset, PyBUF_C_CONTIGUOUS, what, " offset")
     affine.scale = <const float *>s.buf
     affine.offset = <const float *>o.buf
-    affine.inner = inner
-    affine.period = period
+    affine.inner = params.inner
+    affine.period = params.period
     return 0
+
+
+cdef class FieldRead:
+    """One field of a record read (:meth:`ShardSet.read_records`): ``src_bytes`` bytes at
+    ``src_offset`` of each record, ``count`` elements, converted by kernel ``cast`` (CAST_COPY: the
+    bytes as stored) into ``out``, a C-contiguous writable buffer of one row per index, with the
+    transform ``affine`` (an :class:`Affine`, or None)."""
+    cdef readonly int cast
+    cdef readonly size_t src_offset
+    cdef readonly size_t src_bytes
+    cdef readonly size_t count
+    cdef readonly object out
+    cdef readonly Affine affine
+
+    def __cinit__(self, int cast, size_t src_offset, size_t src_bytes, size_t count, out, Affine affine=None):
+        if not sf_cast_valid(cast):
+            raise ValueError(f"bad cast {cast}")
+        if cast != SF_CAST_COPY and src_bytes != count * sf_cast_itemsize(cast):
+            raise ValueError(f"{src_bytes} bytes do not hold {count} elements")
+        if affine is not None and cast == SF_CAST_COPY:
+            raise ValueError("an affine transform needs a float output")
+        self.cast, self.src_offset, self.src_bytes, self.count = cast, src_offset, src_bytes, count
+        self.out, self.affine = out, affine
 
 
 cdef class ShardSet:
@@ -434,13 +508,35 @@ cdef class ShardSet:
         path = paths[err.shard] if 0 <= err.shard < len(paths) else None
         where = f"sample {err.sample} at byte offset {err.offset}"
         if err.kind == SF_ERR_CHECKSUM:
-            raise RecordChecksumError(f"{path}: the record of {where} does not match its CRC32C checksum "
+            what = "variable-length rows" if err.file_kind == SF_FILE_HEAP else "record"
+            raise RecordChecksumError(f"{path}: the {what} of {where} does not match its CRC32C checksum "
                                       "(damaged after it was written); `shardfeed verify` lists every "
                                       "damaged sample", path=path, sample=err.sample)
         if err.kind == SF_ERR_EOF:
             raise ShardReadError(_errno.EIO, f"file ended before the data of {where}: the shard is "
                                  "shorter than its manifest entry (truncated?)", path)
         raise ShardReadError(err.err_no, f"{os.strerror(err.err_no)} (reading {where})", path)
+
+    cdef int _read_in_slices(self, size_t n, size_t step, _slice_reader read_slice, void *job) except -1:
+        """Runs ``read_slice`` over items [0, n) in slices of ``step``, one ``nogil`` call each, with a
+        check for signals (Ctrl-C) between them; raises the C status of a slice that failed."""
+        cdef size_t start = 0, count
+        cdef int rc = 0
+        cdef sf_error err
+        self._begin()
+        try:
+            while start < n and rc == 0:
+                count = n - start if n - start < step else step
+                with nogil:
+                    rc = read_slice(job, start, count, &err)
+                start += count
+                if start < n:
+                    PyErr_CheckSignals()
+        finally:
+            self._end()
+        if rc != 0:
+            self._raise(&err)
+        return 0
 
     cdef _Int64Copy _private_indices(self, const int64_t[::1] indices):
         """A private copy of ``indices``, checked: the native threads read the copy, so another
@@ -465,17 +561,17 @@ cdef class ShardSet:
     def read_records(self, const int64_t[::1] indices not None, list fields, bint use_map,
                      size_t threads, list inexact=None):
         """Reads the records ``indices`` into the output buffers described by ``fields``: a list
-        of ``(cast, src_offset, src_bytes, count, out, scale, offset, inner, period)``, sorted by
-        src_offset; ``out`` is a C-contiguous writable buffer of ``len(indices)`` rows. Returns how
-        many records were not in the page cache (all of them where that is not known).
+        of :class:`FieldRead`, sorted by src_offset, each ``out`` of ``len(indices)`` rows. Returns
+        how many records were not in the page cache (all of them where that is not known).
         ``inexact``: a list with an entry per field, set to True where an integer value did not
         convert exactly (entries of other fields are left as they are)."""
-        cdef size_t n = indices.shape[0], nf = len(fields), k, dst_bytes, itemsize
-        cdef size_t end = 0, start, count, step, sample_bytes = 0, uncached = 0, slice_uncached = 0
-        cdef sf_error err
+        cdef size_t n = indices.shape[0], nf = len(fields), k, dst_bytes
+        cdef size_t end = 0, sample_bytes = 0
         cdef int rc
+        cdef _RecordJob job
         cdef Py_buffer *view
         cdef _Views views = _Views(3 * nf)
+        cdef FieldRead field
         cdef _Int64Copy own  # the indices the native threads read
         cdef sf_field_out *outs = <sf_field_out *>PyMem_Calloc(nf if nf else 1, sizeof(sf_field_out))
         cdef int *flags = <int *>PyMem_Calloc(nf if nf else 1, sizeof(int))
@@ -492,31 +588,24 @@ cdef class ShardSet:
             if inexact is not None and <size_t>len(inexact) != nf:
                 raise ValueError("internal error: one inexact entry per field")
             for k in range(nf):
-                cast, src_offset, src_bytes, count, out, scale, offset, inner, period = fields[k]
-                if not sf_cast_valid(cast):
-                    raise ValueError(f"field {k}: bad cast {cast}")
-                itemsize = sf_cast_itemsize(cast)
-                if src_offset < end or src_offset + src_bytes > self.c.record_bytes:
-                    raise ValueError(f"field {k}: bytes [{src_offset}, {src_offset + src_bytes}) overlap "
-                                     f"another field or leave the {self.c.record_bytes}-byte record")
-                end = src_offset + src_bytes
-                if cast != SF_CAST_COPY and src_bytes != count * itemsize:
-                    raise ValueError(f"field {k}: {src_bytes} bytes do not hold {count} elements")
-                dst_bytes = src_bytes if cast == SF_CAST_COPY else count * sf_cast_out_itemsize(cast)
-                view = views.acquire(out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, k, " output")
+                field = fields[k]
+                if field.src_offset < end or field.src_offset + field.src_bytes > self.c.record_bytes:
+                    raise ValueError(f"field {k}: bytes [{field.src_offset}, {field.src_offset + field.src_bytes}) "
+                                     f"overlap another field or leave the {self.c.record_bytes}-byte record")
+                end = field.src_offset + field.src_bytes
+                dst_bytes = field.src_bytes if field.cast == SF_CAST_COPY else field.count * sf_cast_out_itemsize(field.cast)
+                view = views.acquire(field.out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, k, " output")
                 if <size_t>view.len != n * dst_bytes:
                     raise ValueError(f"field {k}: output has {view.len} bytes, expected {n * dst_bytes}")
-                if cast != SF_CAST_COPY and (<size_t>view.buf) % sf_cast_out_itemsize(cast):
+                if field.cast != SF_CAST_COPY and (<size_t>view.buf) % sf_cast_out_itemsize(field.cast):
                     raise ValueError(f"field {k}: float output is not aligned")
-                if scale is not None and cast == SF_CAST_COPY:
-                    raise ValueError(f"field {k}: an affine transform needs a float output")
-                outs[k].cast = cast
-                outs[k].src_offset = src_offset
-                outs[k].src_bytes = src_bytes
-                outs[k].count = count
+                outs[k].cast = field.cast
+                outs[k].src_offset = field.src_offset
+                outs[k].src_bytes = field.src_bytes
+                outs[k].count = field.count
                 outs[k].dst = <char *>view.buf
                 outs[k].dst_bytes = dst_bytes
-                _fill_affine(&outs[k].affine, views, scale, offset, inner, period, k)
+                _fill_affine(&outs[k].affine, views, field.affine, k)
                 outs[k].inexact = &flags[k]
                 sample_bytes += dst_bytes
             if n == 0 or nf == 0:
@@ -525,31 +614,19 @@ cdef class ShardSet:
                 rc = sf_guard_mapped_reads()
                 if rc != 0:
                     raise OSError(rc, "cannot install the SIGBUS handler for mapped reads: " + os.strerror(rc))
-            step = _slice_samples(sample_bytes)
-            start = 0
-            rc = 0
-            self._begin()
-            try:
-                while start < n and rc == 0:
-                    count = n - start if n - start < step else step
-                    with nogil:
-                        rc = sf_read_records(&self.c, own.data + start, count, outs, nf, use_map, threads,
-                                             &slice_uncached, &err)
-                    uncached += slice_uncached
-                    start += count
-                    for k in range(nf):
-                        outs[k].dst += count * outs[k].dst_bytes
-                    if start < n:
-                        PyErr_CheckSignals()
-            finally:
-                self._end()
-            if rc != 0:
-                self._raise(&err)
+            job.shards = &self.c
+            job.indices = own.data
+            job.fields = outs
+            job.n_fields = nf
+            job.use_map = use_map
+            job.threads = threads
+            job.uncached = 0
+            self._read_in_slices(n, _slice_samples(sample_bytes), _read_record_slice, &job)
             if inexact is not None:
                 for k in range(nf):
                     if flags[k]:
                         inexact[k] = True
-            return uncached
+            return job.uncached
         finally:
             PyMem_Free(outs)
             PyMem_Free(flags)
@@ -572,17 +649,17 @@ cdef class ShardSet:
 
     def read_heap(self, const int64_t[::1] samples not None, const int64_t[::1] shards not None,
                   const int64_t[::1] offsets not None, const int64_t[::1] rows not None, int cast,
-                  size_t row_elems, size_t src_row_bytes, out, size_t max_rows, pad, scale, offset,
-                  size_t inner, size_t period, size_t threads, bint pad_first=False):
+                  size_t row_elems, size_t src_row_bytes, out, size_t max_rows, pad, Affine affine,
+                  size_t threads, bint pad_first=False):
         """Reads variable-length rows: sample r has ``rows[r]`` rows at byte ``offsets[r]`` of heap
         file ``shards[r]``; ``out`` holds ``len(samples) * max_rows`` rows, padded with ``pad``
-        after each sample's rows, or before them with ``pad_first``. Returns whether an integer
+        after each sample's rows, or before them with ``pad_first``; ``affine``: an :class:`Affine`
+        or None. Returns whether an integer
         value did not convert exactly."""
-        cdef size_t n = samples.shape[0], r, dst_row_bytes, start, count, step
+        cdef size_t n = samples.shape[0], r, dst_row_bytes
         cdef sf_heap_out field
+        cdef _HeapJob job
         cdef int flag = 0
-        cdef sf_error err
-        cdef int rc
         cdef _Views views = _Views(4)
         if self.closed:
             raise ValueError("I/O operation on a closed dataset")
@@ -618,7 +695,7 @@ cdef class ShardSet:
         cdef Py_buffer *pad_view = views.acquire(pad, PyBUF_SIMPLE, "pad value")
         if <size_t>pad_view.len != (dst_row_bytes // row_elems if row_elems else <size_t>pad_view.len):
             raise ValueError("pad value is not one output element")
-        if scale is not None and cast == SF_CAST_COPY:
+        if affine is not None and cast == SF_CAST_COPY:
             raise ValueError("an affine transform needs a float output")
         if cast != SF_CAST_COPY and (<size_t>view.buf) % sf_cast_out_itemsize(cast):
             raise ValueError("float output is not aligned")
@@ -632,32 +709,64 @@ cdef class ShardSet:
         field.pad_bytes = pad_view.len
         field.pad_first = pad_first
         field.inexact = &flag
-        _fill_affine(&field.affine, views, scale, offset, inner, period, "variable field")
+        _fill_affine(&field.affine, views, affine, "variable field")
         if n == 0:
             return False
-        step = _slice_samples(max_rows * dst_row_bytes)
-        start = 0
-        rc = 0
-        self._begin()
-        try:
-            while start < n and rc == 0:
-                count = n - start if n - start < step else step
-                with nogil:
-                    rc = sf_read_heap(&self.c, own_samples + start, own_shards + start, own_offsets + start,
-                                      own_rows + start, count, &field, threads, &err)
-                start += count
-                field.dst += count * max_rows * dst_row_bytes
-                if start < n:
-                    PyErr_CheckSignals()
-        finally:
-            self._end()
-        if rc != 0:
-            self._raise(&err)
+        job.shards = &self.c
+        job.samples = own_samples
+        job.shard = own_shards
+        job.offsets = own_offsets
+        job.rows = own_rows
+        job.field = &field
+        job.threads = threads
+        self._read_in_slices(n, _slice_samples(max_rows * dst_row_bytes), _read_heap_slice, &job)
         return bool(flag)
 
+    def check_heap(self, const int64_t[::1] samples not None, const int64_t[::1] shards not None,
+                   const int64_t[:, :, ::1] spans not None, const uint32_t[::1] expected not None,
+                   size_t threads):
+        """Checks the variable-length rows of each sample against its stored CRC32C: sample r's
+        rows are the byte ranges ``spans[r, j] = (offset, bytes)`` of heap file ``shards[r]``, one
+        per variable field in field order, and the CRC32C of them all must be ``expected[r]``.
+        Raises :class:`RecordChecksumError` naming the first sample that fails."""
+        cdef size_t n = samples.shape[0], n_spans = spans.shape[1], r, j
+        cdef _HeapCheckJob job
+        if self.closed:
+            raise ValueError("I/O operation on a closed dataset")
+        if self.c.heap_fds == NULL:
+            raise ValueError("internal error: this dataset has no heap files")
+        if shards.shape[0] != <Py_ssize_t>n or spans.shape[0] != <Py_ssize_t>n or expected.shape[0] != <Py_ssize_t>n \
+                or spans.shape[2] != 2:
+            raise ValueError("internal error: heap check arrays of different lengths")
+        # Private copies, checked here (the caller's arrays may change while the threads run).
+        cdef _Int64Copy own = _Int64Copy(2 * n + 2 * n * n_spans)
+        cdef _Int64Copy own_expected = _Int64Copy(n)
+        cdef uint32_t *own_sums = <uint32_t *>own_expected.data
+        if n:
+            memcpy(own.data, &samples[0], n * sizeof(int64_t))
+            memcpy(own.data + n, &shards[0], n * sizeof(int64_t))
+            if n_spans:
+                memcpy(own.data + 2 * n, &spans[0, 0, 0], 2 * n * n_spans * sizeof(int64_t))
+            memcpy(own_sums, &expected[0], n * sizeof(uint32_t))
+        for r in range(n):
+            if own.data[n + r] < 0 or <size_t>own.data[n + r] >= self.n:
+                raise ValueError(f"internal error: bad heap check entry {r}")
+            for j in range(2 * n_spans):
+                if own.data[2 * n + 2 * r * n_spans + j] < 0:
+                    raise ValueError(f"internal error: bad heap check entry {r}")
+        if n == 0:
+            return
+        job.shards = &self.c
+        job.samples = own.data
+        job.shard = own.data + n
+        job.spans = own.data + 2 * n
+        job.n_spans = n_spans
+        job.expected = own_sums
+        job.threads = threads
+        self._read_in_slices(n, _slice_samples(2 * n_spans * sizeof(int64_t)), _check_heap_slice, &job)
 
-def convert(int cast, const unsigned char[::1] src not None, dst not None, scale=None,
-            offset=None, size_t inner=1, size_t period=1):
+
+def convert(int cast, const unsigned char[::1] src not None, dst not None, Affine affine=None):
     """Runs one conversion kernel from ``src`` (stored bytes) into ``dst`` (a writable, C-contiguous
     buffer of output elements: float32, float16 or bfloat16 as ``cast`` says), without the GIL;
     for tests and the benchmarks' copy ceiling. Returns whether some integer value was not
@@ -666,7 +775,7 @@ def convert(int cast, const unsigned char[::1] src not None, dst not None, scale
     cdef size_t out_itemsize = sf_cast_out_itemsize(cast)
     cdef size_t n
     cdef int inexact = 0
-    cdef sf_affine affine
+    cdef sf_affine c_affine
     cdef _Views views = _Views(3)
     if cast == SF_CAST_COPY or not sf_cast_valid(cast):
         raise ValueError("bad cast or sizes")
@@ -674,8 +783,8 @@ def convert(int cast, const unsigned char[::1] src not None, dst not None, scale
     n = <size_t>out.len // out_itemsize
     if <size_t>out.len % out_itemsize or <size_t>src.shape[0] != n * itemsize or (<size_t>out.buf) % out_itemsize:
         raise ValueError("bad cast or sizes")
-    _fill_affine(&affine, views, scale, offset, inner, period, "convert")
+    _fill_affine(&c_affine, views, affine, "convert")
     if n:
         with nogil:
-            inexact = sf_convert(cast, out.buf, &src[0], n, &affine, 0)
+            inexact = sf_convert(cast, out.buf, &src[0], n, &c_affine, 0)
     return bool(inexact)

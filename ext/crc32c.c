@@ -1,101 +1,45 @@
-/* CRC32C; see crc32c.h. The hardware path follows Mark Adler's crc32c.c (zlib licence): three
- * streams of crc32 instructions over three consecutive blocks run in parallel (the instruction's
- * latency is 3 cycles, its throughput 1 per cycle), and the three partial CRCs are combined by
- * shifting the first over the others' lengths with precomputed "append zeros" tables. */
+/* CRC32C; see crc32c.h. Kernels, fastest first (x86-64 ones in crc32c_x86.c, aarch64 in crc32c_arm.c); sf_crc32c_init picks the best the CPU has
+ * (cpuid on x86-64, HWCAP on aarch64), and every one is bit-identical to the table-driven code
+ * (tests/test_record_checksums.py runs each kernel the CPU has against an independent reference).
+ *
+ * The arithmetic: a raw CRC (no inversions) of a message M is M(x) x^32 mod P, bit-reflected. A
+ * CRC c of a first part followed by n more bytes whose own CRC (from state 0) is d is
+ * c x^(8n) + d mod P, so independent streams over consecutive blocks combine with one "shift"
+ * per block: a carry-less multiplication of c by x^(8n - 33) mod P, reduced by one crc32
+ * instruction (which multiplies by x^33 on the way: x^32 for the CRC, x^1 because the 63-bit
+ * product of two bit-reflected values sits one bit high in a 64-bit word). Shift constants depend
+ * only on the length, so they are computed per call in O(log n) multiplications (xshift), off the
+ * critical path of the data loop.
+ *
+ * - "avx2-vpclmulqdq" (x86-64 with SSE4.2, PCLMULQDQ, AVX2 and VPCLMULQDQ): the first ~70% of a
+ *   buffer is folded 128 bytes at a time into four 256-bit accumulators by carry-less
+ *   multiplication (the method of Intel's "Fast CRC computation using PCLMULQDQ" white paper) while
+ *   three crc32 instruction streams run over the rest in the same loop: the two use different
+ *   execution units, so they add up. 8 KiB in L1 on the Zen 3 VM of benchmarks/RESULTS.md:
+ *   32-35 GB/s, against 21-24 GB/s for three crc32 streams alone and ~11-14 for folding alone.
+ * - "sse4.2-pclmul" (SSE4.2 and PCLMULQDQ): three crc32 streams over the three thirds of the
+ *   buffer, combined by two carry-less shifts.
+ * - "armv8-crc" (aarch64 with HWCAP_CRC32): three streams of the ARMv8 CRC32C instructions over
+ *   fixed blocks (1024 and 128 bytes), combined with precomputed tables that shift a CRC over a
+ *   block of zeros (Mark Adler's crc32c.c, zlib licence, does the same on x86).
+ * - "table": slicing by 8, any CPU.
+ *
+ * sf_crc32c_copy computes the CRC of the bytes it copies in the same pass (the vector kernel
+ * stores the registers it folds), so a checked read touches each byte of a record once. */
 #include "crc32c.h"
 
 #include <string.h>
 
-#define POLY 0x82F63B78u
+#include "crc32c_kernels.h"
 
-static uint32_t slice_table[8][256];  /* slicing-by-8 tables of the portable code */
+static uint32_t slice_table[8][256]; /* slicing-by-8 tables of the table kernel */
 
-/* Interleaved block lengths of the hardware path, longest first, and the tables that shift a CRC
- * over that many zero bytes (4 x 256 entries, one per byte of the CRC). Each level runs while three
- * of its blocks remain, so that little is left for the single stream at the end: an 8 KiB record
- * is 2 x 3 blocks of 1 KiB, 5 x 3 of 128 bytes and 128 bytes alone. 8 KiB buffers in L1 on the
- * 2-vCPU AMD EPYC VM of benchmarks/RESULTS.md: 6.6-6.8 GB/s, against 5.8-6.1 with levels 8192/256
- * only and about 3.6 for one stream. */
-static const size_t block_bytes[] = {8192, 1024, 128};
-#define LEVELS (sizeof block_bytes / sizeof block_bytes[0])
-static uint32_t shift_tables[LEVELS][4][256];
-
-static uint32_t gf2_times(const uint32_t *mat, uint32_t vec)
-{
-    uint32_t sum = 0;
-    for (; vec; vec >>= 1, mat++)
-        if (vec & 1)
-            sum ^= *mat;
-    return sum;
-}
-
-static void gf2_square(uint32_t *square, const uint32_t *mat)
-{
-    for (int n = 0; n < 32; n++)
-        square[n] = gf2_times(mat, mat[n]);
-}
-
-/* The operator (32 x 32 bits) that appends `bytes` zero bytes (a power of two) to a CRC. */
-static void zeros_operator(uint32_t *even, size_t bytes)
-{
-    uint32_t odd[32];
-    odd[0] = POLY; /* one zero bit */
-    for (int n = 1; n < 32; n++)
-        odd[n] = 1u << (n - 1);
-    gf2_square(even, odd); /* two bits */
-    gf2_square(odd, even); /* four bits */
-    for (;;) {             /* eight bits (one byte), then each square doubles it */
-        gf2_square(even, odd);
-        bytes >>= 1;
-        if (bytes == 0) {
-            return;
-        }
-        gf2_square(odd, even);
-        bytes >>= 1;
-        if (bytes == 0) {
-            memcpy(even, odd, sizeof odd);
-            return;
-        }
-    }
-}
-
-static void shift_table(uint32_t table[4][256], size_t bytes)
-{
-    uint32_t op[32];
-    zeros_operator(op, bytes);
-    for (uint32_t n = 0; n < 256; n++)
-        for (int k = 0; k < 4; k++)
-            table[k][n] = gf2_times(op, n << (8 * k));
-}
-
-static uint32_t shift(uint32_t table[4][256], uint32_t crc)
-{
-    return table[0][crc & 0xff] ^ table[1][(crc >> 8) & 0xff] ^ table[2][(crc >> 16) & 0xff] ^
-           table[3][crc >> 24];
-}
-
-void sf_crc32c_init(void)
-{
-    for (uint32_t n = 0; n < 256; n++) {
-        uint32_t crc = n;
-        for (int k = 0; k < 8; k++)
-            crc = crc & 1 ? (crc >> 1) ^ POLY : crc >> 1;
-        slice_table[0][n] = crc;
-    }
-    for (uint32_t n = 0; n < 256; n++)
-        for (int k = 1; k < 8; k++)
-            slice_table[k][n] = (slice_table[k - 1][n] >> 8) ^ slice_table[0][slice_table[k - 1][n] & 0xff];
-    for (size_t level = 0; level < LEVELS; level++)
-        shift_table(shift_tables[level], block_bytes[level]);
-}
-
-uint32_t sf_crc32c_portable(uint32_t crc, const void *data, size_t n)
+static uint32_t crc32c_table(uint32_t crc, const void *data, size_t n)
 {
     const unsigned char *p = data;
     crc = ~crc;
     for (; n >= 8; n -= 8, p += 8) {
-        uint64_t word;
-        memcpy(&word, p, 8); /* little-endian hosts only (setup.py) */
+        uint64_t word = sf_load64(p);
         uint32_t low = (uint32_t)word ^ crc, high = (uint32_t)(word >> 32);
         crc = slice_table[7][low & 0xff] ^ slice_table[6][(low >> 8) & 0xff] ^
               slice_table[5][(low >> 16) & 0xff] ^ slice_table[4][low >> 24] ^
@@ -107,86 +51,96 @@ uint32_t sf_crc32c_portable(uint32_t crc, const void *data, size_t n)
     return ~crc;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SF_HAVE_SSE42_PATH 1
-#include <nmmintrin.h>
-
-static inline uint64_t load64(const unsigned char *p)
+static uint32_t crc32c_table_copy(uint32_t crc, void *dst, const void *src, size_t n)
 {
-    uint64_t word;
-    memcpy(&word, p, 8);
-    return word;
+    memcpy(dst, src, n);
+    return crc32c_table(crc, dst, n);
 }
 
-/* Three streams over blocks [0, block), [block, 2 block), [2 block, 3 block) of p, as long as
- * 3 * block bytes remain; returns the CRC state (not inverted) after them. */
-__attribute__((target("sse4.2"))) static uint64_t three_streams(uint64_t crc0, const unsigned char **pp,
-                                                                size_t *np, size_t block,
-                                                                uint32_t table[4][256])
+typedef uint32_t (*crc_fn)(uint32_t, const void *, size_t);
+typedef uint32_t (*copy_fn)(uint32_t, void *, const void *, size_t);
+
+typedef struct kernel {
+    const char *name;
+    crc_fn crc;
+    copy_fn copy;
+    int available; /* set by sf_crc32c_init */
+} kernel;
+
+static kernel kernels[] = {
+#ifdef SF_CRC_X86
+    {"avx2-vpclmulqdq", sf_crc32c_wide, sf_crc32c_wide_copy, 0},
+    {"sse4.2-pclmul", sf_crc32c_sse42, sf_crc32c_sse42_copy, 0},
+#endif
+#ifdef SF_CRC_ARM
+    {"armv8-crc", sf_crc32c_arm, sf_crc32c_arm_copy, 0},
+#endif
+    {"table", crc32c_table, crc32c_table_copy, 1},
+};
+#define KERNELS (sizeof kernels / sizeof kernels[0])
+
+static const kernel *selected = &kernels[KERNELS - 1];
+
+void sf_crc32c_init(void)
 {
-    const unsigned char *p = *pp;
-    size_t n = *np;
-    while (n >= 3 * block) {
-        uint64_t crc1 = 0, crc2 = 0;
-        const unsigned char *end = p + block;
-        do {
-            crc0 = _mm_crc32_u64(crc0, load64(p));
-            crc1 = _mm_crc32_u64(crc1, load64(p + block));
-            crc2 = _mm_crc32_u64(crc2, load64(p + 2 * block));
-            p += 8;
-        } while (p < end);
-        crc0 = shift(table, (uint32_t)crc0) ^ (uint32_t)crc1;
-        crc0 = shift(table, (uint32_t)crc0) ^ (uint32_t)crc2;
-        p += 2 * block;
-        n -= 3 * block;
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t crc = n;
+        for (int k = 0; k < 8; k++)
+            crc = crc & 1 ? (crc >> 1) ^ SF_CRC_POLY : crc >> 1;
+        slice_table[0][n] = crc;
     }
-    *pp = p;
-    *np = n;
-    return crc0;
-}
-
-__attribute__((target("sse4.2"))) static uint32_t crc32c_sse42(uint32_t crc, const void *data, size_t n)
-{
-    const unsigned char *p = data;
-    uint64_t state = ~crc;
-    for (; n > 0 && ((uintptr_t)p & 7) != 0; n--, p++)
-        state = _mm_crc32_u8((uint32_t)state, *p);
-    for (size_t level = 0; level < LEVELS; level++)
-        state = three_streams(state, &p, &n, block_bytes[level], shift_tables[level]);
-    for (; n >= 8; n -= 8, p += 8)
-        state = _mm_crc32_u64(state, load64(p));
-    for (; n > 0; n--, p++)
-        state = _mm_crc32_u8((uint32_t)state, *p);
-    return ~(uint32_t)state;
-}
+    for (uint32_t n = 0; n < 256; n++)
+        for (int k = 1; k < 8; k++)
+            slice_table[k][n] = (slice_table[k - 1][n] >> 8) ^ slice_table[0][slice_table[k - 1][n] & 0xff];
+#ifdef SF_CRC_X86
+    sf_crc32c_x86_init(&kernels[1].available, &kernels[0].available);
 #endif
-
-static int hardware_allowed = 1;
-
-int sf_crc32c_hardware(void)
-{
-#ifdef SF_HAVE_SSE42_PATH
-    static int cached = -1;
-    if (cached < 0)
-        cached = __builtin_cpu_supports("sse4.2") ? 1 : 0;
-    return cached && hardware_allowed;
-#else
-    return 0;
+#ifdef SF_CRC_ARM
+    kernels[0].available = sf_crc32c_arm_init();
 #endif
+    for (size_t k = 0; k < KERNELS; k++)
+        if (kernels[k].available) {
+            selected = &kernels[k];
+            break;
+        }
 }
 
-void sf_crc32c_allow_hardware(int allowed)
+const char *sf_crc32c_kernel_name(size_t k)
 {
-    hardware_allowed = allowed != 0;
+    for (size_t i = 0; i < KERNELS; i++)
+        if (kernels[i].available && k-- == 0)
+            return kernels[i].name;
+    return NULL;
+}
+
+const char *sf_crc32c_kernel(void)
+{
+    return selected->name;
+}
+
+int sf_crc32c_use(const char *name)
+{
+    for (size_t i = 0; i < KERNELS; i++)
+        if (kernels[i].available && strcmp(kernels[i].name, name) == 0) {
+            selected = &kernels[i];
+            return 0;
+        }
+    return -1;
 }
 
 uint32_t sf_crc32c(uint32_t crc, const void *data, size_t n)
 {
-#ifdef SF_HAVE_SSE42_PATH
-    if (sf_crc32c_hardware())
-        return crc32c_sse42(crc, data, n);
-#endif
-    return sf_crc32c_portable(crc, data, n);
+    return selected->crc(crc, data, n);
+}
+
+uint32_t sf_crc32c_copy(uint32_t crc, void *dst, const void *src, size_t n)
+{
+    return selected->copy(crc, dst, src, n);
+}
+
+uint32_t sf_crc32c_portable(uint32_t crc, const void *data, size_t n)
+{
+    return crc32c_table(crc, data, n);
 }
 
 void sf_crc32c_records(const void *data, size_t record_bytes, size_t count, uint32_t *out)

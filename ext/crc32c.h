@@ -8,22 +8,30 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Builds the tables; call once (module import) before any other function here. */
+/* Builds the tables and picks the fastest kernel the CPU has (crc32c.c lists them); call once
+ * (module import) before any other function here. */
 void sf_crc32c_init(void);
 
-/* The CPU's crc32 instruction (SSE4.2 on x86-64, detected at run time) where there is one, three
- * interleaved streams on long buffers; the table-driven code elsewhere. Thread-safe. */
+/* The CRC with the selected kernel. Thread-safe. */
 uint32_t sf_crc32c(uint32_t crc, const void *data, size_t n);
 
-/* The table-driven code (slicing by 8), whatever the CPU: the reference the tests compare with. */
+/* Copies n bytes from src to dst (not overlapping) and returns sf_crc32c(crc, src, n), in one pass
+ * over the bytes where the kernel can. */
+uint32_t sf_crc32c_copy(uint32_t crc, void *dst, const void *src, size_t n);
+
+/* The table-driven code (slicing by 8), whatever the CPU. */
 uint32_t sf_crc32c_portable(uint32_t crc, const void *data, size_t n);
 
 /* out[r] = CRC32C of record r of `count` records of `record_bytes` bytes at data. */
 void sf_crc32c_records(const void *data, size_t record_bytes, size_t count, uint32_t *out);
 
-/* 1 when sf_crc32c uses the CPU's instruction. allowed == 0 makes it use the portable code (for
- * tests; not while other threads compute checksums). */
-int sf_crc32c_hardware(void);
-void sf_crc32c_allow_hardware(int allowed);
+/* The selected kernel's name; the k-th kernel this CPU can run (fastest first, "table" last), or
+ * NULL past the last. */
+const char *sf_crc32c_kernel(void);
+const char *sf_crc32c_kernel_name(size_t k);
+
+/* Selects the kernel of that name (for tests and benchmarks; not while other threads compute
+ * checksums). Returns 0, or -1 when this CPU cannot run it. */
+int sf_crc32c_use(const char *name);
 
 #endif

@@ -29,6 +29,18 @@ cdef extern from "cast.h":
         size_t period
     enum:
         SF_CAST_COPY
+        SF_CAST_F16
+        SF_CAST_BF16
+        SF_CAST_F32
+        SF_CAST_F64
+        SF_CAST_U8
+        SF_CAST_I8
+        SF_CAST_U16
+        SF_CAST_I16
+        SF_CAST_U32
+        SF_CAST_I32
+        SF_CAST_U64
+        SF_CAST_I64
         SF_CAST_COUNT
         SF_BLOCK
     enum:
@@ -94,12 +106,28 @@ cdef extern from "reader.h":
     int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
                      const int64_t *offsets, const int64_t *rows, size_t n,
                      const sf_heap_out *field, size_t threads, sf_error *err) nogil
+    int sf_check_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
+                      const int64_t *spans, size_t n_spans, const uint32_t *expected, size_t n,
+                      size_t threads, sf_error *err) nogil
 
 
 cdef extern from "crc32c.h":
     void sf_crc32c_init()
     uint32_t sf_crc32c(uint32_t crc, const void *data, size_t n) nogil
+    uint32_t sf_crc32c_copy(uint32_t crc, void *dst, const void *src, size_t n) nogil
     uint32_t sf_crc32c_portable(uint32_t crc, const void *data, size_t n) nogil
     void sf_crc32c_records(const void *data, size_t record_bytes, size_t count, uint32_t *out) nogil
-    int sf_crc32c_hardware()
-    void sf_crc32c_allow_hardware(int allowed)
+    const char *sf_crc32c_kernel()
+    const char *sf_crc32c_kernel_name(size_t k)
+    int sf_crc32c_use(const char *name)
+
+
+cdef extern from "batch_memory.h":
+    enum:
+        SF_BATCH_CACHE_SLOTS
+    size_t SF_BATCH_CACHE_BYTES
+    size_t sf_batch_size(size_t nbytes)
+    void *sf_batch_alloc(size_t nbytes)
+    void sf_batch_release(void *data, size_t nbytes)
+    size_t sf_batch_cached(size_t *sizes)
+    size_t sf_batch_free_cached()

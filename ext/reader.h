@@ -1,5 +1,7 @@
 /* Batch reads of fixed-size records and of variable-length heap rows, on the thread pool.
- * No Python API here: the Cython adapter validates everything before calling in. */
+ * No Python API here: the Cython adapter validates everything before calling in. Implemented in
+ * reader.c (which path a record batch takes), records.c (preadv), mapped.c (memory map and its
+ * SIGBUS guard), checked.c (CRC32C per record), heap.c (variable-length rows) and io.c. */
 #ifndef SF_READER_H
 #define SF_READER_H
 
@@ -32,23 +34,25 @@ typedef struct sf_field_out {
     int *inexact;          /* non-NULL: set to 1 when a value did not convert exactly (cast.h) */
 } sf_field_out;
 
+/* Installs the SIGBUS handler that turns a fault in a copy from a map (a shard truncated after it
+ * was mapped) into SF_ERR_EOF; reinstalls it if another handler replaced it. Call before each read
+ * with use_map, from one thread at a time. Returns 0 or an errno value. */
+int sf_guard_mapped_reads(void);
+
 /* Reads records `indices[0..n)` into each field's output row of the same position. Fields must be
  * sorted by src_offset and not overlap. A first pass on at most one thread per CPU (and at most
  * `threads`) takes the records that are in the page cache without waiting for the disk: copied
  * from shards->maps when use_map != 0, else preadv2(RWF_NOWAIT) on Linux. The records left are
  * read with blocking preadv on `threads` threads. Consecutive items that are adjacent records of
  * one shard (k, k+1, ...) are read by one preadv per run (up to 1 MiB and IOV_MAX iovecs) on the
- * preadv paths. */
-/* With shards->checksums set, every record is read whole, one at a time (from the map when
- * use_map != 0, else by one preadv into a scratch record), and its CRC32C compared with the stored
- * one before its fields are copied or converted: a mismatch fails the read with SF_ERR_CHECKSUM
- * naming the sample. */
-/* Installs the SIGBUS handler that turns a fault in a copy from a map (a shard truncated after it
- * was mapped) into SF_ERR_EOF; reinstalls it if another handler replaced it. Call before each read
- * with use_map, from one thread at a time. Returns 0 or an errno value. */
-int sf_guard_mapped_reads(void);
-
-/* *uncached: how many records the first pass left to the blocking pass (not in the page cache),
+ * preadv paths.
+ *
+ * With shards->checksums set, every record is read whole, one at a time (from the map when
+ * use_map != 0, else by one preadv into a scratch record), and its CRC32C computed as its fields
+ * are copied from it (converted fields once it passed) and compared with the stored one: a
+ * mismatch fails the read with SF_ERR_CHECKSUM naming the sample.
+ *
+ * *uncached: how many records the first pass left to the blocking pass (not in the page cache),
  * or n where there is no first pass. */
 int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
                     const sf_field_out *fields, size_t n_fields, int use_map, size_t threads,
@@ -77,8 +81,18 @@ typedef struct sf_heap_out {
     int pad_first;         /* 1: padding rows before the sample's rows */
 } sf_heap_out;
 
+/* Reads one variable-length field of samples [0, n) as `field` describes, on `threads` threads;
+ * sample r's rows are at byte offsets[r] of heap file shard[r] (errors name sample[r]). */
 int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
                  const int64_t *offsets, const int64_t *rows, size_t n, const sf_heap_out *field,
                  size_t threads, sf_error *err);
+
+/* Checks the variable-length rows of samples `sample[0..n)` against their stored CRC32C (the second
+ * checksum word, docs/format.md): sample r's rows are the n_spans byte ranges spans[2 (r n_spans
+ * + j)] (offset) and spans[2 (r n_spans + j) + 1] (bytes) of heap file shard[r], one per variable
+ * field in field order, whose CRC32C, continued from one range to the next, must be expected[r].
+ * A mismatch fails with SF_ERR_CHECKSUM naming the sample and its first range's offset. */
+int sf_check_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard, const int64_t *spans,
+                  size_t n_spans, const uint32_t *expected, size_t n, size_t threads, sf_error *err);
 
 #endif

@@ -13,9 +13,11 @@ from shardfeed import _core
 from shardfeed.format import HEADER_BYTES, MANIFEST_NAME, file_checksum
 
 ALL_HALF = np.arange(1 << 16, dtype=np.uint16)
-# enum sf_cast (ext/cast.h) -> stored numpy dtype
-CASTS = {1: "<f2", 2: "bfloat16", 3: "<f4", 4: "<f8", 5: "u1", 6: "i1", 7: "<u2", 8: "<i2", 9: "<u4",
-         10: "<i4", 11: "<u8", 12: "<i8"}
+# conversion kernel (the core's ids, _core.STORED_KINDS) -> the stored numpy dtype it reads
+CASTS = {_core.STORED_KINDS[name]: spec for name, spec in [
+    ("float16", "<f2"), ("bfloat16", "bfloat16"), ("float32", "<f4"), ("float64", "<f8"), ("uint8", "u1"),
+    ("int8", "i1"), ("uint16", "<u2"), ("int16", "<i2"), ("uint32", "<u4"), ("int32", "<i4"), ("uint64", "<u8"),
+    ("int64", "<i8")]}
 
 
 def f16_expected():

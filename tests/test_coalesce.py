@@ -1,5 +1,5 @@
 """Reads of records that are adjacent on disk: consecutive items of a batch that are records k, k+1,
-k+2, ... of one shard are fetched with one preadv (ext/reader.c, collect_run/read_run). Results are
+k+2, ... of one shard are fetched with one preadv (ext/records.c, collect_run/read_run). Results are
 checked bit for bit against numpy for every kind of run, on both read paths, page-cached and with
 the shards evicted from the page cache (so the blocking pass reads them); a count of the process's
 read system calls shows that the coalescing happens."""

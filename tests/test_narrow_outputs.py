@@ -48,9 +48,8 @@ def expected(stored, bits, out, scale=None, offset=None):
 
 def run_kernel(cast, stored_bits, n, scale=None, offset=None):
     dst = np.empty(n, np.uint16)
-    s = None if scale is None else np.full(1, scale, np.float32)
-    o = None if scale is None else np.full(1, offset, np.float32)
-    inexact = _core.convert(cast, np.ascontiguousarray(stored_bits).view(np.uint8).reshape(-1), dst, s, o)
+    affine = None if scale is None else _core.Affine(np.full(1, scale, np.float32), np.full(1, offset, np.float32))
+    inexact = _core.convert(cast, np.ascontiguousarray(stored_bits).view(np.uint8).reshape(-1), dst, affine)
     return dst, inexact
 
 

@@ -30,36 +30,95 @@ def crc32c_reference(data: bytes, crc: int = 0) -> int:
 # ---- the kernel -------------------------------------------------------------------------------
 
 
-def test_known_vector():
+def crc32c_prefixes(data: bytes) -> list:
+    """The CRC32C of every prefix of ``data`` (lengths 0..len): the bit-by-bit rule of
+    crc32c_reference applied a byte at a time through a 256-entry table, so one pass gives every
+    length."""
+    table = []
+    for n in range(256):
+        for _ in range(8):
+            n = (n >> 1) ^ (0x82F63B78 if n & 1 else 0)
+        table.append(n)
+    crc, out = 0xFFFFFFFF, [0]
+    for byte in data:
+        crc = (crc >> 8) ^ table[(crc ^ byte) & 0xFF]
+        out.append(crc ^ 0xFFFFFFFF)
+    return out
+
+
+# RFC 3720 (iSCSI), appendix B.4: 32 bytes of zeros, of ones, ascending, descending, and a SCSI
+# Read (10) command PDU.
+RFC3720_VECTORS = [
+    (bytes(32), 0x8A9136AA),
+    (b"\xff" * 32, 0x62A8AB43),
+    (bytes(range(32)), 0x46DD794E),
+    (bytes(range(31, -1, -1)), 0x113FDB5C),
+    (bytes.fromhex("01c00000000000000000000000000000" "14000000000004000000001400000018" "28000000000000000200000000000000"),
+     0xD9963A56),
+]
+
+
+@pytest.fixture(params=_core.crc32c_kernels())
+def crc_kernel(request):
+    """Each CRC32C kernel this CPU can run, selected for the test."""
+    before = _core.use_crc32c_kernel(request.param)
+    try:
+        yield request.param
+    finally:
+        _core.use_crc32c_kernel(before)
+
+
+def test_known_vectors(crc_kernel):
     assert crc32c_reference(b"123456789") == 0xE3069283
     assert _core.crc32c(b"123456789") == 0xE3069283
-    assert _core.crc32c(b"123456789", portable=True) == 0xE3069283
     assert _core.crc32c(b"") == 0
+    for data, expected in RFC3720_VECTORS:
+        assert crc32c_reference(data) == expected
+        assert _core.crc32c(data) == expected
 
 
-@pytest.mark.parametrize("hardware", [True, False], ids=["hardware", "portable"])
-def test_kernel_is_bit_identical_to_the_reference(rng, hardware):
-    """Lengths around the interleaved block sizes (256 and 8192 bytes, three blocks at a time) and
-    unaligned starts; the hardware path where the CPU has it, the table-driven code in any case."""
-    _core.allow_crc32c_hardware(hardware)
-    try:
-        data = rng.integers(0, 256, 3 * 8192 * 2 + 64, dtype=np.uint8).tobytes()
-        for n in [1, 7, 8, 9, 63, 255, 256, 767, 768, 769, 1000, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 9]:
-            for start in (0, 1, 3):
-                piece = data[start:start + n]
-                expected = crc32c_reference(piece) if n < 4096 else _core.crc32c(piece, portable=True)
-                assert _core.crc32c(piece) == expected, (n, start)
-                cut = n // 3  # continuing from a previous result, like zlib.crc32
-                assert _core.crc32c(piece[cut:], _core.crc32c(piece[:cut])) == expected
-        assert _core.crc32c(data[:5000], portable=True) == crc32c_reference(data[:5000])
-    finally:
-        _core.allow_crc32c_hardware(True)
+def test_kernel_is_bit_identical_to_the_reference(rng, crc_kernel):
+    """Every length 0..4096 and some long ones (the kernels switch strategy at 384 and 512 bytes
+    and interleave blocks of n/3 or n/200 bytes) at 16 alignments, continued from a previous
+    result like zlib.crc32; and the fused copy, which must copy exactly the bytes and no more."""
+    buffer = rng.integers(0, 256, 20_016 + 64, dtype=np.uint8)
+    long_lengths = [4097, 5000, 8191, 8192, 8193, 3 * 8192 // 2 + 9, 20_000]
+    scratch = np.zeros(20_016 + 64, np.uint8)
+    for start in range(16):
+        expected = crc32c_prefixes(buffer[start:start + 20_000].tobytes())
+        for n in list(range(4097)) + long_lengths:
+            piece = memoryview(buffer)[start:start + n]  # not copied: the kernel sees the unaligned start
+            assert _core.crc32c(piece) == expected[n], (crc_kernel, n, start)
+            if n % 7 == 0 or n > 4096:
+                cut = n // 3
+                assert _core.crc32c(piece[cut:], _core.crc32c(piece[:cut])) == expected[n], (n, start)
+                at = (start * 5) % 16
+                scratch[:] = 0xEE
+                assert _core.crc32c_copy(memoryview(scratch)[at:at + n], piece) == expected[n], (n, start)
+                assert bytes(scratch[at:at + n]) == piece.tobytes()
+                assert (scratch[:at] == 0xEE).all() and (scratch[at + n:] == 0xEE).all()
 
 
-def test_hardware_path_is_used_where_the_cpu_has_it():
-    flags = read_bytes("/proc/cpuinfo").decode() if os.path.exists("/proc/cpuinfo") else ""
-    if os.uname().machine == "x86_64" and " sse4_2" in flags:
+def test_fastest_kernel_is_used_where_the_cpu_has_it():
+    kernels = _core.crc32c_kernels()
+    assert kernels[-1] == "table" and _core.BUILD_INFO["crc32c_kernel"] == kernels[0]
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        for line in read_bytes("/proc/cpuinfo").decode().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    machine = os.uname().machine
+    if machine == "x86_64" and {"sse4_2", "pclmulqdq"} <= flags:
+        assert "sse4.2-pclmul" in kernels
+        if {"avx2", "vpclmulqdq"} <= flags:
+            assert kernels[0] == "avx2-vpclmulqdq"
+    if machine == "aarch64" and "crc32" in flags:
+        assert kernels[0] == "armv8-crc"
+    if len(kernels) > 1:
         assert _core.BUILD_INFO["crc32c_hardware"] is True
+    with pytest.raises(ValueError, match="not available"):
+        _core.use_crc32c_kernel("no-such-kernel")
 
 
 def test_record_checksums_of_a_buffer(rng):
@@ -208,6 +267,51 @@ def test_damaged_variable_rows_are_named_by_verify(new_path):
     assert problem.message.startswith("sample 2: variable-length rows failed the per-record CRC32C check")
 
 
+def test_checked_reads_check_variable_rows_of_every_variable_field(new_path, mmap_mode):
+    """The second checksum word covers a sample's rows of all variable fields together, so a read of
+    any variable field with verify=True checks them all (and reads of fixed fields only read no
+    rows); a damaged row names its sample."""
+    path = new_path()
+    rng = np.random.default_rng(5)
+    t = [rng.integers(-99, 99, i % 5, dtype=np.int16) for i in range(N)]
+    u = [rng.standard_normal((i % 3, 3)).astype(np.float32) for i in range(N)]
+    y = np.arange(N, dtype=np.int32)
+    with shardfeed.Writer(path, fields={"t": ("int16", (None,)), "y": "int32", "u": ("float32", (None, 3))},
+                          shard_size=HEADER_BYTES + 25 * 48) as w:
+        w.extend({"t": t, "y": y, "u": u})
+    indices = np.array([59, 0, 31, 31, 44, 7, 26])
+    with shardfeed.open(path, mmap=mmap_mode, verify=True) as ds:
+        assert ds.num_shards > 1
+        batch = ds.read(indices, maxlen={"t": 3, "u": None}, padding={"t": "pre", "u": "post"}, truncating="pre")
+        for row, i in enumerate(indices):
+            kept = t[i][-3:] if len(t[i]) > 3 else t[i]
+            np.testing.assert_array_equal(batch["t"][row, 3 - len(kept):], kept)
+            np.testing.assert_array_equal(batch["u"][row, :len(u[i])], u[i])
+        np.testing.assert_array_equal(ds.read(indices, fields="u", dtype="float16")["u"][:, :2],
+                                      ds.read(indices, fields="u")["u"][:, :2].astype(np.float16))
+    # Damage one byte of u's rows of sample 8 (2 rows of 12 bytes): find them through the record.
+    with shardfeed.open(path) as ds:
+        field = ds.fields["u"]
+        record = np.fromfile(shard(path, 0), np.uint8, ds.schema.record_bytes, "",
+                             HEADER_BYTES + 8 * ds.schema.record_bytes)
+        offset, rows = np.frombuffer(record[field.offset:field.offset + 16].tobytes(), np.uint64)
+        assert rows == 2
+    patch(shard(path, 0, ".var"), int(offset) + 13, b"\x5a")
+    assert shardfeed.verify(path).bad_ranges == [(8, 9)]
+    with shardfeed.open(path, mmap=mmap_mode, verify=True) as ds:
+        for fields in ("u", "t", None):  # t's rows are intact, but the check covers both fields
+            with pytest.raises(shardfeed.RecordChecksumError, match="variable-length rows of sample 8") as info:
+                ds.read([3, 8, 9], fields=fields)
+            assert info.value.sample == 8 and info.value.path == shard(path, 0, ".var")
+        np.testing.assert_array_equal(ds.read([3, 8, 9], fields="y")["y"], [3, 8, 9])  # no rows read
+        good = np.r_[0:8, 9:N]
+        batch = ds.read(good, fields=["u", "t"])
+        for row, i in enumerate(good):
+            np.testing.assert_array_equal(batch["u"][row, :len(u[i])], u[i])
+    with shardfeed.open(path, mmap=mmap_mode) as ds:  # unchecked: the damage reads as data
+        assert not np.array_equal(ds[8]["u"], u[8])
+
+
 def test_damaged_checksum_file_blames_no_sample(new_path):
     path = new_path()
     write(path)
@@ -261,3 +365,16 @@ def test_old_datasets_open_read_verify_and_take_appends(new_path, tools):
     assert shardfeed.verify(path).ok
     patch(shard(path, 3), HEADER_BYTES + 8, b"\x05")
     assert shardfeed.verify(path).bad_ranges == [(60, 61)]
+
+
+def test_checked_reads_flag_inexact_conversions_like_unchecked_ones(new_path, mmap_mode):
+    path = new_path()
+    values = np.array([1, 16777217, 3], dtype=np.int32)  # 2**24 + 1 has no float32
+    with shardfeed.Writer(path, fields={"v": "int32"}) as w:
+        w.extend({"v": values})
+    for verify in (False, True):
+        with shardfeed.open(path, mmap=mmap_mode, verify=verify) as ds:
+            with pytest.raises(shardfeed.ValueRangeError, match="sample 1"):
+                ds.read([0, 1, 2], dtype="float32")
+            np.testing.assert_array_equal(ds.read([0, 2], dtype="float32")["v"], [1, 3])
+            np.testing.assert_array_equal(ds.read([1], dtype="float32", lossy=True)["v"], [np.float32(16777217)])

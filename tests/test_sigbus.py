@@ -1,4 +1,4 @@
-"""The reader's SIGBUS guard (ext/reader.c) and the handlers around it: a fault in a guarded copy
+"""The reader's SIGBUS guard (ext/mapped.c) and the handlers around it: a fault in a guarded copy
 from a shard map is the reader's (ShardReadError); any other SIGBUS reaches the handler that was
 installed before, exactly once, whatever was installed after the reader's (faulthandler, SIG_IGN,
 the default action). Each case runs in a subprocess, which is expected to die of some of them."""

@@ -25,14 +25,13 @@ from .fileio import file_system_path, open_regular
 
 _MAX_OUTPUT_BYTES = 1 << 62  # more than numpy's sizes (intp) and BatchMemory can describe
 _INT64 = np.dtype(np.int64)
-_NO_AFFINE = (None, None, 1, 1)
 
 # Records up to this size are copied from a read-only memory map (MADV_RANDOM) instead of one
 # preadv() each. Page-cached, the map is 2-8x faster up to 1 KiB and 1.3-1.7x up to 64 KiB (no
 # system call, one pass over the bytes); records that are not in the page cache are read by
 # preadv on either path, so cold reads are the same. Above 64 KiB the gain is small or nil
 # (none for uint8 images with a fused normalisation) and not worth the map's costs: mapped pages
-# count in the RSS, and a shard truncated under a reader needs the SIGBUS guard (ext/reader.c).
+# count in the RSS, and a shard truncated under a reader needs the SIGBUS guard (ext/mapped.c).
 # Figures: benchmarks/RESULTS.md.
 MMAP_MAX_RECORD_BYTES = 64 * 1024
 
@@ -171,9 +170,10 @@ def _open_file(path: str, size: int, kind: int, manifest: Manifest) -> int:
     return fd
 
 
-def _record_checksums(path: str, shard: ShardEntry, manifest: Manifest) -> np.ndarray:
-    """The stored CRC32C of each record of a shard (its ``.crc`` file, header and size checked),
-    for ``open(..., verify=True)``."""
+def _stored_checksums(path: str, shard: ShardEntry, manifest: Manifest) -> np.ndarray:
+    """The stored checksum words of each sample of a shard (its ``.crc`` file, header and size
+    checked), one row per sample: the record's CRC32C, then its variable-length rows' where the
+    schema has variable fields; for ``open(..., verify=True)``."""
     if shard.checksums_file is None:
         raise ShardFormatError(f"{os.path.join(path, shard.file)}: this shard has no per-record checksums "
                                "(written by a shardfeed before format version 2), so verify=True cannot check "
@@ -194,8 +194,7 @@ def _record_checksums(path: str, shard: ShardEntry, manifest: Manifest) -> np.nd
         raise ShardReadError(exc.errno, f"cannot read the record checksums: {exc.strerror}", file) from None
     finally:
         os.close(fd)
-    words = np.frombuffer(data, dtype=CHECKSUM_DTYPE).reshape(shard.num_samples, checksum_words(manifest.schema))
-    return np.ascontiguousarray(words[:, 0], dtype=np.uint32)
+    return np.frombuffer(data, dtype=CHECKSUM_DTYPE).reshape(shard.num_samples, checksum_words(manifest.schema))
 
 
 def _as_name_list(fields: Union[None, str, Sequence[str]], schema_fields: Mapping[str, Field]) -> List[str]:
@@ -247,7 +246,14 @@ class Dataset:
         paths = [os.path.join(self.path, s.file) for s in manifest.shards]
         use_map = self._record_bytes <= MMAP_MAX_RECORD_BYTES if mmap == "auto" else bool(mmap)
         has_heap = bool(manifest.schema.variable_fields)
-        checksums = [_record_checksums(self.path, shard, manifest) for shard in manifest.shards] if verify else None
+        words = [_stored_checksums(self.path, shard, manifest) for shard in manifest.shards] if verify else None
+        checksums = [np.ascontiguousarray(w[:, 0], dtype=np.uint32) for w in words] if words is not None else None
+        # verify=True with variable fields: the CRC32C of each sample's rows (all variable fields), in
+        # dataset order, checked by read() before it reads any rows.
+        self._row_checksums: Optional[np.ndarray] = None
+        if words is not None and has_heap:
+            self._row_checksums = np.concatenate([np.asarray(w[:, 1], dtype=np.uint32) for w in words] or
+                                                 [np.zeros(0, np.uint32)])
         fds: List[int] = []
         heap_fds: List[int] = []
         try:
@@ -502,7 +508,7 @@ class Dataset:
         chosen = _check_threads(threads)
         thread_count = self.threads if chosen is None else chosen
 
-        record_reads = []  # (spec for _core.read_records, field name, output dtype, affine)
+        record_reads = []  # (_core.FieldRead, field name, output dtype, affine)
         checked = False  # whether a kernel may flag an inexact integer (integer sources only)
         variable = []
         converted_later = {}  # field -> (natural values read, output dtype, out array or None)
@@ -514,10 +520,10 @@ class Dataset:
             affine = field_scale is not None or field_offset is not None
             natural, stored_cast, variable_field, row_shape, count, at, nbytes = self._layout[name]
             out_dtype, cast = self._conversion(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
-            params = affine_layout(field, field_scale, field_offset) if affine else _NO_AFFINE
+            params = affine_layout(field, field_scale, field_offset) if affine else None
             if variable_field:
                 descriptors = np.empty((n, 2), dtype=np.uint64)
-                record_reads.append(((CAST_COPY, at, nbytes, 2, descriptors, None, None, 1, 1), name, None, False))
+                record_reads.append((_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors), name, None, False))
                 variable.append((field, descriptors, out_dtype, cast, params, affine))
                 continue
             shape = (n,) + row_shape
@@ -528,14 +534,22 @@ class Dataset:
             elif target is None:
                 target = _empty(shape, out_dtype)
             results[name] = target
-            record_reads.append(((cast, at, nbytes, count, target) + params, name, out_dtype, affine))
+            record_reads.append((_core.FieldRead(cast, at, nbytes, count, target, params), name, out_dtype, affine))
             checked = checked or (cast != CAST_COPY and field.dtype in INTEGER_DTYPES)
         if len(out) > 1:
             self._check_disjoint(out)
+        row_descriptors = {field.name: descriptors for field, descriptors, *_ in variable}
+        if variable and self._row_checksums is not None:  # the rows check needs every variable field's
+            for field in self.schema.variable_fields:
+                if field.name not in row_descriptors:
+                    descriptors = row_descriptors[field.name] = np.empty((n, 2), dtype=np.uint64)
+                    at, nbytes = self._layout[field.name][5:]
+                    record_reads.append((_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors), field.name, None,
+                                         False))
         if variable:  # the heap reads use the indices again: a private copy, like the native reads'
             index_array = index_array.copy()
         if len(record_reads) > 1:
-            record_reads.sort(key=lambda read: (read[0][1], read[0][2]))  # a zero-size field before the field at its offset
+            record_reads.sort(key=lambda read: (read[0].src_offset, read[0].src_bytes))  # a zero-size field first
         inexact = [False] * len(record_reads) if checked else None
         uncached = self._shards.read_records(index_array, [read[0] for read in record_reads], self._use_map,
                                              thread_count, inexact)
@@ -552,6 +566,8 @@ class Dataset:
             results[name] = target
 
         lengths: Dict[str, np.ndarray] = {}
+        if variable and self._row_checksums is not None:
+            self._check_rows(index_array, row_descriptors, thread_count)
         for field, descriptors, out_dtype, cast, params, affine in variable:
             name = field.name
             results[name], lengths[name] = self._read_variable(
@@ -587,12 +603,10 @@ class Dataset:
                 if np.may_share_memory(a, b):
                     raise ValueError(f"out[{a_name!r}] and out[{b_name!r}] share memory")
 
-    def _read_variable(self, field: Field, indices: np.ndarray, descriptors: np.ndarray, out_dtype: np.dtype,
-                       cast: Optional[int], params: tuple, out_array: Optional[np.ndarray], maxlen: Optional[int],
-                       pad_value: Any, threads: int, padding: str, truncating: str, lossy: bool,
-                       affine: bool) -> Tuple[np.ndarray, np.ndarray]:
-        n = len(indices)
-        shard = np.searchsorted(self._starts, indices, side="right") - 1
+    def _heap_rows(self, field: Field, indices: np.ndarray, shard: np.ndarray,
+                   descriptors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The (offset, rows) of each sample's rows of a variable field, from its record
+        descriptors; ShardFormatError where they leave the heap file."""
         offsets = descriptors[:, 0]
         rows = descriptors[:, 1]
         row_bytes = field.count * field.stored_dtype.itemsize
@@ -604,6 +618,29 @@ class Dataset:
             raise ShardFormatError(f"{self._heap_paths[shard[r]]}: sample {indices[r]} of field {field.name!r} "
                                    f"points at {rows[r]} rows at byte {offsets[r]}, outside the "
                                    f"{heap_end[r]}-byte heap file (corrupt record)")
+        return offsets, rows
+
+    def _check_rows(self, indices: np.ndarray, descriptors: Mapping[str, np.ndarray], threads: int) -> None:
+        """verify=True: checks the variable-length rows of every sample read (all variable fields,
+        as the checksum covers them together) against their stored CRC32C."""
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        fields = self.schema.variable_fields
+        spans = np.empty((len(indices), len(fields), 2), dtype=np.int64)
+        for j, field in enumerate(fields):
+            offsets, rows = self._heap_rows(field, indices, shard, descriptors[field.name])
+            spans[:, j, 0] = offsets
+            spans[:, j, 1] = rows * np.uint64(field.count * field.stored_dtype.itemsize)
+        self._shards.check_heap(indices, shard.astype(np.int64), spans, self._row_checksums[indices], threads)
+
+    def _read_variable(self, field: Field, indices: np.ndarray, descriptors: np.ndarray, out_dtype: np.dtype,
+                       cast: Optional[int], params: Optional[_core.Affine], out_array: Optional[np.ndarray],
+                       maxlen: Optional[int],
+                       pad_value: Any, threads: int, padding: str, truncating: str, lossy: bool,
+                       affine: bool) -> Tuple[np.ndarray, np.ndarray]:
+        n = len(indices)
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        offsets, rows = self._heap_rows(field, indices, shard, descriptors)
+        row_bytes = field.count * field.stored_dtype.itemsize
         if out_array is not None:
             if out_array.ndim < 2:
                 raise ValueError(f"out[{field.name!r}] must have shape (batch, maxlen, ...)")
@@ -640,7 +677,7 @@ class Dataset:
         landing = target if cast is not None and target is not None else _empty(shape, read_as)
         pad_bytes = pad.tobytes() if cast is not None else np.zeros((), read_as).tobytes()
         inexact = self._shards.read_heap(indices, shard.astype(np.int64), starts, clipped, read_cast,
-                               field.count, row_bytes, landing, max_rows, pad_bytes, *params, threads,
+                               field.count, row_bytes, landing, max_rows, pad_bytes, params, threads,
                                padding == "pre")
         if inexact and not lossy:
             raise self._inexact(field, indices, out_dtype, affine, maxlen=max_rows, truncating=truncating)
@@ -687,9 +724,11 @@ def open(path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "au
     ``verify=True``: every read compares each record it reads (whole, whichever fields are asked
     for) with the CRC32C stored when it was written, and raises :class:`RecordChecksumError` naming
     the shard and sample on a mismatch, before returning anything of the batch; for those who would
-    rather stop than train on damaged data. The rows of variable-length fields are not checked on
-    read (``shardfeed.verify`` checks them). Costs: the checksums are read into memory at open (4
-    bytes per sample), records are read one at a time and whole, and each is checksummed
-    (benchmarks/RESULTS.md, "Per-record checksums"). A dataset with shards written before
-    per-record checksums (format version 1) cannot be opened with ``verify=True``."""
+    rather stop than train on damaged data. A read of a variable-length field also checks each
+    sample's rows, of all its variable-length fields (one checksum covers them together), before
+    reading them. Costs: the checksums are read into memory at open (4 bytes per sample, 8 with
+    variable-length fields), records are read one at a time and whole, each is checksummed as it is
+    copied, and rows are read once more for their check (benchmarks/RESULTS.md, "Per-record
+    checksums"). A dataset with shards written before per-record checksums (format version 1)
+    cannot be opened with ``verify=True``."""
     return Dataset(path, threads=threads, mmap=mmap, verify=verify)

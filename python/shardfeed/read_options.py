@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import abc
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -36,12 +36,9 @@ AUTO_DTYPES: Dict[str, np.dtype] = {
     for name in ("bool",) + INTEGER_DTYPES + FLOAT_DTYPES
 }
 
-# The native kernel per stored dtype (ext/cast.h, enum sf_cast); SF_CAST_COPY copies the bytes.
-CAST_COPY = 0
-STORED_KINDS = {
-    "float16": 1, "bfloat16": 2, "float32": 3, "float64": 4, "uint8": 5, "bool": 5, "int8": 6,
-    "uint16": 7, "int16": 8, "uint32": 9, "int32": 10, "uint64": 11, "int64": 12,
-}
+# The native kernel per stored dtype, and the id that copies the bytes: the core's (ext/cast.h).
+CAST_COPY = _core.CAST_COPY
+STORED_KINDS = _core.STORED_KINDS
 # Output dtypes the kernels make, and the only ones scale/offset can be read into.
 NATIVE_OUTPUTS = ("float32", "float16", "bfloat16")
 _NUMPY_OUTPUTS = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -168,9 +165,9 @@ def per_field(option: Any, name: str, several: bool, what: str) -> Any:
     return option
 
 
-def affine_layout(field: Field, scale: Any, offset: Any) -> Tuple[np.ndarray, np.ndarray, int, int]:
-    """Turns scale/offset broadcastable to the field's (row) shape into the kernel's
-    (scale, offset, inner, period) description: parameter p = (element // inner) % period."""
+def affine_layout(field: Field, scale: Any, offset: Any) -> "_core.Affine":
+    """Turns scale/offset broadcastable to the field's (row) shape into the kernels' description
+    (:class:`_core.Affine`): parameter p = (element // inner) % period."""
     shape = field.row_shape
     s = np.asarray(1.0 if scale is None else scale, dtype=np.float32)
     o = np.asarray(0.0 if offset is None else offset, dtype=np.float32)
@@ -183,12 +180,12 @@ def affine_layout(field: Field, scale: Any, offset: Any) -> Tuple[np.ndarray, np
         raise ValueError(f"field {field.name!r}: scale {s.shape} / offset {o.shape} do not broadcast to "
                          f"the field's shape {shape}")
     if math.prod(shape) == 0:  # nothing to transform (and no layout with a zero period or inner)
-        return np.ones(1, np.float32), np.zeros(1, np.float32), 1, 1
+        return _core.Affine(np.ones(1, np.float32), np.zeros(1, np.float32))
     params = (1,) * (len(shape) - len(params)) + params
     s, o = (np.broadcast_to(a.reshape((1,) * (len(params) - a.ndim) + a.shape), params) for a in (s, o))
     varying = [axis for axis, n in enumerate(params) if n != 1]
     if not varying:
-        return (np.ascontiguousarray(s.reshape(-1)[:1]), np.ascontiguousarray(o.reshape(-1)[:1]), 1, 1)
+        return _core.Affine(s.reshape(-1)[:1], o.reshape(-1)[:1])
     first = varying[0]
     if len(varying) == 1:  # per channel along one axis: one parameter per channel
         period, inner = shape[first], math.prod(shape[first + 1:])
@@ -197,10 +194,7 @@ def affine_layout(field: Field, scale: Any, offset: Any) -> Tuple[np.ndarray, np
         period, inner = math.prod(shape[first:]), 1
         tail = (1,) * first + tuple(shape[first:])
         s, o = (np.broadcast_to(a, tail).reshape(-1) for a in (s, o))
-    if inner == 1 and period > 1:  # the kernel reads a window of period + block entries
-        reps = -(-(period + _core.BLOCK) // period)
-        s, o = np.tile(s, reps), np.tile(o, reps)
-    return np.ascontiguousarray(s, np.float32), np.ascontiguousarray(o, np.float32), inner, period
+    return _core.Affine(s, o, inner, period)
 
 
 def option_for(option: Any, name: str) -> Any:
