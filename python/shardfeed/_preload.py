@@ -162,7 +162,8 @@ def _read_file(fd: int, size: int, buffer: mmap.mmap, stop: Optional[threading.E
         while offset < size and not (stop is not None and stop.is_set()):
             length = min(len(buffer), size - offset)
             if not _cached(fd, offset, length, vector):
-                got = os.preadv(fd, [view[:length]], offset)
+                got = (os.preadv(fd, [view[:length]], offset) if hasattr(os, "preadv")
+                       else len(os.pread(fd, length, offset)))
                 if got == 0:
                     break
                 read += got
@@ -226,8 +227,9 @@ class BackgroundPreload:
             self._thread.join()
 
     def _run(self) -> None:
-        buffer = _buffer()
+        buffer = None
         try:
+            buffer = _buffer()
             for path, size in self.files:
                 if self._stop.is_set():
                     return
@@ -242,7 +244,8 @@ class BackgroundPreload:
         except (OSError, ValueError) as exc:  # ShardReadError, ShardFormatError (a file replaced)
             self.error = exc
         finally:
-            buffer.close()
+            if buffer is not None:
+                buffer.close()
             _running.discard(self)
 
     def _after_fork(self) -> None:
