@@ -366,3 +366,23 @@ def test_a_dataset_truncated_or_deleted_during_the_pass(tmp_path, monkeypatch):
     with pytest.raises(ShardReadError):
         ds.read([starts[1] - 1])  # in the truncated half
     ds.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/fd"), reason="needs fork and /proc")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+def test_a_forked_child_does_not_inherit_the_pass_descriptor(dataset, monkeypatch):
+    gate = Gate(monkeypatch, after=2)
+    with shardfeed.open(dataset[0], preload=True) as ds:
+        assert gate.reached.wait(30)
+        fd = ds.preloading._fd
+        assert fd >= 0 and os.path.samefile(f"/proc/self/fd/{fd}", ds.preloading.files[0][0])
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.fstat(fd)
+                os._exit(1)  # still open in the child
+            except OSError:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        gate.opened.set()
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the child kept the pass's descriptor"
