@@ -21,7 +21,6 @@ costs one scan of its page tables' worth of ``mincore``, not a copy of its bytes
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import io
 import mmap
@@ -103,11 +102,13 @@ def background_wanted(preload: Any, dataset_bytes: int, available: Optional[int]
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _libc: Optional[Any] = None
+_MAP_FAILED = (1 << (8 * np.dtype(np.intp).itemsize)) - 1  # (void *)-1 as ctypes returns it
 
 
 def _load_libc() -> Optional[Any]:
     global _libc
     if _libc is None and sys.platform.startswith("linux"):
+        import ctypes  # (here: `import shardfeed` stays light)
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.mmap.restype = ctypes.c_void_p
@@ -121,7 +122,7 @@ def _load_libc() -> Optional[Any]:
     return _libc or None
 
 
-def _cached(fd: int, offset: int, length: int, vector: ctypes.Array) -> bool:
+def _cached(fd: int, offset: int, length: int, vector: bytearray) -> bool:
     """Whether every page of ``length`` bytes at ``offset`` (page-aligned) is in the page cache;
     False where that cannot be told. The map is never read, so a file truncated meanwhile cannot
     fault (SIGBUS)."""
@@ -129,11 +130,12 @@ def _cached(fd: int, offset: int, length: int, vector: ctypes.Array) -> bool:
     if libc is None or length <= 0:
         return False
     address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-    if address is None or address == ctypes.c_void_p(-1).value:
+    if address is None or address == _MAP_FAILED:
         return False
     try:
         pages = (length + _PAGE_BYTES - 1) // _PAGE_BYTES
-        if libc.mincore(address, length, vector) != 0:
+        import ctypes
+        if libc.mincore(address, length, (ctypes.c_char * len(vector)).from_buffer(vector)) != 0:
             return False
         return bool((np.frombuffer(vector, np.uint8, pages) & 1).all())
     finally:
@@ -156,7 +158,7 @@ def _read_file(fd: int, size: int, buffer: mmap.mmap, stop: Optional[threading.E
     the file (truncated meanwhile) or when ``stop`` is set."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    vector = ctypes.create_string_buffer(len(buffer) // _PAGE_BYTES + 1)
+    vector = bytearray(len(buffer) // _PAGE_BYTES + 1)  # mincore's page flags
     offset = read = 0
     with memoryview(buffer) as view:  # released even on an error, so the buffer can be closed
         while offset < size and not (stop is not None and stop.is_set()):
