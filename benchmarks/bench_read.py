@@ -9,7 +9,9 @@ fio's random-read configurations at the record size (cold, out-of-core).
 - page-cached: the reader's files are evicted, read once front to back (as ``Dataset.preload`` does)
   and mlock()ed; ``PAGE_CACHED_ROUNDS`` passes.
 - cold: before each pass every reader is closed and the files are evicted from the page cache
-  (``posix_fadvise(POSIX_FADV_DONTNEED)``; the fraction still resident is recorded).
+  (``posix_fadvise(POSIX_FADV_DONTNEED)``; the fraction still resident is recorded). shardfeed
+  is opened with ``preload=False``: these passes (part of an epoch) time its random reads against
+  fio's random-read limit; the default's whole first epoch is bench_first_epoch.py's.
 - out-of-core: the files are evicted, then the passes run inside a memory cgroup capped at a
   quarter of the dataset, so the page cache can hold at most a quarter of it and every pass goes
   to the disk for most records. Needs root (cgroup v1); skipped otherwise.
@@ -183,6 +185,8 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
         pytest.skip(why)
     data = bench_data
     reader = data.reader(cls)
+    if isinstance(reader, readers.ShardfeedReader):  # cold: the random reads (bench_first_epoch.py: the default)
+        reader.open_options = {"preload": False} if regime == COLD else {}
     samples = pass_samples(data, regime, timing_enabled)
     _describe(benchmark, data, regime, reader_name, samples, reader.shuffle)
     files = reader.files()

@@ -157,3 +157,17 @@ def best_fio(files: List[str], record_bytes: int, record_offset: int, count: int
     best_configuration = next(c for c in configurations or CONFIGURATIONS if label(*c) == best)
     return {"best": best, "best_configuration": best_configuration, "iops": iops, "bytes_per_s": bytes_per_s,
             "best_runs": [r[0] for r in runs], "by_configuration": by_configuration, "errors": errors}
+
+
+def sequential_command(files: Sequence[str], output: str, block_bytes: int = 1 << 20) -> List[str]:
+    """fio reading ``files`` once front to back, buffered (``direct=0``), ``block_bytes`` per read:
+    the disk's sequential bandwidth over the very files a first epoch reads (bench_first_epoch.py)."""
+    if not files:
+        raise ValueError("no files to read")
+    size = sum(os.path.getsize(f) for f in files)
+    return [
+        FIO, "--name=sequential", "--filename=" + ":".join(f.replace(":", "\\:") for f in files),
+        "--rw=read", f"--bs={min(block_bytes, size)}", "--ioengine=psync", "--numjobs=1", "--direct=0",
+        "--invalidate=1", f"--size={size}",
+        "--group_reporting", "--output-format=json", f"--output={output}",
+    ]

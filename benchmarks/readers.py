@@ -117,10 +117,13 @@ class ShardfeedReader(Reader):
 
     name = "shardfeed"
     reuse_buffer = True
+    # shardfeed.open's options: bench_read.py's cold regime opens with preload=False (random reads,
+    # compared with fio's random-read limit); bench_first_epoch.py times the default.
+    open_options: dict = {}
 
     def open(self) -> None:
         import shardfeed
-        self.dataset = shardfeed.open(self.data.path)
+        self.dataset = shardfeed.open(self.data.path, **self.open_options)
         self.buffer = np.empty((self.profile.batch,) + self.profile.shape, np.float32)
 
     def close(self) -> None:

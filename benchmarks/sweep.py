@@ -11,7 +11,9 @@ Writes the datasets under a temporary directory (removed at exit) and prints mar
 samples/s. Page-cached figures are the median per-batch time over interleaved passes; cold figures
 evict every shard file (posix_fadvise DONTNEED) right before each pass, and a pass reads batches of
 one random permutation (or, for `order`, of one sequential or block-shuffled pass), so no record is
-read twice.
+read twice. Every dataset is opened with ``preload=False``: these sweeps measure the random reads
+(a dataset opened by default that fits in memory is also read front to back in the background;
+that first epoch is measured by bench_first_epoch.py).
 """
 
 from __future__ import annotations
@@ -149,14 +151,14 @@ def sweep_threads(root: str, size: int, cold: bool) -> None:
         path = os.path.join(root, name)
         count = write_dataset(path, dtype, shape, size)
         pins = warm(path)
-        ds = shardfeed.open(path)
+        ds = shardfeed.open(path, preload=False)
         ds.read(np.arange(0, count, max(1, 4096 // ds._record_bytes)), "x")  # fault in the map
         readers = {str(t): reader(ds, normalise, batch, shape, t) for t in THREADS}
         cached_rows[name] = cached_rates(readers, count, batch)
         ds.close()
         pins.close()
         if cold and name != "f16-128B":
-            openers = {str(t): lambda t=t: shardfeed.open(path, threads=t) for t in THREADS}
+            openers = {str(t): lambda t=t: shardfeed.open(path, threads=t, preload=False) for t in THREADS}
             cold_rows[name] = cold_rates(path, openers, lambda d, _: reader(d, normalise, batch, shape), count,
                                          batch, max_batches=8 if batch == 64 else 6)
         shutil.rmtree(path)
@@ -176,7 +178,7 @@ def sweep_mmap(root: str, size: int, cold: bool) -> None:
         readers = {}
         handles = []
         for mapped in (True, False):
-            ds = shardfeed.open(path, mmap=mapped)
+            ds = shardfeed.open(path, mmap=mapped, preload=False)
             handles.append(ds)
             ds.read(np.arange(0, count, max(1, 4096 // record)), "x")
             readers["mmap" if mapped else "preadv"] = reader(ds, False, 256, shape)
@@ -186,8 +188,8 @@ def sweep_mmap(root: str, size: int, cold: bool) -> None:
             ds.close()
         pins.close()
         if cold:
-            openers = {"mmap": lambda: shardfeed.open(path, mmap=True),
-                       "preadv": lambda: shardfeed.open(path, mmap=False)}
+            openers = {"mmap": lambda: shardfeed.open(path, mmap=True, preload=False),
+                       "preadv": lambda: shardfeed.open(path, mmap=False, preload=False)}
             cold_rows[label] = cold_rates(path, openers, lambda d, _: reader(d, False, 256, shape), count, 256,
                                           max_batches=4)
         shutil.rmtree(path)
@@ -208,13 +210,13 @@ def sweep_order(root: str, size: int, cold: bool) -> None:
         for mapped in (True, False):
             label = f"{record} B, {'mmap' if mapped else 'preadv'}"
             pins = warm(path)
-            with shardfeed.open(path, mmap=mapped) as ds:
+            with shardfeed.open(path, mmap=mapped, preload=False) as ds:
                 ds.read(np.arange(0, count, max(1, 4096 // record)), "x")
                 read = reader(ds, False, 256, shape)
                 cached_rows[label] = {o: cached_rates({o: read}, count, 256, order=o)[o] for o in ORDERS}
             pins.close()
             if cold:
-                opener = {label: lambda: shardfeed.open(path, mmap=mapped)}
+                opener = {label: lambda: shardfeed.open(path, mmap=mapped, preload=False)}
                 cold_rows[label] = {o: cold_rates(path, opener, lambda d, _: reader(d, False, 256, shape), count, 256,
                                                   max_batches=16, order=o)[label] for o in ORDERS}
         shutil.rmtree(path)
@@ -241,7 +243,7 @@ def sweep_readahead(root: str, size: int, cold: bool, rounds: int = 5, samples: 
             for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
                 shardfeed.loader.READAHEAD_BATCHES = default if mode == "on" else 0
                 evict(path)
-                with shardfeed.open(path) as ds:
+                with shardfeed.open(path, preload=False) as ds:
                     epoch = ds.batches(batch, fields="x", seed=r, epochs=1, dtype="float32",
                                        **(NORM if normalise else {}))
                     start = time.perf_counter()
@@ -278,7 +280,7 @@ def sweep_fields(root: str, size: int, cold: bool, batches_per_pass: int = 400, 
     reads = {"y alone": "y", "x and y": ["x", "y"]}
     times: Dict[str, List[float]] = {name: [] for name in reads}
     pins = warm(path)
-    with shardfeed.open(path, mmap=True) as ds:
+    with shardfeed.open(path, mmap=True, preload=False) as ds:
         for p in range(passes):
             for name, fields in reads.items():
                 work = batches(count, 256, seed=p)[:batches_per_pass]

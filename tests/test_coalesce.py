@@ -91,7 +91,7 @@ def test_runs_read_exactly_what_numpy_gives(tools, rng, data, mmap_mode, threads
     indices = index_pattern(kind, rng)
     if cold:
         evict(path)
-    with shardfeed.open(path, mmap=mmap_mode, threads=threads) as ds:
+    with shardfeed.open(path, mmap=mmap_mode, threads=threads, preload=False) as ds:  # the disk path
         stored = ds.read(indices)
         for name in FIELDS:
             tools.assert_identical(stored[name], tools.expected_natural(FIELDS[name][0], columns[name][indices]),
@@ -112,7 +112,7 @@ def test_field_subsets_leave_gaps_inside_and_between_records(tools, rng, data, m
     indices = np.concatenate([np.arange(10, 400), rng.integers(0, N, 50), np.arange(600, N)])
     if cold:
         evict(path)
-    with shardfeed.open(path, mmap=mmap_mode, threads=3) as ds:
+    with shardfeed.open(path, mmap=mmap_mode, threads=3, preload=False) as ds:
         batch = ds.read(indices, fields=names, dtype={name: "float32" for name in names[::2]}, lossy=True)
     assert list(batch) == names
     for position, name in enumerate(names):
@@ -131,7 +131,7 @@ def test_batches_of_more_records_than_iov_max(tools, rng, new_path, mmap_mode, t
     path = tools.write_dataset(new_path(), fields, columns)
     if cold:
         evict(path)
-    with shardfeed.open(path, mmap=mmap_mode, threads=threads) as ds:
+    with shardfeed.open(path, mmap=mmap_mode, threads=threads, preload=False) as ds:  # the disk path
         batch = ds.read(np.arange(n), fields=["x", "y"], dtype={"y": "float32"})
         tools.assert_identical(batch["x"], columns["x"])
         tools.assert_identical(batch["y"], as_float32(columns["y"]))
@@ -167,7 +167,7 @@ def test_large_batches_convert_runs_from_scratch(tools, rng, new_path, mmap_mode
     indices = np.concatenate([np.arange(n), np.arange(300, 900)])
     if cold:
         evict(path)
-    with shardfeed.open(path, mmap=mmap_mode, threads=3) as ds:
+    with shardfeed.open(path, mmap=mmap_mode, threads=3, preload=False) as ds:
         batch = ds.read(indices, dtype="float32", scale={"u": 0.5}, offset={"u": 1.0}, lossy=True)
     tools.assert_identical(batch["h"], as_float32(columns["h"][indices]))
     tools.assert_identical(batch["u"], expected(columns, "u", indices, 0.5, 1.0))

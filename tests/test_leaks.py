@@ -73,7 +73,7 @@ LEAKS = textwrap.dedent(r'''
         for k in range(count):
             with shardfeed.open(path, mmap=bool(k % 2)) as ds:
                 ds.read([k % n, -1])
-            pickle.loads(pickle.dumps(ds))._shards.close()
+            pickle.loads(pickle.dumps(ds)).close()
             try:
                 shardfeed.open(os.path.join(root, "missing"))
             except shardfeed.ShardReadError:

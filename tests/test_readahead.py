@@ -55,7 +55,7 @@ def test_uncached_counts_the_records_that_missed_the_page_cache(pages, mmap):
         pytest.skip("files here cannot be evicted from the page cache")
     ids = np.random.default_rng(1).permutation(N)[:300]
     evict(path)
-    with shardfeed.open(path, mmap=mmap) as ds:
+    with shardfeed.open(path, mmap=mmap, preload=False) as ds:
         cold = ds.read(ids)
         warm = ds.read(ids)
         warm_one_thread = ds.read(ids, threads=1)
@@ -73,7 +73,7 @@ def test_readahead_brings_the_records_into_the_page_cache(pages):
     ids = np.random.default_rng(2).permutation(N)[:200]
     others = np.setdiff1d(np.arange(N), ids)[:200]
     evict(path)
-    with shardfeed.open(path, mmap=False) as ds:
+    with shardfeed.open(path, mmap=False, preload=False) as ds:
         assert ds.readahead(ids) is None
         deadline = time.monotonic() + 10
         while True:  # the disk reads were started, not awaited: give them time to land
@@ -145,7 +145,7 @@ def test_a_cold_epoch_reads_ahead_and_a_cached_one_does_not(pages, monkeypatch):
         return readahead(self, indices)
 
     monkeypatch.setattr(Dataset, "readahead", counting)
-    with shardfeed.open(path, mmap=False) as ds:
+    with shardfeed.open(path, mmap=False, preload=False) as ds:
         evict(path)
         cold = [x.copy() for (x,) in ds.batches(64, inputs="x", seed=4, epochs=1, dtype=None)]
         assert calls and calls[0] == 64  # the first batch missed the cache: the next ones are read ahead

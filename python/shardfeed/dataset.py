@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import io
 import math
 import os
 from collections import abc
@@ -11,7 +10,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _core
+from . import _core, _preload
 from .read_options import (
     CAST_COPY, INTEGER_DTYPES, STORED_KINDS, affine_layout, cast_values, conversion, exact, inexact_error, option_for,
     output_dtype, per_field, side,
@@ -112,47 +111,6 @@ class Batch(dict):
         return out
 
 
-# Dataset.preload reads files in pieces of this size.
-_PRELOAD_CHUNK_BYTES = 8 << 20
-
-
-def _memory_available(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> Optional[int]:
-    """Bytes the page cache of this process could grow to without evicting itself: the kernel's
-    MemAvailable, or the memory limit of the process's cgroup (v1 or v2) where that is lower;
-    None where neither can be read (not Linux). ``proc`` and ``cgroups``: where those file systems
-    are mounted. (io.open: this module's open() opens datasets.)"""
-    found: List[int] = []
-    try:
-        with io.open(os.path.join(proc, "meminfo")) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-                    break
-    except (OSError, ValueError):
-        pass
-    try:
-        with io.open(os.path.join(proc, "self", "cgroup")) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        hierarchy, controllers, group = (line.split(":", 2) + ["", ""])[:3]
-        if hierarchy == "0" and controllers == "":
-            limit_file = os.path.join(cgroups, group.lstrip("/"), "memory.max")  # v2
-        elif "memory" in controllers.split(","):
-            limit_file = os.path.join(cgroups, "memory", group.lstrip("/"), "memory.limit_in_bytes")  # v1
-        else:
-            continue
-        try:
-            with io.open(limit_file) as f:
-                value = f.read().strip()
-        except OSError:
-            continue
-        if value.isdigit():  # "max" (v2) is no limit; v1 writes a huge number instead
-            found.append(int(value))
-    return min(found) if found else None
-
-
 def _open_file(path: str, size: int, kind: int, manifest: Manifest) -> int:
     """Opens a shard or heap file (a regular file, never through a link) and checks its size and header."""
     fd = open_regular(path, " shard")
@@ -214,8 +172,10 @@ class Dataset:
     :meth:`read` for batches. Thread-safe; pickles by path (the copy reopens the files)."""
 
     def __init__(self, path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "auto",
-                 mmap: Union[str, bool] = "auto", verify: bool = False):
+                 mmap: Union[str, bool] = "auto", verify: bool = False, preload: Union[str, bool] = "auto"):
         self.path = file_system_path(path, ShardReadError)
+        self._preload_option = _preload.check_option(preload)
+        self.preloading: Optional[_preload.BackgroundPreload] = None  # the background pass, if one started
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be True or False, got {verify!r}")
         self.verify_reads = verify
@@ -278,6 +238,11 @@ class Dataset:
                                f.record_bytes) for name, f in self.fields.items()}
         # (field, dtype option, affine) -> (output dtype, conversion id or None): see _conversion.
         self._conversions: Dict[Tuple[str, Any, bool], Tuple[np.dtype, Optional[int]]] = {}
+        files = self._data_files()
+        if files and self._preload_option is not False and _preload.background_wanted(
+                self._preload_option, sum(size for _, size in files),
+                _preload.memory_available() if self._preload_option == "auto" else None):
+            self.preloading = _preload.start_background(self, files)
 
     # ---- basics -------------------------------------------------------------------------------
 
@@ -296,7 +261,10 @@ class Dataset:
         return f"<shardfeed.Dataset {self.path!r}: {len(self)} samples, {self.schema!r}>"
 
     def close(self) -> None:
-        """Closes the shard files (reads running in other threads finish first)."""
+        """Closes the shard files (reads running in other threads finish first) and stops the
+        background preload."""
+        if self.preloading is not None:
+            self.preloading.stop()
         self._shards.close()
 
     def __enter__(self) -> "Dataset":
@@ -306,7 +274,7 @@ class Dataset:
         self.close()
 
     def __reduce__(self):
-        return (_reopen, (self.path, self._threads, self._mmap_option, self.verify_reads))
+        return (_reopen, (self.path, self._threads, self._mmap_option, self.verify_reads, self._preload_option))
 
     def preload(self) -> bool:
         """Reads every file of the dataset once, front to back, so that the operating system's
@@ -322,30 +290,24 @@ class Dataset:
         process could give the page cache (``MemAvailable``, and its memory cgroup's limit): they
         would only evict one another, and random reads are the way to read them. The pages stay
         cached as long as the kernel keeps them, shared with every process that reads the files.
-        Pages already cached are copied from memory, not read again (and keep the size they were
-        cached in)."""
+        Parts already cached are not read again (and keep the size they were cached in).
+
+        ``open`` does this by default in the background for a dataset that fits (its ``preload``
+        option, :attr:`preloading`); call this to wait for all of it before reading."""
         if self._shards.closed:
             raise ValueError("I/O operation on a closed dataset")
-        paths = self._shards.paths + self._shards.heap_paths
-        total = sum(s.size + s.heap_size for s in self._manifest.shards)
-        available = _memory_available()
-        if available is not None and total > available:
+        files = self._data_files()
+        available = _preload.memory_available()
+        if available is not None and sum(size for _, size in files) > available:
             return False
-        chunk = bytearray(_PRELOAD_CHUNK_BYTES)
-        for path in paths:
-            # A descriptor of its own: the reader's have POSIX_FADV_RANDOM, which turns the kernel's
-            # readahead (and its large folios) off.
-            fd = open_regular(path, " shard")  # (a name may have been replaced since the open)
-            try:
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                while os.readv(fd, [chunk]) > 0:
-                    pass
-            except OSError as exc:
-                raise ShardReadError(exc.errno, f"cannot preload: {exc.strerror}", path) from None
-            finally:
-                os.close(fd)
+        _preload.preload_files(files)
         return True
+
+    def _data_files(self) -> List[Tuple[str, int]]:
+        """(path, size) of every record and heap file, in shard order: what a preload reads."""
+        files = [(os.path.join(self.path, s.file), s.size) for s in self._manifest.shards]
+        return files + [(os.path.join(self.path, s.heap_file), s.heap_size) for s in self._manifest.shards
+                        if s.heap_file]
 
     def verify(self) -> Any:
         """Checks every shard this dataset lists (checksums, sizes, headers, records) and returns a
@@ -710,12 +672,13 @@ def free_batch_memory() -> int:
     return _core.free_batch_memory()
 
 
-def _reopen(path: str, threads: Optional[int], mmap: Union[str, bool], verify: bool = False) -> Dataset:
-    return Dataset(path, threads=threads, mmap=mmap, verify=verify)
+def _reopen(path: str, threads: Optional[int], mmap: Union[str, bool], verify: bool = False,
+            preload: Union[str, bool] = "auto") -> Dataset:
+    return Dataset(path, threads=threads, mmap=mmap, verify=verify, preload=preload)
 
 
 def open(path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "auto",
-         mmap: Union[str, bool] = "auto", verify: bool = False) -> Dataset:
+         mmap: Union[str, bool] = "auto", verify: bool = False, preload: Union[str, bool] = "auto") -> Dataset:
     """Opens a dataset directory for reading. ``threads``: native reader threads per batch, or
     ``"auto"`` (the default: :func:`get_num_threads`, see :func:`set_num_threads`). ``mmap``: copy records that are in the
     page cache from a read-only memory map instead of ``preadv`` — ``"auto"`` does for records of
@@ -730,5 +693,15 @@ def open(path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "au
     variable-length fields), records are read one at a time and whole, each is checksummed as it is
     copied, and rows are read once more for their check (benchmarks/RESULTS.md, "Per-record
     checksums"). A dataset with shards written before per-record checksums (format version 1)
-    cannot be opened with ``verify=True``."""
-    return Dataset(path, threads=threads, mmap=mmap, verify=verify)
+    cannot be opened with ``verify=True``.
+
+    ``preload``: ``"auto"`` (the default) starts reading the dataset's files front to back into
+    the page cache, on a background thread, when they fit in the memory the page cache may use
+    (at most 80% of ``MemAvailable``, or of the process's memory cgroup limit where that is lower),
+    so that a first epoch from disk runs at the disk's bandwidth instead of its request rate while
+    reads are served as usual meanwhile; a dataset that does not fit is read by random reads only,
+    as with ``False``. ``True`` starts the pass whatever the dataset's size. Parts already cached
+    cost no reads. The pass is :attr:`Dataset.preloading` (``wait()``, ``done``, ``bytes_read``,
+    ``error``); it stops when the dataset is closed or garbage collected (docs/training.md,
+    "Datasets that fit in RAM")."""
+    return Dataset(path, threads=threads, mmap=mmap, verify=verify, preload=preload)
