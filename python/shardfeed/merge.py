@@ -223,10 +223,12 @@ def _carry_out(plan: _Plan, target: str, move: bool, part_locks: Dict[str, Write
 def _place_all(plan: _Plan, target: str, move: bool) -> int:
     """Places every file of the plan in the target (a file already there is left, see _place);
     returns the number of files copied."""
-    sizes = {}
+    sizes: Dict[str, int] = {}  # each file's size, as the merged manifest lists it
     for shard in plan.manifest.shards:
-        sizes.update({shard.file: shard.size, shard.heap_file: shard.heap_size,
-                      shard.checksums_file: shard.checksums_size})
+        for name, size in ((shard.file, shard.size), (shard.heap_file, shard.heap_size),
+                           (shard.checksums_file, shard.checksums_size)):
+            if name is not None and size is not None:
+                sizes[name] = size
     copied = 0
     for number, name, new_name in plan.files:
         copied += _place(os.path.join(plan.parts[number], name), os.path.join(target, new_name), move,
