@@ -156,6 +156,14 @@ def routes(ds, results):
                                      epochs=1) and None, results)
     run("gen_no_steps_per_epoch", lambda: fit(train.batches(BATCH, inputs=INPUTS, targets="target", seed=SEED,
                                                             epochs=3)) and None, results)
+    run("gen_other_steps_per_epoch", lambda: fit(train.batches(BATCH, inputs=INPUTS, targets="target", seed=SEED),
+                                                 steps_per_epoch=4) and None, results)
+    run("gen_initial_epoch_without_start", lambda: fit(train.batches(BATCH, inputs=INPUTS, targets="target",
+                                                                     seed=SEED),
+                                                       steps_per_epoch=per_epoch, epochs=4, initial_epoch=2)
+        and None, results)
+    run("gen_validation_data", lambda: fit(sequence(train), validation_data=val.batches(
+        BATCH, inputs=INPUTS, targets="target", shuffle=False)) and None, results)
     run("gen_initial_epoch", lambda: fit(train.batches(BATCH, inputs=INPUTS, targets="target", seed=SEED,
                                                        start=(2, 0)),
                                          steps_per_epoch=per_epoch, epochs=4, initial_epoch=2) and None, results)
@@ -171,8 +179,18 @@ def routes(ds, results):
     run("tfdata_endless", lambda: fit(train.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=SEED,
                                                           epochs=None), steps_per_epoch=per_epoch) and None, results)
 
+    def derived(tf_ds):  # map, unbatch + batch (the same batches), prefetch
+        return tf_ds.map(lambda x, y: (x, y)).unbatch().batch(BATCH).prefetch(2)
+    run("tfdata_derived", lambda: fit(derived(train.to_tf_dataset(BATCH, inputs=INPUTS, targets="target",
+                                                                  seed=SEED))) and None, results)
+    run("tfdata_derived_initial_epoch", lambda: fit(derived(train.to_tf_dataset(
+        BATCH, inputs=INPUTS, targets="target", seed=SEED)), epochs=4, initial_epoch=2) and None, results)
+    run("tfdata_derived_steps_per_epoch", lambda: fit(derived(train.to_tf_dataset(
+        BATCH, inputs=INPUTS, targets="target", seed=SEED)), steps_per_epoch=per_epoch) and None, results)
+
     def custom_loops():
-        seq, out = sequence(train), {"indexed": [], "iterated": [], "tf_iterations": [], "tf_repeat": []}
+        seq, out = sequence(train), {"indexed": [], "iterated": [], "tf_iterations": [], "tf_repeat": [],
+                                     "tf_derived": [], "tf_distributed": []}
         for _ in range(2):
             out["indexed"].append([np.asarray(seq[i][0]["tag"]).astype(int).tolist() for i in range(len(seq))])
             seq.on_epoch_end()
@@ -184,11 +202,18 @@ def routes(ds, results):
         for _ in range(2):
             out["tf_iterations"].append([np.asarray(x["tag"]).astype(int).tolist() for x, _ in tf_ds])
         out["tf_repeat"] = [np.asarray(x["tag"]).astype(int).tolist() for x, _ in tf_ds.repeat(2)]
+        for _ in range(2):
+            out["tf_derived"].append([np.asarray(x["tag"]).astype(int).tolist() for x, _ in derived(tf_ds)])
+        if BACKEND == "tensorflow":  # distributed iterations (which never call the dataset's __iter__)
+            for _ in range(2):
+                out["tf_distributed"].append([
+                    [int(i) for part in strategy.experimental_local_results(x["tag"]) for i in np.asarray(part)]
+                    for x, _ in strategy.experimental_distribute_dataset(tf_ds)])
         return out
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if BACKEND == "tensorflow" else None
     run("custom_loops", custom_loops, results)
 
     if BACKEND == "tensorflow":
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
         def mirrored(data, **kwargs):
             with strategy.scope():
@@ -198,6 +223,11 @@ def routes(ds, results):
         run("mirrored_seq_workers2", lambda: mirrored(sequence(train, workers=2)), results)
         run("mirrored_tfdata_finite", lambda: mirrored(
             train.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=SEED)), results)
+        run("mirrored_tfdata_finite_initial_epoch", lambda: mirrored(
+            train.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=SEED), epochs=4, initial_epoch=2),
+            results)
+        run("mirrored_tfdata_derived", lambda: mirrored(
+            derived(train.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=SEED))), results)
         run("mirrored_tfdata_endless", lambda: mirrored(
             train.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=SEED, epochs=None),
             steps_per_epoch=per_epoch), results)
@@ -208,6 +238,8 @@ def routes(ds, results):
         try:
             run("dataparallel_seq_workers1", lambda: fit(sequence(train)) and None, results)
             run("dataparallel_seq_workers2", lambda: fit(sequence(train, workers=2)) and None, results)
+            run("dataparallel_tfdata_finite", lambda: fit(
+                train.to_tf_dataset(BATCH, inputs=INPUTS, targets="target", seed=SEED)) and None, results)
             run("dataparallel_gen_steps_per_epoch", lambda: fit(
                 train.batches(BATCH, inputs=INPUTS, targets="target", seed=SEED), steps_per_epoch=per_epoch)
                 and None, results)

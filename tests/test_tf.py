@@ -207,3 +207,79 @@ def test_tf_distribute(data, tmp_path):
         for replica, part in enumerate(parts):
             np.testing.assert_array_equal(part, per_replica.indices(2 * step + replica))
     assert report["loss"][-1] < report["loss"][0]
+
+
+CHECKPOINT = """
+import json, os, signal, sys
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import tensorflow as tf
+import shardfeed
+
+path, prefix, phase = sys.argv[1], sys.argv[2], sys.argv[3]
+ds = shardfeed.open(path)
+options = dict(inputs="x", targets="id", seed=7, dtype=None)
+datasets = {"finite": ds.to_tf_dataset(50, **options),  # one epoch per iteration
+            "two_epochs": ds.to_tf_dataset(50, epochs=2, **options),
+            "endless": ds.to_tf_dataset(50, epochs=None, **options)}
+ids = lambda batches: [y.numpy().tolist() for _, y in batches]  # noqa: E731
+if phase == "save":
+    # finite: a whole first pass, then 2 batches into the second (data epoch 1); two_epochs: 8
+    # batches into its first pass (epoch 1, batch 2); endless: 9 batches. Then the checkpoints,
+    # written while the iterators are mid-pass, and a SIGKILL (nothing is closed or flushed).
+    read = {"finite": ids(datasets["finite"])}
+    iterators = {name: iter(dataset) for name, dataset in datasets.items()}
+    for name, count in (("finite", 2), ("two_epochs", 8), ("endless", 9)):
+        read[name + "_before"] = ids(next(iterators[name]) for _ in range(count))
+        tf.train.Checkpoint(iterator=iterators[name]).write(f"{prefix}-{name}")
+    print(json.dumps(read), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+# A fresh process: the same datasets, each a new iterator restored from its checkpoint.
+read = {}
+for name, dataset in datasets.items():
+    iterator = iter(dataset)
+    tf.train.Checkpoint(iterator=iterator).read(f"{prefix}-{name}").assert_consumed()
+    if name == "endless":
+        read[name] = ids(next(iterator) for _ in range(5))
+    else:
+        read[name] = ids(iterator)  # the rest of the restored pass
+        read[name + "_next_pass"] = ids(dataset)  # a new iteration: the pass after it
+    # Released before exit: TensorFlow 2.21 can hang at interpreter exit while a live iterator's
+    # prefetch thread runs a numpy_function (also with no shardfeed in the pipeline).
+    del iterator
+print(json.dumps(read), flush=True)
+"""
+
+
+def test_an_iterator_checkpoint_restores_in_a_fresh_process(data, tmp_path):
+    """``tf.train.Checkpoint(iterator=it)`` of a to_tf_dataset iterator mid-pass, the process
+    SIGKILLed, restored in a fresh process: the restored iterator continues with the very next
+    batch of the Sampler's order (in the pass it was in, also a later pass than the first), and
+    the dataset's next iteration reads the following epoch(s)."""
+    ds, _ = data
+    script = tmp_path / "checkpoint.py"
+    script.write_text(CHECKPOINT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    prefix = str(tmp_path / "ckpt")
+
+    def run(phase):
+        return subprocess.run([sys.executable, str(script), ds.path, prefix, phase], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=str(tmp_path))
+
+    saved = run("save")
+    assert saved.returncode == -9, saved.stderr[-3000:]
+    before = json.loads(saved.stdout.strip().splitlines()[-1])
+    restored = run("restore")
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    after = json.loads(restored.stdout.strip().splitlines()[-1])
+    sampler = Sampler(ds, 50, seed=7)
+    n = len(sampler)
+    steps = lambda lo, hi: [sampler.indices(s).tolist() for s in range(lo, hi)]  # noqa: E731
+    assert before["finite"] == steps(0, n)
+    assert before["finite_before"] == steps(n, n + 2)
+    assert after["finite"] == steps(n + 2, 2 * n)
+    assert after["finite_next_pass"] == steps(2 * n, 3 * n)
+    assert before["two_epochs_before"] == steps(0, 8)
+    assert after["two_epochs"] == steps(8, 2 * n)
+    assert after["two_epochs_next_pass"] == steps(2 * n, 4 * n)
+    assert before["endless_before"] == steps(0, 9)
+    assert after["endless"] == steps(9, 14)

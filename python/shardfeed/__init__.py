@@ -19,8 +19,8 @@ by parallel processes without copying shard data.
 
 from .dataset import Batch, Dataset, free_batch_memory, get_num_threads, open, set_num_threads
 from .errors import (
-    OptionalDependencyError, OutputSizeError, RecordChecksumError, SchemaError, ShardfeedError, ShardfeedWarning, ShardFormatError,
-    ShardReadError, ShardWriteError, SourceError, ValueRangeError, WriterLockedError,
+    KerasVersionError, OptionalDependencyError, OutputSizeError, RecordChecksumError, SchemaError, ShardfeedError,
+    ShardfeedWarning, ShardFormatError, ShardReadError, ShardWriteError, SourceError, ValueRangeError, WriterLockedError,
 )
 from .format import Field
 from .merge import MergeResult, merge
@@ -32,8 +32,8 @@ from .writer import Writer
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "Dataset", "Field", "MergeResult", "OptionalDependencyError", "OutputSizeError", "Permutation", "RecordChecksumError",
-    "Sampler", "SchemaError", "ShardFormatError",
+    "Batch", "Dataset", "Field", "KerasVersionError", "MergeResult", "OptionalDependencyError", "OutputSizeError",
+    "Permutation", "RecordChecksumError", "Sampler", "SchemaError", "ShardFormatError",
     "ShardReadError", "ShardWriteError", "ShardfeedError", "ShardfeedWarning", "SourceError", "Subset",
     "ValueRangeError", "VerifyReport", "Writer", "WriterLockedError", "convert", "free_batch_memory",
     "get_num_threads", "merge", "open", "set_num_threads", "verify",

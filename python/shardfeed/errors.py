@@ -79,3 +79,9 @@ class WriterLockedError(ShardfeedError, OSError):
 
 class ShardfeedWarning(UserWarning):
     """Something worth knowing that is not an error, e.g. leftovers of a writer that was killed."""
+
+
+class KerasVersionError(ShardfeedError, RuntimeError):
+    """This Keras's trainer does not hold what shardfeed reads to know which Keras epoch is being
+    trained (the loop variable of ``fit``, Keras 3.15): the feeds raise this rather than guess an
+    epoch. The message names the Keras version and the feeds that do not need it."""

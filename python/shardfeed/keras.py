@@ -18,7 +18,7 @@ except ImportError as exc:  # the Pillow way: say which extra brings it
     raise ImportError(f"shardfeed.keras needs Keras 3 ({exc}): pip install 'shardfeed[tensorflow]'") from exc
 
 from . import kerasfit
-from .loader import DEFAULT_PREFETCH, BatchPlan, FeedOptions, StepPool
+from .loader import DEFAULT_PREFETCH, BatchPlan, FeedOptions, StepPool, refuse_generator_as_validation
 
 __all__ = ["BackupAndRestore", "ShardSequence"]
 
@@ -195,6 +195,7 @@ class ShardSequence(keras.utils.PyDataset):
 
 def _refuse_inexact_fit(call: kerasfit.KerasCall, batches: int) -> None:
     arguments = call.arguments
+    refuse_generator_as_validation(call)
     if arguments.get("steps_per_epoch") is not None:
         raise ValueError(f"model.fit(ShardSequence, steps_per_epoch={arguments['steps_per_epoch']}): a Keras epoch "
                          f"is one pass over the sequence ({batches} batches), so the data epochs would not line up "

@@ -9,44 +9,91 @@ Keras cannot desynchronise is its own loop variable: ``fit`` runs ``for epoch in
 range(initial_epoch, epochs)`` and calls into the data from inside that loop. :func:`keras_call`
 finds the nearest ``fit``/``evaluate``/``predict`` frame of a Keras model on the stack and
 reports the epoch it is in (None before the loop: the build iteration) with the arguments that
-decide whether a feed can be exact (``steps_per_epoch``, ``shuffle``, ``initial_epoch``).
+decide whether a feed can be exact (``x``, ``steps_per_epoch``, ``shuffle``, ``initial_epoch``...).
+:func:`keras_calls_reading` does the same on every thread, for a feed whose first read runs on a
+thread of its own (a tf.data pipeline).
 
-It must be called from the thread that runs Keras's loop (``on_epoch_begin`` is; a generator's
-first ``next`` is, when Keras peeks at it). The route-matrix test (tests/test_routes.py) pins
-this to the Keras trainers of every backend (Keras 3.15). Not guarded at run time: with a
-Keras whose trainers no longer match (other method or loop-variable names), no call is found
-and the feeds fall back to their custom-loop rules, which the route-matrix test then shows.
+The loop variable is a Keras internal; the route-matrix test (tests/test_routes.py) pins it to
+the Keras trainers of every backend (Keras 3.15). Guarded at run time: when a Keras model's
+``fit`` frame has no ``epoch`` local, or holds something else than an int there (a Keras that
+renamed it), :attr:`KerasCall.epoch` raises :class:`~shardfeed.errors.KerasVersionError`, never
+a guessed epoch. The arguments (``x``, ``steps_per_epoch``...) are fit's public signature and
+are checked the same way when a frame is found.
 
 Importing this module imports nothing: Keras is looked up in ``sys.modules``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from typing import Any, Dict, Optional
+import threading
+from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["KerasCall", "distributed", "keras_call"]
+from .errors import KerasVersionError
 
-# The trainer methods whose loops ask for data.
-_METHODS = ("fit", "evaluate", "predict")
+__all__ = ["KerasCall", "distributed", "keras_call", "keras_calls_reading"]
+
+# The trainer methods whose loops ask for data, and the arguments of each that the feeds read.
+_ARGUMENTS = {
+    "fit": ("x", "epochs", "initial_epoch", "steps_per_epoch", "shuffle", "validation_data"),
+    "evaluate": ("x", "steps"),
+    "predict": ("x", "steps"),
+}
+# fit's loop variable: ``for epoch in range(initial_epoch, epochs)`` in every Keras 3 trainer.
+LOOP_VARIABLE = "epoch"
+_UNBOUND = object()  # the loop variable before the loop (fit reads data to build the model)
 
 
-@dataclasses.dataclass(frozen=True)
+def _keras_version() -> str:
+    return str(getattr(sys.modules.get("keras"), "__version__", "unknown"))
+
+
 class KerasCall:
-    """A Keras ``fit``/``evaluate``/``predict`` call in progress on the current thread."""
+    """A Keras ``fit``/``evaluate``/``predict`` call in progress (on the current thread, or the
+    thread :func:`keras_calls_reading` found it on)."""
 
-    method: str
-    # fit: the Keras epoch being trained (None before the epoch loop: the iteration Keras makes to
-    # build the model); None for evaluate and predict.
-    epoch: Optional[int]
-    arguments: Dict[str, Any]
-    model: Any
+    def __init__(self, method: str, arguments: Dict[str, Any], model: Any, where: str,
+                 loop_variable: Any = _UNBOUND, has_loop_variable: bool = True) -> None:
+        self.method = method
+        self.arguments = arguments
+        self.model = model
+        self.where = where  # the trainer's module, for messages
+        self._loop_variable = loop_variable
+        self._has_loop_variable = has_loop_variable
+
+    def __repr__(self) -> str:
+        return f"<KerasCall {self.where}.{self.method}>"
+
+    @property
+    def epoch(self) -> Optional[int]:
+        """fit: the Keras epoch being trained (None before the epoch loop: the iteration Keras
+        makes to build the model); None for evaluate and predict. Raises
+        :class:`~shardfeed.errors.KerasVersionError` when this Keras's fit has no int loop
+        variable ``epoch``."""
+        if self.method != "fit":
+            return None
+        if not self._has_loop_variable:
+            raise self._version_error(f"has no local variable {LOOP_VARIABLE!r}")
+        value = self._loop_variable
+        if value is _UNBOUND:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._version_error(f"holds a {type(value).__name__} in {LOOP_VARIABLE!r}, not the epoch number")
+        return value
 
     @property
     def building(self) -> bool:
         """fit, before its first epoch: Keras reads a batch to build the model and drops the rest."""
         return self.method == "fit" and self.epoch is None
+
+    def _version_error(self, what: str) -> KerasVersionError:
+        return KerasVersionError(
+            f"Keras {_keras_version()}: {self.where}.fit {what}; shardfeed reads the Keras epoch from that "
+            f"loop variable ('for {LOOP_VARIABLE} in range(initial_epoch, epochs)', Keras 3.15) to feed Keras "
+            f"epoch e with data epoch e, and will not guess it. Feed fit with a generator, "
+            f"ds.batches(..., epochs=None, start=(initial_epoch, 0)) with steps_per_epoch=<batches per epoch>, "
+            f"or ds.to_tf_dataset(..., epochs=None) with steps_per_epoch (neither needs the epoch), or pin keras "
+            f"to a version shardfeed is tested with (pip install 'keras==3.15.*')")
 
 
 def _is_model(value: Any) -> bool:
@@ -55,24 +102,67 @@ def _is_model(value: Any) -> bool:
     return model is not None and isinstance(value, model)
 
 
+def _call_of(frame: Any) -> Optional[KerasCall]:
+    """The Keras call ``frame`` runs, if it is the frame of a Keras model's fit/evaluate/predict."""
+    code = frame.f_code
+    if code.co_name not in _ARGUMENTS:
+        return None
+    module = str(frame.f_globals.get("__name__", ""))
+    if not module.startswith("keras."):
+        return None
+    local = frame.f_locals
+    if not _is_model(local.get("self")):
+        return None
+    names = code.co_varnames  # every local of the function, bound or not
+    missing = [name for name in _ARGUMENTS[code.co_name] if name not in names]
+    if missing:
+        raise KerasVersionError(
+            f"Keras {_keras_version()}: {module}.{code.co_name} has no argument {missing[0]!r}; shardfeed's "
+            f"feeds read it to refuse the uses that would not train the sampler's epochs; pin keras to a version "
+            f"shardfeed is tested with (pip install 'keras==3.15.*')")
+    arguments = {name: local[name] for name in _ARGUMENTS[code.co_name] if name in local}
+    if code.co_name != "fit":
+        return KerasCall(code.co_name, arguments, local["self"], module)
+    return KerasCall("fit", arguments, local["self"], module, loop_variable=local.get(LOOP_VARIABLE, _UNBOUND),
+                     has_loop_variable=LOOP_VARIABLE in names)
+
+
 def keras_call(depth: int = 1) -> Optional[KerasCall]:
     """The nearest Keras ``fit``/``evaluate``/``predict`` frame on this thread's stack, or None
-    (a custom loop, or Keras not imported). ``depth``: frames to skip (the caller's own)."""
+    (a custom loop, or Keras not imported). ``depth``: frames to skip (the caller's own).
+
+    It must be called from the thread that runs Keras's loop (``on_epoch_begin`` is; a
+    generator's first ``next`` is, when Keras peeks at it)."""
     if "keras" not in sys.modules:
         return None
     frame = sys._getframe(depth)
     while frame is not None:
-        code = frame.f_code
-        if code.co_name in _METHODS and str(frame.f_globals.get("__name__", "")).startswith("keras."):
-            local = frame.f_locals
-            if _is_model(local.get("self")):
-                epoch = local.get("epoch", None) if code.co_name == "fit" else None
-                names = ("steps_per_epoch", "shuffle", "initial_epoch", "epochs", "validation_data", "steps")
-                arguments = {name: local[name] for name in names if name in local}
-                return KerasCall(code.co_name, epoch if isinstance(epoch, int) else None, arguments,
-                                 local.get("self"))
+        call = _call_of(frame)
+        if call is not None:
+            return call
         frame = frame.f_back
     return None
+
+
+def keras_calls_reading(reads: Callable[[Any], bool]) -> List[KerasCall]:
+    """On every thread, the nearest Keras ``fit``/``evaluate``/``predict`` call whose data ``x``
+    satisfies ``reads`` (a thread with none contributes nothing). For a feed whose reads run on
+    threads of their own (tf.data's): the thread that runs Keras's loop waits for them, so its
+    stack shows which Keras call, and which epoch, the data is being read for."""
+    if "keras" not in sys.modules:
+        return []
+    calls = []
+    current = threading.get_ident()
+    for ident, frame in sys._current_frames().items():
+        if ident == current:
+            frame = sys._getframe(1)
+        while frame is not None:
+            call = _call_of(frame)
+            if call is not None and reads(call.arguments.get("x")):
+                calls.append(call)
+                break
+            frame = frame.f_back
+    return calls
 
 
 def distributed(model: Any) -> bool:

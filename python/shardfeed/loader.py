@@ -17,7 +17,6 @@ import concurrent.futures
 import dataclasses
 import itertools
 import queue
-import sys
 import threading
 import weakref
 from collections import abc
@@ -475,7 +474,18 @@ def _shutdown(executor: Any) -> None:
     executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _refuse_inexact_keras_fit(plan: BatchPlan, epochs: Optional[int], started: bool, frame: Any) -> None:
+def refuse_generator_as_validation(call: Optional[kerasfit.KerasCall]) -> None:
+    """Refuses a ``fit`` whose ``validation_data`` is a generator of :func:`batches`: Keras 3
+    replays a generator's first (peeked) batches at the start of every validation run, then
+    continues it. Every shardfeed feed calls this when fit first reads it, so that the refusal
+    comes before training (and the generator itself calls it when Keras first reads it)."""
+    if (call is not None and call.method == "fit"
+            and getattr(call.arguments.get("validation_data"), "gi_code", None) is _stream.__code__):
+        raise ValueError("a shardfeed generator as validation_data: Keras replays a generator's first batches "
+                         "at every validation run; pass a shardfeed.keras.ShardSequence(..., shuffle=False)")
+
+
+def _refuse_inexact_keras_fit(plan: BatchPlan, epochs: Optional[int], started: bool) -> None:
     """Called on a generator's first ``next``: when that is Keras's ``fit`` peeking at it, refuses
     the uses in which the batches Keras trains could not be the sampler's epoch after epoch."""
     call = kerasfit.keras_call()
@@ -483,9 +493,7 @@ def _refuse_inexact_keras_fit(plan: BatchPlan, epochs: Optional[int], started: b
         return
     arguments = call.arguments
     per_epoch = len(plan.sampler)
-    if getattr(arguments.get("validation_data"), "gi_frame", None) is frame:
-        raise ValueError("a shardfeed generator as validation_data: Keras replays a generator's first batches "
-                         "at every validation run; pass a shardfeed.keras.ShardSequence(..., shuffle=False)")
+    refuse_generator_as_validation(call)
     if kerasfit.distributed(call.model):
         raise ValueError("model.fit(generator) under tf.distribute: Keras reads ahead from the generator to build "
                          "the model and drops what it read, so batches would be skipped; use "
@@ -511,7 +519,7 @@ def _refuse_inexact_keras_fit(plan: BatchPlan, epochs: Optional[int], started: b
 
 def _stream(plan: BatchPlan, first: int, stop: Optional[int], prefetch: int, epochs: Optional[int],
             started: bool) -> Generator[Any, None, None]:
-    _refuse_inexact_keras_fit(plan, epochs, started, sys._getframe())
+    _refuse_inexact_keras_fit(plan, epochs, started)
     if prefetch == 0:
         steps: Iterable[int] = itertools.count(first) if stop is None else range(first, stop)
         for step in steps:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -15,7 +15,7 @@ except ImportError as exc:  # as shardfeed.keras: say which extra brings it
                       "pip install 'shardfeed[tensorflow]'") from exc
 
 from . import kerasfit
-from .loader import BatchPlan, FeedOptions
+from .loader import BatchPlan, FeedOptions, refuse_generator_as_validation
 
 __all__ = ["to_tf_dataset"]
 
@@ -58,21 +58,26 @@ def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = 1, pr
 
     Epochs: each iteration of the dataset reads ``epochs`` epochs (default 1), and each new
     iteration (a new ``iter()``, the next epoch of ``model.fit(ds, epochs=N)``, the next pass of
-    ``ds.repeat()``) reads the next ones, as tf.data's ``shuffle`` reshuffles every iteration:
-    iteration ``r`` reads data epochs ``r * epochs`` to ``(r + 1) * epochs - 1``; the first
-    iteration is the one that holds ``start`` (default step 0), from ``start`` on. So ``model.fit(ds, epochs=N)`` trains
-    Keras epoch ``e`` on data epoch ``e``, without ``steps_per_epoch``. ``epochs=None``: one
-    endless stream from ``start`` that every iteration starts again; for ``model.fit(ds,
-    steps_per_epoch=len(sampler), epochs=N)``, which keeps one iteration for the whole fit, and
-    the route to use under ``tf.distribute``, where Keras also iterates the dataset once to
-    build the model, which would count as an epoch of the finite form.
+    ``ds.repeat()``, a pass over a dataset derived from this one with ``map``, ``batch``,
+    ``prefetch``..., or over ``strategy.experimental_distribute_dataset(ds)``) reads the next
+    ones, as tf.data's ``shuffle`` reshuffles every iteration: iteration ``r`` reads data epochs
+    ``r * epochs`` to ``(r + 1) * epochs - 1``; the first iteration is the one that holds
+    ``start`` (default step 0), from ``start`` on. The iteration is decided at its first read, in
+    the tf.data graph, so every way of iterating counts once per pass. In ``model.fit(ds,
+    epochs=N)`` (without ``steps_per_epoch``; with it, fit is refused), directly or derived, on
+    any backend and under ``tf.distribute``, Keras epoch ``e`` trains data epoch ``e`` (counted
+    from ``initial_epoch``): the pass is taken from fit's own epoch (:mod:`shardfeed.kerasfit`),
+    and the pass Keras makes to build the model (then drops) is not counted. ``epochs=None``:
+    one endless stream from ``start`` that every iteration starts again; for ``model.fit(ds,
+    steps_per_epoch=len(sampler), epochs=N)``, which keeps one iteration for the whole fit.
 
     Resuming: the iterator checkpoints with ``tf.train.Checkpoint(iterator=it)`` (the dataset
     sets tf.data's external-state policy to ignore the batch-reading function, whose only state
-    is the step it is given), and a restored iterator continues with the very next batch. A
-    restarted ``model.fit`` resumes with ``start=`` (a step, ``(epoch, batch)`` or a
-    ``Sampler.position``) and ``epochs=None``, e.g. ``start=backup.step`` with
-    :class:`shardfeed.keras.BackupAndRestore`.
+    is the step it is given); an iterator restored from it, also in a fresh process, continues
+    with the very next batch of the pass it was in, and the dataset's next iteration reads the
+    epoch after that pass. A restarted ``model.fit`` resumes with ``start=`` (a step,
+    ``(epoch, batch)`` or a ``Sampler.position``) and ``epochs=None``, e.g. ``start=backup.step``
+    with :class:`shardfeed.keras.BackupAndRestore`.
 
     In ``tf.distribute``, ``strategy.experimental_distribute_dataset`` splits each global batch
     across replicas; with ``distribute_datasets_from_function``, give every input pipeline its
@@ -98,6 +103,9 @@ def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = 1, pr
     out_dtypes = [spec.dtype for spec in flat_specs]
 
     def read(step: np.ndarray) -> list:
+        if step < 0:  # the end-of-pass marker (_Iterations): an empty stand-in, dropped before the output
+            return [np.zeros([0 if d is None else d for d in spec.shape] if spec.shape.rank is not None else [],
+                             spec.dtype.as_numpy_dtype) for spec in flat_specs]
         flat = tf.nest.flatten(plan.load(int(step)))
         arrays = []
         for array, spec in zip(flat, flat_specs):
@@ -113,88 +121,145 @@ def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = 1, pr
         return tf.nest.pack_sequence_as(output_signature, [
             tf.ensure_shape(t, spec.shape) for t, spec in zip(tensors, flat_specs)])
 
-    per_iteration = (epochs or 0) * len(plan.sampler)
-    iterations = _Iterations(first // per_iteration if per_iteration else 0)
     if epochs is None:
-        numbers = tf.data.Dataset.counter(start=first)
+        dataset = tf.data.Dataset.counter(start=first).map(
+            load, num_parallel_calls=num_parallel_calls, deterministic=True).prefetch(prefetch)
     else:
         # The cardinality stays unknown: told it, Keras's TensorFlow trainer would also make an
         # iteration at the end of each epoch, which it drops.
-        numbers = _epochs_per_iteration(plan, first, int(epochs), iterations)
-    dataset = numbers.map(load, num_parallel_calls=num_parallel_calls, deterministic=True).prefetch(prefetch)
+        iterations = _Iterations(first, int(epochs) * len(plan.sampler))
+        dataset = iterations.passes(load, num_parallel_calls, prefetch)
     options = tf.data.Options()
     # The only state of the map function is its argument, the step: an iterator checkpoint that
     # records the steps' position resumes exactly.
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     dataset = dataset.with_options(options)
-    return dataset if epochs is None else _hook_iterations(dataset, iterations)
+    return dataset if epochs is None else iterations.mark(dataset)
 
 
 class _Iterations:
-    """Which iteration of a finite dataset begins: counted, one per iteration, like the seed
-    generator that makes tf.data's ``shuffle`` reshuffle each iteration, except where Keras says
-    otherwise. The dataset's ``__iter__`` looks at the Keras call on the stack
-    (:mod:`shardfeed.kerasfit`) and leaves a note for the iteration's first read, which runs on
-    a tf.data thread (Keras reads from each iteration it makes before it makes the next one): the
-    iteration ``fit`` makes to build the model (then drops) is not counted, one it makes in its
-    epoch ``e`` is iteration ``e``. ``fit`` with ``steps_per_epoch`` is refused: Keras then keeps
-    one iteration across epochs and runs out of data after the first."""
+    """Which iteration (pass) of a finite dataset begins, decided at the first read of each pass
+    and counted, one per pass, like the seed generator that makes tf.data's ``shuffle`` reshuffle
+    each iteration, except where Keras says otherwise: the pass ``fit`` makes to build the model
+    (then drops) is not counted, and a pass made in fit's epoch ``e`` is pass ``e``.
 
-    def __init__(self, first: int) -> None:
+    The decision runs in the tf.data graph (a ``numpy_function`` at the start of every pass), so
+    every way of iterating takes it exactly once per pass: ``iter()``, ``.repeat()``, a dataset
+    derived with ``map``/``batch``/``prefetch``..., and ``tf.distribute``'s distributed iterators,
+    which never call the dataset's ``__iter__``. It runs on a tf.data thread, so the Keras call is
+    looked up on every thread (:func:`shardfeed.kerasfit.keras_calls_reading`): the one whose data
+    ``x`` is this dataset or is built on it. Keras's thread is then waiting for that first read,
+    inside the epoch the pass is for.
+
+    A pass ends with a marker element (dropped before the output) that carries its number: an
+    iterator restored from a checkpoint (``tf.train.Checkpoint(iterator=it)``), also in a fresh
+    process, continues the very pass it was in (its bounds are part of the iterator's state), and
+    when it reaches the end of that pass the count moves past it, so that the dataset's next
+    iteration is the following one (a restored iterator left before its end leaves the count
+    where this process has it).
+
+    ``fit`` with ``steps_per_epoch`` is refused: Keras then keeps one iteration across epochs and
+    runs out of data after the first."""
+
+    def __init__(self, first: int, per_iteration: int) -> None:
         self._lock = threading.Lock()
-        self._next = first
-        self._note: Optional[Tuple[str, int]] = None
+        self._first = first
+        self._per_iteration = per_iteration
+        self._next = first // per_iteration if per_iteration else 0
 
-    def iteration_begins(self) -> None:
-        call = kerasfit.keras_call()
-        if call is not None and call.method == "fit" and call.arguments.get("steps_per_epoch") is not None:
-            raise ValueError(f"model.fit(to_tf_dataset(...), steps_per_epoch={call.arguments['steps_per_epoch']}) "
-                             "with a finite dataset (one epoch per iteration, the default): Keras keeps one "
-                             "iteration for the whole fit and runs out of data after it; leave steps_per_epoch "
-                             "out, or pass epochs=None to to_tf_dataset for an endless stream")
+    def mark(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        """``dataset``, recognisable (with what is built on it) as this object's dataset, with an
+        ``__iter__`` that refuses a ``fit`` with ``steps_per_epoch`` before reading anything."""
+        base, iterations = type(dataset), self
+
+        def __iter__(self):  # noqa: N807
+            _refuse_inexact_fit(kerasfit.keras_call())
+            return base.__iter__(self)
+
+        dataset.__class__ = type("ShardfeedDataset", (base,), {
+            "__iter__": __iter__, "__module__": __name__, "_shardfeed_iterations": iterations})
+        return dataset
+
+    def _reads(self, data: Any) -> bool:
+        """Whether ``data`` (a Keras call's ``x``) is this dataset or built on it: a derived
+        ``tf.data.Dataset`` (through its inputs) or a ``tf.distribute`` distributed dataset."""
+        pending, seen = [data], set()
+        while pending:
+            item = pending.pop()
+            if item is None or id(item) in seen:
+                continue
+            seen.add(id(item))
+            if getattr(item, "_shardfeed_iterations", None) is self:
+                return True
+            if isinstance(item, tf.data.Dataset):
+                try:
+                    pending.extend(item._inputs())  # noqa: SLF001 (tf.data's graph of datasets)
+                except NotImplementedError:
+                    pass
+            else:
+                pending.append(getattr(item, "_original_dataset", None))  # a tf.distribute DistributedDataset
+        return False
+
+    def begin(self) -> np.ndarray:
+        """The first read of a pass: ``[first step, end step, pass number or -1 if not counted]``."""
+        calls = kerasfit.keras_calls_reading(self._reads)
+        if len(calls) > 1:
+            raise ValueError(f"the same to_tf_dataset(...) is read by {len(calls)} Keras calls at once (on "
+                             "different threads): which epoch each pass is for cannot be known; give each its "
+                             "own dataset")
+        call = calls[0] if calls else None
+        _refuse_inexact_fit(call)
         with self._lock:
             if call is None or call.method != "fit":
-                self._note = None
+                r, counted = self._next, True
             elif call.building:
-                self._note = ("uncounted", 0)
+                r, counted = self._next, False
             else:
-                self._note = ("keras", call.epoch)
+                r, counted = call.epoch, True
+            if counted:
+                self._next = r + 1
+        hi = (r + 1) * self._per_iteration
+        return np.array([min(max(self._first, r * self._per_iteration), hi), hi, r if counted else -1], np.int64)
 
-    def take(self) -> int:
-        with self._lock:
-            note, self._note = self._note, None
-            if note is not None and note[0] == "uncounted":
-                return self._next
-            r = note[1] if note is not None else self._next
-            self._next = r + 1
-            return r
+    def ended(self, number: np.ndarray) -> np.ndarray:
+        """The end of pass ``number`` (-1: a pass not counted) was read: the next pass counted is
+        the one after it (a no-op, but after restoring a checkpointed iterator)."""
+        if number >= 0:
+            with self._lock:
+                self._next = max(self._next, int(number) + 1)
+        return np.array(False)
+
+    def passes(self, load: Callable[[tf.Tensor], Any], num_parallel_calls: int, prefetch: int) -> tf.data.Dataset:
+        """The batches of pass ``r``: data epochs ``r * epochs`` to ``(r + 1) * epochs - 1`` (from
+        ``first`` in the pass that holds it, which is the first one counted), read by ``load``
+        from their step numbers, then the pass's end marker, dropped once past the prefetch."""
+
+        def bounds(_: tf.Tensor) -> tf.Tensor:
+            lo_hi_number = tf.numpy_function(self.begin, [], tf.int64, stateful=True, name="shardfeed_iteration")
+            return tf.ensure_shape(lo_hi_number, [3])
+
+        def steps(lo_hi_number: tf.Tensor) -> tf.data.Dataset:
+            batches = tf.data.Dataset.range(lo_hi_number[0], lo_hi_number[1]).map(lambda step: (step, tf.constant(_BATCH, tf.int64)))
+            end = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), lo_hi_number[2]))
+            return batches.concatenate(end)
+
+        def keep(batch: Any, number: tf.Tensor) -> tf.Tensor:
+            return tf.cond(tf.equal(number, _BATCH), lambda: tf.constant(True), lambda: tf.reshape(
+                tf.numpy_function(self.ended, [number], tf.bool, stateful=True, name="shardfeed_pass_end"), []))
+
+        return (tf.data.Dataset.range(1).map(bounds).flat_map(steps)
+                .map(lambda step, number: (load(step), number), num_parallel_calls=num_parallel_calls,
+                     deterministic=True)
+                .prefetch(prefetch).filter(keep).map(lambda batch, number: batch))
 
 
-def _hook_iterations(dataset: tf.data.Dataset, iterations: _Iterations) -> tf.data.Dataset:
-    """``dataset`` with an ``__iter__`` that tells ``iterations`` an iteration begins (a subclass of
-    its own class: transformations of it are plain datasets, whose passes are counted)."""
-    base = type(dataset)
-
-    def __iter__(self):  # noqa: N807
-        iterations.iteration_begins()
-        return base.__iter__(self)
-
-    dataset.__class__ = type("ShardfeedDataset", (base,), {"__iter__": __iter__, "__module__": __name__})
-    return dataset
+_BATCH = -2  # the pass number of an element that is a batch (not an end marker)
 
 
-def _epochs_per_iteration(plan: BatchPlan, first: int, epochs: int, iterations: _Iterations) -> tf.data.Dataset:
-    """The steps of iteration ``r``: data epochs ``r * epochs`` to ``(r + 1) * epochs - 1`` (from
-    ``first`` in the iteration that holds it, which is the first one counted)."""
-    per_iteration = epochs * len(plan.sampler)
-
-    def bounds() -> np.ndarray:
-        r = iterations.take()
-        hi = (r + 1) * per_iteration
-        return np.array([min(max(first, r * per_iteration), hi), hi], np.int64)
-
-    def steps(_: tf.Tensor) -> tf.data.Dataset:
-        lo_hi = tf.numpy_function(bounds, [], tf.int64, stateful=True, name="shardfeed_iteration")
-        return tf.data.Dataset.range(lo_hi[0], lo_hi[1])
-
-    return tf.data.Dataset.range(1).flat_map(steps)
+def _refuse_inexact_fit(call: Optional[kerasfit.KerasCall]) -> None:
+    refuse_generator_as_validation(call)
+    if call is not None and call.method == "fit" and call.arguments.get("steps_per_epoch") is not None:
+        raise ValueError(f"model.fit(to_tf_dataset(...), steps_per_epoch={call.arguments['steps_per_epoch']}) "
+                         "with a finite dataset (one epoch per iteration, the default): Keras keeps one "
+                         "iteration for the whole fit and runs out of data after it; leave steps_per_epoch "
+                         "out, or pass epochs=None to to_tf_dataset for an endless stream")
