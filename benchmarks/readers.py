@@ -155,6 +155,28 @@ class ShardfeedLoaderReader(ShardfeedReader):
             yield ids, batch["x"]
 
 
+class ShardfeedSequenceReader(ShardfeedReader):
+    """``shardfeed.keras.ShardSequence``: what ``model.fit(seq)`` reads, batch by batch in the given
+    order (its ``StepPool`` reads the next batches ahead on a thread). Needs keras."""
+
+    name = "shardfeed-sequence"
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        try:
+            import shardfeed.keras  # noqa: F401
+        except ImportError as e:
+            return str(e)
+        return None
+
+    def read_pass(self, order: np.ndarray) -> Batches:
+        from shardfeed.keras import ShardSequence
+        sequence = ShardSequence(self.dataset.subset(order), self.profile.batch, fields="x", shuffle=False,
+                                 dtype="float32", **self.profile.kwargs())
+        for ids, batch in zip(self.batches(order), sequence):
+            yield ids, batch["x"]
+
+
 class ShardfeedBlockReader(ShardfeedReader):
     """``ds.batches(..., shuffle_block=16)``: the loader with a block shuffle, every epoch a uniform
     order of blocks of 16 records adjacent on disk, each block read by one ``preadv``. Like tf.data's
@@ -325,5 +347,6 @@ class CopyCeilingReader(Reader):
             yield ids, self.buffer[:n]
 
 
-READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedLoaderReader, ShardfeedBlockReader,
+READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
+           ShardfeedBlockReader,
            ShardfeedTorchReader, ShardfeedTorchW2Reader, ShardfeedTorchThreadReader, CopyCeilingReader]

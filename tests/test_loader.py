@@ -398,6 +398,54 @@ def test_prefetcher_contract():
         Prefetcher(lambda k: k, 0, 1, depth=0)
 
 
+@pytest.mark.parametrize("help_while_waiting", [False, True])
+def test_prefetcher_groups_hand_out_every_step_once_in_order(help_while_waiting):
+    """Steps computed a group at a time (produce_group), on the prefetch thread and, with
+    help_while_waiting, on the waiting consumer's too: every result once, in step order, up to
+    stop; an exception mid-group comes after the results before it."""
+    calls, lock = [], threading.Lock()
+
+    def produce_group(first, count):
+        with lock:
+            calls.append((first, count, threading.current_thread().name))
+        for k in range(first, first + count):
+            time.sleep(0.02)
+            if k == 23:
+                raise KeyError("step 23")
+            yield k * k
+
+    def run(stop):
+        calls.clear()
+        got = []
+        with Prefetcher(None, 2, stop, depth=2, group=4, produce_group=produce_group,
+                        help_while_waiting=help_while_waiting) as fetcher:
+            try:
+                with pytest.raises(StopIteration):
+                    while True:
+                        got.append(fetcher.get())
+            finally:
+                with pytest.raises(StopIteration):
+                    fetcher.get()  # after the end or an exception, the fetcher is finished
+        return got
+
+    assert run(13) == [k * k for k in range(2, 13)]
+    assert sorted((first, count) for first, count, _ in calls) == [(2, 4), (6, 4), (10, 3)]
+    names = {name for _, _, name in calls}
+    consumer = threading.current_thread().name
+    assert names == ({"shardfeed-prefetch", consumer} if help_while_waiting else {"shardfeed-prefetch"})
+    with pytest.raises(KeyError, match="step 23"):
+        run(None)
+    assert sorted(first for first, _, _ in calls)[:6] == [2, 6, 10, 14, 18, 22]
+    got = []
+    with Prefetcher(None, 0, 30, depth=1, group=4, produce_group=produce_group) as fetcher:
+        with pytest.raises(KeyError, match="step 23"):
+            while True:
+                got.append(fetcher.get())
+    assert got == [k * k for k in range(23)]
+    with pytest.raises(ValueError, match="group"):
+        Prefetcher(lambda k: k, 0, 1, group=2)
+
+
 def test_an_idle_prefetcher_frees_its_batches_and_resumes_exactly(data):
     """A generator nobody consumes (TensorFlow keeps the ones model.fit used) lets its thread and
     prefetched batches go after Prefetcher.IDLE_S, and continues exactly where it was."""
