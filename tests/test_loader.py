@@ -319,6 +319,7 @@ def test_step_pool_hands_out_each_step_only_for_itself(data, workers, processes)
     from shardfeed.loader import StepPool
     ds, columns = data
     plan = BatchPlan(ds, 64, inputs="meta", targets="id", seed=9)
+    assert plan.group > 1  # steps are read in groups: each still handed out only for itself
     sampler = Sampler(ds, 64, seed=9)
     pool = StepPool(plan, workers=workers, processes=processes, depth=4)
     try:
