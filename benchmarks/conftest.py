@@ -71,9 +71,14 @@ def timing_enabled(request) -> bool:
 TORCH_PEERS = ("torch-w0", "torch-w2")
 
 
+# ds.read into a new array per batch: what a loader does for each batch, with nothing around it.
+READ_BASELINE = "shardfeed-alloc"
+
+
 def add_ratios(benches) -> None:
-    """ratio_to_memmap, ratio_to_limit and ratio_to_torch_peer (to the faster of TORCH_PEERS)
-    (samples/s over theirs, same group, same run)."""
+    """ratio_to_memmap, ratio_to_limit, ratio_to_torch_peer (to the faster of TORCH_PEERS) and
+    ratio_to_read (to READ_BASELINE; issue 18's target for the loaders is 0.9 or more) (samples/s
+    over theirs, same group, same run)."""
     by_group: Dict[str, Dict[str, object]] = {}
     for bench in benches:
         by_group.setdefault(bench.group, {})[bench.extra_info["reader"]] = bench
@@ -86,6 +91,9 @@ def add_ratios(benches) -> None:
                 info["ratio_to_memmap"] = info["samples_per_s"] / base.extra_info["samples_per_s"]
             if limit is not None:
                 info["ratio_to_limit"] = info["samples_per_s"] / limit.extra_info["samples_per_s"]
+            read = group.get(READ_BASELINE)
+            if read is not None:
+                info["ratio_to_read"] = info["samples_per_s"] / read.extra_info["samples_per_s"]
             torch_peers = [group[name] for name in TORCH_PEERS if name in group]
             if torch_peers:
                 best = max(peer.extra_info["samples_per_s"] for peer in torch_peers)
@@ -115,11 +123,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     write("samples/s: median of the passes; ratios to numpy.memmap and to the limit (memcpy ceiling "
           "page-cached, best fio cold and out-of-core) in the same run; x fio now: to fio's best "
           "configuration run just before each pass (median over the passes); x torch: to the faster "
-          "torch peer (DataLoader over numpy.memmap, 0 or 2 workers); shuffle: the order a pass "
+          "torch peer (DataLoader over numpy.memmap, 0 or 2 workers); x read: to ds.read into new arrays "
+          "(shardfeed-alloc); shuffle: the order a pass "
           "really reads (compare global permutations with each other and fio, the others with "
           "shardfeed-block16)")
     write(f"{'group':<30} {'reader':<17} {'shuffle':<33} {'samples/s':>11} {'out GB/s':>8} {'RSS rise':>9} "
-          f"{'anon':>8} {'x memmap':>8} {'x limit':>7} {'x fio now':>9} {'x torch':>7}")
+          f"{'anon':>8} {'x memmap':>8} {'x limit':>7} {'x fio now':>9} {'x torch':>7} {'x read':>6}")
     order = {r: k for k, r in enumerate(REGIMES)}
     for bench in sorted(benches, key=lambda b: (b.extra_info["profile"], order[b.extra_info["regime"]],
                                                 -b.extra_info["samples_per_s"])):
@@ -132,6 +141,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
               f"{'' if rss is None else f'{anon / 2**20:,.0f} MiB':>8} "
               f"{info.get('ratio_to_memmap', float('nan')):>8.2f} {info.get('ratio_to_limit', float('nan')):>7.2f} "
               f"{info.get('ratio_to_paired_fio', float('nan')):>9.2f} "
-              f"{info.get('ratio_to_torch_peer', float('nan')):>7.2f}")
+              f"{info.get('ratio_to_torch_peer', float('nan')):>7.2f} "
+              f"{info.get('ratio_to_read', float('nan')):>6.2f}")
 
 

@@ -158,6 +158,28 @@ class ShardfeedLoaderReader(ShardfeedReader):
             yield ids, batch["x"]
 
 
+class ShardfeedSequenceReader(ShardfeedReader):
+    """``shardfeed.keras.ShardSequence``: what ``model.fit(seq)`` reads, batch by batch in the given
+    order (its ``StepPool`` reads the next batches ahead on a thread). Needs keras."""
+
+    name = "shardfeed-sequence"
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        try:
+            import shardfeed.keras  # noqa: F401
+        except ImportError as e:
+            return str(e)
+        return None
+
+    def read_pass(self, order: np.ndarray) -> Batches:
+        from shardfeed.keras import ShardSequence
+        sequence = ShardSequence(self.dataset.subset(order), self.profile.batch, fields="x", shuffle=False,
+                                 dtype="float32", **self.profile.kwargs())
+        for ids, batch in zip(self.batches(order), sequence):
+            yield ids, batch["x"]
+
+
 class ShardfeedBlockReader(ShardfeedReader):
     """``ds.batches(..., shuffle_block=16)``: the loader with a block shuffle, every epoch a uniform
     order of blocks of 16 records adjacent on disk, each block read by one ``preadv``. Like tf.data's
@@ -248,15 +270,13 @@ class ShardfeedTorchReader(ShardfeedReader):
 
 
 class ShardfeedTorchW2Reader(ShardfeedTorchReader):
-    """Not run out-of-core: with 147 KiB images (38 MiB float32 batches) two workers hold more than
-    the regime's 256 MiB memory cgroup and a worker gets killed (the torch peer's fit). The likely
-    cause, not measured: each worker keeps the freed batch's block for its next read
-    (``Dataset.read``'s batch memory) beside the batch it just read and the four batches torch has
-    in flight in shared memory, where the peer's workers return a freed batch to the system."""
+    """Two worker processes. Run out-of-core too since each worker reads its batches straight into
+    shared-memory tensors (no batch-memory cache of its own): with 147 KiB images (38 MiB float32
+    batches) two workers used to hold more than the regime's 256 MiB memory cgroup and one got
+    killed."""
 
     name = "shardfeed-torch-w2"
     num_workers = 2
-    skip_regimes = ("out-of-core",)
 
 
 class ShardfeedTorchThreadReader(ShardfeedTorchReader):
@@ -328,5 +348,6 @@ class CopyCeilingReader(Reader):
             yield ids, self.buffer[:n]
 
 
-READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedLoaderReader, ShardfeedBlockReader,
+READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
+           ShardfeedBlockReader,
            ShardfeedTorchReader, ShardfeedTorchW2Reader, ShardfeedTorchThreadReader, CopyCeilingReader]

@@ -149,7 +149,7 @@ LAYERS = [
     ("core I/O", {"_core", "_casting", "lock", "shardfile", "read_options", "_reference", "_preload"}),
     ("datasets", {"writer", "dataset", "merge", "verification"}),
     ("views and order", {"order", "views"}),
-    ("feed", {"kerasfit", "loader"}),
+    ("feed", {"kerasfit", "_prefetch", "loader"}),
     ("front ends", {"keras", "tf", "torch"}),
     ("tools", {"convert", "_demo"}),
     ("command line", {"cli", "_bench", "__main__"}),

@@ -287,10 +287,16 @@ def test_arrays_handed_to_keras_are_never_reused(data):
 
 
 @pytest.mark.parametrize("feed", ["generator", "sequence", "sequence, 2 workers", "tf.data"])
-def test_batches_wait_until_keras_lets_go(data, allocation, feed):
+def test_batches_wait_until_keras_lets_go(data, allocation, feed, monkeypatch):
     """Every step sees its own batch whether TensorFlow copies the arrays (numpy's own, 16-byte
     aligned) or wraps them without a copy and reads them later (64-byte-aligned views, and batch
-    memory, whose blocks are handed out again once TensorFlow has freed them)."""
+    memory, whose blocks are handed out again once TensorFlow has freed them). Small batches are
+    read several at a time (``BatchPlan.group``), each a view of the read's array; with batch
+    memory, one batch per read, so that every batch begins a block and the blocks handed out
+    again can be counted (grouped reads are the other allocations' case)."""
+    import shardfeed.loader
+    if allocation == "batch-memory":
+        monkeypatch.setattr(shardfeed.loader, "GROUP_BYTES", 0)
     addresses = []
 
     def record(batch):
@@ -311,6 +317,8 @@ def test_batches_wait_until_keras_lets_go(data, allocation, feed):
     model = H.mlp(6, 3 * STEPS, BATCH)
     model.fit(source, epochs=3, verbose=0, shuffle=False, **kwargs)
     assert_saw(model, [sampler.indices(s) for s in range(3 * STEPS)])
+    if allocation != "batch-memory":
+        assert shardfeed.loader.BatchPlan(ds, BATCH, inputs=INPUTS, targets="target").group > 1  # grouped reads tested
     if allocation == "batch-memory":
         assert all(address % 4096 == 0 for address in addresses)
         assert len(set(addresses)) < len(addresses), "no block was handed out again"

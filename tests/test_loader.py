@@ -319,6 +319,7 @@ def test_step_pool_hands_out_each_step_only_for_itself(data, workers, processes)
     from shardfeed.loader import StepPool
     ds, columns = data
     plan = BatchPlan(ds, 64, inputs="meta", targets="id", seed=9)
+    assert plan.group > 1  # steps are read in groups: each still handed out only for itself
     sampler = Sampler(ds, 64, seed=9)
     pool = StepPool(plan, workers=workers, processes=processes, depth=4)
     try:
@@ -396,6 +397,54 @@ def test_prefetcher_contract():
     fetcher.close()
     with pytest.raises(ValueError):
         Prefetcher(lambda k: k, 0, 1, depth=0)
+
+
+@pytest.mark.parametrize("help_while_waiting", [False, True])
+def test_prefetcher_groups_hand_out_every_step_once_in_order(help_while_waiting):
+    """Steps computed a group at a time (produce_group), on the prefetch thread and, with
+    help_while_waiting, on the waiting consumer's too: every result once, in step order, up to
+    stop; an exception mid-group comes after the results before it."""
+    calls, lock = [], threading.Lock()
+
+    def produce_group(first, count):
+        with lock:
+            calls.append((first, count, threading.current_thread().name))
+        for k in range(first, first + count):
+            time.sleep(0.02)
+            if k == 23:
+                raise KeyError("step 23")
+            yield k * k
+
+    def run(stop):
+        calls.clear()
+        got = []
+        with Prefetcher(None, 2, stop, depth=2, group=4, produce_group=produce_group,
+                        help_while_waiting=help_while_waiting) as fetcher:
+            try:
+                with pytest.raises(StopIteration):
+                    while True:
+                        got.append(fetcher.get())
+            finally:
+                with pytest.raises(StopIteration):
+                    fetcher.get()  # after the end or an exception, the fetcher is finished
+        return got
+
+    assert run(13) == [k * k for k in range(2, 13)]
+    assert sorted((first, count) for first, count, _ in calls) == [(2, 4), (6, 4), (10, 3)]
+    names = {name for _, _, name in calls}
+    consumer = threading.current_thread().name
+    assert names == ({"shardfeed-prefetch", consumer} if help_while_waiting else {"shardfeed-prefetch"})
+    with pytest.raises(KeyError, match="step 23"):
+        run(None)
+    assert sorted(first for first, _, _ in calls)[:6] == [2, 6, 10, 14, 18, 22]
+    got = []
+    with Prefetcher(None, 0, 30, depth=1, group=4, produce_group=produce_group) as fetcher:
+        with pytest.raises(KeyError, match="step 23"):
+            while True:
+                got.append(fetcher.get())
+    assert got == [k * k for k in range(23)]
+    with pytest.raises(ValueError, match="group"):
+        Prefetcher(lambda k: k, 0, 1, group=2)
 
 
 def test_an_idle_prefetcher_frees_its_batches_and_resumes_exactly(data):

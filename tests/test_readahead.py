@@ -1,6 +1,6 @@
 """Reading ahead from disk: ``Batch.uncached`` (records a read did not find in the page cache),
-``Dataset.readahead`` (posix_fadvise WILLNEED), and the loader's rule of reading the next batch
-ahead while batches miss the page cache, never while they hit it."""
+``Dataset.readahead`` (posix_fadvise WILLNEED), and the loader's rule of reading the next read's records
+ahead while reads miss the page cache, never while they hit it."""
 
 import os
 import sys
@@ -98,39 +98,50 @@ def test_readahead_brings_the_records_into_the_page_cache(pages):
         ds.readahead([0])
 
 
-def test_the_loader_reads_ahead_exactly_while_batches_miss_the_cache(pages, monkeypatch):
-    """A stand-in read reports a scripted number of uncached records per step: the loader reads
-    step s + 1 ahead before step s exactly when one of the READAHEAD_BATCHES steps before s
-    missed the cache, and the batches are the sampler's whatever it does."""
+def test_the_loader_reads_ahead_exactly_while_reads_miss_the_cache(pages, monkeypatch):
+    """A stand-in read reports a scripted number of uncached records per read: the loader reads
+    the records of read r + 1 ahead before read r exactly when one of the READAHEAD_BATCHES reads
+    before r missed the cache, and the batches are the sampler's whatever it does. A read is the
+    steps of one group (small batches are read several at a time, BatchPlan.group)."""
     path, values = pages
-    misses = {3: 5, 4: 1, 30: 2}  # step -> uncached records
+    misses = {1: 5, 2: 1, 14: 2}  # read -> uncached records
     read, calls = Dataset.read, []
-    steps_read = []
+    reads = []  # the indices of every read
 
     def scripted_read(self, indices, *args, **kwargs):
         batch = read(self, indices, *args, **kwargs)
         if len(indices) == 0:  # the plan's check of the read options
             return batch
-        batch.uncached = misses.get(len(steps_read), 0)
-        steps_read.append(len(steps_read))
+        batch.uncached = misses.get(len(reads), 0)
+        reads.append(np.array(indices))
         return batch
 
     def recording_readahead(self, indices):
-        calls.append((len(steps_read), np.array(indices)))
+        calls.append((len(reads), np.array(indices)))
 
     monkeypatch.setattr(Dataset, "read", scripted_read)
     monkeypatch.setattr(Dataset, "readahead", recording_readahead)
     batch_size = 32
     with shardfeed.open(path) as ds:
+        group = shardfeed.loader.BatchPlan(ds, batch_size, inputs="x", dtype=None).group
+        assert group > 1 and (N // batch_size) % group == 0
         sampler = shardfeed.Sampler(ds, batch_size, seed=3)
-        for step, (x,) in enumerate(ds.batches(batch_size, inputs="x", seed=3, epochs=1, dtype=None)):
+        # prefetch=0: the reads in order on one thread (with a prefetch thread, the consumer reads
+        # a group itself while it waits, so the reads' order is not the steps')
+        for step, (x,) in enumerate(ds.batches(batch_size, inputs="x", seed=3, epochs=1, dtype=None, prefetch=0)):
             np.testing.assert_array_equal(x, values[sampler.indices(step)])
+
+    def steps_of_read(r):
+        return np.concatenate([sampler.indices(s) for s in range(r * group, (r + 1) * group)])
+    count = N // batch_size // group
+    assert len(reads) == count
+    for r, indices in enumerate(reads):
+        np.testing.assert_array_equal(indices, steps_of_read(r))
     window = shardfeed.loader.READAHEAD_BATCHES
-    expected = [s for s in range(N // batch_size)
-                if any(0 < s - m <= window for m in misses)]
-    assert [step for step, _ in calls] == expected
-    for step, indices in calls:  # before reading step s, the records of step s + 1
-        np.testing.assert_array_equal(indices, sampler.indices(step + 1))
+    expected = [r for r in range(count) if any(0 < r - m <= window for m in misses)]
+    assert [r for r, _ in calls] == expected
+    for r, indices in calls:  # before read r, the records of read r + 1
+        np.testing.assert_array_equal(indices, steps_of_read(r + 1))
 
 
 @needs_fadvise
@@ -147,8 +158,9 @@ def test_a_cold_epoch_reads_ahead_and_a_cached_one_does_not(pages, monkeypatch):
     monkeypatch.setattr(Dataset, "readahead", counting)
     with shardfeed.open(path, mmap=False, preload=False) as ds:
         evict(path)
+        group = shardfeed.loader.BatchPlan(ds, 64, inputs="x", dtype=None).group
         cold = [x.copy() for (x,) in ds.batches(64, inputs="x", seed=4, epochs=1, dtype=None)]
-        assert calls and calls[0] == 64  # the first batch missed the cache: the next ones are read ahead
+        assert calls and calls[0] == 64 * group  # the first read missed the cache: the next ones are read ahead
         calls.clear()
         ds.read(np.arange(N))  # the whole file in the page cache
         warm = [x.copy() for (x,) in ds.batches(64, inputs="x", seed=4, epochs=1, dtype=None)]

@@ -412,3 +412,57 @@ def test_ddp_two_gloo_ranks_get_disjoint_equal_parts_every_epoch(unique, tmp_pat
         a, b = (set(r["sampler"][epoch]) for r in results)
         assert len(a) == len(b) == N // 2 and not a & b
     assert results[0]["sampler"][0] != results[0]["sampler"][1]  # a new order every epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pin_memory_is_pinned_with_an_accelerator_and_a_stated_no_op_without(unique, workers):
+    """pin_memory=True: with an accelerator every tensor is pinned; on a CPU-only torch there is
+    no pinned memory (Tensor.pin_memory() raises), so DataLoader warns (torch's own warning) and
+    does not pin, and ShardLoader does not pin either, silently, saying so in ``pin_memory``.
+    The batches are the sampler's either way."""
+    ds, columns = unique
+    items = ShardDataset(ds, "x", "label")
+    accelerator = torch.accelerator.is_available()
+
+    loader = DataLoader(items, batch_sampler=ShardSampler(items, 32, seed=4), collate_fn=collate,
+                        num_workers=workers, pin_memory=True)
+    if accelerator:
+        batches_of_epoch = iter(loader)
+    else:  # torch warns when an iteration starts
+        with pytest.warns(UserWarning, match="no accelerator"):
+            batches_of_epoch = iter(loader)
+    expected = Sampler(ds, 32, seed=4)
+    batches = 0
+    for b, (x, y) in enumerate(batches_of_epoch):
+        check_xy((x, y), columns, expected.batch(0, b))
+        assert x.is_pinned() == y.is_pinned() == accelerator
+        batches += 1
+    assert batches == len(expected)
+    thread = ShardLoader(ds, 32, "x", "label", seed=4, pin_memory=True, prefetch=workers)
+    assert thread.pin_memory == accelerator
+    assert ShardLoader(ds, 32, "x", "label").pin_memory is False
+    for b, (x, y) in enumerate(thread):
+        check_xy((x, y), columns, expected.batch(0, b))
+        assert x.is_pinned() == y.is_pinned() == accelerator
+
+
+def test_a_worker_reads_batches_straight_into_shared_memory(unique, monkeypatch):
+    """In a DataLoader worker (get_worker_info() set), a batch is read into new tensors in shared
+    memory, which torch sends to the main process without copying; each batch has storage of its
+    own; the main process (and a transform) get tensors over the read's arrays, not shared."""
+    ds, columns = unique
+    items = ShardDataset(ds, "x", "label")
+    x, y = items.__getitems__([5, 1, 7])
+    assert not x.is_shared() and not y.is_shared()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    kept = []
+    for positions in ([5, 1, 7], [0, 2], [3, 3, 9, 4]):
+        x, y = items.__getitems__(positions)
+        assert x.is_shared() and y.is_shared()
+        check_xy((x, y), columns, positions)
+        kept.append((positions, x, y))
+    assert len({x.untyped_storage().data_ptr() for _, x, _ in kept}) == 3
+    for positions, x, y in kept:  # none written again
+        check_xy((x, y), columns, positions)
+    transformed = ShardDataset(ds, "x", "label", transform=lambda batch: batch)
+    assert not transformed.__getitems__([1, 2])[0].is_shared()

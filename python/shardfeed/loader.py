@@ -9,28 +9,42 @@ arrays from ``Dataset.read``, whose arrays of 1 MiB or more take back the memory
 has freed (``_core.BatchMemory``): a batch the consumer dropped lends its pages to a later one,
 without the page faults of fresh memory, and memory anything still references (a view, a
 TensorFlow tensor wrapping it, Keras's queue) is never handed out again.
+
+Small batches (under ``GROUP_BYTES / 2``) are read several at a time: one ``Dataset.read`` for a
+group of consecutive steps, each batch a view of that read's new arrays (never written again
+either), handed to the consumer together; while it waits, the consumer reads the group after
+(``Prefetcher``'s ``help_while_waiting``). A read's fixed cost and a thread hand-off are then paid
+once per group instead of once per batch (benchmarks/RESULTS.md, "fourth session: the loader as
+fast as a read").
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import itertools
-import queue
-import threading
-import weakref
+import math
 from collections import abc
-from typing import Any, Callable, Dict, Generator, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Generator, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from . import kerasfit
+from ._prefetch import DEFAULT_PREFETCH, Prefetcher, StepPool  # noqa: F401 - StepPool: where front ends find it
+from .dataset import Batch
 from .order import Sampler
 from .views import as_subset
 
-DEFAULT_PREFETCH = 2
-# After a batch that missed the page cache, the next batch is read ahead for this many batches.
+# After a read that missed the page cache, the next read is read ahead for this many reads.
 READAHEAD_BATCHES = 8
+# Batches under GROUP_BYTES / 2 are read several at a time: one Dataset.read of up to GROUP_BYTES
+# of output for up to MAX_GROUP consecutive steps, cut into the steps' batches (views of one new
+# array). A read costs ~15 us of Python and thread-pool start beside its copy, and a hand-off from
+# the prefetch thread to the consumer 20-50 us on 2 loaded cores: at 128 B records (64 KiB
+# batches) the loader delivered 0.36-0.5x of one ds.read per batch; reading 8 batches per read
+# (512 KiB) costs 20 us per batch against 35 (16: 20, 32: 24) (benchmarks/RESULTS.md, "fourth
+# session: the loader as fast as a read").
+GROUP_BYTES = 512 << 10
+MAX_GROUP = 16
 # A normalised structure: ("one", name), ("seq", (names...)) or ("map", ((key, name), ...)).
 _Structure = Tuple[str, Any]
 
@@ -193,7 +207,23 @@ class BatchPlan:
         # A read of no samples checks the options now (dtype, scale/offset shapes, pad values)
         # and gives each field's output dtype and shape.
         self.empty = self.dataset.read(np.empty(0, np.int64), self.fields, **self.read_options)
-        self._readahead_left = 0  # batches to read ahead for; see read()
+        self._readahead_left = 0  # reads to read ahead for; see read_group()
+        self.group = self._group_size(batch_size)
+        # Whether a prefetching consumer that waits may read a group itself (Prefetcher's
+        # help_while_waiting): for small batches, whose reads are mostly Python overhead that a
+        # second thread runs beside the first (128 B records: 1.9x the loader without it); not for
+        # large ones, whose copies on the native threads a second read only competes with (8 KiB
+        # records, 4 MiB batches: 0.35x without it), nor with a transform (it runs on the
+        # prefetch thread, as documented).
+        self.helped = self.group > 1 and self.transform is None
+
+    def _group_size(self, batch_size: int) -> int:
+        """Steps read together (see ``GROUP_BYTES``): 1 where a batch is ``GROUP_BYTES / 2`` or
+        more, or has variable-length fields (each batch is padded to its own longest sample)."""
+        if self.empty.lengths:
+            return 1
+        sample_bytes = sum(math.prod(array.shape[1:]) * array.itemsize for array in self.empty.values())
+        return max(1, min(MAX_GROUP, GROUP_BYTES // max(1, sample_bytes * batch_size)))
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -201,30 +231,60 @@ class BatchPlan:
 
     def read(self, step: int):
         """Global step ``step`` as a :class:`~shardfeed.Batch` of fields (transformed, if the plan
-        has a transform). It carries ``indices`` (dataset indices), ``epoch`` and ``step``.
+        has a transform). It carries ``indices`` (dataset indices), ``epoch`` and ``step``."""
+        return next(iter(self.read_group(step, 1)))
 
-        While the batches read miss the page cache (and for ``READAHEAD_BATCHES`` batches after
-        the last one that did), the records of step ``step + 1`` are read ahead
-        (``Dataset.readahead``) before this step is read, so the disk has the next batch's requests
+    def read_group(self, first: int, count: int) -> Iterator[Any]:
+        """The batches of steps ``first`` to ``first + count - 1``, in order, read with one
+        ``Dataset.read`` (each batch's arrays are views of that read's arrays, which nothing
+        writes again) and transformed one by one; each is exactly what :meth:`read` gives for its
+        step, but ``uncached`` (the read's count is on its first batch). Should the read fail, the
+        steps are read one by one, so that the batches before the failing one come first and
+        the error is the one a read of that step raises.
+
+        While reads miss the page cache (and for ``READAHEAD_BATCHES`` reads after the last one
+        that did), the records of the next ``count`` steps are read ahead
+        (``Dataset.readahead``) before these are read, so the disk has the next read's requests
         queued while this one's last reads complete, instead of running dry at the end of every
-        batch. Page-cached data costs no readahead calls."""
-        indices = self.sampler.indices(step)
+        read. Page-cached data costs no readahead calls."""
+        steps = range(first, first + count)
+        indices = [self.sampler.indices(step) for step in steps]
         if self._readahead_left > 0:
-            self.dataset.readahead(self.sampler.indices(step + 1))
-        batch = self.dataset.read(indices, self.fields, **self.read_options)
-        if batch.uncached:
+            following = [self.sampler.indices(step) for step in range(first + count, first + 2 * count)]
+            self.dataset.readahead(following[0] if count == 1 else np.concatenate(following))
+        if count == 1:
+            whole = self.dataset.read(indices[0], self.fields, **self.read_options)
+        else:
+            try:
+                whole = self.dataset.read(np.concatenate(indices), self.fields, **self.read_options)
+            except Exception:  # noqa: BLE001 - read again step by step, to raise at the right one
+                for step in steps:
+                    yield from self.read_group(step, 1)
+                return
+        if whole.uncached:
             self._readahead_left = READAHEAD_BATCHES
         elif self._readahead_left > 0:
             self._readahead_left -= 1
-        batch.indices = indices
-        batch.epoch = step // len(self.sampler)
-        batch.step = step
-        if self.transform is not None:
-            result = self.transform(batch)
-            if not isinstance(result, abc.Mapping):
-                raise TypeError(f"transform must return a mapping of field name -> array, got {type(result).__name__}")
-            return result
-        return batch
+        at = 0
+        for step, step_indices in zip(steps, indices):
+            if count == 1:
+                batch = whole
+            else:
+                end = at + len(step_indices)
+                batch = Batch({name: array[at:end] for name, array in whole.items()},
+                              uncached=whole.uncached if step == first else 0)
+                at = end
+            batch.indices = step_indices
+            batch.epoch = step // len(self.sampler)
+            batch.step = step
+            if self.transform is not None:
+                result = self.transform(batch)
+                if not isinstance(result, abc.Mapping):
+                    raise TypeError(f"transform must return a mapping of field name -> array, got "
+                                    f"{type(result).__name__}")
+                batch = result
+            yield batch
+            del batch
 
     def arrange(self, batch: Mapping[str, Any]) -> Any:
         """Fields -> ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``; the batch itself without inputs."""
@@ -242,6 +302,13 @@ class BatchPlan:
         """Reads and arranges global step ``step``: what the generator yields and a Sequence returns."""
         return self.arrange(self.read(step))
 
+    def load_group(self, first: int, count: int) -> Iterator[Any]:
+        """:meth:`load` of the steps ``first`` to ``first + count - 1``, read together
+        (:meth:`read_group`)."""
+        for batch in self.read_group(first, count):
+            yield self.arrange(batch)
+            del batch
+
     def steps(self, epochs: Optional[int], start: Any = None) -> Iterable[int]:
         """Global steps from ``start`` (a step, ``(epoch, batch)`` or a saved position) to the end of
         epoch ``epochs - 1``, or forever when ``epochs`` is None."""
@@ -258,220 +325,6 @@ class BatchPlan:
         if first > stop:
             raise ValueError(f"start step {first} is past the end of epoch {epochs - 1} (step {stop})")
         return range(first, stop)
-
-
-_VALUE, _END, _ERROR = range(3)
-
-
-class Prefetcher:
-    """Computes ``produce(step)`` for the steps ``first, first + 1, ...`` (up to ``stop``, or
-    forever when ``stop`` is None), in order, on a named daemon thread, up to ``depth`` results
-    ahead of the consumer (a bounded queue). :meth:`get` returns the next result, raises
-    StopIteration after the last one and re-raises an exception of ``produce``. :meth:`close`
-    stops the thread promptly (after the call to ``produce`` in progress, if any), drops the
-    results not consumed and joins the thread; it is idempotent.
-
-    When the consumer takes nothing for ``idle_s`` seconds, the thread drops its results and
-    exits; the next :meth:`get` starts a new one at the first step not consumed. (TensorFlow
-    never frees a generator that ``model.fit`` consumed, so a generator that is not closed
-    would otherwise keep its thread and ``depth`` batches for the life of the process.) The
-    steps are recomputed, so ``produce`` must be a pure function of the step, as ``BatchPlan.load``
-    is (a transform included, if its randomness is seeded from the step)."""
-
-    POLL_S = 0.1
-    IDLE_S = 10.0
-
-    def __init__(self, produce: Callable[[int], Any], first: int = 0, stop: Optional[int] = None,
-                 depth: int = DEFAULT_PREFETCH, name: str = "shardfeed-prefetch", idle_s: Optional[float] = None):
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"prefetch depth must be an int >= 1, got {depth!r}")
-        self._produce = produce
-        self._stop_step = stop
-        self._name = name
-        self._idle_s = self.IDLE_S if idle_s is None else idle_s
-        self._queue: "queue.Queue[Tuple[int, int, Any]]" = queue.Queue(maxsize=depth)
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._finished = False
-        self._next = first  # the step the consumer receives next
-        self._thread: Optional[threading.Thread] = None
-        self._parked = threading.Event()  # set by a thread that stops for idleness
-        self._start(first)
-
-    def _start(self, first: int) -> None:
-        self._parked = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(first, self._parked), name=self._name, daemon=True)
-        self._thread.start()
-
-    def _run(self, first: int, parked: threading.Event) -> None:
-        steps: Iterable[int] = itertools.count(first) if self._stop_step is None else range(first, self._stop_step)
-        try:
-            for step in steps:
-                if self._closed.is_set():
-                    return
-                value = self._produce(step)
-                if not self._put((step, _VALUE, value), parked):
-                    return
-                del value
-            self._put((-1, _END, None), parked)
-        except BaseException as exc:  # noqa: B902 - handed to the consumer, whatever it is
-            self._put((-1, _ERROR, exc), parked)
-
-    def _put(self, message: Tuple[int, int, Any], parked: threading.Event) -> bool:
-        waited = 0.0
-        while not self._closed.is_set():
-            try:
-                self._queue.put(message, timeout=self.POLL_S)
-                return True
-            except queue.Full:
-                waited += self.POLL_S
-                if waited >= self._idle_s:
-                    with self._lock:  # the consumer is away: free the batches and stop
-                        parked.set()
-                        self._drain()
-                    return False
-        return False
-
-    def get(self) -> Any:
-        if self._finished:
-            raise StopIteration
-        while True:
-            try:
-                step, kind, value = self._queue.get(timeout=self.POLL_S)
-            except queue.Empty:
-                with self._lock:
-                    if self._parked.is_set():  # restart where the consumer is
-                        self._drain()
-                        self._start(self._next)
-                    elif self._thread is not None and not self._thread.is_alive() and self._queue.empty():
-                        self._finished = True
-                        raise RuntimeError("the prefetch thread stopped without a result (was it closed?)") from None
-                continue
-            with self._lock:
-                if self._parked.is_set() or (kind == _VALUE and step != self._next):
-                    continue  # from a thread that parked: dropped, it will be recomputed
-                if kind == _VALUE:
-                    self._next = step + 1
-                    return value
-            self._finished = True
-            if kind == _END:
-                raise StopIteration
-            raise value
-
-    def close(self) -> None:
-        self._closed.set()
-        self._finished = True
-        thread = self._thread
-        if thread is not None and threading.current_thread() is not thread:
-            while thread.is_alive():
-                self._drain()  # unblocks a producer waiting on a full queue at once
-                thread.join(timeout=0.01)
-        self._drain()
-
-    def _drain(self) -> None:
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
-
-    @property
-    def thread(self) -> Optional[threading.Thread]:
-        return self._thread
-
-    def __enter__(self) -> "Prefetcher":
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-
-_WORKER_PLAN: Optional[BatchPlan] = None  # the plan of a StepPool's worker process
-
-
-def _set_worker_plan(plan: BatchPlan) -> None:
-    global _WORKER_PLAN
-    _WORKER_PLAN = plan
-
-
-def _load_in_worker(step: int) -> Any:
-    assert _WORKER_PLAN is not None, "a StepPool worker process without its plan"
-    return _WORKER_PLAN.load(step)
-
-
-class StepPool:
-    """``plan.load(step)`` for the steps a consumer asks for, with the next ``depth`` steps read
-    ahead on ``workers`` threads (or processes, with ``processes``: the plan is pickled to them
-    once, its dataset reopened by path, and the batches come back pickled).
-
-    Results are keyed by step: :meth:`get` returns exactly ``plan.load(step)`` whatever was asked
-    before, and a read ahead that the consumer does not ask for next (it jumped, or restarted an
-    epoch) is dropped, never handed out for another step. Thread-safe. :meth:`close` cancels the
-    reads ahead and stops the workers; the pool also closes when it is garbage-collected and at
-    interpreter exit. Processes start with the ``multiprocessing`` start method in effect."""
-
-    def __init__(self, plan: BatchPlan, *, workers: int = 1, processes: bool = False, depth: int = DEFAULT_PREFETCH,
-                 name: str = "shardfeed-steps"):
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"the read-ahead depth must be an int >= 0, got {depth!r}")
-        self.plan, self.workers, self.processes, self.depth, self.name = plan, workers, bool(processes), depth, name
-        self._lock = threading.Lock()
-        self._ahead: Dict[int, Any] = {}  # step -> Future
-        self._executor: Any = None
-        self._finalizer: Any = None
-
-    def _start(self) -> Any:
-        if self._executor is None:
-            if self.processes:
-                import multiprocessing
-                self._executor = concurrent.futures.ProcessPoolExecutor(
-                    self.workers, mp_context=multiprocessing.get_context(), initializer=_set_worker_plan,
-                    initargs=(self.plan,))
-            else:
-                self._executor = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
-            self._finalizer = weakref.finalize(self, _shutdown, self._executor)
-        return self._executor
-
-    def _submit(self, step: int) -> Any:
-        if self.processes:
-            return self._start().submit(_load_in_worker, step)
-        return self._start().submit(self.plan.load, step)
-
-    def get(self, step: int) -> Any:
-        with self._lock:
-            future = self._ahead.pop(step, None)
-            for other in [s for s in self._ahead if not step < s <= step + self.depth]:
-                self._ahead.pop(other).cancel()
-            if future is None and (self.depth == 0 and not self.processes):
-                future = None  # read in the caller's thread below
-            elif future is None:
-                future = self._submit(step)
-            for ahead in range(step + 1, step + self.depth + 1):
-                if ahead not in self._ahead:
-                    self._ahead[ahead] = self._submit(ahead)
-        if future is None:
-            return self.plan.load(step)
-        return future.result()
-
-    def cancel(self) -> None:
-        """Drops the reads ahead (those not started are cancelled)."""
-        with self._lock:
-            for future in self._ahead.values():
-                future.cancel()
-            self._ahead.clear()
-
-    def close(self) -> None:
-        self.cancel()
-        with self._lock:
-            finalizer, self._finalizer, self._executor = self._finalizer, None, None
-        if finalizer is not None:
-            finalizer()
-
-
-def _shutdown(executor: Any) -> None:
-    executor.shutdown(wait=True, cancel_futures=True)
 
 
 def refuse_generator_as_validation(call: Optional[kerasfit.KerasCall]) -> None:
@@ -521,11 +374,14 @@ def _stream(plan: BatchPlan, first: int, stop: Optional[int], prefetch: int, epo
             started: bool) -> Generator[Any, None, None]:
     _refuse_inexact_keras_fit(plan, epochs, started)
     if prefetch == 0:
-        steps: Iterable[int] = itertools.count(first) if stop is None else range(first, stop)
-        for step in steps:
-            yield plan.load(step)
+        step = first
+        while stop is None or step < stop:
+            count = plan.group if stop is None else min(plan.group, stop - step)
+            yield from plan.load_group(step, count)
+            step += count
         return
-    fetcher = Prefetcher(plan.load, first, stop, prefetch)
+    fetcher = Prefetcher(plan.load, first, stop, prefetch, group=plan.group, produce_group=plan.load_group,
+                         help_while_waiting=plan.helped)
     try:
         while True:
             yield fetcher.get()  # not held in a local: the frame keeps no batch while suspended
@@ -555,7 +411,8 @@ def batches(source: Any, batch_size: int, *, epochs: Optional[int] = None, prefe
 
     ``prefetch`` batches are read ahead (0: read in the consumer's thread); the reads run on the
     native threads with the GIL released, so they overlap the training step, and the transform
-    runs on the prefetch thread. An array once yielded is never written again; a new batch takes
+    runs on the prefetch thread. Batches under 256 KiB are read ``plan.group`` at a time (one
+    read of up to 512 KiB, see :class:`BatchPlan`), and ``prefetch`` then counts such groups. An array once yielded is never written again; a new batch takes
     back the memory of batches nothing references any more (see :mod:`shardfeed.loader`).
     ``close()`` (or leaving ``with contextlib.closing(gen):``, or dropping the generator) stops the
     thread and drops the batches read ahead; so does an idle thread. Do not use a generator

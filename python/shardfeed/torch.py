@@ -21,6 +21,7 @@ memory is reused by a later read only once every tensor of it is freed (see
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import abc
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -84,6 +85,28 @@ def _tensors(structure: Any) -> Any:
     if isinstance(structure, tuple):
         return tuple(_tensors(value) for value in structure)
     return _tensor(structure)
+
+
+def _pinned(structure: Any) -> Any:
+    """A batch of tensors with every tensor copied into pinned (page-locked) memory."""
+    if isinstance(structure, Batch):
+        return Batch({name: value.pin_memory() for name, value in structure.items()},
+                     lengths={name: value.pin_memory() for name, value in structure.lengths.items()},
+                     uncached=structure.uncached)
+    if isinstance(structure, abc.Mapping):
+        return {key: _pinned(value) for key, value in structure.items()}
+    if isinstance(structure, tuple):
+        return tuple(_pinned(value) for value in structure)
+    return structure.pin_memory()
+
+
+def _accelerator_available() -> bool:
+    """Whether torch has an accelerator to pin memory for (pinned memory needs one: on a CPU-only
+    torch, ``Tensor.pin_memory()`` raises)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return bool(torch.cuda.is_available())
 
 
 def _unsharded(source: Any, what: str) -> Subset:
@@ -198,6 +221,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.view = _unsharded(source, "ShardDataset")
         options = _feed_options("ShardDataset()", dict(options, inputs=inputs, targets=targets), order=False)
         self.plan = BatchPlan(self.view, 1, options)
+        self._shareable: Any = None  # field -> torch dtype once known; False where a field has none
 
     def __len__(self) -> int:
         return len(self.view)
@@ -219,7 +243,11 @@ class ShardDataset(torch.utils.data.Dataset):
         indices = self.view.indices(np.asarray(positions, dtype=np.int64) if not isinstance(positions, np.ndarray)
                                     else positions)
         plan = self.plan
-        batch = plan.dataset.read(indices, plan.fields, **plan.read_options)
+        shared = self._shared_outputs(len(indices))
+        batch = plan.dataset.read(indices, plan.fields, out=None if shared is None else
+                                  {name: tensor.numpy() for name, tensor in shared.items()}, **plan.read_options)
+        if shared is not None:
+            batch.update(shared)  # the tensors themselves: torch sends a shared storage as it is
         batch.indices = indices
         batch.epoch = getattr(positions, "epoch", None)
         batch.step = getattr(positions, "step", None)
@@ -228,6 +256,33 @@ class ShardDataset(torch.utils.data.Dataset):
             if not isinstance(batch, abc.Mapping):
                 raise TypeError(f"transform must return a mapping of field name -> array, got {type(batch).__name__}")
         return _tensors(plan.arrange(batch))
+
+
+    def _shared_outputs(self, n: int) -> Optional[Dict[str, Any]]:
+        """In a ``DataLoader`` worker process, new tensors in shared memory for a batch of ``n``
+        samples, which the read fills: torch sends a tensor whose storage is already shared to the
+        main process as it is, where it would copy any other into a new shared-memory segment.
+        That saves the copy of every batch, and the worker keeps no batch memory of its own (a
+        freed batch's block kept for its next read: up to 256 MiB per worker). None in the main
+        process, with a transform (it may return any arrays), with variable-length fields (their
+        shape is known after the read) or a dtype torch does not have (bfloat16 from ml_dtypes)."""
+        plan = self.plan
+        if (self._shareable is False or plan.transform is not None or plan.empty.lengths
+                or torch.utils.data.get_worker_info() is None):
+            return None
+        if self._shareable is None:
+            try:
+                self._shareable = {name: torch.from_numpy(array).dtype for name, array in plan.empty.items()}
+            except TypeError:  # a numpy dtype torch has no counterpart for
+                self._shareable = False
+                return None
+        shared = {}
+        for name, array in plan.empty.items():
+            dtype = self._shareable[name]
+            shape = (n,) + array.shape[1:]
+            storage = torch.UntypedStorage._new_shared(max(1, math.prod(shape)) * array.itemsize)
+            shared[name] = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        return shared
 
 
 def _first(batch: Any) -> Any:
@@ -345,17 +400,24 @@ class ShardLoader:
     sharing the batch memory; ``rank`` / ``world_size`` and the epoch protocol (``set_epoch``,
     each iteration one epoch, ``state_dict`` / ``load_state_dict``, exact) are
     :class:`ShardSampler`'s. ``prefetch`` batches are read ahead (0: in the consumer's thread).
-    The thread stops when an iteration ends or is dropped (``close()`` on the iterator)."""
+    The thread stops when an iteration ends or is dropped (``close()`` on the iterator).
+
+    ``pin_memory=True`` copies each batch into pinned memory on the prefetch thread, for
+    ``x.to(device, non_blocking=True)``, when torch has an accelerator
+    (``torch.accelerator.is_available()``); without one there is no pinned memory to copy to
+    and the batches are the unpinned tensors (``DataLoader`` warns in that case; this loader
+    does not: ``loader.pin_memory`` says which it does)."""
 
     def __init__(self, source: Any, batch_size: int, inputs: Any = None, targets: Any = None, *,
                  rank: Optional[int] = None, world_size: Optional[int] = None, prefetch: int = DEFAULT_PREFETCH,
-                 **options: Any):
+                 pin_memory: bool = False, **options: Any):
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
         self.view = _unsharded(source, "ShardLoader")
         rank, world_size = _distributed(rank, world_size)
         part = self.view.shard(rank, world_size) if world_size != 1 or rank != 0 else self.view
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        self.pin_memory = bool(pin_memory) and _accelerator_available()  # what it does, not what was asked
         options = FeedOptions.from_kwargs("ShardLoader()", dict(options, inputs=inputs, targets=targets))
         self.plan = BatchPlan(part, batch_size, options)
         self._epochs = _Epochs(self.plan.sampler, rank, world_size)
@@ -373,21 +435,26 @@ class ShardLoader:
         return self._batches()
 
     def _load(self, step: int) -> Any:
-        return _tensors(self.plan.load(step))
+        return next(iter(self._load_group(step, 1)))
 
-    def _take(self, run: _Run, get: Any) -> Any:
-        value = get()
-        run.next += 1  # counted once handed out, not when read ahead
-        return value
+    def _load_group(self, first: int, count: int) -> Iterator[Any]:
+        for batch in self.plan.load_group(first, count):
+            yield _pinned(_tensors(batch)) if self.pin_memory else _tensors(batch)
+            del batch
 
     def _batches(self) -> Iterator[Any]:
         run = self._epochs.begin()
+        group = self.plan.group
         try:
             if self.prefetch == 0:
                 while run.next < run.stop:
-                    yield self._take(run, lambda: self._load(run.next))
+                    for tensors in self._load_group(run.next, min(group, run.stop - run.next)):
+                        run.next += 1  # counted once handed out
+                        yield tensors
                 return
-            fetcher = Prefetcher(self._load, run.next, run.stop, self.prefetch, name="shardfeed-torch-prefetch")
+            fetcher = Prefetcher(self._load, run.next, run.stop, self.prefetch, name="shardfeed-torch-prefetch",
+                                 group=group, produce_group=self._load_group,
+                                 help_while_waiting=self.plan.helped)
             try:
                 while run.next < run.stop:
                     yield self._take(run, fetcher.get)  # not held in a local while suspended
@@ -395,6 +462,11 @@ class ShardLoader:
                 fetcher.close()
         finally:
             self._epochs.end(run)
+
+    def _take(self, run: _Run, get: Any) -> Any:
+        value = get()
+        run.next += 1  # counted once handed out, not when read ahead
+        return value
 
     @property
     def epoch(self) -> int:
