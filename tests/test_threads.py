@@ -129,7 +129,7 @@ def test_closing_releases_descriptors_and_reads_fail(columns_and_path):
     path, _ = columns_and_path
     gc.collect()
     before = open_fds()
-    ds = shardfeed.open(path)
+    ds = shardfeed.open(path, preload=False)  # the reader's descriptors only (no background pass)
     assert open_fds() == before + 2 * ds.num_shards  # .rec and .var of every shard
     ds.read(np.arange(100))
     ds.close()
