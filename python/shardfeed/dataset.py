@@ -6,7 +6,7 @@ import errno
 import math
 import os
 from collections import abc
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -239,7 +239,7 @@ class Dataset:
         # (field, dtype option, affine) -> (output dtype, conversion id or None): see _conversion.
         self._conversions: Dict[Tuple[str, Any, bool], Tuple[np.dtype, Optional[int]]] = {}
         files = self._data_files()
-        if files and self._preload_option is not False and _preload.background_wanted(
+        if files and _preload.background_wanted(
                 self._preload_option, sum(size for _, size in files),
                 _preload.memory_available() if self._preload_option == "auto" else None):
             self.preloading = _preload.start_background(self, files)
