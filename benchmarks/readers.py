@@ -22,6 +22,7 @@ like: global-shuffle readers against each other and fio's random-read limit, the
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Iterator, List, Optional, Tuple
 
@@ -158,6 +159,16 @@ class ShardfeedLoaderReader(ShardfeedReader):
             yield ids, batch["x"]
 
 
+def import_error(module: str) -> Optional[str]:
+    """Why ``module`` cannot be imported (its ImportError's text, which for shardfeed's front ends
+    names the extra to install), or None when it can."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return str(e)
+    return None
+
+
 class ShardfeedSequenceReader(ShardfeedReader):
     """``shardfeed.keras.ShardSequence``: what ``model.fit(seq)`` reads, batch by batch in the given
     order (its ``StepPool`` reads the next batches ahead on a thread). Needs keras."""
@@ -166,11 +177,7 @@ class ShardfeedSequenceReader(ShardfeedReader):
 
     @classmethod
     def unavailable(cls) -> Optional[str]:
-        try:
-            import shardfeed.keras  # noqa: F401
-        except ImportError as e:
-            return str(e)
-        return None
+        return import_error("shardfeed.keras")
 
     def read_pass(self, order: np.ndarray) -> Batches:
         from shardfeed.keras import ShardSequence
@@ -227,11 +234,7 @@ class ShardfeedTorchReader(ShardfeedReader):
 
     @classmethod
     def unavailable(cls) -> Optional[str]:
-        try:
-            import shardfeed.torch  # noqa: F401
-        except ImportError as e:
-            return str(e)
-        return None
+        return import_error("shardfeed.torch")
 
     def open(self) -> None:
         import shardfeed
