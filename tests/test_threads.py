@@ -124,10 +124,21 @@ def open_fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+def wait_for_background_passes():
+    """Waits for every background preload pass (the thread ``shardfeed-preload``) to end: a pass of
+    a dataset dropped without close stops after its read in progress, on its own thread, and holds
+    its file's descriptor until then."""
+    for thread in threading.enumerate():
+        if thread.name == "shardfeed-preload":
+            thread.join(30)
+            assert not thread.is_alive()
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 def test_closing_releases_descriptors_and_reads_fail(columns_and_path):
     path, _ = columns_and_path
     gc.collect()
+    wait_for_background_passes()  # (datasets earlier tests dropped)
     before = open_fds()
     ds = shardfeed.open(path, preload=False)  # the reader's descriptors only (no background pass)
     assert open_fds() == before + 2 * ds.num_shards  # .rec and .var of every shard
@@ -144,6 +155,7 @@ def test_closing_releases_descriptors_and_reads_fail(columns_and_path):
     for _ in range(20):  # dropped without close: freed with the object
         shardfeed.open(path, mmap=True).read([3, 4])
     gc.collect()
+    wait_for_background_passes()
     assert open_fds() == before
 
 
@@ -156,6 +168,7 @@ def test_failed_open_leaks_nothing(columns_and_path, tmp_path):
         os.link(os.path.join(path, name), broken / name)
     (broken / "shard-000005.var").unlink()
     gc.collect()
+    wait_for_background_passes()
     before = open_fds()
     for _ in range(10):
         with pytest.raises(shardfeed.ShardReadError):
