@@ -28,6 +28,8 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from regimes import PAGE_CACHED
+
 Batches = Iterator[Tuple[np.ndarray, np.ndarray]]
 
 
@@ -144,6 +146,28 @@ class ShardfeedAllocReader(ShardfeedReader):
 
     name = "shardfeed-alloc"
     reuse_buffer = False
+
+
+class ShardfeedPoolReader(ShardfeedReader):
+    """``shardfeed`` with the records that miss the page cache read by the thread pool of blocking
+    preadv instead of io_uring (``_core.set_read_io("pool")``): the read path before io_uring, and
+    the fallback where io_uring is unavailable. From disk only (page-cached reads never wait for
+    the disk, so both paths are the same)."""
+
+    name = "shardfeed-pool"
+    skip_regimes = (PAGE_CACHED,)
+
+    def open(self) -> None:
+        from shardfeed import _core
+        self.read_io_before = _core.set_read_io("pool")
+        super().open()
+
+    def close(self) -> None:
+        super().close()
+        if getattr(self, "read_io_before", None) is not None:
+            from shardfeed import _core
+            _core.set_read_io(self.read_io_before)
+            self.read_io_before = None
 
 
 class ShardfeedLoaderReader(ShardfeedReader):
@@ -351,6 +375,6 @@ class CopyCeilingReader(Reader):
             yield ids, self.buffer[:n]
 
 
-READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
+READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedPoolReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
            ShardfeedBlockReader,
            ShardfeedTorchReader, ShardfeedTorchW2Reader, ShardfeedTorchThreadReader, CopyCeilingReader]

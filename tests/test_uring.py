@@ -141,6 +141,25 @@ def test_auto_reads_records_missing_from_the_page_cache_through_io_uring(dataset
         np.testing.assert_array_equal(batch[name].view(np.uint8), values[idx].view(np.uint8), err_msg=name)
 
 
+@needs_uring
+def test_io_uring_reads_adjacent_records_in_runs(new_path, read_io, rng):
+    """4096 sequential 512-byte records: runs of 512 records (IOV_MAX iovecs), 8 requests; in
+    random order one request per record (bar the neighbours a permutation puts in a row)."""
+    n = 4096
+    path = new_path()
+    values = np.arange(n * 512, dtype=np.int64).reshape(n, 512).astype(np.uint8)
+    with shardfeed.Writer(path, fields={"x": ("uint8", (512,))}) as w:
+        w.extend({"x": values})
+    read_io("uring")
+    with shardfeed.open(path, mmap=False, preload=False) as ds:
+        for order, most, least in [(np.arange(n), 8, 8), (rng.permutation(n), n, int(n * 0.95))]:
+            before = _core.uring_runs()
+            batch = ds.read(order)
+            runs = _core.uring_runs() - before
+            np.testing.assert_array_equal(batch["x"], values[order])
+            assert least <= runs <= most, (runs, least, most)
+
+
 @pytest.mark.parametrize("mode", ["uring", "pool"])
 def test_a_truncated_shard_fails_the_read_naming_the_file(new_path, read_io, mode):
     if mode == "uring" and not URING:
