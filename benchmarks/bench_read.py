@@ -128,7 +128,7 @@ class Passes:
                 "output_gb_per_s": rate * data.profile.output_bytes / 1e9,
                 "peak_rss_growth_bytes": max(r for _, _, r, _ in self.records),
                 "anon_growth_bytes": max(a for _, _, _, a in self.records),
-                "pass_samples": [n for n, _, _, _ in self.records],
+                "pass_samples": [n for n, _, _, _ in self.records], "pass_rates": rates,
                 "cpu_us_per_sample": float(np.median([1e6 * c / max(1, n) for c, (n, _, _, _)
                                                       in zip(self.cpu_seconds, self.records)])),
                 "cores_used": float(np.median([c / t for c, (_, t, _, _) in zip(self.cpu_seconds, self.records)]))}

@@ -48,6 +48,17 @@ def test_read_io_rejects_unknown_modes(read_io):
     assert _core.read_io() == (os.environ.get("SHARDFEED_READ_IO") or "auto")
 
 
+@pytest.mark.parametrize("value, expected", [("pool", "pool"), ("", "auto"), ("bogus", "read I/O must be one of")])
+def test_the_environment_variable_sets_the_read_io_at_import(value, expected):
+    code = "from shardfeed import _core; print(_core.read_io())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, SHARDFEED_READ_IO=value))
+    if expected in ("pool", "auto"):
+        assert done.returncode == 0 and done.stdout == expected + "\n", done.stderr[-2000:]
+    else:
+        assert done.returncode != 0 and expected in done.stderr and "'bogus'" in done.stderr
+
+
 # Layouts: several fields (gaps between the requested ones when only some are read), records
 # small enough that runs of adjacent records are cut by IOV_MAX, large ones cut by the 1 MiB run
 # limit, and shards of a few records so that runs end at shard boundaries.
