@@ -49,6 +49,10 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
 
 #else
 
+/* Bytes in flight at most (beyond the first run): 64 runs of up to 1 MiB each would be 64 MiB of
+ * requests and scratch space; 16 MiB keeps a disk's bandwidth busy (16 requests of 1 MiB). */
+#define SF_URING_INFLIGHT_BYTES ((size_t)16 << 20)
+
 /* Idle rings kept for the next reads; more are set up while more threads read at once and closed
  * after their read. */
 #define SF_URING_IDLE_MAX 16
@@ -281,14 +285,15 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
     int rc = SF_OK;
     if (!slots || !free_slots || (ctx->discard_bytes && !discard))
         rc = SF_ERR_NOMEM;
-    size_t n_free = 0, inflight = 0, next = 0, runs = 0;
+    size_t n_free = 0, inflight = 0, next = 0, runs = 0, inflight_bytes = 0;
     for (size_t k = 0; slots && free_slots && k < depth; k++) {
         slots[k].buf.discard = discard;
         free_slots[n_free++] = depth - 1 - k;
     }
     while ((rc == SF_OK && next < items) || inflight > 0) {
         /* Fill every free slot with the next run. */
-        while (rc == SF_OK && next < items && n_free > 0) {
+        while (rc == SF_OK && next < items && n_free > 0 &&
+               (inflight == 0 || inflight_bytes < SF_URING_INFLIGHT_BYTES)) {
             size_t k = free_slots[--n_free];
             uring_slot *slot = &slots[k];
             slot->item = next;
@@ -309,6 +314,7 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
             }
             queue_read(r, ctx, slot, k);
             inflight++;
+            inflight_bytes += slot->total;
         }
         if (inflight == 0)
             break;
@@ -330,6 +336,7 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
             int res = cqe->res;
             uring_slot *slot = &slots[k];
             inflight--;
+            inflight_bytes -= slot->total;
             int requeue = 0;
             if (res < 0 && (res == -EINTR || res == -EAGAIN)) {
                 requeue = 1;
@@ -351,6 +358,7 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
             if (requeue && rc == SF_OK) {
                 queue_read(r, ctx, slot, k);
                 inflight++;
+                inflight_bytes += slot->total;
             } else {
                 free_slots[n_free++] = k;
             }

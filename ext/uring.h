@@ -2,8 +2,8 @@
  *
  * The blocking pass of a record batch (the records the page-cache pass found missing, or all of
  * them) is read by one thread through an io_uring of SF_URING_DEPTH entries: one READV per run of
- * adjacent records (sf_collect_run), up to SF_URING_DEPTH runs in flight, each run converted as
- * soon as its bytes are in. The kernel's interface is called directly (<linux/io_uring.h> and
+ * adjacent records (sf_collect_run), up to SF_URING_DEPTH runs (and about 16 MiB) in flight, each
+ * run converted as soon as its bytes are in. The kernel's interface is called directly (<linux/io_uring.h> and
  * syscall(2)): no liburing, so nothing beyond the kernel headers is needed to build, and a build
  * without them (or not on Linux) has only the thread pool. Where io_uring_setup fails at run time
  * (ENOSYS: an old kernel; EPERM: a seccomp policy or kernel.io_uring_disabled, as in many

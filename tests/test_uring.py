@@ -171,6 +171,23 @@ def test_io_uring_reads_adjacent_records_in_runs(new_path, read_io, rng):
             assert least <= runs <= most, (runs, least, most)
 
 
+@needs_uring
+def test_a_long_sequential_read_of_large_records(new_path, read_io):
+    """150 records of 256 KiB in storage order: runs of 4 (1 MiB), more bytes than are kept in
+    flight at once (16 MiB), converted to float32 as they come in."""
+    n, shape = 150, (512, 256)
+    path = new_path()
+    values = np.random.default_rng(7).integers(0, 1 << 16, (n,) + shape, dtype=np.uint16)
+    with shardfeed.Writer(path, fields={"x": ("uint16", shape)}) as w:
+        w.extend({"x": values})
+    read_io("uring")
+    with shardfeed.open(path, mmap=False, preload=False) as ds:
+        before = _core.uring_runs()
+        batch = ds.read(np.arange(n), dtype="float32")
+        assert _core.uring_runs() - before == 38
+    np.testing.assert_array_equal(batch["x"], values.astype(np.float32))
+
+
 @pytest.mark.parametrize("mode", ["uring", "pool"])
 def test_a_truncated_shard_fails_the_read_naming_the_file(new_path, read_io, mode):
     if mode == "uring" and not URING:
