@@ -148,18 +148,17 @@ class ShardfeedAllocReader(ShardfeedReader):
     reuse_buffer = False
 
 
-class ShardfeedPoolReader(ShardfeedReader):
-    """``shardfeed`` with the records that miss the page cache read by the thread pool of blocking
-    preadv instead of io_uring (``_core.set_read_io("pool")``): the read path before io_uring, and
-    the fallback where io_uring is unavailable. From disk only (page-cached reads never wait for
-    the disk, so both paths are the same)."""
+class ShardfeedUringReader(ShardfeedReader):
+    """``shardfeed`` with the records that miss the page cache read through io_uring instead of
+    the thread pool of blocking preadv (``_core.set_read_io("auto")``, ``SHARDFEED_READ_IO=auto``).
+    From disk only (page-cached reads never wait for the disk, so both paths are the same)."""
 
-    name = "shardfeed-pool"
+    name = "shardfeed-uring"
     skip_regimes = (PAGE_CACHED,)
 
     def open(self) -> None:
         from shardfeed import _core
-        self.read_io_before = _core.set_read_io("pool")
+        self.read_io_before = _core.set_read_io("auto")
         super().open()
 
     def close(self) -> None:
@@ -375,6 +374,6 @@ class CopyCeilingReader(Reader):
             yield ids, self.buffer[:n]
 
 
-READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedPoolReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
+READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedUringReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
            ShardfeedBlockReader,
            ShardfeedTorchReader, ShardfeedTorchW2Reader, ShardfeedTorchThreadReader, CopyCeilingReader]

@@ -250,9 +250,9 @@ def read_io():
 
 def set_read_io(str mode):
     """Chooses how the records a read does not find in the page cache are read, in every thread of
-    this process, and returns the previous choice: ``"auto"`` (the default) through io_uring where
-    it can be set up here, else on the thread pool of blocking preadv; ``"pool"``, always the
-    thread pool; ``"uring"``, io_uring, and reads without a memory map or checksums skip their
+    this process, and returns the previous choice: ``"pool"`` (the default), on the thread pool of
+    blocking preadv; ``"auto"``, through io_uring where it can be set up here, else on the pool;
+    ``"uring"``, io_uring, and reads without a memory map or checksums skip their
     page-cache pass, so every record goes through io_uring (raises OSError where io_uring cannot be
     used). For tests and benchmarks; the environment variable ``SHARDFEED_READ_IO`` sets it at
     import."""
@@ -268,7 +268,7 @@ def set_read_io(str mode):
     return before
 
 
-set_read_io(os.environ.get("SHARDFEED_READ_IO") or "auto")
+set_read_io(os.environ.get("SHARDFEED_READ_IO") or "pool")
 
 
 # Memory for large output arrays, kept for reuse when numpy frees them (ext/batch_memory.h: why,

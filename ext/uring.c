@@ -27,7 +27,10 @@
 #endif
 #endif
 
-static int read_io_mode = SF_READ_IO_AUTO;
+/* The pool by default: io_uring from one thread did not match 16 preadv threads on the project's
+ * loaded 2-vCPU VM (0.7-0.9x cold at 8 KiB and 147 KiB; fio's own io_uring at depth 64 reached
+ * half of its 64 preadv jobs there; benchmarks/RESULTS.md, fifth session). */
+static int read_io_mode = SF_READ_IO_POOL;
 static size_t runs_read; /* runs read through io_uring so far (sf_uring_runs) */
 
 void sf_set_read_io(int mode) { __atomic_store_n(&read_io_mode, mode, __ATOMIC_RELAXED); }

@@ -50,7 +50,7 @@ LONG_READ = textwrap.dedent(r'''
 ''')
 
 
-@pytest.mark.parametrize("kind, threads, read_io", [("fixed", 1, "auto"), ("fixed", 4, "auto"), ("variable", 2, "auto"),
+@pytest.mark.parametrize("kind, threads, read_io", [("fixed", 1, "pool"), ("fixed", 4, "pool"), ("variable", 2, "pool"),
                                                     ("fixed", 4, "uring")])
 def test_ctrl_c_interrupts_a_long_batch_read(new_path, kind, threads, read_io):
     """read_io="uring": every record through io_uring (ext/uring.c), the same behaviour."""
