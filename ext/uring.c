@@ -29,7 +29,7 @@
 
 /* The pool by default: io_uring from one thread did not match 16 preadv threads on the project's
  * loaded 2-vCPU VM (0.7-0.9x cold at 8 KiB and 147 KiB; fio's own io_uring at depth 64 reached
- * half of its 64 preadv jobs there; benchmarks/RESULTS.md, fifth session). */
+ * 0.44-0.85 of its best pread configuration there; benchmarks/RESULTS.md, fifth session). */
 static int read_io_mode = SF_READ_IO_POOL;
 static size_t runs_read; /* runs read through io_uring so far (sf_uring_runs) */
 
