@@ -90,14 +90,6 @@ def _empty(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(_core.BatchMemory(nbytes), dtype, nbytes // dtype.itemsize).reshape(shape)
 
 
-class _RecordRead(NamedTuple):
-    """One field's part of the native record read, and what its inexact flag means."""
-    read: "_core.FieldRead"
-    name: str
-    out_dtype: Optional[np.dtype]  # None: the descriptors of a variable-length field
-    affine: bool
-
-
 class _VariableRead(NamedTuple):
     """A variable-length field: its descriptors (read with the records), then its rows."""
     field: Field
@@ -106,19 +98,6 @@ class _VariableRead(NamedTuple):
     cast: Optional[int]
     params: Optional["_core.Affine"]
     affine: bool
-
-
-class _Plan:
-    """What one read does, field by field, before the native call."""
-    __slots__ = ("record_reads", "variable", "converted_later", "results", "checked")
-
-    def __init__(self) -> None:
-        self.record_reads: List[_RecordRead] = []
-        self.variable: List[_VariableRead] = []
-        # field -> (natural values read, output dtype, out array or None): numpy converts them
-        self.converted_later: Dict[str, Tuple[np.ndarray, np.dtype, Optional[np.ndarray]]] = {}
-        self.results: Dict[str, np.ndarray] = {}
-        self.checked = False  # whether a kernel may flag an inexact integer (integer sources only)
 
 
 class BatchReader:
@@ -133,6 +112,7 @@ class BatchReader:
         self._schema = schema
         self._fields: Dict[str, Field] = dict(schema.fields)
         self._starts = starts
+        self._count = int(starts[-1])
         self._heap_sizes = heap_sizes
         self._heap_paths = heap_paths
         self._use_map = use_map
@@ -148,7 +128,7 @@ class BatchReader:
     def indices(self, indices: Any) -> np.ndarray:
         """``indices`` as a C-contiguous int64 array, negative ones counted from the end (those
         still out of range keep their value, for the native IndexError's message)."""
-        count = int(self._starts[-1])
+        count = self._count
         if type(indices) is np.ndarray and indices.dtype == _INT64 and indices.ndim == 1:
             # The common case, checked with less Python work: int64 indices need no conversion
             # and only negative ones need wrapping (out-of-range ones are refused natively).
@@ -170,15 +150,15 @@ class BatchReader:
             array[array < 0] -= count  # keep the original value in the IndexError message
         return array
 
-    def read(self, indices: Any, fields: Union[None, str, Sequence[str]] = None, *, dtype: Any = None,
-             out: Optional[Mapping[str, np.ndarray]] = None, scale: Any = None, offset: Any = None,
-             maxlen: Union[None, int, Mapping[str, int]] = None, pad_value: Any = 0,
-             padding: Union[str, Mapping[str, str]] = "post", truncating: Union[str, Mapping[str, str]] = "post",
-             lossy: Union[bool, Mapping[str, bool]] = False, threads: Union[None, str, int] = None,
-             default_threads: int = 1) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], int]:
-        """:meth:`shardfeed.Dataset.read` (its docstring says what each option does), with the
-        thread count that ``threads=None`` means: the arrays by field name, in the order asked for,
-        each variable-length field's row counts, and how many records were not in the page cache."""
+    def read(self, indices: Any, fields: Union[None, str, Sequence[str]], dtype: Any,
+             out: Optional[Mapping[str, np.ndarray]], scale: Any, offset: Any, maxlen: Union[None, int, Mapping[str, int]],
+             pad_value: Any, padding: Union[str, Mapping[str, str]], truncating: Union[str, Mapping[str, str]],
+             lossy: Union[bool, Mapping[str, bool]], threads: Union[None, str, int],
+             default_threads: int) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], int]:
+        """:meth:`shardfeed.Dataset.read`, whose docstring says what each option does, with the
+        thread count that ``threads=None`` means; positional, as it is on every read's path (small
+        batches take microseconds). Returns the arrays by field name in the order asked for, each
+        variable-length field's row counts, and how many records were not in the page cache."""
         names = as_name_list(fields, self._fields)
         index_array = self.indices(indices)
         out = {} if out is None else out
@@ -187,23 +167,41 @@ class BatchReader:
             raise KeyError(f"out has arrays for fields not being read: {unknown}")
         chosen = check_threads(threads)
         thread_count = default_threads if chosen is None else chosen
-        plan = self._plan(names, len(index_array), dtype, out, scale, offset)
-        if plan.variable:  # the heap reads use the indices again: a private copy, like the native reads'
+        record_reads, variable, converted_later, results, checked = self._plan(
+            names, len(index_array), dtype, out, scale, offset)
+        if variable:  # the heap reads use the indices again: a private copy, like the native reads'
             index_array = index_array.copy()
-        uncached = self._read_records(plan, index_array, lossy, thread_count)
+
+        # The fixed-size part of every field in one native call, then what numpy converts.
+        inexact = [False] * len(record_reads) if checked else None
+        uncached = self._shards.read_records(index_array, [read[0] for read in record_reads], self._use_map,
+                                             thread_count, inexact)
+        if checked and any(inexact):
+            for (_, name, out_dtype, affine), flagged in zip(record_reads, inexact):
+                if flagged and not option_for(lossy, name):
+                    raise self._inexact(self._fields[name], index_array, out_dtype, affine, thread_count)
+        for name, (values, out_dtype, target) in converted_later.items():
+            converted = cast_values(self._fields[name], values, out_dtype, index_array, bool(option_for(lossy, name)))
+            if target is None:
+                target = converted
+            else:
+                target[...] = converted
+            results[name] = target
+
+        # Then each variable-length field's rows, checked first with verify=True.
         lengths: Dict[str, np.ndarray] = {}
-        if plan.variable:
-            row_descriptors = {read.name: read.read.out for read in plan.record_reads if read.out_dtype is None}
+        if variable:
+            row_descriptors = {name: read.out for read, name, out_dtype, _ in record_reads if out_dtype is None}
             if self._row_checksums is not None:
                 self._check_rows(index_array, row_descriptors, thread_count)
-            for variable in plan.variable:
-                name = variable.field.name
-                plan.results[name], lengths[name] = self._read_variable(
-                    variable, index_array, out.get(name), option_for(maxlen, name),
+            for one in variable:
+                name = one.field.name
+                results[name], lengths[name] = self._read_variable(
+                    one, index_array, out.get(name), option_for(maxlen, name),
                     pad_value.get(name, 0) if isinstance(pad_value, abc.Mapping) else pad_value, thread_count,
                     side(padding, name, "padding"), side(truncating, name, "truncating"),
                     bool(option_for(lossy, name)))
-        return {name: plan.results[name] for name in names}, lengths, uncached
+        return {name: results[name] for name in names}, lengths, uncached
 
     def _conversion(self, field: Field, dtype: Any, affine: bool) -> Tuple[np.dtype, Optional[int]]:
         """The output dtype and the conversion id (None: numpy converts a copy) of a field read with
@@ -222,75 +220,67 @@ class BatchReader:
         return found
 
     def _plan(self, names: List[str], n: int, dtype: Any, out: Mapping[str, np.ndarray], scale: Any,
-              offset: Any) -> _Plan:
-        """Each field's output dtype, conversion, output array and part of the record read; the
-        caller's ``out`` arrays checked."""
-        plan = _Plan()
+              offset: Any) -> Tuple[List[Tuple["_core.FieldRead", str, Optional[np.dtype], bool]], List[_VariableRead],
+                                    Dict[str, Tuple[np.ndarray, np.dtype, Optional[np.ndarray]]],
+                                    Dict[str, np.ndarray], bool]:
+        """What a read does, field by field, before the native call (the caller's ``out`` arrays
+        checked): (1) each field's part of the record read: (FieldRead, field name, output dtype, or
+        None for a variable-length field's descriptors, affine), sorted by offset in the record;
+        (2) the variable-length fields; (3) the fields numpy converts: name -> (the stored values'
+        array, output dtype, out array or None); (4) the output arrays of the fixed-size fields the
+        kernels fill; (5) whether a kernel may flag an inexact integer (integer sources only).
+        Plain tuples and lists: a read makes them on every call."""
+        record_reads: List[Tuple["_core.FieldRead", str, Optional[np.dtype], bool]] = []
+        variable: List[_VariableRead] = []
+        converted_later: Dict[str, Tuple[np.ndarray, np.dtype, Optional[np.ndarray]]] = {}
+        results: Dict[str, np.ndarray] = {}
+        checked = False
         several = len(names) > 1
+        dtype_per_field = isinstance(dtype, abc.Mapping)
         for name in names:
             field = self._fields[name]
-            field_scale = per_field(scale, name, several, "scale")
-            field_offset = per_field(offset, name, several, "offset")
+            field_scale = per_field(scale, name, several, "scale") if scale is not None else None
+            field_offset = per_field(offset, name, several, "offset") if offset is not None else None
             affine = field_scale is not None or field_offset is not None
             natural, stored_cast, variable_field, row_shape, count, at, nbytes = self._layout[name]
-            out_dtype, cast = self._conversion(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
+            out_dtype, cast = self._conversion(field, dtype.get(name) if dtype_per_field else dtype, affine)
             params = affine_layout(field, field_scale, field_offset) if affine else None
             if variable_field:
                 descriptors = np.empty((n, 2), dtype=np.uint64)
-                plan.record_reads.append(_RecordRead(_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors), name,
-                                                     None, False))
-                plan.variable.append(_VariableRead(field, descriptors, out_dtype, cast, params, affine))
+                record_reads.append((_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors), name, None, False))
+                variable.append(_VariableRead(field, descriptors, out_dtype, cast, params, affine))
                 continue
             shape = (n,) + row_shape
             target = check_out(name, out[name], shape, out_dtype) if name in out else None
             if cast is None:  # numpy converts the values read as they are stored
-                plan.converted_later[name] = (_empty(shape, natural), out_dtype, target)
-                cast, target = conversion(field, natural, False), plan.converted_later[name][0]  # bfloat16: to float32
+                converted_later[name] = (_empty(shape, natural), out_dtype, target)
+                cast, target = conversion(field, natural, False), converted_later[name][0]  # bfloat16: to float32
             elif target is None:
                 target = _empty(shape, out_dtype)
-            plan.results[name] = target
-            plan.record_reads.append(_RecordRead(_core.FieldRead(cast, at, nbytes, count, target, params), name,
-                                                 out_dtype, affine))
-            plan.checked = plan.checked or (cast != CAST_COPY and field.dtype in INTEGER_DTYPES)
+            results[name] = target
+            record_reads.append((_core.FieldRead(cast, at, nbytes, count, target, params), name, out_dtype, affine))
+            checked = checked or (cast != CAST_COPY and field.dtype in INTEGER_DTYPES)
         if len(out) > 1:
             _check_disjoint(out)
-        if plan.variable and self._row_checksums is not None:  # the rows check needs every variable field's
-            asked = {variable.field.name for variable in plan.variable}
+        if variable and self._row_checksums is not None:  # the rows check needs every variable field's
+            asked = {one.field.name for one in variable}
             for field in self._schema.variable_fields:
                 if field.name not in asked:
                     at, nbytes = self._layout[field.name][5:]
                     descriptors = np.empty((n, 2), dtype=np.uint64)
-                    plan.record_reads.append(_RecordRead(_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors),
-                                                         field.name, None, False))
-        if len(plan.record_reads) > 1:
-            plan.record_reads.sort(key=lambda read: (read.read.src_offset, read.read.src_bytes))  # a zero-size field first
-        return plan
-
-    def _read_records(self, plan: _Plan, indices: np.ndarray, lossy: Any, threads: int) -> int:
-        """The one native read of every field's part of the records, then what numpy converts;
-        returns how many records were not in the page cache."""
-        inexact = [False] * len(plan.record_reads) if plan.checked else None
-        uncached = self._shards.read_records(indices, [read.read for read in plan.record_reads], self._use_map,
-                                             threads, inexact)
-        if plan.checked and any(inexact):
-            for (_, name, out_dtype, affine), flagged in zip(plan.record_reads, inexact):
-                if flagged and not option_for(lossy, name):
-                    raise self._inexact(self._fields[name], indices, out_dtype, affine, threads)
-        for name, (values, out_dtype, target) in plan.converted_later.items():
-            converted = cast_values(self._fields[name], values, out_dtype, indices, bool(option_for(lossy, name)))
-            if target is None:
-                target = converted
-            else:
-                target[...] = converted
-            plan.results[name] = target
-        return uncached
+                    record_reads.append((_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors), field.name, None,
+                                         False))
+        if len(record_reads) > 1:
+            record_reads.sort(key=lambda read: (read[0].src_offset, read[0].src_bytes))  # a zero-size field first
+        return record_reads, variable, converted_later, results, checked
 
     def _inexact(self, field: Field, indices: np.ndarray, out_dtype: np.dtype, affine: bool, threads: int,
-                 **variable: Any) -> Exception:
+                 maxlen: Optional[int] = None, truncating: str = "post") -> Exception:
         """The error for a native conversion that flagged an inexact integer: the field is read
         again as stored to find the first such sample (error path only)."""
         check = np.dtype(np.float32) if affine else out_dtype
-        values = self.read(indices, field.name, threads=threads, **variable)[0][field.name]
+        values = self.read(indices, field.name, None, None, None, None, maxlen, 0, "post", truncating, False, threads,
+                           threads)[0][field.name]
         bad = ~exact(values, check)
         if not bad.any():  # cannot happen while the kernels and exact() agree
             return ValueError(f"field {field.name!r}: a value did not convert exactly to {out_dtype}")

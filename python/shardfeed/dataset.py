@@ -369,8 +369,8 @@ class Dataset:
         ``batch.lengths`` holds each sample's rows in the output: its stored length, at most
         ``maxlen``."""
         results, lengths, uncached = self._reader.read(
-            indices, fields, dtype=dtype, out=out, scale=scale, offset=offset, maxlen=maxlen, pad_value=pad_value,
-            padding=padding, truncating=truncating, lossy=lossy, threads=threads, default_threads=self.threads)
+            indices, fields, dtype, out, scale, offset, maxlen, pad_value, padding, truncating, lossy, threads,
+            self._threads if self._threads is not None else get_num_threads())  # self.threads, one call less
         return Batch(results, lengths=lengths, uncached=uncached)
 
     def readahead(self, indices: Any) -> None:
