@@ -1,0 +1,184 @@
+"""DataLoader workers' shared-memory slots (shardfeed._torch_slots): a worker reads each batch into
+one of a few shared-memory slots that it reuses once the main process has freed every tensor of
+the batch. Checked from the outside: batches kept (and views of them) are never overwritten by
+later ones, every batch equals numpy's, slots are reused (the same main-process mapping comes
+back), the number of shared-memory mappings stays bounded over epochs, and once the workers exit
+and the batches are dropped the main process maps no shared memory and /dev/shm holds nothing
+new."""
+
+import gc
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install \"shardfeed[torch]\")")
+
+import shardfeed  # noqa: E402
+from shardfeed.torch import ShardDataset, ShardSampler, collate  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+
+N, BATCH = 512, 32  # 16 batches an epoch, 256 KiB of float32 x each
+SLOTS = 4  # shardfeed._torch_slots.WORKER_SLOTS, stated here as the documented bound
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rng = np.random.default_rng(9)
+    columns = {"x": rng.standard_normal((N, 32, 64)).astype(np.float16), "label": np.arange(N, dtype=np.int32)}
+    path = str(tmp_path_factory.mktemp("slots") / "ds")
+    with shardfeed.Writer(path, fields={"x": ("float16", (32, 64)), "label": ("int32", ())}, shard_size=1 << 21) as w:
+        w.extend(columns)
+    with shardfeed.open(path) as ds:
+        yield ds, columns
+
+
+def check(x, y, columns):
+    """The batch against numpy: y holds the dataset indices (label = index)."""
+    ids = y.numpy().astype(np.int64)
+    np.testing.assert_array_equal(x.numpy(), columns["x"][ids].astype(np.float32))
+    return ids
+
+
+def shm_mappings():
+    """This process's mappings of shared-memory segments (torch's live under /dev/shm, unlinked
+    or not; multiprocessing's semaphores, ``sem.*``, are not counted), as ``start-end`` ranges."""
+    with open("/proc/self/maps") as maps:
+        return {line.split()[0] for line in maps if "/dev/shm/" in line and "/dev/shm/sem." not in line}
+
+
+def shm_files():
+    return set(os.listdir("/dev/shm"))
+
+
+def segment_of(tensor):
+    """The inode of the shared-memory segment the tensor's memory is in (a new segment has a
+    new inode; a reused slot keeps its own)."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            if start <= address < end:
+                assert len(fields) >= 6 and "/dev/shm/" in fields[5], line
+                return int(fields[4])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_kept_batches_are_never_overwritten_and_slots_are_reused(data, context):
+    ds, columns = data
+    items = ShardDataset(ds, "x", "label", dtype="float32")
+    sampler = ShardSampler(items, BATCH, seed=5)
+    loader = DataLoader(items, batch_sampler=sampler, collate_fn=collate, num_workers=2,
+                        multiprocessing_context=context, persistent_workers=True)
+
+    def check_kept(kept):
+        for x, y, ids in kept:
+            np.testing.assert_array_equal(x.numpy(), columns["x"][ids].astype(np.float32))
+            np.testing.assert_array_equal(np.asarray(y), ids)
+
+    # Every batch of an epoch kept: more than the workers' slots (the rest in one-off segments).
+    kept = [(x, y, check(x, y, columns)) for x, y in loader]
+    assert len(kept) > 2 * SLOTS
+    check_kept(kept)
+    del kept
+    # Some batches kept (a view and a numpy array over a batch keep it too) while later ones
+    # reuse the slots of the batches dropped.
+    kept = []
+    for epoch in range(1, 7):
+        for b, (x, y) in enumerate(loader):
+            ids = check(x, y, columns)
+            if b == epoch:
+                kept.append((x[1:], y.numpy()[1:], ids[1:]))
+    check_kept(kept)
+    del kept, x, y
+    # Nothing kept: every batch comes in one of the two workers' slots, the same few segments.
+    segments = []
+    for epoch in range(7, 10):
+        for x, y in loader:
+            check(x, y, columns)
+            segments.append(segment_of(x))
+    assert len(set(segments)) <= 2 * SLOTS < len(segments), segments
+    del x, y, loader
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_shared_memory_stays_bounded_over_epochs(data, persistent):
+    ds, columns = data
+    items = ShardDataset(ds, "x", "label", dtype="float32")
+    loader = DataLoader(items, batch_sampler=ShardSampler(items, BATCH, seed=6), collate_fn=collate, num_workers=2,
+                        persistent_workers=persistent)
+    before = shm_mappings()
+    counts = []
+    for epoch in range(8):
+        for x, y in loader:
+            check(x, y, columns)
+        counts.append(len(shm_mappings() - before))
+    # Two workers' slots, plus (new workers each epoch) the ones of the workers that just exited
+    # until their last batch is freed.
+    assert max(counts) <= 2 * SLOTS + 2, counts
+    assert counts[-1] <= counts[1] + 1, counts  # no growth with epochs
+    del x, y, loader
+
+
+@pytest.mark.parametrize("strategy", ["file_descriptor", "file_system"])
+def test_worker_shutdown_frees_the_shared_memory(data, strategy):
+    import torch.multiprocessing as tmp
+    ds, columns = data
+    old = tmp.get_sharing_strategy()
+    tmp.set_sharing_strategy(strategy)
+    try:
+        files, mapped = shm_files(), shm_mappings()
+        items = ShardDataset(ds, "x", "label", dtype="float32")
+        loader = DataLoader(items, batch_sampler=ShardSampler(items, BATCH, seed=7), collate_fn=collate,
+                            num_workers=2, persistent_workers=True)
+        for epoch in range(3):
+            for x, y in loader:
+                check(x, y, columns)
+        last = (x, y)
+        assert len(shm_mappings() - mapped) >= 2  # the slots were mapped here
+        del loader, x, y  # the workers stop (persistent: with the DataLoader)
+        gc.collect()
+        check(*last, columns)  # the batch held outlives its worker
+        del last  # its release finds the workers gone and unmaps their slots
+        gc.collect()
+        assert shm_mappings() - mapped == set()
+        assert shm_files() - files == set()
+    finally:
+        tmp.set_sharing_strategy(old)
+
+
+def test_a_collate_that_works_on_the_tensors_in_the_worker_gets_tensors(data):
+    """A user's collate_fn runs in the worker on the slot's tensors; what it computes is an
+    ordinary tensor (sent as torch sends any), and the batches stay right."""
+    ds, columns = data
+    items = ShardDataset(ds, "x", "label", dtype="float32")
+
+    loader = DataLoader(items, batch_sampler=ShardSampler(items, BATCH, seed=8), collate_fn=_double_x, num_workers=2)
+    for _ in range(2):
+        for x, y in loader:
+            ids = y.numpy().astype(np.int64)
+            np.testing.assert_array_equal(x.numpy(), 2 * columns["x"][ids].astype(np.float32))
+
+
+def _double_x(batch):
+    x, y = batch
+    doubled = x * 2
+    assert type(doubled) is torch.Tensor
+    return doubled, y
+
+
+def test_pickle_and_torch_save_see_an_ordinary_tensor(data, monkeypatch, tmp_path):
+    """Outside multiprocessing's pickler a slot's tensor pickles by value."""
+    ds, columns = data
+    items = ShardDataset(ds, "x", "label", dtype="float32")
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    x, y = items.__getitems__([3, 1, 4])
+    copy = pickle.loads(pickle.dumps(x))
+    np.testing.assert_array_equal(copy.numpy(), columns["x"][[3, 1, 4]].astype(np.float32))
+    torch.save(y, tmp_path / "y.pt")
+    np.testing.assert_array_equal(torch.load(tmp_path / "y.pt").numpy(), [3, 1, 4])
