@@ -182,3 +182,100 @@ def test_pickle_and_torch_save_see_an_ordinary_tensor(data, monkeypatch, tmp_pat
     np.testing.assert_array_equal(copy.numpy(), columns["x"][[3, 1, 4]].astype(np.float32))
     torch.save(y, tmp_path / "y.pt")
     np.testing.assert_array_equal(torch.load(tmp_path / "y.pt").numpy(), [3, 1, 4])
+
+
+class _BatchesWithCorruptOnes:
+    """A batch sampler: every epoch, 8 batches of good samples, then 2 batches holding ``bad``."""
+
+    def __init__(self, bad):
+        self.bad, self.epoch = bad, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        order = np.random.default_rng(self.epoch).permutation([i for i in range(N) if i != self.bad])
+        for b in range(8):
+            yield order[b * BATCH:(b + 1) * BATCH].tolist()
+            if b in (2, 5):
+                yield [int(order[0]), self.bad]
+
+    def __len__(self):
+        return 10
+
+
+def test_a_read_that_fails_gives_its_slot_back(data, tmp_path):
+    """A batch whose read fails (a corrupt record, opened with verify=True) reaches the main
+    process as the error; its slot is free again, so later batches still come in the workers'
+    few slots rather than in one-off segments."""
+    _, columns = data
+    path = str(tmp_path / "corrupt")
+    with shardfeed.Writer(path, fields={"x": ("float16", (32, 64)), "label": ("int32", ())}, shard_size=1 << 21) as w:
+        w.extend(columns)
+    shard = max((os.path.join(path, name) for name in os.listdir(path) if name.endswith(".rec")), key=os.path.getsize)
+    with open(shard, "r+b") as f:  # flip a byte in the middle of the first shard's records
+        f.seek(os.path.getsize(shard) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with shardfeed.open(path, verify=True) as ds:
+        bad = [i for i in range(N) if _fails(ds, i)]
+        assert len(bad) == 1, bad
+        items = ShardDataset(ds, "x", "label", dtype="float32")
+        loader = DataLoader(items, batch_sampler=_BatchesWithCorruptOnes(bad[0]), collate_fn=collate, num_workers=2,
+                            persistent_workers=True)
+        failures, segments = 0, []
+        for epoch in range(4):
+            batches = iter(loader)
+            while True:
+                try:
+                    x, y = next(batches)
+                except StopIteration:
+                    break
+                except shardfeed.errors.RecordChecksumError:
+                    failures += 1
+                    continue
+                check(x, y, columns)
+                segments.append(segment_of(x))
+        assert failures == 8
+        assert len(set(segments)) <= 2 * SLOTS < len(segments), segments
+        del batches, loader, x, y
+
+
+def _fails(ds, index):
+    try:
+        ds.read([index], "x")
+    except shardfeed.errors.RecordChecksumError:
+        return True
+    return False
+
+
+def test_threads_reading_in_one_worker_never_share_a_slot(data, monkeypatch):
+    """Several threads of one worker read batches at once (all kept, as if none had been
+    released): no two batches are in the same memory, and each is numpy's."""
+    import sys
+    import threading
+    ds, columns = data
+    items = ShardDataset(ds, "x", "label", dtype="float32")
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as the interpreter allows
+    results, start = [], threading.Barrier(6)
+
+    def read(seed):
+        rng = np.random.default_rng(seed)
+        start.wait()
+        for _ in range(5):
+            positions = rng.integers(0, N, 64).tolist()
+            results.append((positions, items.__getitems__(positions)))
+
+    threads = [threading.Thread(target=read, args=(seed,)) for seed in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(results) == 30
+    assert len({x.data_ptr() for _, (x, _) in results}) == 30
+    for positions, (x, y) in results:
+        assert check(x, y, columns).tolist() == positions

@@ -12,8 +12,8 @@ shared-memory storage (torch's ``UntypedStorage._new_shared``, so torch's sharin
 applies): a header, then each field's rows. The header holds two flags, each written by one
 side only:
 
-* ``BUSY``: the worker sets it when it lends the slot (the batch is read into it and handed to
-  the DataLoader); the main process clears it when every tensor of that batch is freed (a
+* ``BUSY``: the worker sets it when it takes the slot for a batch (cleared again if the read
+  fails); the main process clears it when every tensor of that batch is freed (a
   ``weakref.finalize`` on the array under each tensor: all views of a tensor share its storage,
   which holds the array). The worker reads into a slot only while ``BUSY`` is clear, so a
   batch is never overwritten while the main process references any part of it. A lent batch
@@ -97,15 +97,24 @@ class WorkerSlots:
         self.fields = fields
         self.torch_dtypes = {name: torch.from_numpy(np.empty(0, dtype)).dtype for name, dtype, _ in fields}
         self.slots: List[_Slot] = []
+        self.lock = threading.Lock()
         # A worker process ends in os._exit, which frees no storage: with torch's file_system
         # sharing strategy a segment whose count is never decremented stays in /dev/shm. So the
         # slots are dropped as the process exits (multiprocessing runs these finalisers then).
         multiprocessing.util.Finalize(self, self.slots.clear, exitpriority=0)
 
     def take(self, samples: int) -> _Slot:
-        """A free slot for ``samples`` samples: a new one while there are fewer than
-        ``WORKER_SLOTS``, a free one too small replaced by a larger one; when every slot is lent,
-        a one-off slot (index None) that the main process maps for this batch only."""
+        """A free slot for ``samples`` samples, marked ``BUSY`` (taken under a lock: a worker may
+        read on several threads): a new one while there are fewer than ``WORKER_SLOTS``, a free
+        one too small replaced by a larger one; when every slot is lent, a one-off slot (index
+        None) that the main process maps for this batch only. Hand it back with :meth:`lend`,
+        or :meth:`give_back` when the batch is not sent."""
+        with self.lock:
+            slot = self._free_slot(samples)
+            slot.header[BUSY] = 1
+            return slot
+
+    def _free_slot(self, samples: int) -> _Slot:
         free = [slot for slot in self.slots if slot.free()]
         for slot in free:
             if slot.capacity >= samples:
@@ -119,6 +128,10 @@ class WorkerSlots:
             return slot
         return _Slot(None, samples, self.fields)
 
+    def give_back(self, slot: _Slot) -> None:
+        """``slot``, taken for a batch that failed before it was lent, is free again."""
+        slot.header[BUSY] = 0
+
     def outputs(self, slot: _Slot, samples: int) -> Dict[str, np.ndarray]:
         """The arrays of a batch of ``samples`` in ``slot``, for the read to fill."""
         arrays = {}
@@ -129,9 +142,9 @@ class WorkerSlots:
         return arrays
 
     def lend(self, slot: _Slot, arrays: Dict[str, np.ndarray]) -> Dict[int, "LentTensor"]:
-        """Marks ``slot`` lent and returns, by ``id`` of each array of ``arrays``, a
-        :class:`LentTensor` over it that multiprocessing sends as a reference to the slot."""
-        slot.header[BUSY] = 1
+        """By ``id`` of each array of ``arrays`` (the batch read into ``slot``), a
+        :class:`LentTensor` over it that multiprocessing sends as a reference to the slot. The
+        slot stays ``BUSY`` until the main process has freed them all."""
         handle = _SlotHandle(self.key, slot)
         lent = {}
         for name, array in arrays.items():

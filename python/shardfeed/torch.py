@@ -261,10 +261,21 @@ class ShardDataset(torch.utils.data.Dataset):
         batches travel as torch sends any tensor."""
         indices = self.view.indices(np.asarray(positions, dtype=np.int64) if not isinstance(positions, np.ndarray)
                                     else positions)
-        plan = self.plan
         slots = self._worker_slots() if lend else None
-        slot = slots.take(len(indices)) if slots is not None else None
-        out = slots.outputs(slot, len(indices)) if slot is not None else None
+        if slots is None:
+            return _tensors(self._arranged(positions, indices, None))
+        slot = slots.take(len(indices))
+        try:
+            out = slots.outputs(slot, len(indices))
+            arranged = self._arranged(positions, indices, out)
+        except BaseException:
+            slots.give_back(slot)
+            raise
+        return _tensors(arranged, slots.lend(slot, out))
+
+    def _arranged(self, positions: Any, indices: np.ndarray, out: Optional[Dict[str, np.ndarray]]) -> Any:
+        """The batch of dataset ``indices`` read (into ``out``), transformed and arranged."""
+        plan = self.plan
         batch = plan.dataset.read(indices, plan.fields, out=out, **plan.read_options)
         batch.indices = indices
         batch.epoch = getattr(positions, "epoch", None)
@@ -273,10 +284,7 @@ class ShardDataset(torch.utils.data.Dataset):
             batch = plan.transform(batch)
             if not isinstance(batch, abc.Mapping):
                 raise TypeError(f"transform must return a mapping of field name -> array, got {type(batch).__name__}")
-        arranged = plan.arrange(batch)
-        if slot is not None:
-            return _tensors(arranged, slots.lend(slot, out))
-        return _tensors(arranged)
+        return plan.arrange(batch)
 
     def _worker_slots(self) -> Optional[WorkerSlots]:
         """This worker process's slots; None in the main process, with a transform, with
