@@ -279,3 +279,33 @@ def test_threads_reading_in_one_worker_never_share_a_slot(data, monkeypatch):
     assert len({x.data_ptr() for _, (x, _) in results}) == 30
     for positions, (x, y) in results:
         assert check(x, y, columns).tolist() == positions
+
+
+def test_large_batches_get_fewer_slots(tmp_path, monkeypatch):
+    """Slot memory per worker is bounded in bytes too (64 MiB: WORKER_SLOT_BYTES): with 24 MiB
+    batches a worker keeps at most 2 slots, and a third batch held at the same time goes to a
+    one-off segment. The worker and the main process are this process here (get_worker_info
+    patched), each batch sent through multiprocessing's pickler and received back; every batch
+    is numpy's."""
+    from multiprocessing.reduction import ForkingPickler
+    rng = np.random.default_rng(4)
+    n, batch = 3 * 3072, 3072  # uint8[32, 64] read as float32: 8 KiB a sample, 24 MiB a batch
+    columns = {"x": rng.integers(0, 255, (n, 32, 64), dtype=np.uint8), "label": np.arange(n, dtype=np.int32)}
+    path = str(tmp_path / "large")
+    with shardfeed.Writer(path, fields={"x": ("uint8", (32, 64)), "label": ("int32", ())}) as w:
+        w.extend(columns)
+    with shardfeed.open(path) as ds:
+        items = ShardDataset(ds, "x", "label", dtype="float32")
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+        rounds = []
+        for round in range(4):
+            held = []
+            for b in range(3):  # three batches held at once, as a training step with two prefetched
+                positions = rng.permutation(n)[:batch].tolist()
+                x, y = pickle.loads(ForkingPickler.dumps(items.__getitems__(positions)))
+                assert check(x, y, columns).tolist() == positions
+                held.append((x, y))
+            rounds.append([segment_of(x) for x, _ in held])
+            del held, x, y
+    kept = set(rounds[0]).intersection(*rounds[1:])  # the segments every round used: the slots
+    assert len(kept) == 2, rounds

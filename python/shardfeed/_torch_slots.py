@@ -7,10 +7,10 @@ new mapping that faults again: 11-16 ms per 4 MiB batch on the 2-vCPU VM, where 
 takes 1-4 ms. A slot reused, its mapping kept in both processes, costs about 1 ms per batch in
 the same test (benchmarks/RESULTS.md, "fifth session").
 
-The protocol. A worker's :class:`WorkerSlots` owns at most ``WORKER_SLOTS`` slots; a slot is one
-shared-memory storage (torch's ``UntypedStorage._new_shared``, so torch's sharing strategy
-applies): a header, then each field's rows. The header holds two flags, each written by one
-side only:
+The protocol. A worker's :class:`WorkerSlots` owns at most ``WORKER_SLOTS`` slots of at most
+``WORKER_SLOT_BYTES`` together (a first slot of any size); a slot is one shared-memory storage
+(torch's ``UntypedStorage._new_shared``, so torch's sharing strategy applies): a header, then
+each field's rows. The header holds two flags, each written by one side only:
 
 * ``BUSY``: the worker sets it when it takes the slot for a batch (cleared again if the read
   fails); the main process clears it when every tensor of that batch is freed (a
@@ -52,11 +52,16 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["LentTensor", "WorkerSlots", "WORKER_SLOTS"]
+__all__ = ["LentTensor", "WorkerSlots", "WORKER_SLOTS", "WORKER_SLOT_BYTES"]
 
 # Slots per worker process: DataLoader's prefetch_factor (default 2) batches queued, one the
 # training step holds, one being read. More outstanding batches fall back to one-off segments.
 WORKER_SLOTS = 4
+# And at most this much slot memory per worker (a first slot may be larger), which the memory cap
+# of a container must hold as well as the batches in flight: 4 slots of 8 KiB x 256 float32 batches
+# (4 MiB) fit; 38 MiB batches of 147 KiB images get one slot, the rest one-off segments (4 slots
+# each of 2 workers got the benchmark's 256 MiB memory cgroup OOM-killed: RESULTS.md, fifth session).
+WORKER_SLOT_BYTES = 64 << 20
 HEADER_BYTES = 64
 ALIGN = 64  # each field's rows start on a cache line
 BUSY, MAPPED = 0, 1  # header bytes
@@ -67,18 +72,24 @@ def _uint8_view(storage: Any) -> np.ndarray:
     return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),)).numpy()
 
 
+def _layout(capacity: int, fields: List[Tuple[str, np.dtype, Tuple[int, ...]]]) -> Tuple[Dict[str, int], int]:
+    """Each field's offset in a slot of ``capacity`` samples, and the slot's size."""
+    offsets = {}
+    end = HEADER_BYTES
+    for name, dtype, sample_shape in fields:
+        offsets[name] = end
+        end += -(-capacity * math.prod(sample_shape) * dtype.itemsize // ALIGN) * ALIGN
+    return offsets, end
+
+
 class _Slot:
     """One slot in the worker: its storage, sized for ``capacity`` samples of each field; ``index``
     its number in the worker's slots, None for a one-off slot."""
 
     def __init__(self, index: Optional[int], capacity: int, fields: List[Tuple[str, np.dtype, Tuple[int, ...]]]):
         self.index, self.capacity = index, capacity
-        self.offsets: Dict[str, int] = {}
-        end = HEADER_BYTES
-        for name, dtype, sample_shape in fields:
-            self.offsets[name] = end
-            end += -(-capacity * math.prod(sample_shape) * dtype.itemsize // ALIGN) * ALIGN
-        self.storage = torch.UntypedStorage._new_shared(end)
+        self.offsets, self.nbytes = _layout(capacity, fields)
+        self.storage = torch.UntypedStorage._new_shared(self.nbytes)
         self.memory = _uint8_view(self.storage)
         self.memory[:HEADER_BYTES] = 0
         self.header = self.memory[:HEADER_BYTES]
@@ -105,8 +116,9 @@ class WorkerSlots:
 
     def take(self, samples: int) -> _Slot:
         """A free slot for ``samples`` samples, marked ``BUSY`` (taken under a lock: a worker may
-        read on several threads): a new one while there are fewer than ``WORKER_SLOTS``, a free
-        one too small replaced by a larger one; when every slot is lent, a one-off slot (index
+        read on several threads): a new one while there are fewer than ``WORKER_SLOTS`` and
+        their bytes stay within ``WORKER_SLOT_BYTES`` (or there is none), a free one too small
+        replaced by a larger one; when every slot is lent, a one-off slot (index
         None) that the main process maps for this batch only. Hand it back with :meth:`lend`,
         or :meth:`give_back` when the batch is not sent."""
         with self.lock:
@@ -119,11 +131,14 @@ class WorkerSlots:
         for slot in free:
             if slot.capacity >= samples:
                 return slot
-        if len(self.slots) < WORKER_SLOTS:
+        size = _layout(samples, self.fields)[1]
+        held = sum(slot.nbytes for slot in self.slots)
+        if len(self.slots) < WORKER_SLOTS and (not self.slots or held + size <= WORKER_SLOT_BYTES):
             slot = _Slot(len(self.slots), samples, self.fields)
             self.slots.append(slot)
             return slot
-        if free:  # the main process sees the new storage with the slot's next batch
+        if free and (len(self.slots) == 1 or held - free[0].nbytes + size <= WORKER_SLOT_BYTES):
+            # the main process sees the new storage with the slot's next batch
             slot = self.slots[free[0].index] = _Slot(free[0].index, samples, self.fields)
             return slot
         return _Slot(None, samples, self.fields)
