@@ -282,14 +282,14 @@ def test_threads_reading_in_one_worker_never_share_a_slot(data, monkeypatch):
 
 
 def test_large_batches_get_fewer_slots(tmp_path, monkeypatch):
-    """Slot memory per worker is bounded in bytes too (64 MiB: WORKER_SLOT_BYTES): with 24 MiB
+    """Slot memory per worker is bounded in bytes too (32 MiB: WORKER_SLOT_BYTES): with 12 MiB
     batches a worker keeps at most 2 slots, and a third batch held at the same time goes to a
     one-off segment. The worker and the main process are this process here (get_worker_info
     patched), each batch sent through multiprocessing's pickler and received back; every batch
     is numpy's."""
     from multiprocessing.reduction import ForkingPickler
     rng = np.random.default_rng(4)
-    n, batch = 3 * 3072, 3072  # uint8[32, 64] read as float32: 8 KiB a sample, 24 MiB a batch
+    n, batch = 3 * 1536, 1536  # uint8[32, 64] read as float32: 8 KiB a sample, 12 MiB a batch
     columns = {"x": rng.integers(0, 255, (n, 32, 64), dtype=np.uint8), "label": np.arange(n, dtype=np.int32)}
     path = str(tmp_path / "large")
     with shardfeed.Writer(path, fields={"x": ("uint8", (32, 64)), "label": ("int32", ())}) as w:

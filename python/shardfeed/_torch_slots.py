@@ -8,7 +8,7 @@ takes 1-4 ms. A slot reused, its mapping kept in both processes, costs about 1 m
 the same test (benchmarks/RESULTS.md, "fifth session").
 
 The protocol. A worker's :class:`WorkerSlots` owns at most ``WORKER_SLOTS`` slots of at most
-``WORKER_SLOT_BYTES`` together (a first slot of any size); a slot is one shared-memory storage
+``WORKER_SLOT_BYTES`` together; a slot is one shared-memory storage
 (torch's ``UntypedStorage._new_shared``, so torch's sharing strategy applies): a header, then
 each field's rows. The header holds two flags, each written by one side only:
 
@@ -57,11 +57,12 @@ __all__ = ["LentTensor", "WorkerSlots", "WORKER_SLOTS", "WORKER_SLOT_BYTES"]
 # Slots per worker process: DataLoader's prefetch_factor (default 2) batches queued, one the
 # training step holds, one being read. More outstanding batches fall back to one-off segments.
 WORKER_SLOTS = 4
-# And at most this much slot memory per worker (a first slot may be larger), which the memory cap
-# of a container must hold as well as the batches in flight: 4 slots of 8 KiB x 256 float32 batches
-# (4 MiB) fit; 38 MiB batches of 147 KiB images get one slot, the rest one-off segments (4 slots
-# each of 2 workers got the benchmark's 256 MiB memory cgroup OOM-killed: RESULTS.md, fifth session).
-WORKER_SLOT_BYTES = 64 << 20
+# And at most this much slot memory per worker, which a container's memory cap must hold besides
+# the batches in flight: 4 slots of 8 KiB x 256 float32 batches (4 MiB) fit; batches over 32 MiB
+# (38 MiB of 147 KiB images) get none and travel in one-off segments, as before the slots. Up to
+# 4 slots, then one, of 38 MiB per worker got the benchmark's 256 MiB memory cgroup OOM-killed
+# (RESULTS.md, fifth session).
+WORKER_SLOT_BYTES = 32 << 20
 HEADER_BYTES = 64
 ALIGN = 64  # each field's rows start on a cache line
 BUSY, MAPPED = 0, 1  # header bytes
@@ -117,8 +118,8 @@ class WorkerSlots:
     def take(self, samples: int) -> _Slot:
         """A free slot for ``samples`` samples, marked ``BUSY`` (taken under a lock: a worker may
         read on several threads): a new one while there are fewer than ``WORKER_SLOTS`` and
-        their bytes stay within ``WORKER_SLOT_BYTES`` (or there is none), a free one too small
-        replaced by a larger one; when every slot is lent, a one-off slot (index
+        their bytes stay within ``WORKER_SLOT_BYTES``, a free one too small replaced by a larger
+        one (within the bytes); when every slot is lent, a one-off slot (index
         None) that the main process maps for this batch only. Hand it back with :meth:`lend`,
         or :meth:`give_back` when the batch is not sent."""
         with self.lock:
@@ -133,11 +134,11 @@ class WorkerSlots:
                 return slot
         size = _layout(samples, self.fields)[1]
         held = sum(slot.nbytes for slot in self.slots)
-        if len(self.slots) < WORKER_SLOTS and (not self.slots or held + size <= WORKER_SLOT_BYTES):
+        if len(self.slots) < WORKER_SLOTS and held + size <= WORKER_SLOT_BYTES:
             slot = _Slot(len(self.slots), samples, self.fields)
             self.slots.append(slot)
             return slot
-        if free and (len(self.slots) == 1 or held - free[0].nbytes + size <= WORKER_SLOT_BYTES):
+        if free and held - free[0].nbytes + size <= WORKER_SLOT_BYTES:
             # the main process sees the new storage with the slot's next batch
             slot = self.slots[free[0].index] = _Slot(free[0].index, samples, self.fields)
             return slot
