@@ -218,8 +218,10 @@ class ShardDataset(torch.utils.data.Dataset):
                    num_workers=2)
 
     or torch's own samplers (``batch_size=256, shuffle=True``). Every batch a worker process reads
-    is a whole batch: the DataLoader hands each worker the positions of one batch. It pickles (the
-    dataset by path) for spawned workers."""
+    is a whole batch: the DataLoader hands each worker the positions of one batch, and the worker
+    reads it into one of its few shared-memory slots, which reaches the main process without a
+    copy and is read into again only once every tensor of that batch is freed there
+    (:mod:`shardfeed._torch_slots`). It pickles (the dataset by path) for spawned workers."""
 
     def __init__(self, source: Any, inputs: Any = None, targets: Any = None, **options: Any):
         self.view = _unsharded(source, "ShardDataset")
