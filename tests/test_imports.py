@@ -150,7 +150,7 @@ LAYERS = [
     ("datasets", {"writer", "dataset", "merge", "verification"}),
     ("views and order", {"order", "views"}),
     ("feed", {"kerasfit", "_prefetch", "loader"}),
-    ("front ends", {"keras", "tf", "torch"}),
+    ("front ends", {"keras", "tf", "torch", "_torch_slots"}),
     ("tools", {"convert", "_demo"}),
     ("command line", {"cli", "_bench", "__main__"}),
 ]
