@@ -296,10 +296,10 @@ class ShardfeedTorchReader(ShardfeedReader):
 
 
 class ShardfeedTorchW2Reader(ShardfeedTorchReader):
-    """Two worker processes. Run out-of-core too since each worker reads its batches straight into
-    shared-memory tensors (no batch-memory cache of its own): with 147 KiB images (38 MiB float32
-    batches) two workers used to hold more than the regime's 256 MiB memory cgroup and one got
-    killed."""
+    """Two worker processes. Run out-of-core too since each worker reads its batches into shared
+    memory, at most 32 MiB of reused slots per worker (none for 38 MiB batches) (no batch-memory cache of its own): with
+    147 KiB images (38 MiB float32 batches) two workers used to hold more than the regime's
+    256 MiB memory cgroup and one got killed, with the cache and again with 4 slots per worker."""
 
     name = "shardfeed-torch-w2"
     num_workers = 2

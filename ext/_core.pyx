@@ -4,6 +4,11 @@
 Private module; use :func:`shardfeed.open`. Each read validates its arguments with the GIL held,
 makes one ``nogil`` call that runs the whole batch on native threads (which never touch Python),
 and turns the C status into a Python exception afterwards, in :meth:`ShardSet._raise`.
+
+Parts of the module live in include files beside it: ``checksums.pxi`` (CRC32C of buffers),
+``batch_memory.pxi`` (reusable output memory), ``buffers.pxi`` (buffers held for one call),
+``field_plan.pxi`` (``Affine``, ``FieldRead``: the typed per-field plan of a read) and
+``read_io.pxi`` (the thread pool or io_uring for the records that go to disk).
 """
 
 from native cimport *
@@ -150,65 +155,7 @@ def allow_f16c(bint allowed):
     return bool(sf_cast_has_f16c())
 
 
-def crc32c(data, unsigned int crc=0):
-    """CRC32C (Castagnoli) of the bytes of ``data`` (any contiguous buffer), continuing from ``crc``
-    like ``zlib.crc32``, with the kernel in use (:func:`crc32c_kernels`)."""
-    cdef _Views views = _Views(1)
-    cdef Py_buffer *view = views.acquire(data, PyBUF_C_CONTIGUOUS, "crc32c data")
-    cdef uint32_t result
-    with nogil:
-        result = sf_crc32c(crc, view.buf, <size_t>view.len)
-    return result
-
-
-def crc32c_copy(dst, src, unsigned int crc=0):
-    """Copies the bytes of ``src`` into ``dst`` (a writable buffer of the same size) and returns
-    their CRC32C, computed in the same pass (the kernel of checked reads; for tests)."""
-    cdef _Views views = _Views(2)
-    cdef Py_buffer *out = views.acquire(dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "crc32c_copy dst")
-    cdef Py_buffer *view = views.acquire(src, PyBUF_C_CONTIGUOUS, "crc32c_copy src")
-    cdef uint32_t result
-    if out.len != view.len:
-        raise ValueError(f"crc32c_copy: dst has {out.len} bytes, src {view.len}")
-    with nogil:
-        result = sf_crc32c_copy(crc, out.buf, view.buf, <size_t>view.len)
-    return result
-
-
-def crc32c_kernels():
-    """The CRC32C kernels this CPU can run, fastest first (the first is in use unless
-    :func:`use_crc32c_kernel` chose another); ``"table"`` (slicing by 8) is always last."""
-    names = []
-    cdef const char *name = sf_crc32c_kernel_name(0)
-    while name != NULL:
-        names.append(name.decode())
-        name = sf_crc32c_kernel_name(len(names))
-    return names
-
-
-def use_crc32c_kernel(str name):
-    """Makes every checksum use kernel ``name`` (one of :func:`crc32c_kernels`); returns the name
-    of the kernel in use before. For tests and benchmarks; not while other threads read."""
-    before = sf_crc32c_kernel().decode()
-    if sf_crc32c_use(name.encode()) != 0:
-        raise ValueError(f"CRC32C kernel {name!r} is not available here; these are: {crc32c_kernels()}")
-    return before
-
-
-def record_checksums(data, size_t record_bytes):
-    """The CRC32C of each ``record_bytes``-byte record of ``data`` (a contiguous buffer of whole
-    records), as a uint32 array: the per-record checksums of the format (docs/format.md)."""
-    cdef _Views views = _Views(1)
-    cdef Py_buffer *view = views.acquire(data, PyBUF_C_CONTIGUOUS, "records")
-    if record_bytes == 0 or <size_t>view.len % record_bytes:
-        raise ValueError(f"{view.len} bytes are not whole records of {record_bytes} bytes")
-    cdef size_t count = <size_t>view.len // record_bytes
-    out = np.empty(count, np.uint32)
-    cdef uint32_t[::1] sums = out
-    if count:
-        with nogil:
-            sf_crc32c_records(view.buf, record_bytes, count, &sums[0])
-    return out
+include "checksums.pxi"
 
 
 def pool_size():
@@ -216,208 +163,12 @@ def pool_size():
     return sf_pool_size()
 
 
-# ---- How reads that go to disk are made: io_uring or the thread pool (ext/uring.h) ----------------
-
-BUILD_INFO["io_uring"] = bool(sf_uring_compiled())
-URING_DEPTH = SF_URING_DEPTH
-_READ_IO_MODES = {"auto": SF_READ_IO_AUTO, "pool": SF_READ_IO_POOL, "uring": SF_READ_IO_URING}
-_uring_fork_rc = sf_uring_init()
-if _uring_fork_rc != 0:
-    raise OSError(_uring_fork_rc, "pthread_atfork failed: the io_uring reader could not be made fork-safe")
+include "read_io.pxi"
 
 
-def uring_error():
-    """0 when reads can go through io_uring in this process, else the errno value that
-    io_uring_setup gave (EPERM: forbidden, e.g. by a container's seccomp policy; ENOSYS: not in
-    this kernel, or not in this build)."""
-    cdef int rc
-    with nogil:
-        rc = sf_uring_probe()
-    return rc
-
-
-def uring_runs():
-    """Runs of adjacent records (one request each) read through io_uring so far in this process."""
-    return sf_uring_runs()
-
-
-def read_io():
-    """How the records a read does not find in the page cache are read, process-wide:
-    ``"auto"``, ``"pool"`` or ``"uring"`` (:func:`set_read_io`)."""
-    mode = sf_read_io()
-    return next(name for name, value in _READ_IO_MODES.items() if value == mode)
-
-
-def set_read_io(str mode):
-    """Chooses how the records a read does not find in the page cache are read, in every thread of
-    this process, and returns the previous choice: ``"pool"`` (the default), on the thread pool of
-    blocking preadv; ``"auto"``, through io_uring where it can be set up here, else on the pool;
-    ``"uring"``, io_uring, and reads without a memory map or checksums skip their
-    page-cache pass, so every record goes through io_uring (raises OSError where io_uring cannot be
-    used). For tests and benchmarks; the environment variable ``SHARDFEED_READ_IO`` sets it at
-    import."""
-    if mode not in _READ_IO_MODES:
-        raise ValueError(f"read I/O must be one of {sorted(_READ_IO_MODES)}, got {mode!r}")
-    cdef int rc
-    if mode == "uring":
-        rc = uring_error()
-        if rc != 0:
-            raise OSError(rc, f"io_uring cannot be used here: io_uring_setup failed: {os.strerror(rc)}")
-    before = read_io()
-    sf_set_read_io(_READ_IO_MODES[mode])
-    return before
-
-
-set_read_io(os.environ.get("SHARDFEED_READ_IO") or "pool")
-
-
-# Memory for large output arrays, kept for reuse when numpy frees them (ext/batch_memory.h: why,
-# and the cache's limits). Every call holds the GIL, which is what serialises the cache.
-BATCH_MEMORY_CACHE = {"blocks": SF_BATCH_CACHE_SLOTS, "bytes": SF_BATCH_CACHE_BYTES}
-
-
-cdef class BatchMemory:
-    """A page-aligned, writable block of anonymous memory for one output array (``np.frombuffer``
-    views it and keeps this object as its base); back to the cache when the last view is freed."""
-    cdef void *data
-    cdef size_t size
-
-    def __cinit__(self, size_t nbytes):
-        self.size = sf_batch_size(nbytes)
-        self.data = sf_batch_alloc(nbytes)
-        if self.data == NULL:
-            raise MemoryError(f"could not map {self.size} bytes for a batch array: {os.strerror(errno)}")
-
-    def __getbuffer__(self, Py_buffer *view, int flags):
-        PyBuffer_FillInfo(view, self, self.data, self.size, 0, flags)
-
-    def __dealloc__(self):
-        if self.data != NULL:
-            sf_batch_release(self.data, self.size)
-
-
-def cached_batch_memory():
-    """The sizes in bytes of the blocks now cached for reuse (oldest first)."""
-    cdef size_t sizes[SF_BATCH_CACHE_SLOTS]
-    cdef size_t count = sf_batch_cached(sizes)
-    return [sizes[i] for i in range(count)]
-
-
-def free_batch_memory():
-    """Unmaps every cached block; returns the bytes unmapped."""
-    return sf_batch_free_cached()
-
-
-cdef class _Views:
-    """Buffers acquired for one call, released together."""
-    cdef Py_buffer *views
-    cdef int held, capacity
-
-    def __cinit__(self, int capacity):
-        self.views = <Py_buffer *>PyMem_Calloc(max(capacity, 1), sizeof(Py_buffer))
-        if self.views == NULL:
-            raise MemoryError()
-        self.capacity = capacity
-
-    cdef Py_buffer *acquire(self, obj, int flags, what, suffix="") except NULL:
-        if self.held >= self.capacity:
-            raise RuntimeError("internal error: too many buffers")
-        try:
-            PyObject_GetBuffer(obj, &self.views[self.held], flags)
-        except (TypeError, BufferError, ValueError) as exc:
-            raise ValueError(f"{_what(what)}{suffix}: {exc}") from None
-        self.held += 1
-        return &self.views[self.held - 1]
-
-    def __dealloc__(self):
-        for i in range(self.held):
-            PyBuffer_Release(&self.views[i])
-        PyMem_Free(self.views)
-
-
-cdef class _Int64Copy:
-    """A private array of ``n`` int64 for one call, freed with the object."""
-    cdef int64_t *data
-
-    def __cinit__(self, size_t n):
-        self.data = <int64_t *>PyMem_Malloc(n * sizeof(int64_t) if n else 1)
-        if self.data == NULL:
-            raise MemoryError()
-
-    def __dealloc__(self):
-        PyMem_Free(self.data)
-
-
-cdef str _what(what):
-    """The subject of an error message: ``what`` itself, or "field k" for a field number (formatted
-    only when an error is raised, not on every read)."""
-    return f"field {what}" if isinstance(what, int) else what
-
-
-cdef class Affine:
-    """``out = float32(stored) * scale[p] + offset[p]`` with p = (element // inner) % period: the
-    transform of one field in the kernels' layout (ext/cast.h), from ``period`` float32 parameters
-    each. The kernels read a window of period + BLOCK parameters where inner == 1 (one parameter per
-    element): this class tiles them so, the rule living with the kernels."""
-    cdef readonly object scale
-    cdef readonly object offset
-    cdef readonly size_t inner
-    cdef readonly size_t period
-
-    def __cinit__(self, scale, offset, size_t inner=1, size_t period=1):
-        if inner < 1 or period < 1:
-            raise ValueError(f"bad affine layout inner={inner} period={period}")
-        s = np.ascontiguousarray(scale, dtype=np.float32).reshape(-1)
-        o = np.ascontiguousarray(offset, dtype=np.float32).reshape(-1)
-        if s.shape[0] != <Py_ssize_t>period or o.shape[0] != <Py_ssize_t>period:
-            raise ValueError(f"scale and offset need {period} entries each, got {s.shape[0]} and {o.shape[0]}")
-        if inner == 1 and period > 1:
-            reps = (period + SF_BLOCK + period - 1) // period  # whole periods covering period + BLOCK
-            s, o = np.tile(s, reps), np.tile(o, reps)
-        self.scale, self.offset, self.inner, self.period = s, o, inner, period
-
-    def __repr__(self):
-        return f"Affine(inner={self.inner}, period={self.period})"
-
-
-cdef int _fill_affine(sf_affine *affine, _Views views, Affine params, what) except -1:
-    """The C description of ``params`` (None: no transform); its arrays are held by ``views``."""
-    affine.scale = NULL
-    affine.offset = NULL
-    affine.inner = 1
-    affine.period = 1
-    if params is None:
-        return 0
-    cdef Py_buffer *s = views.acquire(params.scale, PyBUF_C_CONTIGUOUS, what, " scale")
-    cdef Py_buffer *o = views.acquire(params.offset, PyBUF_C_CONTIGUOUS, what, " offset")
-    affine.scale = <const float *>s.buf
-    affine.offset = <const float *>o.buf
-    affine.inner = params.inner
-    affine.period = params.period
-    return 0
-
-
-cdef class FieldRead:
-    """One field of a record read (:meth:`ShardSet.read_records`): ``src_bytes`` bytes at
-    ``src_offset`` of each record, ``count`` elements, converted by kernel ``cast`` (CAST_COPY: the
-    bytes as stored) into ``out``, a C-contiguous writable buffer of one row per index, with the
-    transform ``affine`` (an :class:`Affine`, or None)."""
-    cdef readonly int cast
-    cdef readonly size_t src_offset
-    cdef readonly size_t src_bytes
-    cdef readonly size_t count
-    cdef readonly object out
-    cdef readonly Affine affine
-
-    def __cinit__(self, int cast, size_t src_offset, size_t src_bytes, size_t count, out, Affine affine=None):
-        if not sf_cast_valid(cast):
-            raise ValueError(f"bad cast {cast}")
-        if cast != SF_CAST_COPY and src_bytes != count * sf_cast_itemsize(cast):
-            raise ValueError(f"{src_bytes} bytes do not hold {count} elements")
-        if affine is not None and cast == SF_CAST_COPY:
-            raise ValueError("an affine transform needs a float output")
-        self.cast, self.src_offset, self.src_bytes, self.count = cast, src_offset, src_bytes, count
-        self.out, self.affine = out, affine
+include "batch_memory.pxi"
+include "buffers.pxi"
+include "field_plan.pxi"
 
 
 cdef class ShardSet:

@@ -8,9 +8,9 @@
 
 #include <stdint.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define SF_HAVE_F16C_PATH 1
+#include "cast_half.h"
+
+#ifdef SF_HAVE_F16C_PATH /* x86-64 with GCC or clang: immintrin.h, included by cast_half.h */
 #define SF_HAVE_STREAM_STORES 1
 #endif
 
@@ -24,7 +24,6 @@
 #else
 #define SF_CLONES
 #endif
-#define SF_INLINE static inline __attribute__((always_inline))
 
 
 int sf_cast_valid(int cast)
@@ -47,48 +46,6 @@ size_t sf_cast_out_itemsize(int cast)
         return 0;
     return sf_cast_out(cast) == SF_OUT_F32 ? 4 : 2;
 }
-
-/* Block kernels: convert m <= SF_BLOCK stored elements at `in` (any alignment: every element is
- * loaded with a fixed-size memcpy, which compiles to a plain unaligned load) into the local float
- * block `out`. The caller stores `out` only after the whole block was read, which is what makes
- * the in-place layout safe. */
-static void f16_block_soft(float *out, const unsigned char *in, size_t m)
-{
-    for (size_t j = 0; j < m; j++) {
-        uint16_t h;
-        memcpy(&h, in + 2 * j, 2);
-        uint32_t bits = sf_half_to_float_bits(h);
-        memcpy(&out[j], &bits, 4);
-    }
-}
-
-#ifdef SF_HAVE_F16C_PATH
-__attribute__((target("avx,f16c"))) static void f16_block_f16c(float *out, const unsigned char *in,
-                                                               size_t m)
-{
-    size_t j = 0;
-    for (; j + 8 <= m; j += 8) {
-        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + 2 * j)));
-        if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)))
-            f16_block_soft(out + j, in + 2 * j, 8); /* the instruction quiets signalling NaNs */
-        else
-            _mm256_storeu_ps(out + j, v);
-    }
-    f16_block_soft(out + j, in + 2 * j, m - j);
-}
-
-static int f16c_allowed = 1; /* tests switch the vector path off to check the portable one */
-
-static int have_f16c(void)
-{
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
-    }
-    return cached && f16c_allowed;
-}
-#endif
 
 void sf_cast_allow_f16c(int allowed)
 {
@@ -116,6 +73,11 @@ int sf_cast_has_f16c(void)
 #define SF_EXACT_U32(v, w) ((w) < 0x1p32f && (int64_t)(w) == (int64_t)(v))
 #define SF_EXACT_I64(v, w) ((w) >= -0x1p63f && (w) < 0x1p63f && (int64_t)(w) == (v))
 #define SF_EXACT_U64(v, w) ((w) >= 0.0f && (w) < 0x1p64f && (uint64_t)(w) == (v))
+
+/* Block kernels: convert m <= SF_BLOCK stored elements at `in` (any alignment: every element is
+ * loaded with a fixed-size memcpy, which compiles to a plain unaligned load) into the local float
+ * block `out`. The caller stores `out` only after the whole block was read, which is what makes
+ * the in-place layout safe. */
 
 /* Integer block kernels: out = (float)v, returning 1 when some v was not exact in float32 (never
  * for 8- and 16-bit integers: their check compiles to nothing). */
@@ -160,133 +122,8 @@ SF_INLINE void f32_block(float *out, const unsigned char *in, size_t m)
     }
 }
 
-SF_INLINE void bf16_block(float *out, const unsigned char *in, size_t m)
-{
-    for (size_t j = 0; j < m; j++) {
-        uint16_t h;
-        memcpy(&h, in + 2 * j, 2);
-        uint32_t bits = (uint32_t)h << 16;
-        memcpy(&out[j], &bits, 4);
-    }
-}
 
-SF_INLINE void f16_block(float *out, const unsigned char *in, size_t m)
-{
-#ifdef SF_HAVE_F16C_PATH
-    if (have_f16c()) {
-        f16_block_f16c(out, in, m);
-        return;
-    }
-#endif
-    f16_block_soft(out, in, m);
-}
 
-static inline float half_to_float(uint16_t h)
-{
-    uint32_t bits = sf_half_to_float_bits(h);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float bf16_to_float(uint16_t b)
-{
-    uint32_t bits = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-/* Double -> bfloat16 bits in one rounding: to float32 rounding to odd (an inexact result gets its
- * last bit set, so the next rounding cannot see a false tie), then to nearest even. */
-static inline uint16_t double_to_bf16_bits(double x)
-{
-    float f = (float)x;
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if (f == f && (double)f != x) {
-        if ((f < 0 ? -(double)f : (double)f) > (x < 0 ? -x : x))
-            bits -= 1; /* toward zero (from infinity: the largest float) */
-        bits |= 1;
-    }
-    return sf_float_to_bf16_bits(bits);
-}
-
-static void f32_to_f16_soft(uint16_t *h, const float *in, size_t m)
-{
-    for (size_t j = 0; j < m; j++) {
-        uint32_t bits;
-        memcpy(&bits, &in[j], 4);
-        h[j] = sf_float_to_half_bits(bits);
-    }
-}
-
-#ifdef SF_HAVE_F16C_PATH
-__attribute__((target("avx,f16c"))) static void f32_to_f16_f16c(uint16_t *h, const float *in, size_t m)
-{
-    size_t j = 0;
-    for (; j + 8 <= m; j += 8) {
-        __m256 v = _mm256_loadu_ps(in + j);
-        if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)))
-            f32_to_f16_soft(h + j, in + j, 8); /* the instruction quiets NaNs */
-        else
-            _mm_storeu_si128((__m128i *)(h + j), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    }
-    f32_to_f16_soft(h + j, in + j, m - j);
-}
-#endif
-
-SF_INLINE void f32_to_f16_block(uint16_t *h, const float *in, size_t m)
-{
-#ifdef SF_HAVE_F16C_PATH
-    if (have_f16c()) {
-        f32_to_f16_f16c(h, in, m);
-        return;
-    }
-#endif
-    f32_to_f16_soft(h, in, m);
-}
-
-SF_INLINE void f32_to_bf16_block(uint16_t *h, const float *in, size_t m)
-{
-    for (size_t j = 0; j < m; j++) {
-        uint32_t bits;
-        memcpy(&bits, &in[j], 4);
-        h[j] = sf_float_to_bf16_bits(bits);
-    }
-}
-
-/* A 64-bit integer as a double rounded to odd (inexact: toward zero, last bit set), so the
- * bfloat16 rounding that follows is one rounding of the integer itself, as in ml_dtypes. */
-static inline double i64_to_double_odd(int64_t v)
-{
-    double x = (double)v;
-    int above = x >= 0x1p63 || (int64_t)x > v; /* x >= -2^63 always: v rounded */
-    int below = x < 0x1p63 && (int64_t)x < v;
-    if (above || below) {
-        uint64_t bits;
-        memcpy(&bits, &x, 8);
-        if (v >= 0 ? above : below)
-            bits -= 1;
-        bits |= 1;
-        memcpy(&x, &bits, 8);
-    }
-    return x;
-}
-
-static inline double u64_to_double_odd(uint64_t v)
-{
-    double x = (double)v;
-    int above = x >= 0x1p64 || (uint64_t)x > v;
-    if (above || (uint64_t)x < v) {
-        uint64_t bits;
-        memcpy(&bits, &x, 8);
-        bits -= (uint64_t)above;
-        bits |= 1;
-        memcpy(&x, &bits, 8);
-    }
-    return x;
-}
 
 static inline double as_double(double x) { return x; }
 

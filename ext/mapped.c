@@ -178,6 +178,8 @@ static int first_page_cached(const sf_shards *sh, int64_t index)
 #endif
 }
 
+/* One function of 84 lines, on purpose: the sigsetjmp target must stay in the frame that copies
+ * from the maps, and the page-cache pass, the gathering and the copies share its loop's state. */
 int sf_read_records_map(void *vctx, size_t begin, size_t end, sf_error *err)
 {
     record_ctx *ctx = vctx;

@@ -162,6 +162,19 @@ def mmap_mode(request):
     return request.param
 
 
+@pytest.fixture(params=["f16c", "portable"])
+def f16_path(request):
+    """Runs a test of the float16 kernels on the F16C vector path and on the portable code."""
+    from shardfeed import _core
+    use_f16c = request.param == "f16c"
+    try:
+        if _core.allow_f16c(use_f16c) != use_f16c:
+            pytest.skip("this CPU has no F16C")
+        yield request.param
+    finally:
+        _core.allow_f16c(True)
+
+
 # ---- output array allocation ------------------------------------------------------------------
 
 
@@ -183,12 +196,12 @@ def allocation(request, monkeypatch):
     larger buffers (a view of one points at the buffer, not at it; TensorFlow wraps them), or,
     whatever their size, the reusable page-aligned blocks of ``_core.BatchMemory`` that arrays
     of 1 MiB or more get (TensorFlow wraps them; a freed one is handed out again)."""
-    from shardfeed import _core, dataset
+    from shardfeed import _core, batch_reader
     if request.param == "aligned-views":
         shim = types.SimpleNamespace(**vars(np))
         shim.empty = _aligned_empty
-        monkeypatch.setattr(dataset, "np", shim)
+        monkeypatch.setattr(batch_reader, "np", shim)
     elif request.param == "batch-memory":
-        monkeypatch.setattr(dataset, "BATCH_MEMORY_MIN_BYTES", 0)
+        monkeypatch.setattr(batch_reader, "BATCH_MEMORY_MIN_BYTES", 0)
     yield request.param
     _core.free_batch_memory()

@@ -13,7 +13,7 @@ import pytest
 
 import shardfeed
 from shardfeed import _core
-from shardfeed.dataset import BATCH_MEMORY_MIN_BYTES
+from shardfeed.batch_reader import BATCH_MEMORY_MIN_BYTES
 
 N = 600
 BATCH = 96  # 96 samples of 16 KiB (float16 [64, 64] read as float32): 1.5 MiB

@@ -36,18 +36,6 @@ def test_numpy_keeps_signalling_nans_so_the_comparison_has_teeth():
     assert f16_expected()[0x7C00] == 0x7F800000
 
 
-@pytest.fixture(params=["f16c", "portable"])
-def f16_path(request):
-    """Runs a test on the F16C vector path and on the portable code."""
-    use_f16c = request.param == "f16c"
-    try:
-        if _core.allow_f16c(use_f16c) != use_f16c:
-            pytest.skip("this CPU has no F16C")
-        yield request.param
-    finally:
-        _core.allow_f16c(True)
-
-
 def test_f16c_switch_changes_the_path_in_use():
     if not _core.BUILD_INFO["f16c"]:
         pytest.skip("this CPU has no F16C")

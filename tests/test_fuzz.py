@@ -4,9 +4,7 @@ documents go to the manifest parser. Every input gives a clean shardfeed excepti
 dataset; verify() flags exactly the shards whose bytes changed. The long run (>= 100,000 inputs,
 atheris) is documented in docs/reliability.md."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 from hypothesis import example, given
@@ -15,17 +13,9 @@ from hypothesis import strategies as st
 import shardfeed
 from shardfeed.format import HEADER_BYTES, parse_manifest
 
-FUZZ = pathlib.Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_format.py"
+import fuzz_targets
 
-
-def load_fuzz_module():
-    spec = importlib.util.spec_from_file_location("shardfeed_fuzz_format", FUZZ)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = load_fuzz_module()
+fuzz = fuzz_targets.load("fuzz_format")
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,13 @@ links in every position, huge claimed counts, shapes numpy cannot represent, nam
 UTF-8 or not encodable, irregular shard names; open, verify, append and merge must raise only
 shardfeed's errors, never block, never write outside the dataset, never lose a committed sample."""
 
-import importlib.util
-import pathlib
-
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-FUZZ = pathlib.Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_layout.py"
+import fuzz_targets
 
-
-def load_fuzz_module():
-    spec = importlib.util.spec_from_file_location("shardfeed_fuzz_layout", FUZZ)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = load_fuzz_module()
+fuzz = fuzz_targets.load("fuzz_layout")
 
 
 @pytest.fixture(scope="module")

@@ -146,11 +146,11 @@ def test_no_import_cycle_at_import_time():
 LAYERS = [
     ("base", {"errors", "_text"}),
     ("on-disk format", {"fileio", "format"}),
-    ("core I/O", {"_core", "_casting", "lock", "shardfile", "read_options", "_reference", "_preload"}),
+    ("core I/O", {"_core", "_casting", "lock", "shardfile", "read_options", "batch_reader", "_reference", "_preload"}),
     ("datasets", {"writer", "dataset", "merge", "verification"}),
     ("views and order", {"order", "views"}),
     ("feed", {"kerasfit", "_prefetch", "loader"}),
-    ("front ends", {"keras", "tf", "torch"}),
+    ("front ends", {"keras", "tf", "torch", "_torch_slots"}),
     ("tools", {"convert", "_demo"}),
     ("command line", {"cli", "_bench", "__main__"}),
 ]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import shardfeed
-from shardfeed import Sampler, _core, dataset
+from shardfeed import Sampler, _core, batch_reader
 from shardfeed.loader import BatchPlan, Prefetcher
 
 N = 700
@@ -42,7 +42,7 @@ def data(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def batch_memory_for_every_size(monkeypatch):
     """These batches are small (tens of KiB): put them in batch memory all the same."""
-    monkeypatch.setattr(dataset, "BATCH_MEMORY_MIN_BYTES", 0)
+    monkeypatch.setattr(batch_reader, "BATCH_MEMORY_MIN_BYTES", 0)
     gc.collect()
     _core.free_batch_memory()
     yield

@@ -57,17 +57,6 @@ def assert_bits(actual_u16, expected_array):
     np.testing.assert_array_equal(actual_u16, expected_array.view(np.uint16))
 
 
-@pytest.fixture(params=["f16c", "portable"])
-def f16_path(request):
-    use_f16c = request.param == "f16c"
-    try:
-        if _core.allow_f16c(use_f16c) != use_f16c:
-            pytest.skip("this CPU has no F16C")
-        yield request.param
-    finally:
-        _core.allow_f16c(True)
-
-
 def float32_patterns():
     """Every sign/exponent/top-7-mantissa prefix (all 65536 upper halves) with low halves at and
     around the rounding points of bfloat16 (bit 15) and float16 (bit 12 of a normal; subnormal

@@ -447,9 +447,10 @@ def test_pin_memory_is_pinned_with_an_accelerator_and_a_stated_no_op_without(uni
 
 
 def test_a_worker_reads_batches_straight_into_shared_memory(unique, monkeypatch):
-    """In a DataLoader worker (get_worker_info() set), a batch is read into new tensors in shared
-    memory, which torch sends to the main process without copying; each batch has storage of its
-    own; the main process (and a transform) get tensors over the read's arrays, not shared."""
+    """In a DataLoader worker (get_worker_info() set), a batch is read into one of the worker's
+    shared-memory slots, which reach the main process without a copy (tests/test_torch_slots.py);
+    batches not released by the main process each have a slot of their own; the main process
+    (and a transform) get tensors over the read's arrays, not shared."""
     ds, columns = unique
     items = ShardDataset(ds, "x", "label")
     x, y = items.__getitems__([5, 1, 7])

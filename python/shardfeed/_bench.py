@@ -14,7 +14,7 @@ import numpy as np
 
 from . import dataset as _dataset
 from ._text import human_bytes
-from .cli import Formatter, positive, say
+from .cli import new_command, positive, say
 from .format import HEADER_BYTES
 
 
@@ -227,8 +227,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def add_command(commands: Any) -> None:
     """Adds ``bench`` to the ``shardfeed`` sub-command parser."""
-    p = commands.add_parser("bench", help="random-read throughput of a dataset, page-cached and cold, vs numpy.memmap",
-                            description=_BENCH_HELP, formatter_class=Formatter)
+    p = new_command(commands, "bench", _bench, description=_BENCH_HELP,
+                    help="random-read throughput of a dataset, page-cached and cold, vs numpy.memmap")
     p.add_argument("path")
     p.add_argument("--batch-size", type=positive, default=256, help="samples per read (default 256)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement (default 2)")
@@ -239,4 +239,3 @@ def add_command(commands: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing (the exit status says whether "
                    "shardfeed and memmap read the same values)")
-    p.set_defaults(run=_bench, parser=p)

@@ -49,6 +49,20 @@ def positive(text: str) -> int:
     return value
 
 
+def new_command(commands: Any, name: str, run: Any, help: str, description: str) -> argparse.ArgumentParser:
+    """Adds sub-command ``name`` (its description keeps its line breaks): ``run(args)`` runs it,
+    with ``args.parser`` its parser, for usage errors."""
+    p = commands.add_parser(name, help=help, description=description, formatter_class=Formatter)
+    p.set_defaults(run=run, parser=p)
+    return p
+
+
+def _inputs_and_output(p: argparse.ArgumentParser, inputs: str, metavar: str, help: str, output_help: str) -> None:
+    """The inputs (one or more) and the ``-o/--output`` dataset of a command that writes one."""
+    p.add_argument(inputs, nargs="+", metavar=metavar, help=help)
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help=output_help)
+
+
 def say(args: argparse.Namespace, *text: Any) -> None:
     """print() unless --quiet."""
     if not args.quiet:
@@ -340,10 +354,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _add_convert(commands: Any) -> None:
-    p = commands.add_parser("convert", help="convert .npy/.npz/CSV/HDF5 files or a directory of samples into a dataset",
-                            description=_CONVERT_HELP, formatter_class=Formatter)
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="files, directories or glob patterns (NAME=FILE for .npy)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the dataset directory to write")
+    p = new_command(commands, "convert", _convert, description=_CONVERT_HELP,
+                    help="convert .npy/.npz/CSV/HDF5 files or a directory of samples into a dataset")
+    _inputs_and_output(p, "sources", "SOURCE", "files, directories or glob patterns (NAME=FILE for .npy)",
+                       "the dataset directory to write")
     p.add_argument("--from", dest="source_kind", choices=_SOURCE_KINDS, help="source type (default: guessed)")
     p.add_argument("--field", action="append", default=[], metavar="NAME=SPEC",
                    help="csv: NAME=COL, NAME=COL1,COL2,... or NAME=PATTERN; npz: NAME=MEMBER; hdf5: NAME=/DATASET")
@@ -388,7 +402,6 @@ def _add_convert(commands: Any) -> None:
                    "cluster task's share; join the parts with `shardfeed merge`")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no report")
-    p.set_defaults(run=_convert, parser=p)
 
 
 # ---- head --------------------------------------------------------------------------------------
@@ -448,15 +461,13 @@ def _head(args: argparse.Namespace) -> int:
 
 
 def _add_head(commands: Any) -> None:
-    p = commands.add_parser("head", help="print the first samples of a dataset", description=plain(_head.__doc__),
-                            formatter_class=Formatter)
+    p = new_command(commands, "head", _head, help="print the first samples of a dataset", description=plain(_head.__doc__))
     p.add_argument("path")
     p.add_argument("-n", type=positive, default=5, metavar="N", help="number of samples (default 5)")
     p.add_argument("--start", type=int, default=0, help="first sample (negative: from the end)")
     p.add_argument("--fields", metavar="A,B", help="fields to show (default: all)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample, full values")
     p.add_argument("-q", "--quiet", action="store_true", help="no heading line")
-    p.set_defaults(run=_head, parser=p)
 
 
 # ---- merge -------------------------------------------------------------------------------------
@@ -490,14 +501,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _add_merge(commands: Any) -> None:
-    p = commands.add_parser("merge", help="join datasets written in parts into one, without copying shard data",
-                            description=_MERGE_HELP, formatter_class=Formatter)
-    p.add_argument("parts", nargs="+", metavar="PART", help="part datasets, in order")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the merged dataset to create")
+    p = new_command(commands, "merge", _merge, description=_MERGE_HELP,
+                    help="join datasets written in parts into one, without copying shard data")
+    _inputs_and_output(p, "parts", "PART", "part datasets, in order", "the merged dataset to create")
     p.add_argument("--move", action="store_true", help="move the shard files and remove the parts")
     p.add_argument("--metadata", type=_json_object, metavar="JSON|@FILE", help="the merged dataset's metadata")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    p.set_defaults(run=_merge, parser=p)
 
 
 # ---- info, verify, demo; the parser ----------------------------------------------------------

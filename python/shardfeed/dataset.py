@@ -1,29 +1,22 @@
-"""Opening a dataset and reading samples by index."""
+"""Opening a dataset: the :class:`Dataset` handle (files, manifest, background preload, views,
+pickling) and :class:`Batch`. What a read does is in ``batch_reader.py``."""
 
 from __future__ import annotations
 
 import errno
-import math
 import os
-from collections import abc
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _core, _preload
-from .read_options import (
-    CAST_COPY, INTEGER_DTYPES, STORED_KINDS, affine_layout, cast_values, conversion, exact, inexact_error, option_for,
-    output_dtype, per_field, side,
-)
-from .errors import OutputSizeError, ShardFormatError, ShardReadError
+from .batch_reader import BATCH_MEMORY_MIN_BYTES, BatchReader, check_threads  # noqa: F401 (the constant's old home)
+from .errors import ShardFormatError, ShardReadError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME,
     MERGE_JOURNAL_NAME, Field, Manifest, ShardEntry, check_header, checksum_words, read_manifest,
 )
 from .fileio import file_system_path, open_regular
-
-_MAX_OUTPUT_BYTES = 1 << 62  # more than numpy's sizes (intp) and BatchMemory can describe
-_INT64 = np.dtype(np.int64)
 
 # Records up to this size are copied from a read-only memory map (MADV_RANDOM) instead of one
 # preadv() each. Page-cached, the map is 2-8x faster up to 1 KiB and 1.3-1.7x up to 64 KiB (no
@@ -37,8 +30,6 @@ MMAP_MAX_RECORD_BYTES = 64 * 1024
 # threads="auto": at least this many reader threads (the queue depth for cold reads; measured in
 # benchmarks/RESULTS.md, "Thread count").
 AUTO_MIN_THREADS = 16
-# A new output array of at least this many bytes is made in reusable memory (see _empty).
-BATCH_MEMORY_MIN_BYTES = 1 << 20
 _default_threads: Optional[int] = None
 _auto_threads: Optional[int] = None
 
@@ -68,16 +59,7 @@ def set_num_threads(threads: Union[None, str, int]) -> None:
     that are in the page cache (found without waiting for the disk, on Linux) are read by at most
     one thread per CPU whatever this number, since more would only add thread switches."""
     global _default_threads
-    _default_threads = _check_threads(threads)
-
-
-def _check_threads(threads: Any) -> Optional[int]:
-    """An explicit thread count, or None for the automatic choice ("auto" or None)."""
-    if threads is None or (isinstance(threads, str) and threads == "auto"):
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= _core.BUILD_INFO["max_threads"]:
-        raise ValueError(f"threads must be 'auto' or an int in [1, {_core.BUILD_INFO['max_threads']}], got {threads!r}")
-    return int(threads)
+    _default_threads = check_threads(threads)
 
 
 class Batch(dict):
@@ -155,18 +137,6 @@ def _stored_checksums(path: str, shard: ShardEntry, manifest: Manifest) -> np.nd
     return np.frombuffer(data, dtype=CHECKSUM_DTYPE).reshape(shard.num_samples, checksum_words(manifest.schema))
 
 
-def _as_name_list(fields: Union[None, str, Sequence[str]], schema_fields: Mapping[str, Field]) -> List[str]:
-    if fields is None:
-        return list(schema_fields)
-    names = [fields] if isinstance(fields, str) else list(fields)
-    for name in names:
-        if name not in schema_fields:
-            raise KeyError(f"no field {name!r}; the dataset has {list(schema_fields)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"fields listed twice in {names}")
-    return names
-
-
 class Dataset:
     """A dataset opened for reading: ``len(ds)``, ``ds.fields``, ``ds.metadata``, ``ds[i]`` and
     :meth:`read` for batches. Thread-safe; pickles by path (the copy reopens the files)."""
@@ -179,7 +149,7 @@ class Dataset:
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be True or False, got {verify!r}")
         self.verify_reads = verify
-        self._threads = _check_threads(threads)
+        self._threads = check_threads(threads)
         if mmap not in ("auto", True, False):
             raise ValueError(f"mmap must be 'auto', True or False, got {mmap!r}")
         self._mmap_option = mmap
@@ -201,8 +171,7 @@ class Dataset:
         self._record_bytes = manifest.schema.record_bytes
         counts = [s.num_samples for s in manifest.shards]
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
-        self._heap_sizes = np.array([s.heap_size for s in manifest.shards], dtype=np.int64)
-        self._heap_paths = [os.path.join(self.path, s.heap_file) for s in manifest.shards if s.heap_file]
+        heap_paths = [os.path.join(self.path, s.heap_file) for s in manifest.shards if s.heap_file]
         paths = [os.path.join(self.path, s.file) for s in manifest.shards]
         use_map = self._record_bytes <= MMAP_MAX_RECORD_BYTES if mmap == "auto" else bool(mmap)
         has_heap = bool(manifest.schema.variable_fields)
@@ -210,9 +179,9 @@ class Dataset:
         checksums = [np.ascontiguousarray(w[:, 0], dtype=np.uint32) for w in words] if words is not None else None
         # verify=True with variable fields: the CRC32C of each sample's rows (all variable fields), in
         # dataset order, checked by read() before it reads any rows.
-        self._row_checksums: Optional[np.ndarray] = None
+        row_checksums: Optional[np.ndarray] = None
         if words is not None and has_heap:
-            self._row_checksums = np.concatenate([np.asarray(w[:, 1], dtype=np.uint32) for w in words] or
+            row_checksums = np.concatenate([np.asarray(w[:, 1], dtype=np.uint32) for w in words] or
                                                  [np.zeros(0, np.uint32)])
         fds: List[int] = []
         heap_fds: List[int] = []
@@ -228,16 +197,12 @@ class Dataset:
             raise
         # The ShardSet owns the descriptors from here on, even if it fails.
         self._shards = _core.ShardSet(fds, heap_fds if has_heap else None, counts, paths,
-                                      self._heap_paths if has_heap else None, HEADER_BYTES,
+                                      heap_paths if has_heap else None, HEADER_BYTES,
                                       self._record_bytes, use_map, checksums)
         self._use_map = use_map
-        # Per field, what read() needs on every call: (natural dtype, cast kernel, variable,
-        # row shape, elements per row, offset and bytes in the record), so that a read does not
-        # recompute Field properties.
-        self._layout = {name: (f.natural_dtype, STORED_KINDS[f.dtype], f.variable, f.row_shape, f.count, f.offset,
-                               f.record_bytes) for name, f in self.fields.items()}
-        # (field, dtype option, affine) -> (output dtype, conversion id or None): see _conversion.
-        self._conversions: Dict[Tuple[str, Any, bool], Tuple[np.dtype, Optional[int]]] = {}
+        heap_sizes = np.array([s.heap_size for s in manifest.shards], dtype=np.int64)
+        self._reader = BatchReader(self._shards, manifest.schema, self._starts, heap_sizes, heap_paths, use_map,
+                                   row_checksums)
         files = self._data_files()
         if files and _preload.background_wanted(
                 self._preload_option, sum(size for _, size in files),
@@ -369,62 +334,6 @@ class Dataset:
 
     # ---- batch reads --------------------------------------------------------------------------
 
-    def _indices(self, indices: Any) -> np.ndarray:
-        if type(indices) is np.ndarray and indices.dtype == _INT64 and indices.ndim == 1:
-            # The common case, checked with less Python work: int64 indices need no conversion
-            # and only negative ones need wrapping (out-of-range ones are refused natively).
-            array = indices if indices.flags.c_contiguous else np.ascontiguousarray(indices)
-            if _core.any_negative(array):
-                array = np.where(array < 0, array + len(self), array)
-                array[array < 0] -= len(self)
-            return array
-        array = np.asarray(indices)
-        if array.ndim != 1:
-            raise ValueError(f"indices must be one-dimensional, got shape {array.shape}")
-        if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
-            raise TypeError(f"indices must be integers, got {array.dtype}")
-        if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
-            raise IndexError(f"index {int(array.max())} is out of range for a dataset of {len(self)} samples")
-        array = np.ascontiguousarray(array, dtype=np.int64)
-        if array.size and array.min() < 0:
-            array = np.where(array < 0, array + len(self), array)
-            array[array < 0] -= len(self)  # keep the original value in the IndexError message
-        return array
-
-    def _check_out(self, name: str, array: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"out[{name!r}] must be a numpy array, got {type(array).__name__}")
-        problems = []
-        if array.dtype != dtype:
-            problems.append(f"dtype {array.dtype} (expected {dtype})")
-        if array.shape != shape:
-            problems.append(f"shape {array.shape} (expected {shape})")
-        if not array.flags.c_contiguous:
-            problems.append("not C-contiguous")
-        if not array.flags.writeable:
-            problems.append("not writable")
-        if not array.flags.aligned:
-            problems.append("not aligned")
-        if problems:
-            raise ValueError(f"out[{name!r}]: {', '.join(problems)}")
-        return array
-
-    def _conversion(self, field: Field, dtype: Any, affine: bool) -> Tuple[np.dtype, Optional[int]]:
-        """The output dtype and the conversion id (None: numpy converts a copy) of a field read with
-        this dtype option, cached per dataset (computed once per option, not on every read)."""
-        key = (field.name, dtype, affine)
-        try:
-            return self._conversions[key]
-        except KeyError:
-            pass
-        except TypeError:  # an unhashable option: not cached
-            key = None
-        out_dtype = output_dtype(field, dtype, affine)
-        found = out_dtype, conversion(field, out_dtype, affine)
-        if key is not None:
-            self._conversions[key] = found
-        return found
-
     def read(self, indices: Any, fields: Union[None, str, Sequence[str]] = None, *, dtype: Any = None,
              out: Optional[Mapping[str, np.ndarray]] = None, scale: Any = None, offset: Any = None,
              maxlen: Union[None, int, Mapping[str, int]] = None, pad_value: Any = 0,
@@ -459,95 +368,10 @@ class Dataset:
         ``keras.utils.pad_sequences`` (whose defaults are ``"pre"``). Each may be a dict per field.
         ``batch.lengths`` holds each sample's rows in the output: its stored length, at most
         ``maxlen``."""
-        names = _as_name_list(fields, self.fields)
-        index_array = self._indices(indices)
-        n = len(index_array)
-        several = len(names) > 1
-        out = {} if out is None else out
-        unknown = [k for k in out if k not in names]
-        if unknown:
-            raise KeyError(f"out has arrays for fields not being read: {unknown}")
-        chosen = _check_threads(threads)
-        thread_count = self.threads if chosen is None else chosen
-
-        record_reads = []  # (_core.FieldRead, field name, output dtype, affine)
-        checked = False  # whether a kernel may flag an inexact integer (integer sources only)
-        variable = []
-        converted_later = {}  # field -> (natural values read, output dtype, out array or None)
-        results: Dict[str, np.ndarray] = {}
-        for name in names:
-            field = self.fields[name]
-            field_scale = per_field(scale, name, several, "scale")
-            field_offset = per_field(offset, name, several, "offset")
-            affine = field_scale is not None or field_offset is not None
-            natural, stored_cast, variable_field, row_shape, count, at, nbytes = self._layout[name]
-            out_dtype, cast = self._conversion(field, dtype.get(name) if isinstance(dtype, abc.Mapping) else dtype, affine)
-            params = affine_layout(field, field_scale, field_offset) if affine else None
-            if variable_field:
-                descriptors = np.empty((n, 2), dtype=np.uint64)
-                record_reads.append((_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors), name, None, False))
-                variable.append((field, descriptors, out_dtype, cast, params, affine))
-                continue
-            shape = (n,) + row_shape
-            target = self._check_out(name, out[name], shape, out_dtype) if name in out else None
-            if cast is None:  # numpy converts the values read as they are stored
-                converted_later[name] = (_empty(shape, natural), out_dtype, target)
-                cast, target = conversion(field, natural, False), converted_later[name][0]  # bfloat16: to float32
-            elif target is None:
-                target = _empty(shape, out_dtype)
-            results[name] = target
-            record_reads.append((_core.FieldRead(cast, at, nbytes, count, target, params), name, out_dtype, affine))
-            checked = checked or (cast != CAST_COPY and field.dtype in INTEGER_DTYPES)
-        if len(out) > 1:
-            self._check_disjoint(out)
-        row_descriptors = {field.name: descriptors for field, descriptors, *_ in variable}
-        if variable and self._row_checksums is not None:  # the rows check needs every variable field's
-            for field in self.schema.variable_fields:
-                if field.name not in row_descriptors:
-                    descriptors = row_descriptors[field.name] = np.empty((n, 2), dtype=np.uint64)
-                    at, nbytes = self._layout[field.name][5:]
-                    record_reads.append((_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors), field.name, None,
-                                         False))
-        if variable:  # the heap reads use the indices again: a private copy, like the native reads'
-            index_array = index_array.copy()
-        if len(record_reads) > 1:
-            record_reads.sort(key=lambda read: (read[0].src_offset, read[0].src_bytes))  # a zero-size field first
-        inexact = [False] * len(record_reads) if checked else None
-        uncached = self._shards.read_records(index_array, [read[0] for read in record_reads], self._use_map,
-                                             thread_count, inexact)
-        if checked and any(inexact):
-            for (_, name, out_dtype, affine), flagged in zip(record_reads, inexact):
-                if flagged and not option_for(lossy, name):
-                    raise self._inexact(self.fields[name], index_array, out_dtype, affine)
-        for name, (values, out_dtype, target) in converted_later.items():
-            converted = cast_values(self.fields[name], values, out_dtype, index_array, bool(option_for(lossy, name)))
-            if target is None:
-                target = converted
-            else:
-                target[...] = converted
-            results[name] = target
-
-        lengths: Dict[str, np.ndarray] = {}
-        if variable and self._row_checksums is not None:
-            self._check_rows(index_array, row_descriptors, thread_count)
-        for field, descriptors, out_dtype, cast, params, affine in variable:
-            name = field.name
-            results[name], lengths[name] = self._read_variable(
-                field, index_array, descriptors, out_dtype, cast, params, out.get(name), option_for(maxlen, name),
-                pad_value.get(name, 0) if isinstance(pad_value, abc.Mapping) else pad_value, thread_count,
-                side(padding, name, "padding"), side(truncating, name, "truncating"), bool(option_for(lossy, name)),
-                affine)
-        return Batch({name: results[name] for name in names}, lengths=lengths, uncached=uncached)
-
-    def _inexact(self, field: Field, indices: np.ndarray, out_dtype: np.dtype, affine: bool, **variable: Any) -> Exception:
-        """The error for a native conversion that flagged an inexact integer: the field is read
-        again as stored to find the first such sample (error path only)."""
-        check = np.dtype(np.float32) if affine else out_dtype
-        values = self.read(indices, fields=field.name, **variable)[field.name]
-        bad = ~exact(values, check)
-        if not bad.any():  # cannot happen while the kernels and exact() agree
-            return ValueError(f"field {field.name!r}: a value did not convert exactly to {out_dtype}")
-        return inexact_error(field, values, bad, indices, out_dtype, check)
+        results, lengths, uncached = self._reader.read(
+            indices, fields, dtype, out, scale, offset, maxlen, pad_value, padding, truncating, lossy, threads,
+            self._threads if self._threads is not None else get_num_threads())  # self.threads, one call less
+        return Batch(results, lengths=lengths, uncached=uncached)
 
     def readahead(self, indices: Any) -> None:
         """Asks the kernel to start reading the records of ``indices`` from disk into the page
@@ -556,112 +380,7 @@ class Dataset:
         cache, so that the disk always has requests queued. Advice only: a system without
         ``posix_fadvise(POSIX_FADV_WILLNEED)``, or one that refuses it, reads nothing ahead.
         Variable-length rows (heap files) are not read ahead; bad indices raise as in ``read``."""
-        self._shards.advise(self._indices(indices))
-
-    def _check_disjoint(self, out: Mapping[str, np.ndarray]) -> None:
-        arrays = list(out.items())
-        for i, (a_name, a) in enumerate(arrays):
-            for b_name, b in arrays[i + 1:]:
-                if np.may_share_memory(a, b):
-                    raise ValueError(f"out[{a_name!r}] and out[{b_name!r}] share memory")
-
-    def _heap_rows(self, field: Field, indices: np.ndarray, shard: np.ndarray,
-                   descriptors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """The (offset, rows) of each sample's rows of a variable field, from its record
-        descriptors; ShardFormatError where they leave the heap file."""
-        offsets = descriptors[:, 0]
-        rows = descriptors[:, 1]
-        row_bytes = field.count * field.stored_dtype.itemsize
-        heap_end = self._heap_sizes[shard].astype(np.uint64)
-        with np.errstate(over="ignore"):
-            bad = (offsets < HEADER_BYTES) | (offsets > heap_end) | (rows > (heap_end - offsets) // max(row_bytes, 1))
-        if bad.any():
-            r = int(np.flatnonzero(bad)[0])
-            raise ShardFormatError(f"{self._heap_paths[shard[r]]}: sample {indices[r]} of field {field.name!r} "
-                                   f"points at {rows[r]} rows at byte {offsets[r]}, outside the "
-                                   f"{heap_end[r]}-byte heap file (corrupt record)")
-        return offsets, rows
-
-    def _check_rows(self, indices: np.ndarray, descriptors: Mapping[str, np.ndarray], threads: int) -> None:
-        """verify=True: checks the variable-length rows of every sample read (all variable fields,
-        as the checksum covers them together) against their stored CRC32C."""
-        shard = np.searchsorted(self._starts, indices, side="right") - 1
-        fields = self.schema.variable_fields
-        spans = np.empty((len(indices), len(fields), 2), dtype=np.int64)
-        for j, field in enumerate(fields):
-            offsets, rows = self._heap_rows(field, indices, shard, descriptors[field.name])
-            spans[:, j, 0] = offsets
-            spans[:, j, 1] = rows * np.uint64(field.count * field.stored_dtype.itemsize)
-        self._shards.check_heap(indices, shard.astype(np.int64), spans, self._row_checksums[indices], threads)
-
-    def _read_variable(self, field: Field, indices: np.ndarray, descriptors: np.ndarray, out_dtype: np.dtype,
-                       cast: Optional[int], params: Optional[_core.Affine], out_array: Optional[np.ndarray],
-                       maxlen: Optional[int],
-                       pad_value: Any, threads: int, padding: str, truncating: str, lossy: bool,
-                       affine: bool) -> Tuple[np.ndarray, np.ndarray]:
-        n = len(indices)
-        shard = np.searchsorted(self._starts, indices, side="right") - 1
-        offsets, rows = self._heap_rows(field, indices, shard, descriptors)
-        row_bytes = field.count * field.stored_dtype.itemsize
-        if out_array is not None:
-            if out_array.ndim < 2:
-                raise ValueError(f"out[{field.name!r}] must have shape (batch, maxlen, ...)")
-            maxlen = out_array.shape[1] if maxlen is None else maxlen
-        if maxlen is None:
-            max_rows = int(rows.max()) if n else 0
-        elif isinstance(maxlen, bool) or not isinstance(maxlen, (int, np.integer)) or maxlen < 0:
-            raise ValueError(f"maxlen for field {field.name!r} must be an int >= 0, got {maxlen!r}")
-        else:
-            max_rows = int(maxlen)
-        shape = (n, max_rows) + field.row_shape
-        nbytes = math.prod(shape) * out_dtype.itemsize
-        if nbytes >= _MAX_OUTPUT_BYTES:
-            raise OutputSizeError(f"field {field.name!r}: a batch of {n} samples padded to maxlen={max_rows} rows "
-                                  f"of {field.row_shape} would take {nbytes} bytes, more than the {_MAX_OUTPUT_BYTES} "
-                                  "bytes an output array may take", field=field.name, nbytes=nbytes,
-                                  limit=_MAX_OUTPUT_BYTES)
-        if out_array is not None:
-            target = self._check_out(field.name, out_array, shape, out_dtype)
-        else:
-            target = None
-        try:
-            pad = np.array(pad_value, dtype=out_dtype)
-        except (OverflowError, ValueError, TypeError) as exc:
-            raise ValueError(f"pad_value {pad_value!r} does not fit field {field.name!r} read as {out_dtype}: {exc}") from None
-        if pad.ndim:
-            raise ValueError(f"pad_value for field {field.name!r} must be a scalar")
-        clipped = np.minimum(rows, np.uint64(max_rows)).astype(np.int64)
-        starts = offsets.astype(np.int64)
-        if truncating == "pre":  # keep the last rows: skip the first ones
-            starts += (rows.astype(np.int64) - clipped) * row_bytes
-        read_as = out_dtype if cast is not None else field.natural_dtype
-        read_cast = cast if cast is not None else conversion(field, read_as, False)  # bfloat16: to float32
-        landing = target if cast is not None and target is not None else _empty(shape, read_as)
-        pad_bytes = pad.tobytes() if cast is not None else np.zeros((), read_as).tobytes()
-        inexact = self._shards.read_heap(indices, shard.astype(np.int64), starts, clipped, read_cast,
-                               field.count, row_bytes, landing, max_rows, pad_bytes, params, threads,
-                               padding == "pre")
-        if inexact and not lossy:
-            raise self._inexact(field, indices, out_dtype, affine, maxlen=max_rows, truncating=truncating)
-        if cast is not None:
-            return landing, clipped
-        converted = cast_values(field, landing, out_dtype, indices, lossy)  # padding: zeros, exact in any dtype
-        rows_at = np.arange(max_rows)
-        in_pad = rows_at >= clipped[:, None] if padding == "post" else rows_at < (max_rows - clipped)[:, None]
-        converted[in_pad] = pad
-        if target is None:
-            return converted, clipped
-        target[...] = converted
-        return target, clipped
-
-
-def _empty(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A new output array; one of at least ``BATCH_MEMORY_MIN_BYTES`` views a
-    :class:`_core.BatchMemory` block, mapped once and reused after numpy frees the array."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < BATCH_MEMORY_MIN_BYTES:
-        return np.empty(shape, dtype)
-    return np.frombuffer(_core.BatchMemory(nbytes), dtype, nbytes // dtype.itemsize).reshape(shape)
+        self._shards.advise(self._reader.indices(indices))
 
 
 def free_batch_memory() -> int:

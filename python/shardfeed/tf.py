@@ -40,6 +40,47 @@ def _signature_from_sample(plan: BatchPlan, step: int, batch_dim: Optional[int])
         lambda a: tf.TensorSpec([batch_dim] + list(np.shape(a)[1:]), tf.as_dtype(np.asarray(a).dtype)), sample)
 
 
+def _element_spec(plan: BatchPlan, output_signature: Any, first: int, batch_dim: Optional[int]) -> Any:
+    """The dataset's element spec: ``output_signature`` when given, else the fields' (no
+    transform), else the first batch's (``first``: the step the dataset starts at)."""
+    if output_signature is not None:
+        return output_signature
+    if plan.transform is None:
+        return _signature(plan, batch_dim)
+    if len(plan):
+        return _signature_from_sample(plan, first, batch_dim)
+    raise ValueError("cannot infer the output signature of an empty dataset with a transform: "
+                     "pass output_signature")
+
+
+def _step_loader(plan: BatchPlan, output_signature: Any) -> Callable[[Any], Any]:
+    """The map function of the dataset: a step number (a scalar tensor) -> that step's batch, read
+    by the plan in a ``tf.numpy_function`` call and checked against ``output_signature``."""
+    flat_specs = tf.nest.flatten(output_signature)
+    out_dtypes = [spec.dtype for spec in flat_specs]
+
+    def read(step: np.ndarray) -> list:
+        if step < 0:  # the end-of-pass marker (_Iterations): an empty stand-in, dropped before the output
+            return [np.zeros([0 if d is None else d for d in spec.shape] if spec.shape.rank is not None else [],
+                             spec.dtype.as_numpy_dtype) for spec in flat_specs]
+        flat = tf.nest.flatten(plan.load(int(step)))
+        arrays = []
+        for array, spec in zip(flat, flat_specs):
+            array = np.asarray(array)
+            if array.dtype != spec.dtype.as_numpy_dtype:
+                raise TypeError(f"batch {int(step)}: an array is {array.dtype}, the output signature says "
+                                f"{spec.dtype.name} ({spec})")
+            arrays.append(array)
+        return arrays
+
+    def load(step: tf.Tensor) -> Any:
+        tensors = tf.numpy_function(read, [step], out_dtypes, name="shardfeed_read")
+        return tf.nest.pack_sequence_as(output_signature, [
+            tf.ensure_shape(t, spec.shape) for t, spec in zip(tensors, flat_specs)])
+
+    return load
+
+
 def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = 1, prefetch: int = tf.data.AUTOTUNE,
                   start: Any = None, num_parallel_calls: int = 1, output_signature: Any = None,
                   **options: Any) -> tf.data.Dataset:
@@ -91,36 +132,8 @@ def to_tf_dataset(source: Any, batch_size: int, *, epochs: Optional[int] = 1, pr
     plan.steps(epochs, start)  # checks epochs and start
     first = 0 if start is None else plan.sampler.step_of(start)
     batch_dim = plan.sampler.batch_size if plan.options.drop_remainder else None
-    if output_signature is None:
-        if plan.transform is None:
-            output_signature = _signature(plan, batch_dim)
-        elif len(plan):
-            output_signature = _signature_from_sample(plan, first, batch_dim)
-        else:
-            raise ValueError("cannot infer the output signature of an empty dataset with a transform: "
-                             "pass output_signature")
-    flat_specs = tf.nest.flatten(output_signature)
-    out_dtypes = [spec.dtype for spec in flat_specs]
-
-    def read(step: np.ndarray) -> list:
-        if step < 0:  # the end-of-pass marker (_Iterations): an empty stand-in, dropped before the output
-            return [np.zeros([0 if d is None else d for d in spec.shape] if spec.shape.rank is not None else [],
-                             spec.dtype.as_numpy_dtype) for spec in flat_specs]
-        flat = tf.nest.flatten(plan.load(int(step)))
-        arrays = []
-        for array, spec in zip(flat, flat_specs):
-            array = np.asarray(array)
-            if array.dtype != spec.dtype.as_numpy_dtype:
-                raise TypeError(f"batch {int(step)}: an array is {array.dtype}, the output signature says "
-                                f"{spec.dtype.name} ({spec})")
-            arrays.append(array)
-        return arrays
-
-    def load(step: tf.Tensor) -> Any:
-        tensors = tf.numpy_function(read, [step], out_dtypes, name="shardfeed_read")
-        return tf.nest.pack_sequence_as(output_signature, [
-            tf.ensure_shape(t, spec.shape) for t, spec in zip(tensors, flat_specs)])
-
+    output_signature = _element_spec(plan, output_signature, first, batch_dim)
+    load = _step_loader(plan, output_signature)
     if epochs is None:
         dataset = tf.data.Dataset.counter(start=first).map(
             load, num_parallel_calls=num_parallel_calls, deterministic=True).prefetch(prefetch)

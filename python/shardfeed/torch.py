@@ -21,8 +21,8 @@ memory is reused by a later read only once every tensor of it is freed (see
 
 from __future__ import annotations
 
-import math
 import numbers
+import os
 from collections import abc
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -34,6 +34,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by tests/test_torch.py in a subprocess
     raise ImportError(f'shardfeed.torch needs PyTorch: pip install "shardfeed[torch]" ({exc})') from exc
 
+from ._torch_slots import WorkerSlots
 from .dataset import Batch
 from .loader import DEFAULT_PREFETCH, BatchPlan, FeedOptions, Prefetcher
 from .order import Sampler
@@ -63,9 +64,11 @@ def collate(batch: Any) -> Any:
     return batch
 
 
-def _tensor(value: Any) -> Any:
+def _tensor(value: Any, lent: Optional[Dict[int, Any]] = None) -> Any:
     if isinstance(value, torch.Tensor):
         return value
+    if lent is not None and id(value) in lent:
+        return lent[id(value)]
     if isinstance(value, np.ndarray):
         if not value.flags.writeable:  # torch has no read-only tensors (from_numpy warns)
             value = value.copy()
@@ -73,18 +76,19 @@ def _tensor(value: Any) -> Any:
     return torch.as_tensor(value)
 
 
-def _tensors(structure: Any) -> Any:
+def _tensors(structure: Any, lent: Optional[Dict[int, Any]] = None) -> Any:
     """A batch (arrays in a tuple, dict or :class:`~shardfeed.Batch`) with every array a tensor
-    that shares its memory. A Batch stays a Batch, its ``lengths`` tensors too."""
+    that shares its memory: ``lent[id(array)]`` where given (a worker's slot tensors). A Batch
+    stays a Batch, its ``lengths`` tensors too."""
     if isinstance(structure, Batch):
-        return Batch({name: _tensor(value) for name, value in structure.items()},
+        return Batch({name: _tensor(value, lent) for name, value in structure.items()},
                      lengths={name: _tensor(value) for name, value in structure.lengths.items()},
                      uncached=structure.uncached)
     if isinstance(structure, abc.Mapping):
-        return {key: _tensors(value) for key, value in structure.items()}
+        return {key: _tensors(value, lent) for key, value in structure.items()}
     if isinstance(structure, tuple):
-        return tuple(_tensors(value) for value in structure)
-    return _tensor(structure)
+        return tuple(_tensors(value, lent) for value in structure)
+    return _tensor(structure, lent)
 
 
 def _pinned(structure: Any) -> Any:
@@ -214,14 +218,20 @@ class ShardDataset(torch.utils.data.Dataset):
                    num_workers=2)
 
     or torch's own samplers (``batch_size=256, shuffle=True``). Every batch a worker process reads
-    is a whole batch: the DataLoader hands each worker the positions of one batch. It pickles (the
-    dataset by path) for spawned workers."""
+    is a whole batch: the DataLoader hands each worker the positions of one batch, and the worker
+    reads it into one of its few shared-memory slots, which reaches the main process without a
+    copy and is read into again only once every tensor of that batch is freed there
+    (:mod:`shardfeed._torch_slots`). It pickles (the dataset by path) for spawned workers."""
 
     def __init__(self, source: Any, inputs: Any = None, targets: Any = None, **options: Any):
         self.view = _unsharded(source, "ShardDataset")
         options = _feed_options("ShardDataset()", dict(options, inputs=inputs, targets=targets), order=False)
         self.plan = BatchPlan(self.view, 1, options)
-        self._shareable: Any = None  # field -> torch dtype once known; False where a field has none
+        self._shareable: Optional[bool] = None  # whether torch has every field's dtype, once known
+        self._slots: Optional[WorkerSlots] = None  # in a DataLoader worker: its slots
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(self.__dict__, _slots=None)  # a worker makes its own
 
     def __len__(self) -> int:
         return len(self.view)
@@ -233,21 +243,42 @@ class ShardDataset(torch.utils.data.Dataset):
         """Sample ``index`` (tensors without the batch dimension); a list or array of positions
         reads them as one batch (the ``DataLoader(..., sampler=ShardSampler(...), batch_size=None)`` form)."""
         if isinstance(index, (numbers.Integral, np.integer)) and not isinstance(index, bool):
-            sample = self.__getitems__([int(index)])
-            return _first(sample)
+            return _first(self._read([int(index)], lend=False))
         return self.__getitems__(index)
 
     def __getitems__(self, positions: Any) -> Any:
         """The samples at ``positions`` (view positions, any order, duplicates allowed) as one
-        batch of tensors: one native read."""
+        batch of tensors: one native read. In a ``DataLoader`` worker, read into one of the
+        worker's shared-memory slots (see :meth:`_read`)."""
+        return self._read(positions, lend=True)
+
+    def _read(self, positions: Any, lend: bool) -> Any:
+        """The batch at ``positions`` as tensors. In a ``DataLoader`` worker, with ``lend``, the
+        batch is read into one of the worker's shared-memory slots, which reach the main process
+        without a copy and are reused once it has freed every tensor of the batch
+        (:mod:`shardfeed._torch_slots`; torch would copy any other tensor into a new
+        shared-memory segment, 11-16 ms a 4 MiB batch on 2 vCPUs where a slot costs ~1 ms).
+        Not with a transform (it may return any arrays), variable-length fields (their shape is
+        known after the read) or a dtype torch does not have (bfloat16 from ml_dtypes): those
+        batches travel as torch sends any tensor."""
         indices = self.view.indices(np.asarray(positions, dtype=np.int64) if not isinstance(positions, np.ndarray)
                                     else positions)
+        slots = self._worker_slots() if lend else None
+        if slots is None:
+            return _tensors(self._arranged(positions, indices, None))
+        slot = slots.take(len(indices))
+        try:
+            out = slots.outputs(slot, len(indices))
+            arranged = self._arranged(positions, indices, out)
+        except BaseException:
+            slots.give_back(slot)
+            raise
+        return _tensors(arranged, slots.lend(slot, out))
+
+    def _arranged(self, positions: Any, indices: np.ndarray, out: Optional[Dict[str, np.ndarray]]) -> Any:
+        """The batch of dataset ``indices`` read (into ``out``), transformed and arranged."""
         plan = self.plan
-        shared = self._shared_outputs(len(indices))
-        batch = plan.dataset.read(indices, plan.fields, out=None if shared is None else
-                                  {name: tensor.numpy() for name, tensor in shared.items()}, **plan.read_options)
-        if shared is not None:
-            batch.update(shared)  # the tensors themselves: torch sends a shared storage as it is
+        batch = plan.dataset.read(indices, plan.fields, out=out, **plan.read_options)
         batch.indices = indices
         batch.epoch = getattr(positions, "epoch", None)
         batch.step = getattr(positions, "step", None)
@@ -255,34 +286,26 @@ class ShardDataset(torch.utils.data.Dataset):
             batch = plan.transform(batch)
             if not isinstance(batch, abc.Mapping):
                 raise TypeError(f"transform must return a mapping of field name -> array, got {type(batch).__name__}")
-        return _tensors(plan.arrange(batch))
+        return plan.arrange(batch)
 
-
-    def _shared_outputs(self, n: int) -> Optional[Dict[str, Any]]:
-        """In a ``DataLoader`` worker process, new tensors in shared memory for a batch of ``n``
-        samples, which the read fills: torch sends a tensor whose storage is already shared to the
-        main process as it is, where it would copy any other into a new shared-memory segment.
-        That saves the copy of every batch, and the worker keeps no batch memory of its own (a
-        freed batch's block kept for its next read: up to 256 MiB per worker). None in the main
-        process, with a transform (it may return any arrays), with variable-length fields (their
-        shape is known after the read) or a dtype torch does not have (bfloat16 from ml_dtypes)."""
+    def _worker_slots(self) -> Optional[WorkerSlots]:
+        """This worker process's slots; None in the main process, with a transform, with
+        variable-length fields or a dtype torch does not have (see :meth:`_read`)."""
         plan = self.plan
         if (self._shareable is False or plan.transform is not None or plan.empty.lengths
                 or torch.utils.data.get_worker_info() is None):
             return None
         if self._shareable is None:
             try:
-                self._shareable = {name: torch.from_numpy(array).dtype for name, array in plan.empty.items()}
+                for array in plan.empty.values():
+                    torch.from_numpy(array)
             except TypeError:  # a numpy dtype torch has no counterpart for
                 self._shareable = False
                 return None
-        shared = {}
-        for name, array in plan.empty.items():
-            dtype = self._shareable[name]
-            shape = (n,) + array.shape[1:]
-            storage = torch.UntypedStorage._new_shared(max(1, math.prod(shape)) * array.itemsize)
-            shared[name] = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-        return shared
+            self._shareable = True
+        if self._slots is None or self._slots.pid != os.getpid():
+            self._slots = WorkerSlots([(name, array.dtype, array.shape[1:]) for name, array in plan.empty.items()])
+        return self._slots
 
 
 def _first(batch: Any) -> Any:
