@@ -287,8 +287,9 @@ FORBIDDEN = textwrap.dedent(r'''
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
     prog = Prog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
     libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(38, 1, 0, 0, 0) == 0, "PR_SET_NO_NEW_PRIVS"
-    assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0, os.strerror(ctypes.get_errno())
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:
+        print("no seccomp:", os.strerror(ctypes.get_errno()), flush=True)
+        sys.exit(77)
 
     import shardfeed
     from shardfeed import _core
@@ -327,5 +328,7 @@ def test_reads_fall_back_to_the_pool_where_io_uring_setup_is_forbidden(new_path)
     env = dict(os.environ, SHARDFEED_READ_IO="auto")  # io_uring where it can be set up
     done = subprocess.run([sys.executable, "-c", FORBIDDEN, new_path(), benchmarks], capture_output=True,
                           text=True, timeout=120, env=env)
+    if done.returncode == 77:
+        pytest.skip(f"this process may not install a seccomp filter ({done.stdout.strip()})")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout in ("evicted\n", "cached\n"), done.stdout
