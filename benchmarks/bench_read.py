@@ -80,16 +80,24 @@ def pass_samples(data: BenchData, regime: str, timing: bool) -> int:
     return max(batch, min(want, most) // batch * batch)
 
 
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 class Passes:
     """The timed function: one pass of a fresh permutation, cut short after PASS_SECONDS; records
     (samples, seconds, peak RSS growth, anonymous memory growth) of every pass: how far the
     process's resident set rose above where it was when the pass began (batches, buffers, and the
-    pages of files it maps), and how much more private memory it held at the end."""
+    pages of files it maps), and how much more private memory it held at the end; and the CPU
+    time (user + system) of this process's threads over the pass (the io_uring kernel workers
+    are threads of the process; DataLoader worker processes are not counted)."""
 
     def __init__(self, reader, data: BenchData, samples: int):
         self.reader, self.samples = reader, samples
         self.orders = data.orders(seed=len(reader.name))
-        self.records: List[Tuple[int, float, int]] = []
+        self.records: List[Tuple[int, float, int, int]] = []
+        self.cpu_seconds: List[float] = []
 
     def next_order(self) -> np.ndarray:
         """The next pass's samples: the start of a fresh permutation (drawn untimed, in setup)."""
@@ -99,6 +107,7 @@ class Passes:
         reset_peak_rss()
         rss_before, anon_before = rss_bytes(), anon_bytes()
         read = 0
+        cpu_before = _cpu_seconds()
         start = time.perf_counter()
         batches = self.reader.read_pass(order)
         try:
@@ -109,6 +118,7 @@ class Passes:
         finally:
             batches.close()
         seconds = time.perf_counter() - start
+        self.cpu_seconds.append(_cpu_seconds() - cpu_before)
         self.records.append((read, seconds, peak_rss_bytes() - rss_before, anon_bytes() - anon_before))
 
     def summary(self, data: BenchData) -> dict:
@@ -118,7 +128,10 @@ class Passes:
                 "output_gb_per_s": rate * data.profile.output_bytes / 1e9,
                 "peak_rss_growth_bytes": max(r for _, _, r, _ in self.records),
                 "anon_growth_bytes": max(a for _, _, _, a in self.records),
-                "pass_samples": [n for n, _, _, _ in self.records]}
+                "pass_samples": [n for n, _, _, _ in self.records], "pass_rates": rates,
+                "cpu_us_per_sample": float(np.median([1e6 * c / max(1, n) for c, (n, _, _, _)
+                                                      in zip(self.cpu_seconds, self.records)])),
+                "cores_used": float(np.median([c / t for c, (_, t, _, _) in zip(self.cpu_seconds, self.records)]))}
 
 
 @pytest.mark.parametrize("regime", [COLD, OUT_OF_CORE])

@@ -28,6 +28,8 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from regimes import PAGE_CACHED
+
 Batches = Iterator[Tuple[np.ndarray, np.ndarray]]
 
 
@@ -144,6 +146,27 @@ class ShardfeedAllocReader(ShardfeedReader):
 
     name = "shardfeed-alloc"
     reuse_buffer = False
+
+
+class ShardfeedUringReader(ShardfeedReader):
+    """``shardfeed`` with the records that miss the page cache read through io_uring instead of
+    the thread pool of blocking preadv (``_core.set_read_io("auto")``, ``SHARDFEED_READ_IO=auto``).
+    From disk only (page-cached reads never wait for the disk, so both paths are the same)."""
+
+    name = "shardfeed-uring"
+    skip_regimes = (PAGE_CACHED,)
+
+    def open(self) -> None:
+        from shardfeed import _core
+        self.read_io_before = _core.set_read_io("auto")
+        super().open()
+
+    def close(self) -> None:
+        super().close()
+        if getattr(self, "read_io_before", None) is not None:
+            from shardfeed import _core
+            _core.set_read_io(self.read_io_before)
+            self.read_io_before = None
 
 
 class ShardfeedLoaderReader(ShardfeedReader):
@@ -351,6 +374,6 @@ class CopyCeilingReader(Reader):
             yield ids, self.buffer[:n]
 
 
-READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
+READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedUringReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
            ShardfeedBlockReader,
            ShardfeedTorchReader, ShardfeedTorchW2Reader, ShardfeedTorchThreadReader, CopyCeilingReader]

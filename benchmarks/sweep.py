@@ -5,6 +5,7 @@
     python benchmarks/sweep.py order              # sequential, block-shuffled and random batches
     python benchmarks/sweep.py readahead          # cold loader epochs, reading ahead off and on
     python benchmarks/sweep.py fields             # page-cached: one small field vs whole records
+    python benchmarks/sweep.py read_io            # cold ds.read: io_uring vs the thread pool
     python benchmarks/sweep.py threads --no-cold  # skip the cold runs
 
 Writes the datasets under a temporary directory (removed at exit) and prints markdown tables of
@@ -264,6 +265,51 @@ def sweep_readahead(root: str, size: int, cold: bool, rounds: int = 5, samples: 
         print(f"| {name} | {row['off']:,.0f} | {row['on']:,.0f} | {row['on / off']:.2f} |")
 
 
+def sweep_read_io(root: str, size: int, cold: bool, rounds: int = 6, samples: int = 32768) -> None:
+    """Cold ``ds.read`` passes (random order, one reused output buffer) with the records that miss
+    the page cache read by the thread pool of preadv and by io_uring (``_core.set_read_io``),
+    alternating, the order swapped every round; each pass reads ``samples`` samples (at most half
+    the dataset) right after eviction. Prints the median samples/s and CPU microseconds per sample
+    (user + system of the whole process, io_uring's kernel workers included) of each, and the
+    median of the per-round ratios."""
+    from shardfeed import _core
+    if _core.uring_error():
+        raise SystemExit(f"io_uring is not usable here: {os.strerror(_core.uring_error())}")
+    before = _core.read_io()
+    rows = {}
+    for name, (dtype, shape, batch, normalise) in PROFILES.items():
+        path = os.path.join(root, name)
+        count = write_dataset(path, dtype, shape, size)
+        take = min(samples, count // 2) // batch
+        rates: Dict[str, List[float]] = {"pool": [], "uring": []}
+        cpu: Dict[str, List[float]] = {"pool": [], "uring": []}
+        for r in range(rounds):
+            for mode in (("pool", "uring") if r % 2 == 0 else ("uring", "pool")):
+                _core.set_read_io(mode)
+                work = batches(count, batch, seed=1000 + r)[:take]
+                evict(path)
+                with shardfeed.open(path, preload=False) as ds:
+                    read = reader(ds, normalise, batch, shape)
+                    times, start = os.times(), time.perf_counter()
+                    for indices in work:
+                        read(indices)
+                    seconds, after = time.perf_counter() - start, os.times()
+                rates[mode].append(take * batch / seconds)
+                cpu[mode].append(1e6 * (after.user + after.system - times.user - times.system) / (take * batch))
+        _core.set_read_io(before)
+        shutil.rmtree(path)
+        rows[name] = {mode: (statistics.median(rates[mode]), statistics.median(cpu[mode])) for mode in rates}
+        rows[name]["ratio"] = statistics.median(u / p for u, p in zip(rates["uring"], rates["pool"]))
+    print(f"\nCold ds.read samples/s and CPU us per sample, thread pool vs io_uring, {rounds} rounds "
+          f"alternating, {size >> 20} MiB per profile, threads {shardfeed.get_num_threads()}\n")
+    print("| profile | pool samples/s | io_uring samples/s | io_uring / pool (median of rounds) "
+          "| pool CPU us/sample | io_uring CPU us/sample |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['pool'][0]:,.0f} | {row['uring'][0]:,.0f} | {row['ratio']:.2f} "
+              f"| {row['pool'][1]:.1f} | {row['uring'][1]:.1f} |")
+
+
 def sweep_fields(root: str, size: int, cold: bool, batches_per_pass: int = 400, passes: int = 4) -> None:
     """Page-cached reads of a small field alone and of whole records: records of float16[256] ``x``
     + int64 ``y`` (520 B), batches of 256 random records as float32, on the map path. Prints the
@@ -299,7 +345,7 @@ def sweep_fields(root: str, size: int, cold: bool, batches_per_pass: int = 400, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["threads", "mmap", "order", "readahead", "fields"])
+    parser.add_argument("what", choices=["threads", "mmap", "order", "readahead", "fields", "read_io"])
     parser.add_argument("--no-cold", action="store_true", help="page-cached runs only")
     parser.add_argument("--mb", type=int, default=320, help="dataset size per profile in MiB")
     parser.add_argument("--threads", default=",".join(map(str, THREADS)), help="thread counts to try")
@@ -311,7 +357,7 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="shardfeed-sweep-")
     try:
         sweep = {"threads": sweep_threads, "mmap": sweep_mmap, "order": sweep_order,
-                 "readahead": sweep_readahead, "fields": sweep_fields}[args.what]
+                 "readahead": sweep_readahead, "fields": sweep_fields, "read_io": sweep_read_io}[args.what]
         sweep(root, args.mb << 20, not args.no_cold)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -6,8 +6,9 @@ makes one ``nogil`` call that runs the whole batch on native threads (which neve
 and turns the C status into a Python exception afterwards, in :meth:`ShardSet._raise`.
 
 Parts of the module live in include files beside it: ``checksums.pxi`` (CRC32C of buffers),
-``batch_memory.pxi`` (reusable output memory), ``buffers.pxi`` (buffers held for one call) and
-``field_plan.pxi`` (``Affine``, ``FieldRead``: the typed per-field plan of a read).
+``batch_memory.pxi`` (reusable output memory), ``buffers.pxi`` (buffers held for one call),
+``field_plan.pxi`` (``Affine``, ``FieldRead``: the typed per-field plan of a read) and
+``read_io.pxi`` (the thread pool or io_uring for the records that go to disk).
 """
 
 from native cimport *
@@ -160,6 +161,9 @@ include "checksums.pxi"
 def pool_size():
     """Native threads started so far in this process."""
     return sf_pool_size()
+
+
+include "read_io.pxi"
 
 
 include "batch_memory.pxi"

@@ -111,6 +111,20 @@ cdef extern from "reader.h":
                       size_t threads, sf_error *err) nogil
 
 
+cdef extern from "uring.h":
+    enum:
+        SF_READ_IO_AUTO
+        SF_READ_IO_POOL
+        SF_READ_IO_URING
+        SF_URING_DEPTH
+    void sf_set_read_io(int mode)
+    int sf_read_io()
+    int sf_uring_compiled()
+    size_t sf_uring_runs()
+    int sf_uring_probe() nogil
+    int sf_uring_init()
+
+
 cdef extern from "crc32c.h":
     void sf_crc32c_init()
     uint32_t sf_crc32c(uint32_t crc, const void *data, size_t n) nogil

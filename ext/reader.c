@@ -13,12 +13,25 @@
 #include "io.h"
 #include "pool.h"
 #include "records.h"
+#include "uring.h"
 
 /* Bytes of work below which a chunk is not worth handing to another thread (memory copies): waking
  * a pool thread costs tens of microseconds on a VM, as long as copying ~100 KiB from the page
  * cache. 256 KiB: a 133 KiB batch read on the caller alone took 62-71 us against 108-151 us split
  * in two 64 KiB chunks; 2 MiB and 9 MiB batches unchanged (benchmarks/RESULTS.md). */
 #define SF_MAP_CHUNK_BYTES (256 * 1024)
+
+/* The blocking pass: items [0, items) of ctx (ctx->rows) that wait for the disk, through io_uring
+ * where it can be used (uring.h), else on `threads` threads of blocking preadv. */
+static int read_uncached(record_ctx *ctx, size_t items, size_t threads, sf_error *err)
+{
+    if (sf_read_io() != SF_READ_IO_POOL) {
+        int rc = sf_read_uring(ctx, items, err);
+        if (rc <= 0)
+            return rc;
+    }
+    return sf_read_blocking(ctx, items, threads, err);
+}
 
 /* More threads than CPUs only help records that wait for the disk; for records in the page cache
  * they only add thread switches. So a first pass `fn` on at most one thread per CPU reads what is
@@ -48,7 +61,7 @@ static int read_cached_first(record_ctx *ctx, sf_range_fn fn, size_t n, size_t m
     ctx->rows = rows;
     *uncached = m;
     if (m > 0)
-        rc = sf_read_blocking(ctx, m, threads, err);
+        rc = read_uncached(ctx, m, threads, err);
     ctx->rows = NULL;
 done:
     free(missed);
@@ -100,10 +113,11 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
         return rc != 0 ? rc : sf_check_mapped_sizes(&ctx, n, err);
     }
 #ifdef SF_HAVE_NOWAIT
-    return read_cached_first(&ctx, sf_read_records_pread, n, 1, cpus, threads, uncached, err);
+    if (sf_read_io() != SF_READ_IO_URING)
+        return read_cached_first(&ctx, sf_read_records_pread, n, 1, cpus, threads, uncached, err);
 #endif
     *uncached = n;
-    return sf_read_blocking(&ctx, n, threads, err);
+    return read_uncached(&ctx, n, threads, err);
 }
 
 int sf_advise_records(const sf_shards *shards, const int64_t *indices, size_t n)

@@ -43,9 +43,11 @@ int sf_guard_mapped_reads(void);
  * sorted by src_offset and not overlap. A first pass on at most one thread per CPU (and at most
  * `threads`) takes the records that are in the page cache without waiting for the disk: copied
  * from shards->maps when use_map != 0, else preadv2(RWF_NOWAIT) on Linux. The records left are
- * read with blocking preadv on `threads` threads. Consecutive items that are adjacent records of
- * one shard (k, k+1, ...) are read by one preadv per run (up to 1 MiB and IOV_MAX iovecs) on the
- * preadv paths.
+ * read through io_uring (uring.h: up to SF_URING_DEPTH requests in flight, whatever `threads`)
+ * where it can be used, else with blocking preadv on `threads` threads (sf_set_read_io chooses;
+ * SF_READ_IO_URING also skips the preadv route's first pass). Consecutive items that are adjacent
+ * records of one shard (k, k+1, ...) are read by one request per run (up to 1 MiB and IOV_MAX
+ * iovecs) on the preadv and io_uring paths.
  *
  * With shards->checksums set, every record is read whole, one at a time (from the map when
  * use_map != 0, else by one preadv into a scratch record), and its CRC32C computed as its fields

@@ -134,10 +134,7 @@ size_t sf_plan_record_reads(record_ctx *ctx, size_t n)
     return bytes;
 }
 
-/* A run: items [item, stop) of a range whose records follow one another in one shard file (record
- * k, k+1, k+2, ... in item order), read by one preadv. Returns stop (> item): at most
- * ctx->max_run records, and the run ends at the shard's end. *shard: the run's shard. */
-static size_t collect_run(const record_ctx *ctx, size_t item, size_t end, size_t *shard)
+size_t sf_collect_run(const record_ctx *ctx, size_t item, size_t end, size_t *shard)
 {
     const sf_shards *sh = ctx->shards;
     int64_t first = ctx->indices[row_of(ctx, item)];
@@ -153,19 +150,7 @@ static size_t collect_run(const record_ctx *ctx, size_t item, size_t end, size_t
     return stop;
 }
 
-/* Per-thread buffers of the preadv path: the discard buffer, and iovecs and scratch space for a run
- * of up to `records` records. */
-typedef struct run_buffers {
-    char *discard;
-    struct iovec *iov;
-    char *scratch;
-    size_t records;
-} run_buffers;
-
-/* Makes buf hold a run of `records` records (<= ctx->max_run). The buffers grow with the longest
- * run so far, at least doubling, so a batch of scattered records allocates what one record needs.
- * Returns 0, or -1 when out of memory. */
-static int fit_run(const record_ctx *ctx, run_buffers *buf, size_t records)
+int sf_fit_run(const record_ctx *ctx, sf_run_buffers *buf, size_t records)
 {
     if (records <= buf->records)
         return 0;
@@ -187,22 +172,18 @@ static int fit_run(const record_ctx *ctx, run_buffers *buf, size_t records)
 }
 
 /* The scratch space of record k of a run (NULL when no field lands in scratch). */
-static char *run_scratch(const record_ctx *ctx, const run_buffers *buf, size_t k)
+static char *run_scratch(const record_ctx *ctx, const sf_run_buffers *buf, size_t k)
 {
     return buf->scratch ? buf->scratch + k * ctx->scratch_bytes : NULL;
 }
 
-/* Reads the run [item, stop) of shard s with one preadv (several if a signal or a short read cuts
- * it), then converts its records. In the page-cache pass, a run that is not wholly in the page
- * cache is flagged for the blocking pass, all of it. An error names the first record that was not
- * read in full. Returns SF_OK or the error kind (err filled). */
-static int read_run(const record_ctx *ctx, size_t item, size_t stop, size_t s, const run_buffers *buf,
-                    sf_error *err)
+size_t sf_run_iovecs(const record_ctx *ctx, size_t item, size_t stop, size_t s, const sf_run_buffers *buf,
+                     off_t *at, size_t *total)
 {
     const sf_shards *sh = ctx->shards;
     int64_t first = ctx->indices[row_of(ctx, item)];
-    off_t at = (off_t)sh->header_bytes + (off_t)(first - sh->starts[s]) * (off_t)sh->record_bytes +
-               (off_t)ctx->fields[0].src_offset;
+    *at = (off_t)sh->header_bytes + (off_t)(first - sh->starts[s]) * (off_t)sh->record_bytes +
+          (off_t)ctx->fields[0].src_offset;
     size_t skip = sh->record_bytes - ctx->span_bytes; /* from one record's span to the next one's */
     size_t count = 0;
     for (size_t i = item; i < stop; i++) {
@@ -213,11 +194,40 @@ static int read_run(const record_ctx *ctx, size_t item, size_t stop, size_t s, c
         count += record_iovecs(ctx, row_of(ctx, i), run_scratch(ctx, buf, i - item), buf->discard,
                                buf->iov + count);
     }
-    size_t total = (stop - item - 1) * sh->record_bytes + ctx->span_bytes;
+    *total = (stop - item - 1) * sh->record_bytes + ctx->span_bytes;
+    return count;
+}
+
+void sf_run_failed(const record_ctx *ctx, size_t item, size_t s, off_t at, size_t done, int kind, sf_error *err)
+{
+    const sf_shards *sh = ctx->shards;
+    int64_t first = ctx->indices[row_of(ctx, item)];
+    /* Record j of the run is whole once j * record_bytes + span_bytes were read. */
+    size_t failed = done < ctx->span_bytes ? 0 : (done - ctx->span_bytes) / sh->record_bytes + 1;
+    sf_set_error(err, kind, SF_FILE_RECORDS, s, (int64_t)(at + (off_t)(failed * sh->record_bytes)),
+                 first + (int64_t)failed);
+}
+
+void sf_convert_run(const record_ctx *ctx, size_t item, size_t stop, const sf_run_buffers *buf)
+{
+    for (size_t i = item; i < stop; i++)
+        convert_record(ctx, row_of(ctx, i), run_scratch(ctx, buf, i - item));
+}
+
+/* Reads the run [item, stop) of shard s with one preadv (several if a signal or a short read cuts
+ * it), then converts its records. In the page-cache pass, a run that is not wholly in the page
+ * cache is flagged for the blocking pass, all of it. An error names the first record that was not
+ * read in full. Returns SF_OK or the error kind (err filled). */
+static int read_run(const record_ctx *ctx, size_t item, size_t stop, size_t s, const sf_run_buffers *buf,
+                    sf_error *err)
+{
+    off_t at = 0;
+    size_t total = 0;
+    size_t count = sf_run_iovecs(ctx, item, stop, s, buf, &at, &total);
     if (count > 0) {
 #ifdef SF_HAVE_NOWAIT
         if (ctx->missed) {
-            if (!sf_preadv_cached(sh->fds[s], buf->iov, count, at, total)) {
+            if (!sf_preadv_cached(ctx->shards->fds[s], buf->iov, count, at, total)) {
                 for (size_t i = item; i < stop; i++)
                     ctx->missed[row_of(ctx, i)] = 1;
                 return SF_OK;
@@ -226,25 +236,21 @@ static int read_run(const record_ctx *ctx, size_t item, size_t stop, size_t s, c
 #endif
         {
             size_t done = 0;
-            int rc = sf_preadv_full(sh->fds[s], buf->iov, (int)count, at, &done);
+            int rc = sf_preadv_full(ctx->shards->fds[s], buf->iov, (int)count, at, &done);
             if (rc != SF_OK) {
-                /* Record j of the run is whole once j * record_bytes + span_bytes were read. */
-                size_t failed = done < ctx->span_bytes ? 0 : (done - ctx->span_bytes) / sh->record_bytes + 1;
-                sf_set_error(err, rc, SF_FILE_RECORDS, s, (int64_t)(at + (off_t)(failed * sh->record_bytes)),
-                          first + (int64_t)failed);
+                sf_run_failed(ctx, item, s, at, done, rc, err);
                 return rc;
             }
         }
     }
-    for (size_t i = item; i < stop; i++)
-        convert_record(ctx, row_of(ctx, i), run_scratch(ctx, buf, i - item));
+    sf_convert_run(ctx, item, stop, buf);
     return SF_OK;
 }
 
 int sf_read_records_pread(void *vctx, size_t begin, size_t end, sf_error *err)
 {
     const record_ctx *ctx = vctx;
-    run_buffers buf = {NULL, NULL, NULL, 0};
+    sf_run_buffers buf = {NULL, NULL, NULL, 0};
     buf.discard = ctx->discard_bytes ? malloc(ctx->discard_bytes) : NULL;
     int rc = SF_OK;
     if (ctx->discard_bytes && !buf.discard)
@@ -252,8 +258,8 @@ int sf_read_records_pread(void *vctx, size_t begin, size_t end, sf_error *err)
     size_t item = begin;
     while (rc == SF_OK && item < end) {
         size_t s = 0;
-        size_t stop = collect_run(ctx, item, end, &s);
-        if (fit_run(ctx, &buf, stop - item) != 0) {
+        size_t stop = sf_collect_run(ctx, item, end, &s);
+        if (sf_fit_run(ctx, &buf, stop - item) != 0) {
             rc = SF_ERR_NOMEM;
             break;
         }
@@ -293,7 +299,7 @@ int sf_read_blocking(record_ctx *ctx, size_t items, size_t threads, sf_error *er
     for (size_t item = 0; item < items; runs++) {
         size_t shard = 0;
         starts[runs] = item;
-        item = collect_run(ctx, item, items, &shard);
+        item = sf_collect_run(ctx, item, items, &shard);
     }
     starts[runs] = items;
     run_split split = {ctx, starts};

@@ -7,6 +7,8 @@
 #include <setjmp.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
 #include "reader.h"
 
@@ -43,6 +45,38 @@ size_t sf_plan_record_reads(record_ctx *ctx, size_t n);
  * runs of one preadv, others one by one; in the page-cache pass (ctx->missed set) with
  * RWF_NOWAIT, flagging what was not cached. */
 int sf_read_records_pread(void *ctx, size_t begin, size_t end, sf_error *err);
+
+/* A run: items [item, stop) of a range whose records follow one another in one shard file (record
+ * k, k+1, k+2, ... in item order), read by one request. Returns stop (> item): at most
+ * ctx->max_run records, and the run ends at the shard's end. *shard: the run's shard. */
+size_t sf_collect_run(const record_ctx *ctx, size_t item, size_t end, size_t *shard);
+
+/* Buffers for one run in flight: the discard buffer (ctx->discard_bytes, may be shared: nothing
+ * reads it), iovecs and scratch space for up to `records` records. */
+typedef struct sf_run_buffers {
+    char *discard;
+    struct iovec *iov;
+    char *scratch;
+    size_t records;
+} sf_run_buffers;
+
+/* Makes buf hold a run of `records` records (<= ctx->max_run). The buffers grow with the longest
+ * run so far, at least doubling, so a batch of scattered records allocates what one record needs.
+ * Returns 0, or -1 when out of memory (buf keeps what it had: free iov and scratch). */
+int sf_fit_run(const record_ctx *ctx, sf_run_buffers *buf, size_t records);
+
+/* Fills buf->iov with the iovecs that read run [item, stop) of shard s (sf_collect_run) and
+ * returns how many (0: no bytes requested); *at: the file offset of the first byte, *total: the
+ * bytes to read. */
+size_t sf_run_iovecs(const record_ctx *ctx, size_t item, size_t stop, size_t s, const sf_run_buffers *buf,
+                     off_t *at, size_t *total);
+
+/* Converts the cast fields of run [item, stop) once all its bytes were read into buf's iovecs. */
+void sf_convert_run(const record_ctx *ctx, size_t item, size_t stop, const sf_run_buffers *buf);
+
+/* Fills *err with `kind` (errno kept for SF_ERR_IO) for run [item, stop) of shard s read from
+ * offset `at` when `done` bytes of it were read: the error names the first record not read whole. */
+void sf_run_failed(const record_ctx *ctx, size_t item, size_t s, off_t at, size_t done, int kind, sf_error *err);
 
 /* Blocking preadv of items [0, items) on `threads` threads, handed out in whole runs: a run of
  * adjacent records stays one read from the disk, not one per thread's share of it. */

@@ -50,10 +50,15 @@ LONG_READ = textwrap.dedent(r'''
 ''')
 
 
-@pytest.mark.parametrize("kind, threads", [("fixed", 1), ("fixed", 4), ("variable", 2)])
-def test_ctrl_c_interrupts_a_long_batch_read(new_path, kind, threads):
+@pytest.mark.parametrize("kind, threads, read_io", [("fixed", 1, "pool"), ("fixed", 4, "pool"), ("variable", 2, "pool"),
+                                                    ("fixed", 4, "uring")])
+def test_ctrl_c_interrupts_a_long_batch_read(new_path, kind, threads, read_io):
+    """read_io="uring": every record through io_uring (ext/uring.c), the same behaviour."""
+    if read_io == "uring" and shardfeed._core.uring_error() != 0:
+        pytest.skip("io_uring is not usable here")
     child = subprocess.Popen([sys.executable, "-c", LONG_READ, new_path(), kind, str(threads)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, SHARDFEED_READ_IO=read_io))
     try:
         word, expected_seconds = child.stdout.readline().split()
         assert word == "ready"
