@@ -187,3 +187,42 @@ def test_output_into_the_image_folder_itself_is_refused_naming_it(tmp_path):
     assert f"the output directory is not empty (00.png, 01.png) and holds no dataset: give a new or empty " \
            f"directory: '{tmp_path / 'img'}'" in done.stderr
     assert sorted(os.listdir(tmp_path / "img")) == sorted(made)
+
+
+def test_npy_headers_are_parsed_one_thread_at_a_time(tmp_path, waves, tools, monkeypatch):
+    """numpy parses a .npy header with ast.literal_eval, which CPython before 3.11.8 can fail in
+    two threads at once (SystemError "AST constructor recursion depth mismatch", seen once in
+    this suite): the decoding threads of from_files must not parse headers concurrently, and the
+    samples they read stay exact."""
+    import threading
+    import time
+
+    root, samples = waves
+    real = np.lib.format.read_array_header_1_0
+    inside, most = [0], [0]
+    count = threading.Lock()
+
+    def slow_header(f, *args, **kwargs):
+        with count:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.005)  # long enough for another decoding thread to arrive
+        try:
+            return real(f, *args, **kwargs)
+        finally:
+            with count:
+                inside[0] -= 1
+
+    monkeypatch.setattr(np.lib.format, "read_array_header_1_0", slow_header)
+    names = [f"w{i}.npy" for i in range(len(samples))]
+    convert.from_files(tmp_path / "out", root, files=names, field="wave", threads=6)
+    tools.assert_identical(read_all(tmp_path / "out")["wave"], samples)
+    assert most[0] == 1
+
+
+def test_a_truncated_npy_sample_is_named(tmp_path, waves):
+    root, _ = waves
+    with open(root / "w5.npy", "r+b") as f:
+        f.truncate(os.path.getsize(root / "w5.npy") - 8)
+    with pytest.raises(shardfeed.SourceError, match=r"w5\.npy: .*truncated \.npy file \(504 of 512 data bytes\)"):
+        convert.from_files(tmp_path / "out", root)

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from ..errors import SchemaError, SourceError
+from ._npy import read_npy_header
 from ._options import PathLike, Progress, check_dtypes_cover, dtype_for, part_range, source_dtype_name
 from ._report import ConversionReport
 from ._sink import Sink
@@ -114,7 +115,7 @@ class _StreamPiece(Piece):
         self._archive, self._member = archive, member
         self._zip: Optional[zipfile.ZipFile] = None
         self._stream = self._open()
-        self.dtype, shape, fortran, _ = _read_npy_header(self._stream, name)
+        self.dtype, shape, fortran, _ = read_npy_header(self._stream, name)
         if fortran and len(shape) > 1:
             raise SourceError(f"{name}: a compressed Fortran-ordered array cannot be streamed by rows; "
                               "save it in C order (np.ascontiguousarray) or uncompressed")
@@ -129,7 +130,7 @@ class _StreamPiece(Piece):
         if start < self.position:  # only when a conversion restarts: reopen
             self.close()
             self._stream = self._open()
-            _read_npy_header(self._stream, self.name)
+            read_npy_header(self._stream, self.name)
             self.position = 0
         while self.position < start:  # skip to the part's first row
             skip = min(start - self.position, max(1, (8 << 20) // max(1, self.row_bytes)))
@@ -158,23 +159,9 @@ class _StreamPiece(Piece):
             self._zip = None
 
 
-def _read_npy_header(f: Any, name: str) -> Tuple[np.dtype, Tuple[int, ...], bool, int]:
-    try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    except ValueError as exc:
-        raise SourceError(f"{name}: not a .npy array ({exc})") from None
-    if dtype.hasobject:
-        raise SourceError(f"{name}: holds Python objects (pickled); shardfeed converts numeric arrays only")
-    return dtype, tuple(shape), bool(fortran), f.tell() if hasattr(f, "tell") else 0
-
-
 def npy_piece(path: str) -> Piece:
     with open(path, "rb") as f:
-        dtype, shape, fortran, offset = _read_npy_header(f, path)
+        dtype, shape, fortran, offset = read_npy_header(f, path)
     return MappedPiece(path, offset, dtype, shape, fortran, name=path)
 
 
@@ -199,7 +186,7 @@ def npz_pieces(path: str) -> Dict[str, Piece]:
                 name_len, extra_len = struct.unpack("<HH", local[26:30])
                 start = info.header_offset + 30 + name_len + extra_len
                 raw.seek(start)
-                dtype, shape, fortran, offset = _read_npy_header(raw, name)
+                dtype, shape, fortran, offset = read_npy_header(raw, name)
                 pieces[member] = MappedPiece(path, offset, dtype, shape, fortran, name=name)
             else:
                 pieces[member] = _StreamPiece(path, info, name)

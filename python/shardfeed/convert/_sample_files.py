@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ._npy import load_npy
+
 # Modes stored as another: palette and bilevel images, and colour spaces numpy users do not expect.
 _STORED_AS = {"P": "RGB", "PA": "RGBA", "1": "L", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
 _COLOUR = {"RGB", "RGBA", "RGBX", "RGBa"}
@@ -68,7 +70,7 @@ class FileLoader:
     def __call__(self, full: str) -> Any:
         try:
             if self.kind == "npy":
-                return np.load(full, allow_pickle=False), None
+                return load_npy(full), None
             from PIL import Image
             with Image.open(full) as image:
                 original = image.mode
