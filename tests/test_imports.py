@@ -144,7 +144,7 @@ def test_no_import_cycle_at_import_time():
 # its own layer or of the layers below; a convenience method that would import upwards (ds.subset,
 # ds.batches, view.to_tf_dataset) imports inside the method. A sub-package is one layer.
 LAYERS = [
-    ("base", {"errors", "_text"}),
+    ("base", {"errors", "_text", "_process"}),
     ("on-disk format", {"fileio", "format"}),
     ("core I/O", {"_core", "_casting", "lock", "shardfile", "read_options", "batch_reader", "_reference", "_preload"}),
     ("datasets", {"writer", "dataset", "merge", "verification"}),

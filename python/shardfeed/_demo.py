@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 
 from . import dataset as _dataset
+from ._process import process_alive
 from ._text import human_bytes
 from .writer import Writer
 
@@ -112,21 +113,12 @@ def remove_stale_directories(parent: Optional[str]) -> List[str]:
         match = re.fullmatch(re.escape(_TEMPORARY_PREFIX) + r"(\d+)-\w+", entry.name)
         if not match or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
             continue
-        if _alive(int(match.group(1))):
+        if process_alive(int(match.group(1))):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(entry.path)
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 @contextlib.contextmanager

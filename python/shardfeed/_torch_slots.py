@@ -52,6 +52,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ._process import process_alive
+
 __all__ = ["LentTensor", "WorkerSlots", "WORKER_SLOTS", "WORKER_SLOT_BYTES"]
 
 # Slots per worker process: DataLoader's prefetch_factor (default 2) batches queued, one the
@@ -237,19 +239,10 @@ _lock = threading.RLock()  # reentrant: a finaliser may run inside (a garbage co
 _workers: Dict[Tuple[int, str], Dict[int, _Mapped]] = {}  # worker key -> slot number -> mapping
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _forget_exited_workers() -> None:
     """Drops the mappings of workers that exited (under ``_lock``)."""
-    for key in [key for key in _workers if not _alive(key[0])]:
+    for key in [key for key in _workers if not process_alive(key[0])]:
         del _workers[key]
 
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import _core
+from ._process import process_alive
 from .errors import ShardFormatError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME,
@@ -415,7 +416,7 @@ def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) 
             state = "a writer did not finish (its lock file names no process)" if unlisted or temporary else None
         elif holder[1] != os.uname().nodename:
             state = f"a writer (pid {holder[0]} on host {holder[1]}) is at work or did not finish"
-        elif _alive(holder[0]):
+        elif process_alive(holder[0]):
             state = f"a writer (pid {holder[0]}) is at work" + (
                 "" if manifest is None else f": samples after the {report.num_samples} committed are not listed yet")
         else:
@@ -436,12 +437,3 @@ def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) 
         report.notes.append(f"uncommitted files {unlisted + temporary}: ignored by readers, removed by the next "
                             "Writer(path, mode='a')")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
