@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 import types
 import zlib
 
@@ -146,6 +147,27 @@ def new_path(tmp_path_factory):
     return make
 
 
+def run_threads(count, target):
+    """Runs target(k) on `count` threads started together; re-raises the first failure."""
+    errors = []
+    barrier = threading.Barrier(count)
+
+    def body(k):
+        try:
+            barrier.wait()
+            target(k)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=body, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a reader thread hung"
+    if errors:
+        raise errors[0]
+
+
 @pytest.fixture(scope="session")
 def tools():
     """The helpers above, for test modules (which --import-mode=importlib keeps from importing
@@ -153,6 +175,7 @@ def tools():
     return types.SimpleNamespace(
         ALL_DTYPES=ALL_DTYPES, random_values=random_values, write_dataset=write_dataset,
         expected_natural=expected_natural, assert_identical=assert_identical, as_format_v1=as_format_v1,
+        run_threads=run_threads,
     )
 
 

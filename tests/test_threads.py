@@ -32,29 +32,8 @@ def columns_and_path(tmp_path_factory):
     return path, columns
 
 
-def run_threads(count, target):
-    """Runs target(k) on `count` threads started together; re-raises the first failure."""
-    errors = []
-    barrier = threading.Barrier(count)
-
-    def body(k):
-        try:
-            barrier.wait()
-            target(k)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=body, args=(k,)) for k in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-        assert not t.is_alive(), "a reader thread hung"
-    if errors:
-        raise errors[0]
-
-
 @pytest.mark.parametrize("native_threads", [1, 4])
-def test_many_python_threads_read_one_dataset(columns_and_path, mmap_mode, native_threads):
+def test_many_python_threads_read_one_dataset(columns_and_path, mmap_mode, native_threads, tools):
     path, columns = columns_and_path
     ds = shardfeed.open(path, mmap=mmap_mode, threads=native_threads)
     mean = np.float32(127.5)
@@ -79,11 +58,11 @@ def test_many_python_threads_read_one_dataset(columns_and_path, mmap_mode, nativ
                 for row, i in zip(batch["t"], picked):
                     assert (row[:i % 7] == i).all() and not row[i % 7:].any()
         checked.append(k)
-    run_threads(8, reader)
+    tools.run_threads(8, reader)
     assert sorted(checked) == list(range(8))
 
 
-def test_close_while_other_threads_read(columns_and_path, mmap_mode):
+def test_close_while_other_threads_read(columns_and_path, mmap_mode, tools):
     path, columns = columns_and_path
     seen = set()
     for attempt in range(5):
@@ -112,7 +91,7 @@ def test_close_while_other_threads_read(columns_and_path, mmap_mode):
                 ds.close()
             else:
                 reader(k)
-        run_threads(5, closer)
+        tools.run_threads(5, closer)
         assert len(outcomes) == 4
         seen.update(outcomes)
     assert "closed" in seen  # some reads were refused after the close

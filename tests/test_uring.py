@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
@@ -210,32 +209,18 @@ def test_a_truncated_shard_fails_the_read_naming_the_file(new_path, read_io, mod
 
 
 @needs_uring
-def test_many_threads_read_through_io_uring_at_once(dataset, read_io):
+def test_many_threads_read_through_io_uring_at_once(dataset, read_io, tools):
     path, columns, n = dataset
     read_io("uring")
-    errors = []
     with shardfeed.open(path, mmap=False, preload=False) as ds:
-        barrier = threading.Barrier(12)
-
         def reader(k):
-            try:
-                rng = np.random.default_rng(k)
-                barrier.wait()
-                for _ in range(15):
-                    idx = rng.integers(0, n, 300)
-                    batch = ds.read(idx)
-                    for name, values in columns.items():
-                        assert np.array_equal(batch[name].view(np.uint8), values[idx].view(np.uint8)), name
-            except BaseException as exc:  # re-raised below
-                errors.append(exc)
-        threads = [threading.Thread(target=reader, args=(k,)) for k in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-            assert not t.is_alive(), "a reader thread hung"
-    if errors:
-        raise errors[0]
+            rng = np.random.default_rng(k)
+            for _ in range(15):
+                idx = rng.integers(0, n, 300)
+                batch = ds.read(idx)
+                for name, values in columns.items():
+                    assert np.array_equal(batch[name].view(np.uint8), values[idx].view(np.uint8)), name
+        tools.run_threads(12, reader)
 
 
 @needs_uring
