@@ -102,6 +102,16 @@ def write_dataset(path, fields, columns, *, shard_size=1 << 20, metadata=None, m
     return os.fspath(path)
 
 
+def indexed_dataset(path, count, sample_shape, *, seed, shard_size):
+    """Writes ``count`` samples: ``x`` random float16 of ``sample_shape``, ``label`` the sample's
+    index (int32), so a batch says which samples it holds. Returns ``(path, columns)``."""
+    rng = np.random.default_rng(seed)
+    columns = {"x": rng.standard_normal((count,) + tuple(sample_shape)).astype(np.float16),
+               "label": np.arange(count, dtype=np.int32)}
+    fields = {"x": ("float16", tuple(sample_shape)), "label": ("int32", ())}
+    return write_dataset(path, fields, columns, shard_size=shard_size), columns
+
+
 def expected_natural(dtype, values):
     """What a read with dtype=None returns for values written to a ``dtype`` field."""
     values = np.asarray(values)
@@ -173,7 +183,7 @@ def tools():
     """The helpers above, for test modules (which --import-mode=importlib keeps from importing
     conftest)."""
     return types.SimpleNamespace(
-        ALL_DTYPES=ALL_DTYPES, random_values=random_values, write_dataset=write_dataset,
+        ALL_DTYPES=ALL_DTYPES, random_values=random_values, write_dataset=write_dataset, indexed_dataset=indexed_dataset,
         expected_natural=expected_natural, assert_identical=assert_identical, as_format_v1=as_format_v1,
         run_threads=run_threads,
     )

@@ -20,13 +20,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threade
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, tools):
     """A dataset whose label is the sample's index; tok (variable length) only in ``mixed``."""
-    rng = np.random.default_rng(21)
-    columns = {"x": rng.standard_normal((N, 2, 3)).astype(np.float16), "label": np.arange(N, dtype=np.int32)}
-    path = str(tmp_path_factory.mktemp("grain") / "ds")
-    with shardfeed.Writer(path, fields={"x": ("float16", (2, 3)), "label": ("int32", ())}, shard_size=1000) as w:
-        w.extend(columns)
+    path, columns = tools.indexed_dataset(tmp_path_factory.mktemp("grain") / "ds", N, (2, 3), seed=21,
+                                          shard_size=1000)
     with shardfeed.open(path) as ds:
         yield ds, columns
 

@@ -54,13 +54,10 @@ def check_xy(batch, columns, indices):
 
 
 @pytest.fixture(scope="module")
-def unique(tmp_path_factory):
+def unique(tmp_path_factory, tools):
     """A dataset whose label is the sample's index, so a batch says which samples it holds."""
-    rng = np.random.default_rng(3)
-    columns = {"x": rng.standard_normal((N, 3, 4)).astype(np.float16), "label": np.arange(N, dtype=np.int32)}
-    path = str(tmp_path_factory.mktemp("torch") / "unique")
-    with shardfeed.Writer(path, fields={"x": ("float16", (3, 4)), "label": ("int32", ())}, shard_size=1500) as w:
-        w.extend(columns)
+    path, columns = tools.indexed_dataset(tmp_path_factory.mktemp("torch") / "unique", N, (3, 4), seed=3,
+                                          shard_size=1500)
     with shardfeed.open(path) as ds:
         yield ds, columns
 
@@ -335,14 +332,10 @@ def test_loader_errors_reach_the_consumer(unique):
 
 
 @pytest.fixture(scope="module")
-def large(tmp_path_factory):
+def large(tmp_path_factory, tools):
     """Batches of 2 MiB: Dataset.read puts them in reusable batch memory."""
-    rng = np.random.default_rng(5)
-    n = 512
-    columns = {"x": rng.standard_normal((n, 32, 64)).astype(np.float16), "label": np.arange(n, dtype=np.int32)}
-    path = str(tmp_path_factory.mktemp("torch") / "large")
-    with shardfeed.Writer(path, fields={"x": ("float16", (32, 64)), "label": ("int32", ())}, shard_size=1 << 22) as w:
-        w.extend(columns)
+    path, columns = tools.indexed_dataset(tmp_path_factory.mktemp("torch") / "large", 512, (32, 64), seed=5,
+                                          shard_size=1 << 22)
     with shardfeed.open(path) as ds:
         yield ds, columns
 

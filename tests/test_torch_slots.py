@@ -26,12 +26,9 @@ SLOTS = 4  # shardfeed._torch_slots.WORKER_SLOTS, stated here as the documented 
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    rng = np.random.default_rng(9)
-    columns = {"x": rng.standard_normal((N, 32, 64)).astype(np.float16), "label": np.arange(N, dtype=np.int32)}
-    path = str(tmp_path_factory.mktemp("slots") / "ds")
-    with shardfeed.Writer(path, fields={"x": ("float16", (32, 64)), "label": ("int32", ())}, shard_size=1 << 21) as w:
-        w.extend(columns)
+def data(tmp_path_factory, tools):
+    path, columns = tools.indexed_dataset(tmp_path_factory.mktemp("slots") / "ds", N, (32, 64), seed=9,
+                                          shard_size=1 << 21)
     with shardfeed.open(path) as ds:
         yield ds, columns
 
