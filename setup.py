@@ -14,10 +14,10 @@ from setuptools import Extension, setup
 
 SOURCES = ["ext/_core.pyx", "ext/pool.c", "ext/reader.c", "ext/records.c", "ext/mapped.c", "ext/checked.c",
            "ext/heap.c", "ext/io.c", "ext/uring.c", "ext/cast.c", "ext/crc32c.c", "ext/crc32c_x86.c", "ext/crc32c_arm.c",
-           "ext/batch_memory.c"]
+           "ext/batch_memory.c", "ext/permutation.c"]
 HEADERS = ["native.pxd", "batch_memory.h", "cast.h", "cast_half.h", "crc32c.h", "crc32c_kernels.h", "io.h", "pool.h", "reader.h",
            "records.h", "sf_error.h", "batch_memory.pxi", "buffers.pxi", "checksums.pxi", "field_plan.pxi", "read_io.pxi",
-           "uring.h"]
+           "uring.h", "permutation.h", "permutation.pxi"]
 
 
 def core_extension() -> Extension:

@@ -8,7 +8,8 @@ and turns the C status into a Python exception afterwards, in :meth:`ShardSet._r
 Parts of the module live in include files beside it: ``checksums.pxi`` (CRC32C of buffers),
 ``batch_memory.pxi`` (reusable output memory), ``buffers.pxi`` (buffers held for one call),
 ``field_plan.pxi`` (``Affine``, ``FieldRead``: the typed per-field plan of a read) and
-``read_io.pxi`` (the thread pool or io_uring for the records that go to disk).
+``read_io.pxi`` (the thread pool or io_uring for the records that go to disk) and
+``permutation.pxi`` (the epoch orders' Feistel network).
 """
 
 from native cimport *
@@ -169,6 +170,7 @@ include "read_io.pxi"
 include "batch_memory.pxi"
 include "buffers.pxi"
 include "field_plan.pxi"
+include "permutation.pxi"
 
 
 cdef class ShardSet:

@@ -145,3 +145,18 @@ cdef extern from "batch_memory.h":
     void sf_batch_release(void *data, size_t nbytes)
     size_t sf_batch_cached(size_t *sizes)
     size_t sf_batch_free_cached()
+
+
+from libc.stdint cimport uint64_t
+
+cdef extern from "permutation.h":
+    enum:
+        SF_PERMUTATION_MAX_ROUNDS
+    ctypedef struct sf_permutation:
+        uint64_t n
+        uint64_t b
+        int rounds
+        uint64_t add[SF_PERMUTATION_MAX_ROUNDS]
+        uint64_t mul[SF_PERMUTATION_MAX_ROUNDS]
+        uint64_t modulus[SF_PERMUTATION_MAX_ROUNDS]
+    void sf_permute(const sf_permutation *perm, const int64_t *positions, int64_t *out, size_t count) nogil

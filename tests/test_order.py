@@ -27,6 +27,63 @@ def ds(tmp_path_factory):
         yield dataset
 
 
+def numpy_feistel(n, key, positions):
+    """Permutation(n, key) above TABLE_MAX as numpy computed it before the network moved to C
+    (ext/permutation.c): the orders of existing runs must not change, so this is the oracle."""
+    from shardfeed.order import FEISTEL_ROUNDS
+    seeds = np.random.SeedSequence([int(k) for k in key] + [n])
+    a = math.isqrt(n - 1) + 1
+    b = np.uint64(-(-n // a))
+    state = seeds.generate_state(2 * FEISTEL_ROUNDS, np.uint64)
+    moduli = [a, int(b)] * (FEISTEL_ROUNDS // 2)
+    rounds = [(np.uint64(state[i]), np.uint64(state[FEISTEL_ROUNDS + i] | 1), np.uint64(moduli[i]))
+              for i in range(FEISTEL_ROUNDS)]
+
+    def encrypt(x):
+        left, right = np.divmod(x, b)
+        for add, mul, modulus in rounds:
+            h = right + add
+            h *= mul
+            h ^= h >> np.uint64(29)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h >>= np.uint64(32)
+            h %= modulus
+            h += left
+            h %= modulus
+            left, right = right, h
+        return left * b + right
+
+    out = encrypt(np.asarray(positions).astype(np.uint64))
+    todo = np.flatnonzero(out >= np.uint64(n))
+    while todo.size:
+        again = encrypt(out[todo])
+        out[todo] = again
+        todo = todo[again >= np.uint64(n)]
+    return out.astype(np.int64)
+
+
+@pytest.mark.parametrize("n", [TABLE_MAX + 1, 100_003, 1 << 20, (1 << 20) + 7, 10**9 + 9, 3 * 10**12 + 1,
+                               (1 << 62) + 12345])
+def test_feistel_orders_are_numpys(n):
+    """The native network gives numpy's elements bit for bit, cycle walking included (sizes far
+    from a * b walk often; 3e12 and 2**62 need the full 64-bit products), for several keys."""
+    rng = np.random.default_rng(n % 1000)
+    for key in [(0,), (7, 1), (0x45504F43, 12, 3), (2**63 - 1, 5)]:
+        positions = np.concatenate([np.arange(min(n, 5000)), n - 1 - np.arange(min(n, 5000)),
+                                    rng.integers(0, n, 20_003)])  # (not a multiple of the C loop's 8 lanes)
+        np.testing.assert_array_equal(Permutation(n, key)(positions), numpy_feistel(n, key, positions),
+                                      err_msg=f"n={n} key={key}")
+
+
+def test_feistel_keeps_the_positions_shape():
+    perm = Permutation(100_000, (4,))
+    positions = np.arange(12, dtype=np.uint32).reshape(3, 4) * 999
+    got = perm(positions)
+    assert got.shape == (3, 4) and got.dtype == np.int64
+    np.testing.assert_array_equal(got.ravel(), numpy_feistel(100_000, (4,), positions.ravel()))
+    assert perm(np.array([], dtype=np.int64)).shape == (0,)
+
+
 def chi2_sf(statistic, dof):
     """Upper tail of the chi-square distribution (Wilson-Hilferty; good for dof >= 10)."""
     z = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))

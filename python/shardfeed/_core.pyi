@@ -51,6 +51,10 @@ class FieldRead:
 
 def convert(cast: int, src: Any, dst: Any, affine: Optional[Affine] = ...) -> bool: ...
 
+class FeistelPermutation:
+    def __init__(self, n: int, b: int, rounds: Any) -> None: ...
+    def apply(self, positions: Any) -> Any: ...
+
 class ShardSet:
     paths: Tuple[str, ...]
     heap_paths: Tuple[str, ...]
