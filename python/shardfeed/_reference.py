@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from . import _core
 from .format import HEADER_BYTES, read_manifest
 
 
@@ -94,6 +95,10 @@ def reference_read(path, indices, fields=None, dtype=None, scale=None, offset=No
                 at, count = np.frombuffer(record, "<u8", 2, field.offset).tolist()
                 data = _pread(os.path.join(path, shard.heap_file), count * field.count * stored.itemsize, at)
                 raw = np.frombuffer(data, stored).reshape((count,) + field.row_shape)
+            elif field.compressed:
+                at, length = np.frombuffer(record, "<u8", 2, field.offset).tolist()
+                frame = np.frombuffer(_pread(os.path.join(path, shard.heap_file), length, at), np.uint8)
+                raw = np.frombuffer(_core.decompress(field.codec, frame, field.raw_bytes), stored).reshape(field.row_shape)
             else:
                 raw = np.frombuffer(record, stored, field.count, field.offset).reshape(field.row_shape)
             rows.append(_convert(field, raw, *args))

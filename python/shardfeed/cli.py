@@ -539,7 +539,9 @@ def _info(args: argparse.Namespace) -> int:
         print(f"record: {ds.schema.record_bytes} bytes")
         for field in ds.fields.values():
             shape = ", ".join("*" if d is None else str(d) for d in field.shape)
-            print(f"  {printable(field.name)}: {field.dtype}[{shape}]")
+            print(f"  {printable(field.name)}: {field.dtype}[{shape}]" + (f" {field.codec}" if field.codec else ""))
+        for size in ds.compression().values():
+            print(f"  {size}")
         if ds.metadata:  # json.dumps escapes control characters; printable() the rest (U+202E...)
             print(f"metadata: {printable(json.dumps(ds.metadata)[:2000])}")
     return 0
