@@ -362,3 +362,63 @@ def test_a_missing_zstd_library_names_the_field_and_the_library(twins, tmp_path)
     assert lines["PLAIN"] == "2"
     assert not os.path.exists(tmp_path / "new" / "manifest.json")
     assert issubclass(CodecUnavailableError, shardfeed.OptionalDependencyError)
+
+
+def test_merge_keeps_the_codecs_and_refuses_other_ones(twins, tmp_path, tools):
+    paths, columns = twins
+    merged = str(tmp_path / "merged")
+    second = _copy(paths["zstd"], tmp_path / "second")
+    result = shardfeed.merge([paths["zstd"], second], merged, compression={"image": "zstd"})
+    assert result.num_samples == 2 * N
+    ds = shardfeed.open(merged)
+    assert ds.schema.codecs == shardfeed.open(paths["zstd"]).schema.codecs
+    tools.assert_identical(ds.read(np.arange(N, 2 * N))["image"], columns["image"])
+    assert shardfeed.verify(merged).compression["image"].raw == 2 * N * 90
+    with pytest.raises(SchemaError, match="field 'label' is stored uncompressed, not with zstd as compression asks"):
+        shardfeed.merge([paths["zstd"]], str(tmp_path / "m2"), compression={"label": "zstd"})
+    with pytest.raises(SchemaError, match="differ from those of"):  # a compressed and a plain part
+        shardfeed.merge([paths["zstd"], paths["plain"]], str(tmp_path / "m3"))
+    assert not os.path.exists(tmp_path / "m2" / "manifest.json") and not os.path.exists(tmp_path / "m3" / "manifest.json")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_converters_take_the_option(tmp_path, workers, tools):
+    images = (np.arange(40 * 8 * 8 * 3) % 11).astype(np.uint8).reshape(40, 8, 8, 3)
+    labels = np.arange(40)
+    report = shardfeed.convert.from_arrays(str(tmp_path / f"a{workers}"), {"image": images, "label": labels},
+                                           compression={"image": ("zstd", 7)})
+    np.save(tmp_path / "images.npy", images)
+    shardfeed.convert.from_npy(str(tmp_path / f"n{workers}"), str(tmp_path / "images.npy"), field="image",
+                               workers=workers, compression={"image": "zstd"})
+    samples = ({"image": images[i], "label": labels[i]} for i in range(40))
+    shardfeed.convert.from_iterable(str(tmp_path / f"i{workers}"), samples, compression={"image": "zstd"})
+    for name in ("a", "n", "i"):
+        ds = shardfeed.open(str(tmp_path / f"{name}{workers}"))
+        assert ds.schema.codecs == {"image": "zstd"}, name
+        tools.assert_identical(ds.read(np.arange(40)[::-1])["image"], images[::-1])
+    assert report.num_samples == 40
+    with pytest.raises(SchemaError, match="field 'image': unknown codec"):
+        shardfeed.convert.from_arrays(str(tmp_path / "bad"), {"image": images}, compression={"image": "lzma"})
+
+
+def test_the_command_line_compresses_and_reports_the_ratio(tmp_path):
+    shardfeed_cli = os.path.join(os.path.dirname(sys.executable), "shardfeed")
+    np.save(tmp_path / "x.npy", (np.arange(30 * 64) % 5).astype(np.uint8).reshape(30, 64))
+
+    def run(*args):
+        return subprocess.run([shardfeed_cli, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+    done = run("convert", tmp_path / "x.npy", "-o", tmp_path / "d", "--compress", "x=zstd:9", "-q")
+    assert done.returncode == 0, done.stderr
+    info = run("info", tmp_path / "d")
+    assert "x: uint8[64] zstd" in info.stdout and "field 'x' (zstd):" in info.stdout, info.stdout
+    assert "1.9 KiB of values" in info.stdout  # 30 * 64 bytes
+    verified = run("verify", "--json", tmp_path / "d")
+    ratio = json.loads(verified.stdout)["compression"]["x"]
+    assert ratio["raw_bytes"] == 30 * 64 and ratio["ratio"] > 3
+    bad = run("convert", tmp_path / "x.npy", "-o", tmp_path / "e", "--compress", "y=zstd", "-q")
+    assert bad.returncode == 1 and "--compress names field 'y'" in bad.stderr, bad.stderr
+    usage = run("convert", tmp_path / "x.npy", "-o", tmp_path / "f", "--compress", "x", "-q")
+    assert usage.returncode == 2 and "expected FIELD=CODEC" in usage.stderr
+    merged = run("merge", tmp_path / "d", "-o", tmp_path / "m", "--compress", "x=zstd")
+    assert merged.returncode == 0, merged.stderr
