@@ -40,6 +40,7 @@ TOKENS = 2048
 BATCH = 256
 ROUNDS = 20
 _plain_results: Dict[str, Dict[str, float]] = {}  # kind -> the uncompressed reader's figures of this run
+_page_cached_zstd: Dict[str, float] = {}  # kind -> the compressed reader's page-cached samples/s (decode's cap)
 
 
 def photo_patches() -> Tuple[np.ndarray, str]:
@@ -157,6 +158,8 @@ def test_page_cached(benchmark, pair, reader, timing_enabled):
                    cpu_us_per_sample=1e6 * float(np.median(cpu)) / BATCH)
     if reader == "plain":
         _plain_results[pair["kind"]] = figures
+    else:
+        _page_cached_zstd[pair["kind"]] = figures["samples_per_s"]
     info = dict(kind=pair["kind"], source=pair["source"], reader=reader, record_bytes=pair["record_bytes"],
                 samples=pair["count"], distinct_samples=pair["distinct"], size_ratio=round(pair["size_ratio"], 3),
                 stored_bytes_per_sample=round(pair["stored_per_sample"], 1), correct=correct,
@@ -166,3 +169,65 @@ def test_page_cached(benchmark, pair, reader, timing_enabled):
         info.update(ratio_to_plain=figures["samples_per_s"] / plain["samples_per_s"] if plain["samples_per_s"] else None,
                     decode_cpu_us_per_sample=figures["cpu_us_per_sample"] - plain["cpu_us_per_sample"])
     benchmark.extra_info.update(info)
+
+
+OUT_OF_CORE_SAMPLES = 2048  # samples per timed pass from disk (8 batches of 256)
+
+
+@pytest.mark.parametrize("reader", ["plain", "zstd"])
+def test_out_of_core(benchmark, pair, reader, timing_enabled):
+    """The photo patches from disk, the page cache capped by a memory cgroup at a quarter of the
+    uncompressed dataset: each pass reads 2048 random samples, after a paired fio run (inside the
+    cgroup) of random reads of whole uncompressed records over the plain dataset's shard files.
+    ``limit_samples_per_s``: fio's byte rate x the size ratio / the record size (the samples/s if
+    the compressed bytes came at fio's rate), for the plain reader fio's byte rate / record size."""
+    if pair["kind"] != "photos":
+        pytest.skip("the out-of-core comparison runs on the photo patches")
+    if not timing_enabled:
+        pytest.skip("timed only (--benchmark-enable): it needs a dataset larger than the memory cap")
+    import fio
+    from regimes import MemoryLimit, evict, memory_cgroup_unavailable, out_of_core_limit
+    why = memory_cgroup_unavailable() or fio.unavailable()
+    if why:
+        pytest.skip(why)
+    benchmark.group = "compress-out-of-core"
+    plain_files = [f for f in _files(pair["paths"]["plain"]) if f.endswith(".rec")]
+    record_bytes = shardfeed.open(pair["paths"]["plain"]).schema.record_bytes
+    files = _files(pair["paths"][reader])
+    dataset_bytes = sum(os.path.getsize(f) for f in _files(pair["paths"]["plain"]))
+    rng = np.random.default_rng(7)
+    paired = []
+    for name in files + plain_files:
+        evict([name])
+    limit = MemoryLimit(out_of_core_limit(dataset_bytes))
+    try:
+        with limit:
+            ds = shardfeed.open(pair["paths"][reader], preload=False)
+
+            def start():
+                evict(files + plain_files)
+                found = fio.best_fio(plain_files, record_bytes, 64, OUT_OF_CORE_SAMPLES, cgroup_procs=limit.procs,
+                                     evict=lambda: evict(plain_files), configurations=fio.QUICK_CONFIGURATIONS)
+                paired.append(found["bytes_per_s"])
+                evict(files)
+                return (rng.choice(pair["count"], OUT_OF_CORE_SAMPLES, replace=False),), {}
+
+            def one_pass(order):
+                for at in range(0, len(order), BATCH):
+                    ds.read(order[at:at + BATCH], dtype="float32", scale={"x": 1 / 255})
+
+            benchmark.pedantic(one_pass, setup=start, rounds=5, iterations=1)
+            ds.close()
+        hits = limit.failcnt()
+    finally:
+        limit.remove()
+    seconds = benchmark.stats.stats.median
+    samples_per_s = OUT_OF_CORE_SAMPLES / seconds
+    fio_bytes = float(np.median(paired))
+    ratio = pair["size_ratio"] if reader == "zstd" else 1.0
+    limit_samples = fio_bytes * ratio / record_bytes
+    benchmark.extra_info.update(kind=pair["kind"], reader=reader, samples_per_s=samples_per_s,
+                                fio_bytes_per_s=fio_bytes, fio_runs=paired, size_ratio=round(ratio, 3),
+                                limit_samples_per_s=limit_samples, ratio_to_limit=samples_per_s / limit_samples,
+                                dataset_bytes=dataset_bytes, memory_limit_bytes=limit.limit_bytes, limit_hits=hits,
+                                page_cached_zstd_samples_per_s=_page_cached_zstd.get(pair["kind"]))
