@@ -32,6 +32,9 @@ static int read_compressed_range(void *vctx, size_t begin, size_t end, sf_error 
     /* A conversion to a narrower element decodes into scratch; any other decodes into the tail of
      * the output row and converts in place (the rule of cast.h). */
     int narrowing = f->cast != SF_CAST_COPY && sf_cast_itemsize(f->cast) > sf_cast_out_itemsize(f->cast);
+    const char *missing = sf_codec_unavailable(f->codec);
+    if (missing)
+        return fail(err, SF_ERR_CODEC, (size_t)ctx->shard[begin], ctx->offsets[begin], ctx->sample[begin], missing, -1);
     size_t most = sf_codec_bound(f->codec, f->raw_bytes);
     char *scratch = NULL;
     if (narrowing && !(scratch = sf_codec_scratch(1, f->raw_bytes)))
@@ -40,9 +43,6 @@ static int read_compressed_range(void *vctx, size_t begin, size_t end, sf_error 
         size_t s = (size_t)ctx->shard[r];
         int64_t at = ctx->offsets[r];
         size_t stored = (size_t)ctx->lengths[r];
-        const char *missing = sf_codec_unavailable(f->codec);
-        if (missing)
-            return fail(err, SF_ERR_CODEC, s, at, ctx->sample[r], missing, -1);
         if (stored == 0 || stored > most)
             return fail(err, SF_ERR_CORRUPT, s, at, ctx->sample[r],
                         stored ? "longer than any frame of the field's size" : "empty", -1);

@@ -285,18 +285,20 @@ def test_appending_keeps_the_codecs(twins, tmp_path, tools):
     ({"image": ("zstd", 99)}, r"field 'image': zstd level must be an int in \[-7, 22\], got 99"),
     ({"image": ("zstd", 3, 4)}, "field 'image': compression must be a codec name or"),
     (["zstd"], "compression must be"),
+    ({"empty": "zstd"}, r"field 'empty': shape \[0, 3\] holds no values to compress"),
 ])
 def test_bad_compression_options_name_the_field(tmp_path, compression, message):
     with pytest.raises(SchemaError, match=message):
-        shardfeed.Writer(str(tmp_path / "bad"), {"image": ("uint8", (4,)), "seq": ("int16", (None,))},
-                         compression=compression)
+        shardfeed.Writer(str(tmp_path / "bad"), {"image": ("uint8", (4,)), "seq": ("int16", (None,)),
+                                                 "empty": ("float32", (0, 3))}, compression=compression)
     assert not os.path.exists(tmp_path / "bad" / "manifest.json")
 
 
 def test_one_codec_for_every_fixed_field(tmp_path):
-    fields = {"a": ("uint8", (4,)), "b": ("float32", ()), "c": ("int8", (None,))}
+    fields = {"a": ("uint8", (4,)), "b": ("float32", ()), "c": ("int8", (None,)), "d": ("int16", (0,))}
     with shardfeed.Writer(str(tmp_path / "all"), fields, compression="zstd") as writer:
-        writer.extend({"a": np.ones((3, 4), np.uint8), "b": np.arange(3.0), "c": [np.ones(2, np.int8)] * 3})
+        writer.extend({"a": np.ones((3, 4), np.uint8), "b": np.arange(3.0), "c": [np.ones(2, np.int8)] * 3,
+                       "d": np.zeros((3, 0), np.int16)})
     assert shardfeed.open(str(tmp_path / "all")).schema.codecs == {"a": "zstd", "b": "zstd"}
 
 

@@ -53,8 +53,8 @@ def parse_compression(option: Any, schema: Schema) -> Dict[str, Optional[Codec]]
     codecs and levels, and variable-length fields."""
     if option is None:
         return {}
-    if isinstance(option, (str, tuple, list)):  # one codec for every fixed-shape field
-        return {f.name: _codec(f.name, option) for f in schema.fields.values() if not f.variable}
+    if isinstance(option, (str, tuple, list)):  # one codec for every fixed-shape field that has values
+        return {f.name: _codec(f.name, option) for f in schema.fields.values() if not f.variable and f.raw_bytes}
     if not isinstance(option, dict):
         raise SchemaError(f"compression must be a dict of field name -> codec (e.g. {{'image': 'zstd'}}) or a "
                           f"codec name, got {type(option).__name__}")
@@ -67,6 +67,8 @@ def parse_compression(option: Any, schema: Schema) -> Dict[str, Optional[Codec]]
         if codec is not None and schema.fields[name].variable:
             raise SchemaError(f"field {name!r}: a variable-length field cannot be compressed (only fixed-shape "
                               "fields can)")
+        if codec is not None and not schema.fields[name].raw_bytes:
+            raise SchemaError(f"field {name!r}: shape {list(schema.fields[name].shape)} holds no values to compress")
         parsed[name] = codec
     return parsed
 
