@@ -320,7 +320,8 @@ class Schema:
         if unknown:
             raise SchemaError(f"compression names fields {unknown} that the schema does not have; its fields are "
                               f"{list(self.fields)}")
-        return Schema([make_field(f.name, f.dtype, f.shape, codecs[f.name] if f.name in codecs else f.codec) for f in self.fields.values()])
+        return Schema([make_field(f.name, f.dtype, f.shape, codecs[f.name] if f.name in codecs else f.codec)
+                       for f in self.fields.values()])
 
     @property
     def fingerprint(self) -> bytes:
