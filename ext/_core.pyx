@@ -7,9 +7,10 @@ and turns the C status into a Python exception afterwards, in :meth:`ShardSet._r
 
 Parts of the module live in include files beside it: ``checksums.pxi`` (CRC32C of buffers),
 ``batch_memory.pxi`` (reusable output memory), ``buffers.pxi`` (buffers held for one call),
-``field_plan.pxi`` (``Affine``, ``FieldRead``: the typed per-field plan of a read) and
-``read_io.pxi`` (the thread pool or io_uring for the records that go to disk) and
-``permutation.pxi`` (the epoch orders' Feistel network).
+``field_plan.pxi`` (``Affine``, ``FieldRead``: the typed per-field plan of a read),
+``compression.pxi`` (the codecs of compressed fields), ``read_io.pxi`` (the thread pool or
+io_uring for the records that go to disk) and ``permutation.pxi`` (the epoch orders' Feistel
+network).
 """
 
 from native cimport *
@@ -19,7 +20,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 from posix.mman cimport MADV_RANDOM, MAP_FAILED, MAP_SHARED, PROT_READ, madvise, mmap, munmap
 from posix.unistd cimport close as c_close
 
@@ -28,7 +29,7 @@ import os
 
 import numpy as np
 
-from shardfeed.errors import RecordChecksumError, ShardReadError
+from shardfeed.errors import CodecUnavailableError, RecordChecksumError, ShardReadError
 
 cdef extern from *:
     """
@@ -120,6 +121,24 @@ cdef int _read_heap_slice(void *vjob, size_t start, size_t count, sf_error *err)
     return rc
 
 
+cdef struct _CompressedJob:
+    const sf_shards *shards
+    const int64_t *samples
+    const int64_t *shard
+    const int64_t *offsets
+    const int64_t *lengths
+    sf_compressed_out *field
+    size_t threads
+
+
+cdef int _read_compressed_slice(void *vjob, size_t start, size_t count, sf_error *err) noexcept nogil:
+    cdef _CompressedJob *job = <_CompressedJob *>vjob
+    cdef int rc = sf_read_compressed(job.shards, job.samples + start, job.shard + start, job.offsets + start,
+                                     job.lengths + start, count, job.field, job.threads, err)
+    job.field.dst += count * job.field.dst_bytes
+    return rc
+
+
 cdef struct _HeapCheckJob:
     const sf_shards *shards
     const int64_t *samples
@@ -157,6 +176,7 @@ def allow_f16c(bint allowed):
 
 
 include "checksums.pxi"
+include "compression.pxi"
 
 
 def pool_size():
@@ -309,12 +329,14 @@ cdef class ShardSet:
         if self.closed and self.active == 0:
             self._release()
 
-    cdef int _raise(self, sf_error *err) except -1:
+    cdef int _raise(self, sf_error *err, field=None) except -1:
+        """The exception of a failed native call; ``field``: the compressed field being read."""
         if err.kind == SF_ERR_NOMEM:
             raise MemoryError("out of memory in a native batch read")
         paths = self.heap_paths if err.file_kind == SF_FILE_HEAP else self.paths
         path = paths[err.shard] if 0 <= err.shard < len(paths) else None
         where = f"sample {err.sample} at byte offset {err.offset}"
+        detail = err.detail.decode("utf-8", "replace") if err.detail != NULL else ""
         if err.kind == SF_ERR_CHECKSUM:
             what = "variable-length rows" if err.file_kind == SF_FILE_HEAP else "record"
             raise RecordChecksumError(f"{path}: the {what} of {where} does not match its CRC32C checksum "
@@ -323,9 +345,20 @@ cdef class ShardSet:
         if err.kind == SF_ERR_EOF:
             raise ShardReadError(_errno.EIO, f"file ended before the data of {where}: the shard is "
                                  "shorter than its manifest entry (truncated?)", path)
+        if err.kind == SF_ERR_CODEC:
+            raise CodecUnavailableError(f"field {field!r} is compressed, but {detail}")
+        if err.kind == SF_ERR_CORRUPT:
+            raise ShardReadError(_errno.EIO, f"the compressed bytes of field {field!r} of {where} do not decode "
+                                 f"({detail}): damaged after they were written? `shardfeed verify` lists "
+                                 "every damaged sample", path)
+        if err.kind == SF_ERR_SIZE:
+            found = f"{err.found} bytes" if err.found >= 0 else "another size"
+            raise ShardReadError(_errno.EIO, f"the compressed bytes of field {field!r} of {where} decode to "
+                                 f"{found}, not the field's size ({detail}): a corrupt record", path)
         raise ShardReadError(err.err_no, f"{os.strerror(err.err_no)} (reading {where})", path)
 
-    cdef int _read_in_slices(self, size_t n, size_t step, _slice_reader read_slice, void *job) except -1:
+    cdef int _read_in_slices(self, size_t n, size_t step, _slice_reader read_slice, void *job,
+                             field=None) except -1:
         """Runs ``read_slice`` over items [0, n) in slices of ``step``, one ``nogil`` call each, with a
         check for signals (Ctrl-C) between them; raises the C status of a slice that failed."""
         cdef size_t start = 0, count
@@ -343,7 +376,7 @@ cdef class ShardSet:
         finally:
             self._end()
         if rc != 0:
-            self._raise(&err)
+            self._raise(&err, field)
         return 0
 
     cdef _Int64Copy _private_indices(self, const int64_t[::1] indices):
@@ -528,6 +561,71 @@ cdef class ShardSet:
         job.field = &field
         job.threads = threads
         self._read_in_slices(n, _slice_samples(max_rows * dst_row_bytes), _read_heap_slice, &job)
+        return bool(flag)
+
+    def read_compressed(self, str field_name, str codec, const int64_t[::1] samples not None,
+                        const int64_t[::1] shards not None, const int64_t[::1] offsets not None,
+                        const int64_t[::1] lengths not None, int cast, size_t count, size_t raw_bytes, out,
+                        Affine affine, size_t threads):
+        """Reads compressed field ``field_name``: sample r's frame of ``codec`` is ``lengths[r]``
+        bytes at byte ``offsets[r]`` of heap file ``shards[r]`` and decodes to ``raw_bytes`` bytes
+        (``count`` stored elements), converted by ``cast`` into row r of ``out`` (C-contiguous,
+        writable), with ``affine`` (an :class:`Affine` or None). Returns whether an integer value
+        did not convert exactly."""
+        cdef size_t n = samples.shape[0], r, dst_bytes
+        cdef sf_compressed_out field
+        cdef _CompressedJob job
+        cdef int flag = 0
+        cdef _Views views = _Views(3)
+        if self.closed:
+            raise ValueError("I/O operation on a closed dataset")
+        if self.c.heap_fds == NULL:
+            raise ValueError("internal error: this dataset has no heap files")
+        if shards.shape[0] != samples.shape[0] or offsets.shape[0] != samples.shape[0] \
+                or lengths.shape[0] != samples.shape[0]:
+            raise ValueError("internal error: compressed read arrays of different lengths")
+        if not sf_cast_valid(cast) or (cast != SF_CAST_COPY and raw_bytes != count * sf_cast_itemsize(cast)):
+            raise ValueError(f"bad cast {cast} for {count} elements in {raw_bytes} bytes")
+        why = codec_unavailable(codec)
+        if why is not None:
+            raise CodecUnavailableError(f"field {field_name!r} is compressed with {codec}, but {why}")
+        # Private copies, checked here (the caller's arrays may change while the threads run).
+        cdef _Int64Copy own = _Int64Copy(4 * n)
+        if n:
+            memcpy(own.data, &samples[0], n * sizeof(int64_t))
+            memcpy(own.data + n, &shards[0], n * sizeof(int64_t))
+            memcpy(own.data + 2 * n, &offsets[0], n * sizeof(int64_t))
+            memcpy(own.data + 3 * n, &lengths[0], n * sizeof(int64_t))
+        for r in range(n):
+            if own.data[n + r] < 0 or <size_t>own.data[n + r] >= self.n or own.data[2 * n + r] < 0 \
+                    or own.data[3 * n + r] < 0:
+                raise ValueError(f"internal error: bad compressed read entry {r}")
+        dst_bytes = raw_bytes if cast == SF_CAST_COPY else count * sf_cast_out_itemsize(cast)
+        cdef Py_buffer *view = views.acquire(out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "output")
+        if <size_t>view.len != n * dst_bytes:
+            raise ValueError(f"output has {view.len} bytes, expected {n * dst_bytes}")
+        if affine is not None and cast == SF_CAST_COPY:
+            raise ValueError("an affine transform needs a float output")
+        if cast != SF_CAST_COPY and (<size_t>view.buf) % sf_cast_out_itemsize(cast):
+            raise ValueError("float output is not aligned")
+        field.codec = _codec_id(codec)
+        field.cast = cast
+        field.count = count
+        field.raw_bytes = raw_bytes
+        field.dst = <char *>view.buf
+        field.dst_bytes = dst_bytes
+        field.inexact = &flag
+        _fill_affine(&field.affine, views, affine, field_name)
+        if n == 0:
+            return False
+        job.shards = &self.c
+        job.samples = own.data
+        job.shard = own.data + n
+        job.offsets = own.data + 2 * n
+        job.lengths = own.data + 3 * n
+        job.field = &field
+        job.threads = threads
+        self._read_in_slices(n, _slice_samples(dst_bytes), _read_compressed_slice, &job, field_name)
         return bool(flag)
 
     def check_heap(self, const int64_t[::1] samples not None, const int64_t[::1] shards not None,

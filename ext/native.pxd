@@ -11,12 +11,17 @@ cdef extern from "sf_error.h":
         int64_t shard
         int64_t offset
         int64_t sample
+        const char *detail
+        int64_t found
     enum:
         SF_OK
         SF_ERR_IO
         SF_ERR_EOF
         SF_ERR_NOMEM
         SF_ERR_CHECKSUM
+        SF_ERR_CODEC
+        SF_ERR_CORRUPT
+        SF_ERR_SIZE
         SF_FILE_RECORDS
         SF_FILE_HEAP
 
@@ -106,9 +111,34 @@ cdef extern from "reader.h":
     int sf_read_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
                      const int64_t *offsets, const int64_t *rows, size_t n,
                      const sf_heap_out *field, size_t threads, sf_error *err) nogil
+    ctypedef struct sf_compressed_out:
+        int codec
+        int cast
+        size_t count
+        size_t raw_bytes
+        char *dst
+        size_t dst_bytes
+        sf_affine affine
+        int *inexact
+
+    int sf_read_compressed(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
+                           const int64_t *offsets, const int64_t *lengths, size_t n,
+                           const sf_compressed_out *field, size_t threads, sf_error *err) nogil
+    int sf_compress_samples(int codec, int level, const char *src, size_t n, size_t raw_bytes, char *dst,
+                            size_t bound, int64_t *lengths, size_t threads, sf_error *err) nogil
     int sf_check_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
                       const int64_t *spans, size_t n_spans, const uint32_t *expected, size_t n,
                       size_t threads, sf_error *err) nogil
+
+
+cdef extern from "codec.h":
+    enum:
+        SF_CODEC_ZSTD
+    const char *sf_codec_unavailable(int codec) nogil
+    const char *sf_codec_library(int codec)
+    size_t sf_codec_bound(int codec, size_t raw_bytes)
+    int sf_codec_decompress(int codec, void *dst, size_t raw_bytes, const void *src, size_t n,
+                            long long *found_bytes, const char **why) nogil
 
 
 cdef extern from "uring.h":

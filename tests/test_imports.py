@@ -145,7 +145,7 @@ def test_no_import_cycle_at_import_time():
 # ds.batches, view.to_tf_dataset) imports inside the method. A sub-package is one layer.
 LAYERS = [
     ("base", {"errors", "_text", "_process"}),
-    ("on-disk format", {"fileio", "format"}),
+    ("on-disk format", {"fileio", "format", "compression"}),
     ("core I/O", {"_core", "_casting", "lock", "shardfile", "read_options", "batch_reader", "_reference", "_preload"}),
     ("datasets", {"writer", "dataset", "merge", "verification"}),
     ("views and order", {"order", "views"}),

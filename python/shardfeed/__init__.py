@@ -19,7 +19,7 @@ by parallel processes without copying shard data.
 
 from .dataset import Batch, Dataset, free_batch_memory, get_num_threads, open, set_num_threads
 from .errors import (
-    KerasVersionError, OptionalDependencyError, OutputSizeError, RecordChecksumError, SchemaError, ShardfeedError,
+    CodecUnavailableError, KerasVersionError, OptionalDependencyError, OutputSizeError, RecordChecksumError, SchemaError, ShardfeedError,
     ShardfeedWarning, ShardFormatError, ShardReadError, ShardWriteError, SourceError, ValueRangeError, WriterLockedError,
 )
 from .format import Field
@@ -32,7 +32,7 @@ from .writer import Writer
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "Dataset", "Field", "KerasVersionError", "MergeResult", "OptionalDependencyError", "OutputSizeError",
+    "Batch", "CodecUnavailableError", "Dataset", "Field", "KerasVersionError", "MergeResult", "OptionalDependencyError", "OutputSizeError",
     "Permutation", "RecordChecksumError", "Sampler", "SchemaError", "ShardFormatError",
     "ShardReadError", "ShardWriteError", "ShardfeedError", "ShardfeedWarning", "SourceError", "Subset",
     "ValueRangeError", "VerifyReport", "Writer", "WriterLockedError", "convert", "free_batch_memory",

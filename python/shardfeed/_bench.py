@@ -109,12 +109,12 @@ def bench(path: str, *, batch_size: int = 256, seconds: float = 2.0, fields: Opt
     files = [os.path.join(path, n) for s in manifest.shards for n in (s.file, s.heap_file) if n]
     record_bytes = manifest.schema.record_bytes
     total_bytes = sum(os.path.getsize(f) for f in files)
-    fixed = not any(ds.fields[n].variable for n in names)
+    fixed = not any(ds.fields[n].in_heap for n in names)
     count = len(ds)
     result: Dict[str, Any] = {
         "path": path, "samples": count, "record_bytes": record_bytes, "shards": len(manifest.shards),
         "dataset_bytes": total_bytes, "batch_size": batch_size, "threads": ds.threads, "fields": names,
-        "memmap": "yes" if (memmap and fixed) else ("no: variable-length fields" if memmap else "not asked"),
+        "memmap": "yes" if (memmap and fixed) else ("no: variable-length or compressed fields" if memmap else "not asked"),
         "results": [],
     }
     ds.close()
@@ -167,7 +167,7 @@ def bench(path: str, *, batch_size: int = 256, seconds: float = 2.0, fields: Opt
 def check_same(path: str, names: List[str]) -> bool:
     """shardfeed and the memmap baseline return the same values (checked on one batch)."""
     with _dataset.open(path) as ds:
-        if not len(ds) or any(ds.fields[n].variable for n in names):
+        if not len(ds) or any(ds.fields[n].in_heap for n in names):
             return True
         indices = np.random.default_rng(1).integers(0, len(ds), min(len(ds), 64))
         ours = ds.read(indices, names)

@@ -8,11 +8,27 @@ converted with ``numpy.astype`` and the float32 formula ``x * float32(scale) + f
 from __future__ import annotations
 
 import bisect
+import ctypes
 import os
 
 import numpy as np
 
 from .format import HEADER_BYTES, read_manifest
+
+
+def _decompress(codec, frame, raw_bytes):
+    """One frame decoded by zstd's one-shot function through ctypes (not the core's loader)."""
+    assert codec == "zstd", codec
+    lib = ctypes.CDLL(os.environ.get("SHARDFEED_ZSTD_LIBRARY") or "libzstd.so.1")
+    lib.ZSTD_decompress.restype = ctypes.c_size_t
+    lib.ZSTD_decompress.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+    out = ctypes.create_string_buffer(max(raw_bytes, 1))
+    data = bytes(frame)
+    got = lib.ZSTD_decompress(out, raw_bytes, data, len(data))
+    if lib.ZSTD_isError(got) or got != raw_bytes:
+        raise ValueError(f"a {codec} frame does not decode to {raw_bytes} bytes")
+    return out.raw[:raw_bytes]
 
 
 def _pread(path, size, offset):
@@ -94,6 +110,10 @@ def reference_read(path, indices, fields=None, dtype=None, scale=None, offset=No
                 at, count = np.frombuffer(record, "<u8", 2, field.offset).tolist()
                 data = _pread(os.path.join(path, shard.heap_file), count * field.count * stored.itemsize, at)
                 raw = np.frombuffer(data, stored).reshape((count,) + field.row_shape)
+            elif field.compressed:
+                at, length = np.frombuffer(record, "<u8", 2, field.offset).tolist()
+                frame = np.frombuffer(_pread(os.path.join(path, shard.heap_file), length, at), np.uint8)
+                raw = np.frombuffer(_decompress(field.codec, frame, field.raw_bytes), stored).reshape(field.row_shape)
             else:
                 raw = np.frombuffer(record, stored, field.count, field.offset).reshape(field.row_shape)
             rows.append(_convert(field, raw, *args))

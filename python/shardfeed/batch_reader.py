@@ -100,6 +100,18 @@ class _VariableRead(NamedTuple):
     affine: bool
 
 
+class _CompressedRead(NamedTuple):
+    """A compressed field: its descriptors (read with the records), then its frames, decoded and
+    converted by ``cast`` into ``target``."""
+    field: Field
+    descriptors: np.ndarray
+    cast: int
+    target: np.ndarray
+    params: Optional["_core.Affine"]
+    out_dtype: np.dtype
+    affine: bool
+
+
 class BatchReader:
     """Reads batches of samples from one open dataset's :class:`_core.ShardSet`. ``starts``: the
     first sample of each shard (and the total last); ``heap_sizes``/``heap_paths``: each shard's
@@ -167,9 +179,9 @@ class BatchReader:
             raise KeyError(f"out has arrays for fields not being read: {unknown}")
         chosen = check_threads(threads)
         thread_count = default_threads if chosen is None else chosen
-        record_reads, variable, converted_later, results, checked = self._plan(
+        record_reads, variable, compressed, converted_later, results, checked = self._plan(
             names, len(index_array), dtype, out, scale, offset)
-        if variable:  # the heap reads use the indices again: a private copy, like the native reads'
+        if variable or compressed:  # the heap reads use the indices again: a private copy, like the native reads'
             index_array = index_array.copy()
 
         # The fixed-size part of every field in one native call, then what numpy converts.
@@ -180,6 +192,14 @@ class BatchReader:
             for (_, name, out_dtype, affine), flagged in zip(record_reads, inexact):
                 if flagged and not option_for(lossy, name):
                     raise self._inexact(self._fields[name], index_array, out_dtype, affine, thread_count)
+        # Then the heap: checked first with verify=True; the compressed fields decoded natively.
+        if variable or compressed:
+            heap_descriptors = {name: read.out for read, name, out_dtype, _ in record_reads if out_dtype is None}
+            if self._row_checksums is not None:
+                self._check_rows(index_array, heap_descriptors, thread_count)
+        for one in compressed:
+            if self._read_compressed(one, index_array, thread_count) and not option_for(lossy, one.field.name):
+                raise self._inexact(one.field, index_array, one.out_dtype, one.affine, thread_count)
         for name, (values, out_dtype, target) in converted_later.items():
             converted = cast_values(self._fields[name], values, out_dtype, index_array, bool(option_for(lossy, name)))
             if target is None:
@@ -188,12 +208,9 @@ class BatchReader:
                 target[...] = converted
             results[name] = target
 
-        # Then each variable-length field's rows, checked first with verify=True.
+        # Then each variable-length field's rows.
         lengths: Dict[str, np.ndarray] = {}
         if variable:
-            row_descriptors = {name: read.out for read, name, out_dtype, _ in record_reads if out_dtype is None}
-            if self._row_checksums is not None:
-                self._check_rows(index_array, row_descriptors, thread_count)
             for one in variable:
                 name = one.field.name
                 results[name], lengths[name] = self._read_variable(
@@ -221,17 +238,19 @@ class BatchReader:
 
     def _plan(self, names: List[str], n: int, dtype: Any, out: Mapping[str, np.ndarray], scale: Any,
               offset: Any) -> Tuple[List[Tuple["_core.FieldRead", str, Optional[np.dtype], bool]], List[_VariableRead],
-                                    Dict[str, Tuple[np.ndarray, np.dtype, Optional[np.ndarray]]],
+                                    List[_CompressedRead], Dict[str, Tuple[np.ndarray, np.dtype, Optional[np.ndarray]]],
                                     Dict[str, np.ndarray], bool]:
         """What a read does, field by field, before the native call (the caller's ``out`` arrays
         checked): (1) each field's part of the record read: (FieldRead, field name, output dtype, or
-        None for a variable-length field's descriptors, affine), sorted by offset in the record;
-        (2) the variable-length fields; (3) the fields numpy converts: name -> (the stored values'
-        array, output dtype, out array or None); (4) the output arrays of the fixed-size fields the
-        kernels fill; (5) whether a kernel may flag an inexact integer (integer sources only).
-        Plain tuples and lists: a read makes them on every call."""
+        None for the descriptors of a variable-length or compressed field, affine), sorted by offset
+        in the record; (2) the variable-length fields; (3) the compressed fields; (4) the fields
+        numpy converts: name -> (the stored values' array, output dtype, out array or None); (5) the
+        output arrays of the fixed-size fields the kernels fill; (6) whether a kernel may flag an
+        inexact integer (integer sources only). Plain tuples and lists: a read makes them on every
+        call."""
         record_reads: List[Tuple["_core.FieldRead", str, Optional[np.dtype], bool]] = []
         variable: List[_VariableRead] = []
+        compressed: List[_CompressedRead] = []
         converted_later: Dict[str, Tuple[np.ndarray, np.dtype, Optional[np.ndarray]]] = {}
         results: Dict[str, np.ndarray] = {}
         checked = False
@@ -258,13 +277,18 @@ class BatchReader:
             elif target is None:
                 target = _empty(shape, out_dtype)
             results[name] = target
+            if field.codec is not None:  # the record holds a descriptor of the sample's frame
+                descriptors = np.empty((n, 2), dtype=np.uint64)
+                record_reads.append((_core.FieldRead(CAST_COPY, at, nbytes, 2, descriptors), name, None, False))
+                compressed.append(_CompressedRead(field, descriptors, cast, target, params, out_dtype, affine))
+                continue
             record_reads.append((_core.FieldRead(cast, at, nbytes, count, target, params), name, out_dtype, affine))
             checked = checked or (cast != CAST_COPY and field.dtype in INTEGER_DTYPES)
         if len(out) > 1:
             _check_disjoint(out)
-        if variable and self._row_checksums is not None:  # the rows check needs every variable field's
-            asked = {one.field.name for one in variable}
-            for field in self._schema.variable_fields:
+        if (variable or compressed) and self._row_checksums is not None:  # the heap check needs every heap field's
+            asked = {one.field.name for one in variable} | {one.field.name for one in compressed}
+            for field in self._schema.heap_fields:
                 if field.name not in asked:
                     at, nbytes = self._layout[field.name][5:]
                     descriptors = np.empty((n, 2), dtype=np.uint64)
@@ -272,7 +296,7 @@ class BatchReader:
                                          False))
         if len(record_reads) > 1:
             record_reads.sort(key=lambda read: (read[0].src_offset, read[0].src_bytes))  # a zero-size field first
-        return record_reads, variable, converted_later, results, checked
+        return record_reads, variable, compressed, converted_later, results, checked
 
     def _inexact(self, field: Field, indices: np.ndarray, out_dtype: np.dtype, affine: bool, threads: int,
                  maxlen: Optional[int] = None, truncating: str = "post") -> Exception:
@@ -288,32 +312,44 @@ class BatchReader:
 
     def _heap_rows(self, field: Field, indices: np.ndarray, shard: np.ndarray,
                    descriptors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """The (offset, rows) of each sample's rows of a variable field, from its record
-        descriptors; ShardFormatError where they leave the heap file."""
+        """The (offset, rows) of each sample's rows of a variable field, or (offset, bytes) of its
+        frame of a compressed one, from its record descriptors; ShardFormatError where they leave
+        the heap file."""
         offsets = descriptors[:, 0]
         rows = descriptors[:, 1]
-        row_bytes = field.count * field.stored_dtype.itemsize
+        row_bytes = field.heap_unit_bytes
         heap_end = self._heap_sizes[shard].astype(np.uint64)
         with np.errstate(over="ignore"):
             bad = (offsets < HEADER_BYTES) | (offsets > heap_end) | (rows > (heap_end - offsets) // max(row_bytes, 1))
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
             raise ShardFormatError(f"{self._heap_paths[shard[r]]}: sample {indices[r]} of field {field.name!r} "
-                                   f"points at {rows[r]} rows at byte {offsets[r]}, outside the "
+                                   f"points at {rows[r]} {'bytes' if field.compressed else 'rows'} at byte {offsets[r]}, outside the "
                                    f"{heap_end[r]}-byte heap file (corrupt record)")
         return offsets, rows
 
     def _check_rows(self, indices: np.ndarray, descriptors: Mapping[str, np.ndarray], threads: int) -> None:
-        """verify=True: checks the variable-length rows of every sample read (all variable fields,
-        as the checksum covers them together) against their stored CRC32C."""
+        """verify=True: checks the heap bytes of every sample read (the rows of all variable fields
+        and the frames of all compressed ones, as the checksum covers them together) against their
+        stored CRC32C."""
         shard = np.searchsorted(self._starts, indices, side="right") - 1
-        fields = self._schema.variable_fields
+        fields = self._schema.heap_fields
         spans = np.empty((len(indices), len(fields), 2), dtype=np.int64)
         for j, field in enumerate(fields):
             offsets, rows = self._heap_rows(field, indices, shard, descriptors[field.name])
             spans[:, j, 0] = offsets
-            spans[:, j, 1] = rows * np.uint64(field.count * field.stored_dtype.itemsize)
+            spans[:, j, 1] = rows * np.uint64(field.heap_unit_bytes)
         self._shards.check_heap(indices, shard.astype(np.int64), spans, self._row_checksums[indices], threads)
+
+    def _read_compressed(self, one: _CompressedRead, indices: np.ndarray, threads: int) -> bool:
+        """Decodes a compressed field's frames into its output on the native threads; returns
+        whether an integer value did not convert exactly."""
+        field = one.field
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        offsets, lengths = self._heap_rows(field, indices, shard, one.descriptors)
+        return self._shards.read_compressed(field.name, field.codec, indices, shard.astype(np.int64),
+                                            offsets.astype(np.int64), lengths.astype(np.int64), one.cast,
+                                            field.count, field.raw_bytes, one.target, one.params, threads)
 
     def _read_variable(self, variable: _VariableRead, indices: np.ndarray, out_array: Optional[np.ndarray],
                        maxlen: Optional[int], pad_value: Any, threads: int, padding: str, truncating: str,

@@ -78,6 +78,9 @@ _OPTION_TERMS: List[Tuple[str, str]] = [
     (r"with Writer\(path, mode='a'\)", "with --append"),
     (r"mode='a'", "--append"),
     (r"pass metadata=", "pass --metadata"),
+    (r"as compression asks", "as --compress asks"),
+    (r"in compression;", "in --compress;"),
+    (r"compression names field", "--compress names field"),
     (r"pass size=\(width, height\)", "pass --size WxH"),
     (r"size=\(width, height\)", "--size WxH"),
     (r"overflow='saturate'", "--overflow saturate"),
@@ -326,6 +329,20 @@ def _from_files(args: argparse.Namespace, named: List[Tuple[Optional[str], str]]
 _CONVERTERS = {"npy": _from_npy, "npz": _from_npz, "hdf5": _from_hdf5, "csv": _from_csv, "files": _from_files}
 
 
+def _compression(args: argparse.Namespace) -> Any:
+    """The ``compression`` option of ``--compress FIELD=CODEC[:LEVEL]`` items (None without any)."""
+    from .compression import parse_compress_arguments
+
+    try:
+        return parse_compress_arguments(args.compress) or None
+    except ValueError as exc:
+        args.parser.error(printable(str(exc)))
+
+
+def _add_compress(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--compress", action="append", default=[], metavar="FIELD=CODEC[:LEVEL]", help=help)
+
+
 def _convert(args: argparse.Namespace) -> int:
     parser = args.parser
     named = [_split_named(s) for s in args.sources]
@@ -333,7 +350,7 @@ def _convert(args: argparse.Namespace) -> int:
     options: Dict[str, Any] = dict(dtypes=_dtypes(parser, args.dtype), shard_size=args.shard_size,
                                    metadata=args.metadata, mode="a" if args.append else "w",
                                    overflow=args.overflow, progress=not args.quiet, chunk_bytes=args.chunk_size,
-                                   workers=args.workers, part=args.part)
+                                   workers=args.workers, part=args.part, compression=_compression(args))
     try:
         report = _CONVERTERS[kind](args, named, _pairs(parser, args.field, "--field"), options)
     except ShardfeedError as exc:
@@ -400,6 +417,8 @@ def _add_convert(commands: Any) -> None:
                    "the parts are then merged without copying")
     p.add_argument("--part", type=_part, metavar="K/N", help="convert only part K (0-based) of N, e.g. one "
                    "cluster task's share; join the parts with `shardfeed merge`")
+    _add_compress(p, "store field FIELD compressed (codec zstd; default level 3), each sample one frame decoded "
+                     "by the readers' native threads; repeat for several fields")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no report")
 
@@ -488,7 +507,7 @@ def _merge(args: argparse.Namespace) -> int:
     from .merge import merge
 
     try:
-        result = merge(args.parts, args.output, move=args.move, metadata=args.metadata)
+        result = merge(args.parts, args.output, move=args.move, metadata=args.metadata, compression=_compression(args))
     except ValueError as exc:
         if isinstance(exc, ShardfeedError):
             raise
@@ -506,6 +525,8 @@ def _add_merge(commands: Any) -> None:
     _inputs_and_output(p, "parts", "PART", "part datasets, in order", "the merged dataset to create")
     p.add_argument("--move", action="store_true", help="move the shard files and remove the parts")
     p.add_argument("--metadata", type=_json_object, metavar="JSON|@FILE", help="the merged dataset's metadata")
+    _add_compress(p, "require field FIELD to be stored with CODEC in every part (merge links the parts' files: it "
+                     "keeps their compression and cannot change it)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
 
@@ -539,7 +560,9 @@ def _info(args: argparse.Namespace) -> int:
         print(f"record: {ds.schema.record_bytes} bytes")
         for field in ds.fields.values():
             shape = ", ".join("*" if d is None else str(d) for d in field.shape)
-            print(f"  {printable(field.name)}: {field.dtype}[{shape}]")
+            print(f"  {printable(field.name)}: {field.dtype}[{shape}]" + (f" {field.codec}" if field.codec else ""))
+        for size in ds.compression().values():
+            print(f"  {size}")
         if ds.metadata:  # json.dumps escapes control characters; printable() the rest (U+202E...)
             print(f"metadata: {printable(json.dumps(ds.metadata)[:2000])}")
     return 0

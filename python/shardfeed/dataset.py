@@ -174,10 +174,10 @@ class Dataset:
         heap_paths = [os.path.join(self.path, s.heap_file) for s in manifest.shards if s.heap_file]
         paths = [os.path.join(self.path, s.file) for s in manifest.shards]
         use_map = self._record_bytes <= MMAP_MAX_RECORD_BYTES if mmap == "auto" else bool(mmap)
-        has_heap = bool(manifest.schema.variable_fields)
+        has_heap = bool(manifest.schema.heap_fields)
         words = [_stored_checksums(self.path, shard, manifest) for shard in manifest.shards] if verify else None
         checksums = [np.ascontiguousarray(w[:, 0], dtype=np.uint32) for w in words] if words is not None else None
-        # verify=True with variable fields: the CRC32C of each sample's rows (all variable fields), in
+        # verify=True with heap fields: the CRC32C of each sample's heap bytes (all variable and compressed fields), in
         # dataset order, checked by read() before it reads any rows.
         row_checksums: Optional[np.ndarray] = None
         if words is not None and has_heap:
@@ -280,6 +280,13 @@ class Dataset:
         the bad samples. See :func:`shardfeed.verify`."""
         from .verification import verify_manifest
         return verify_manifest(self.path, self._manifest)
+
+    def compression(self) -> Dict[str, Any]:
+        """Each compressed field's sizes: field name -> a ``CompressedSize`` with ``stored`` (bytes
+        in the heap files), ``raw`` (the same values uncompressed), ``ratio`` (raw / stored) and
+        ``codec``; an empty dict without compressed fields. Reads the record files' descriptors."""
+        from .verification import compressed_sizes
+        return compressed_sizes(self.path, self._manifest)
 
     def __getitem__(self, index: Any) -> Any:
         """``ds[i]``: one sample as a dict of arrays (variable fields unpadded); ``ds[a:b]``: a Batch."""

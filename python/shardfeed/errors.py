@@ -39,6 +39,11 @@ class OptionalDependencyError(ShardfeedError, ImportError):
     """A feature needs a package that is not installed; the message names the ``pip install``."""
 
 
+class CodecUnavailableError(OptionalDependencyError):
+    """A compressed field's codec library (e.g. libzstd.so.1) cannot be loaded in this process:
+    the message names the field and the library. Every other field reads and writes as usual."""
+
+
 class SourceError(ShardfeedError, ValueError):
     """Source data cannot be converted or merged: a value that does not parse, a row with the wrong
     number of columns, a file that cannot be read or decoded, inputs that do not match each other.

@@ -101,7 +101,11 @@ STORED_DTYPES: Dict[str, str] = {
     "uint8": "|u1", "uint16": "<u2", "uint32": "<u4", "uint64": "<u8",
     "float16": "<f2", "bfloat16": "<u2", "float32": "<f4", "float64": "<f8",
 }
-DESCRIPTOR_DTYPE = np.dtype("<u8")  # (offset, rows) of a variable-length field
+DESCRIPTOR_DTYPE = np.dtype("<u8")  # (offset, rows) of a variable-length field, (offset, bytes) of a compressed one
+# The codecs a fixed-shape field may be compressed with (docs/format.md, "Compressed fields"): the
+# names in a manifest's field entries. A reader refuses a dataset with a codec it does not know.
+CODECS = ("zstd",)
+_FIELD_KEYS = {"name", "dtype", "shape", "codec"}  # a manifest's field entry; codec only where compressed
 # numpy represents at most 64 dimensions and dimensions below 2**31 in a structured dtype; a read
 # adds one (the batch) or two (batch and rows) dimensions to a field's.
 MAX_DIMENSIONS = 30
@@ -114,17 +118,41 @@ class Field:
     """One named field of a schema.
 
     ``shape`` is the per-sample shape; a variable first dimension is ``None``. ``offset`` is the
-    byte offset of the field (or of its descriptor) in the record.
+    byte offset of the field (or of its descriptor) in the record. ``codec``: the codec of a
+    compressed fixed-shape field (one of ``CODECS``), whose record holds a descriptor of its frame
+    in the heap file, like a variable-length field's.
     """
 
     name: str
     dtype: str
     shape: Tuple[Optional[int], ...]
     offset: int = 0
+    codec: Optional[str] = None
 
     @property
     def variable(self) -> bool:
         return len(self.shape) > 0 and self.shape[0] is None
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec is not None
+
+    @property
+    def in_heap(self) -> bool:
+        """Whether the record holds a descriptor (offset, count) into the heap file rather than the
+        values: variable-length and compressed fields."""
+        return self.variable or self.codec is not None
+
+    @property
+    def heap_unit_bytes(self) -> int:
+        """Bytes of the heap file per unit of a descriptor's count: a row of a variable field, a
+        byte of a compressed one's frame."""
+        return 1 if self.codec is not None else self.count * self.stored_dtype.itemsize
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes of one sample's values as stored uncompressed (a row of a variable field's)."""
+        return self.count * self.stored_dtype.itemsize
 
     @property
     def stored_dtype(self) -> np.dtype:
@@ -143,11 +171,11 @@ class Field:
     @property
     def record_bytes(self) -> int:
         """Bytes this field takes in the record."""
-        return 2 * DESCRIPTOR_DTYPE.itemsize if self.variable else self.count * self.stored_dtype.itemsize
+        return 2 * DESCRIPTOR_DTYPE.itemsize if self.in_heap else self.count * self.stored_dtype.itemsize
 
     @property
     def alignment(self) -> int:
-        return DESCRIPTOR_DTYPE.itemsize if self.variable else self.stored_dtype.itemsize
+        return DESCRIPTOR_DTYPE.itemsize if self.in_heap else self.stored_dtype.itemsize
 
     @property
     def natural_dtype(self) -> np.dtype:
@@ -155,7 +183,10 @@ class Field:
         return np.dtype(np.float32) if self.dtype == "bfloat16" else np.dtype(self.dtype)
 
     def spec(self) -> Dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        spec: Dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.codec is not None:  # (absent otherwise: the fingerprints of other fields stay as they were)
+            spec["codec"] = self.codec
+        return spec
 
 
 def _parse_shape(name: str, shape: Any) -> Tuple[Optional[int], ...]:
@@ -179,7 +210,7 @@ def _parse_shape(name: str, shape: Any) -> Tuple[Optional[int], ...]:
     return tuple(dims)
 
 
-def make_field(name: Any, dtype: Any, shape: Any = ()) -> Field:
+def make_field(name: Any, dtype: Any, shape: Any = (), codec: Optional[str] = None) -> Field:
     """Validates one field specification."""
     if not isinstance(name, str) or not name or name != name.strip() or any(c in name for c in "\0/\\"):
         raise SchemaError(f"bad field name {name!r}: use a non-empty string without '/', '\\' or NUL")
@@ -195,7 +226,15 @@ def make_field(name: Any, dtype: Any, shape: Any = ()) -> Field:
                 f"field {name!r}: unsupported dtype {dtype!r}; supported: {', '.join(STORED_DTYPES)}"
             )
         dtype_name = parsed.name
-    return Field(name, dtype_name, _parse_shape(name, shape))
+    field = Field(name, dtype_name, _parse_shape(name, shape), codec=codec)
+    if codec is not None:
+        if not isinstance(codec, str) or codec not in CODECS:
+            raise SchemaError(f"field {name!r}: codec {codec!r} is not one this shardfeed knows ({', '.join(CODECS)}); "
+                              "a newer shardfeed may have written it")
+        if field.variable:
+            raise SchemaError(f"field {name!r}: a variable-length field cannot be compressed (only fixed-shape "
+                              "fields can)")
+    return field
 
 
 class Schema:
@@ -208,7 +247,7 @@ class Schema:
         offset = 0
         for field in fields:
             offset = -(-offset // field.alignment) * field.alignment
-            laid_out.append(Field(field.name, field.dtype, field.shape, offset))
+            laid_out.append(Field(field.name, field.dtype, field.shape, offset, field.codec))
             offset += field.record_bytes
         names = [f.name for f in laid_out]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -224,7 +263,7 @@ class Schema:
         formats = []
         for f in laid_out:
             try:  # (the shape checks keep numpy's limits; this names the field if one is missed)
-                formats.append(np.dtype((DESCRIPTOR_DTYPE, (2,)) if f.variable else (f.stored_dtype, f.row_shape)))
+                formats.append(np.dtype((DESCRIPTOR_DTYPE, (2,)) if f.in_heap else (f.stored_dtype, f.row_shape)))
             except (ValueError, TypeError, OverflowError) as exc:
                 raise SchemaError(f"field {f.name!r}: shape {list(f.shape)} cannot be stored ({exc})") from None
         self.record_dtype = np.dtype(
@@ -248,11 +287,13 @@ class Schema:
         if isinstance(fields, list):
             parsed = []
             for item in fields:
-                if not isinstance(item, dict) or set(item) != {"name", "dtype", "shape"}:
-                    raise SchemaError(f"bad field entry {item!r}: expected keys name, dtype, shape")
+                if not isinstance(item, dict) or not {"name", "dtype", "shape"} <= set(item) <= _FIELD_KEYS:
+                    raise SchemaError(f"bad field entry {item!r}: expected keys name, dtype, shape (and codec)")
                 if not isinstance(item["dtype"], str) or item["dtype"] not in STORED_DTYPES:
                     raise SchemaError(f"field {item.get('name')!r}: unknown dtype {item['dtype']!r}")
-                parsed.append(make_field(item["name"], item["dtype"], item["shape"]))
+                if "codec" in item and item["codec"] is None:
+                    raise SchemaError(f"field {item.get('name')!r}: codec null (leave the key out)")
+                parsed.append(make_field(item["name"], item["dtype"], item["shape"], item.get("codec")))
             return cls(parsed)
         raise SchemaError(f"fields must be a dict of name -> (dtype, shape), got {type(fields).__name__}")
 
@@ -264,6 +305,25 @@ class Schema:
         return [f for f in self.fields.values() if f.variable]
 
     @property
+    def heap_fields(self) -> List[Field]:
+        """The fields whose values live in the heap file (variable-length and compressed), in order."""
+        return [f for f in self.fields.values() if f.in_heap]
+
+    @property
+    def codecs(self) -> Dict[str, str]:
+        """Compressed field name -> codec."""
+        return {f.name: f.codec for f in self.fields.values() if f.codec is not None}
+
+    def with_codecs(self, codecs: Mapping[str, Optional[str]]) -> "Schema":
+        """The same fields with these codecs (field name -> codec, None: stored as it is)."""
+        unknown = [name for name in codecs if name not in self.fields]
+        if unknown:
+            raise SchemaError(f"compression names fields {unknown} that the schema does not have; its fields are "
+                              f"{list(self.fields)}")
+        return Schema([make_field(f.name, f.dtype, f.shape, codecs[f.name] if f.name in codecs else f.codec)
+                       for f in self.fields.values()])
+
+    @property
     def fingerprint(self) -> bytes:
         """16 bytes identifying the schema; written into every shard header."""
         canonical = json.dumps(self.spec(), sort_keys=True, separators=(",", ":")).encode()
@@ -273,7 +333,8 @@ class Schema:
         return isinstance(other, Schema) and self.spec() == other.spec()
 
     def __repr__(self) -> str:
-        return f"Schema({', '.join(f'{f.name}: {f.dtype}{list(f.shape)}' for f in self.fields.values())})"
+        return "Schema(" + ", ".join(f"{f.name}: {f.dtype}{list(f.shape)}" + (f" {f.codec}" if f.codec else "")
+                                     for f in self.fields.values()) + ")"
 
 
 # ---- per-record checksums (docs/format.md, "Record checksums") ---------------------------------
@@ -281,8 +342,9 @@ class Schema:
 
 def checksum_words(schema: Schema) -> int:
     """uint32 checksums per sample in a ``.crc`` file: the record's CRC32C, then (when the schema
-    has variable-length fields) the CRC32C of the sample's rows of those fields, in field order."""
-    return 2 if schema.variable_fields else 1
+    has variable-length or compressed fields) the CRC32C of the sample's bytes of those fields in
+    the heap file, in field order."""
+    return 2 if schema.heap_fields else 1
 
 
 def checksum_file_size(schema: Schema, num_samples: int) -> int:
@@ -451,7 +513,7 @@ def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
         raise ShardFormatError(f"{manifest_path}: metadata must be a JSON object")
     if not isinstance(doc["shards"], list):
         raise ShardFormatError(f"{manifest_path}: shards must be a list")
-    has_heap = bool(schema.variable_fields)
+    has_heap = bool(schema.heap_fields)
     shards: List[ShardEntry] = []
     seen = set()
     for number, raw in enumerate(doc["shards"]):

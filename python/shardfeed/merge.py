@@ -17,6 +17,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .compression import parse_compression
 from .errors import SchemaError, ShardFormatError, ShardReadError, ShardWriteError, SourceError
 from .format import (
     CHECKSUMS_SUFFIX, HEAP_SUFFIX, MANIFEST_NAME, MERGE_JOURNAL_NAME, RECORDS_SUFFIX, SHARD_FILE_PATTERN,
@@ -46,7 +47,7 @@ class MergeResult:
 
 
 def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | str", *, move: bool = False,
-          metadata: Optional[Mapping[str, Any]] = None) -> MergeResult:
+          metadata: Optional[Mapping[str, Any]] = None, compression: Any = None) -> MergeResult:
     """Joins the datasets ``parts`` (in this order) into a new dataset at ``path``.
 
     No shard data is copied: every shard file is hard-linked into ``path`` as ``shard-NNNNNN.rec``
@@ -70,6 +71,11 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
     complete. With ``move=True`` the merge writes its plan to ``path``/merge.journal once every file
     is in the target, before the manifest; a merge interrupted after that is finished by running
     the same merge again, which finds the journal and removes the parts, the journal last.
+
+    The merged dataset keeps the parts' compressed fields (their codecs are part of the fields).
+    ``compression`` (as for :class:`Writer`) states the codecs it must have: a part stored otherwise
+    is refused with a :class:`SchemaError` naming it and the field (linking cannot recompress;
+    write the parts with that ``compression``, as the converters' workers do).
     """
     part_paths = [file_system_path(p, ShardReadError) for p in parts]
     target = file_system_path(path, ShardWriteError)
@@ -96,7 +102,7 @@ def merge(parts: Sequence["os.PathLike[str] | str"], path: "os.PathLike[str] | s
             if move:
                 for part in part_paths:
                     part_locks[part] = WriterLock(part)
-            plan = _plan(part_paths, target, metadata)
+            plan = _plan(part_paths, target, metadata, compression)
             _remove_leftovers(target, shards=True)
             copied = _place_all(plan, target, move)  # links or copies: the parts keep every file
             if move:  # the parts go once the manifest is committed: record which, for a re-run
@@ -134,7 +140,7 @@ class _Plan:
                               f"{self.parts} into {target} did not finish; run that merge again to complete it")
 
 
-def _plan(part_paths: List[str], target: str, metadata: Optional[Mapping[str, Any]]) -> _Plan:
+def _plan(part_paths: List[str], target: str, metadata: Optional[Mapping[str, Any]], compression: Any) -> _Plan:
     """Reads and checks the parts; every file must be as its manifest says before anything moves."""
     manifests = []
     for part in part_paths:
@@ -147,6 +153,13 @@ def _plan(part_paths: List[str], target: str, metadata: Optional[Mapping[str, An
         if manifest.schema != first.schema:
             raise SchemaError(f"{part}: fields {manifest.schema!r} differ from those of {part_paths[0]} "
                               f"{first.schema!r}")
+    for name, codec in parse_compression(compression, first.schema).items():
+        stored = first.schema.fields[name].codec
+        if (codec.codec if codec else None) != stored:
+            raise SchemaError(f"{part_paths[0]}: field {name!r} is stored {'with ' + stored if stored else 'uncompressed'}"
+                              f", not {'with ' + codec.codec if codec else 'uncompressed'} as compression asks; merge "
+                              "links the parts' shard files and cannot recompress them: write the parts with that "
+                              "compression")
     if metadata is None:
         for part, manifest in zip(part_paths[1:], manifests[1:]):
             if manifest.metadata != first.metadata:

@@ -42,7 +42,8 @@ def _naming(path: str):
 
 
 class ShardFile:
-    """The shard being written: its record file and (for variable fields) its heap file."""
+    """The shard being written: its record file and (for variable-length or compressed fields) its
+    heap file."""
 
     def __init__(self, directory: str, number: int, schema: Schema, taken: "set[str]"):
         """Creates the files of a new shard under the first free name from ``shard-<number>`` on:
@@ -64,7 +65,7 @@ class ShardFile:
                 continue
             self.heap = self.checksums = None
             try:
-                if schema.variable_fields:
+                if schema.heap_fields:
                     self.heap = _OutputFile(os.path.join(directory, stem + HEAP_SUFFIX),
                                             pack_header(FILE_KIND_HEAP, schema))
                 self.checksums = _OutputFile(os.path.join(directory, stem + CHECKSUMS_SUFFIX),

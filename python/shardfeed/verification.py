@@ -30,6 +30,7 @@ from .format import (
     checksum_words, format_checksum, read_manifest,
 )
 from .fileio import file_system_path, open_regular
+from ._text import human_bytes, printable
 from .lock import lock_holder
 
 _CHUNK_BYTES = 4 << 20
@@ -63,6 +64,8 @@ class VerifyReport:
     num_shards: int = 0
     problems: List[Problem] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    # Each compressed field's CompressedSize (its stored and raw bytes in the records read).
+    compression: Dict[str, "CompressedSize"] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -104,6 +107,7 @@ class VerifyReport:
             "problems": [{"file": p.file, "shard": p.shard, "message": p.message,
                           "samples": [list(r) for r in p.samples]} for p in self.problems],
             "notes": list(self.notes),
+            "compression": {name: size.to_json() for name, size in self.compression.items()},
         }
 
     def __str__(self) -> str:
@@ -115,8 +119,64 @@ class VerifyReport:
             counts = "" if unread else f"; {self.num_bad_samples} of {self.num_samples} samples bad or suspect"
             lines = [f"{self.path}: {len(self.problems)} problem(s){where}{counts}"]
             lines += [f"  {p}" for p in self.problems]
+        lines += [f"  {size}" for size in self.compression.values()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+@dataclass
+class CompressedSize:
+    """The bytes of compressed field ``name`` in the heap files (``stored``) and as values
+    (``raw``, what the same samples take uncompressed), over ``samples`` samples."""
+
+    name: str
+    codec: str
+    samples: int = 0
+    stored: int = 0
+    raw: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """raw / stored: how many times smaller the field is compressed (1.0 without samples)."""
+        return self.raw / self.stored if self.stored else 1.0
+
+    def add(self, descriptors: np.ndarray, raw_bytes: int) -> None:
+        """Counts the samples whose (offset, bytes) descriptors these are."""
+        self.samples += len(descriptors)
+        self.stored += int(descriptors[:, 1].sum(dtype=np.uint64))
+        self.raw += len(descriptors) * raw_bytes
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"codec": self.codec, "samples": self.samples, "stored_bytes": self.stored, "raw_bytes": self.raw,
+                "ratio": round(self.ratio, 4)}
+
+    def __str__(self) -> str:
+        return (f"field {printable(self.name)!r} ({self.codec}): {human_bytes(self.stored)} stored for "
+                f"{human_bytes(self.raw)} of values, {self.ratio:.2f}x smaller")
+
+
+def compressed_sizes(path: str, manifest: Manifest) -> Dict[str, CompressedSize]:
+    """Each compressed field's stored and raw bytes over the whole dataset, from the descriptors in
+    its record files (read in pieces of a few MiB; nothing is decoded or checked: verify does that)."""
+    schema = manifest.schema
+    sizes = {name: CompressedSize(name, codec) for name, codec in schema.codecs.items()}
+    if not sizes:
+        return sizes
+    per_chunk = max(1, _CHUNK_BYTES // schema.record_bytes)
+    for shard in manifest.shards:
+        with _open_shard_file(os.path.join(path, shard.file)) as f:
+            f.seek(HEADER_BYTES)
+            left = shard.num_samples
+            while left > 0 and (chunk := f.read(min(left, per_chunk) * schema.record_bytes)):
+                records = np.frombuffer(chunk, dtype=schema.record_dtype, count=len(chunk) // schema.record_bytes)
+                _count_compressed(records, schema, sizes)
+                left -= len(records)
+    return sizes
+
+
+def _count_compressed(records: np.ndarray, schema, sizes: Dict[str, CompressedSize]) -> None:
+    for name, size in sizes.items():
+        size.add(records[name], schema.fields[name].raw_bytes)
 
 
 def verify(path: "os.PathLike[str] | str") -> VerifyReport:
@@ -152,6 +212,7 @@ def verify_manifest(path: str, manifest: Manifest, report: Optional[VerifyReport
     report = report or VerifyReport(path)
     report.num_samples = manifest.num_samples
     report.num_shards = len(manifest.shards)
+    report.compression = {name: CompressedSize(name, codec) for name, codec in manifest.schema.codecs.items()}
     first = 0
     for number, shard in enumerate(manifest.shards):
         _verify_shard(path, manifest, number, shard, first, report)
@@ -250,10 +311,10 @@ def _load_record_checksums(path: str, manifest: Manifest, number: int, shard: Sh
 
 
 def _heap_row_checksums(heap_file, records: np.ndarray, schema) -> np.ndarray:
-    """CRC32C of each record's rows of all variable fields, in field order (the second checksum
-    word); reads the rows with one pread per sample and field."""
+    """CRC32C of each record's heap bytes of all variable and compressed fields, in field order (the
+    second checksum word); reads them with one pread per sample and field."""
     sums = np.zeros(len(records), np.uint32)
-    fields = [(f.name, f.count * f.stored_dtype.itemsize) for f in schema.variable_fields]
+    fields = [(f.name, f.heap_unit_bytes) for f in schema.heap_fields]
     for i in range(len(records)):
         crc = 0
         for name, row_bytes in fields:
@@ -329,6 +390,7 @@ def _verify_records(path: str, manifest: Manifest, number: int, shard: ShardEntr
                 complete = min(len(chunk) // record_bytes, shard.num_samples - done)
                 if complete > 0:
                     records = np.frombuffer(chunk, dtype=schema.record_dtype, count=complete)
+                    _count_compressed(records, schema, report.compression)
                     for file, what, rows in _bad_records(records, schema, shard, rec_path, heap_path, heap_size):
                         _extend_ranges(bad.setdefault((file, what), []), _ranges(rows + first + done))
                     if stored is not None:
@@ -352,7 +414,8 @@ def _verify_records(path: str, manifest: Manifest, number: int, shard: ShardEntr
                                            number, [whole]))
     for file, ranges in named.items():
         if ranges:
-            what = "record" if file == rec_path else "variable-length rows"
+            what = ("record" if file == rec_path else "variable-length rows" if not schema.codecs
+                    else "heap bytes (compressed values or variable-length rows)")
             report.problems.append(Problem(file, f"{describe_samples(ranges, with_count=True)}: {what} failed the per-record CRC32C "
                                            "check (the bytes changed after they were written)", number, ranges))
     heap_named = heap_path is not None and bool(named.get(heap_path))
@@ -378,23 +441,26 @@ def _bad_records(records: np.ndarray, schema, shard: ShardEntry, rec_path: str, 
     """Yields (file at fault, what is wrong, record numbers in the chunk) for records whose contents
     no writer produces, or whose rows a truncated heap file lost."""
     for f in schema.fields.values():
-        if f.dtype == "bool" and f.count and not f.variable:  # (a variable field's record holds its descriptor)
+        if f.dtype == "bool" and f.count and not f.in_heap:  # (a heap field's record holds its descriptor)
             values = records[f.name].reshape(len(records), -1).view(np.uint8)
             rows = np.flatnonzero((values > 1).any(axis=1))
             if rows.size:
                 yield rec_path, f"bool field {f.name!r} holds values other than 0 and 1", rows
-        if not f.variable:
+        if not f.in_heap:
             continue
         offsets, counts = records[f.name][:, 0], records[f.name][:, 1]
-        row_bytes = np.uint64(max(f.count * f.stored_dtype.itemsize, 1))
+        row_bytes = np.uint64(max(f.heap_unit_bytes, 1))
+        kind = "compressed" if f.compressed else "variable"
         outside = _outside(offsets, counts, row_bytes, shard.heap_size)
+        if f.compressed:  # a frame is never empty
+            outside |= counts == 0
         if outside.any():
-            yield rec_path, f"variable field {f.name!r} points outside its heap file", np.flatnonzero(outside)
+            yield rec_path, f"{kind} field {f.name!r} points outside its heap file", np.flatnonzero(outside)
         if heap_size is not None and heap_size < shard.heap_size:
             cut = _outside(offsets, counts, row_bytes, heap_size) & ~outside & (counts > 0)
             if cut.any():
-                yield heap_path, f"the rows of variable field {f.name!r} are past the end of the truncated file", \
-                    np.flatnonzero(cut)
+                yield heap_path, f"the {'frames' if f.compressed else 'rows'} of {kind} field {f.name!r} are past " \
+                    "the end of the truncated file", np.flatnonzero(cut)
 
 
 def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) -> None:

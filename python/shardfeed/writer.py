@@ -13,7 +13,10 @@ import numpy as np
 
 from . import _core
 from ._casting import cast_to_stored
-from .errors import SchemaError, ShardfeedError, ShardfeedWarning, ShardWriteError, SourceError
+from .compression import DEFAULT_LEVELS, compressed_schema, parse_compression
+from .errors import (
+    CodecUnavailableError, SchemaError, ShardfeedError, ShardfeedWarning, ShardWriteError, SourceError,
+)
 from .fileio import file_system_path
 from .format import (
     CHECKSUM_DTYPE, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME, MERGE_JOURNAL_NAME, SHARD_FILE_PATTERN,
@@ -56,6 +59,14 @@ def _cast(values: np.ndarray, field: Field, first_sample: int) -> np.ndarray:
     return values if _is_stored(values, field) else cast_to_stored(values, field, first_sample)[0]
 
 
+def _compress_threads() -> int:
+    """Native threads that compress a batch: the CPUs this process may run on."""
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), _core.BUILD_INFO["max_threads"]))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return max(1, min(os.cpu_count() or 1, _core.BUILD_INFO["max_threads"]))
+
+
 class Writer:
     """Writes a dataset directory of shards.
 
@@ -69,12 +80,17 @@ class Writer:
     an interrupt (``KeyboardInterrupt``) in :meth:`extend` or :meth:`close`. Either way the dataset
     keeps what was committed, and ``mode="a"`` continues it.
 
+    ``compression={"image": "zstd"}`` (or ``("zstd", level)``; ``shardfeed.compression``) stores
+    each sample of those fixed-shape fields as one compressed frame in the shard's heap file,
+    compressed on native threads; reads decode it on theirs. Appending keeps the dataset's codecs
+    (``compression`` may then only choose the levels).
+
     Memory stays bounded by one write buffer of about 4 MiB (plus the batch passed to ``extend``).
     """
 
     def __init__(self, path: "os.PathLike[str] | str", fields: Optional[Mapping[str, Any]] = None, *,
                  shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None,
-                 mode: str = "w"):
+                 mode: str = "w", compression: Any = None):
         self.path = file_system_path(path, ShardWriteError)
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= HEADER_BYTES:
             raise ValueError(f"shard_size must be an int of more than {HEADER_BYTES} bytes, got {shard_size!r}")
@@ -88,6 +104,7 @@ class Writer:
             if fields is None:
                 raise SchemaError("fields are required to create a dataset")
             schema = Schema.from_spec(fields)
+            schema = compressed_schema(schema, parse_compression(compression, schema))
             with _opening(self.path, "creating its directory"):
                 os.makedirs(self.path, exist_ok=True)
         elif not os.path.lexists(manifest_path):
@@ -105,13 +122,12 @@ class Writer:
             else:
                 with _opening(manifest_path, "reading its manifest"):
                     self._manifest = read_manifest(self.path)
-                if fields is not None and Schema.from_spec(fields) != self._manifest.schema:
-                    raise SchemaError(f"{manifest_path}: fields {Schema.from_spec(fields)!r} differ from the "
-                                      f"dataset's {self._manifest.schema!r}")
+                self._check_append(manifest_path, fields, compression)
             if os.path.lexists(os.path.join(self.path, MERGE_JOURNAL_NAME)):
                 raise SourceError(f"{os.path.join(self.path, MERGE_JOURNAL_NAME)}: a merge into this directory did not "
                                   "finish; run the same shardfeed.merge again to complete it before writing here")
             self.schema = self._manifest.schema
+            self._levels = self._compression_levels(compression)
             self.metadata: Dict[str, Any] = dict(self._manifest.metadata)
             if metadata is not None:
                 self.metadata.update(metadata)
@@ -137,7 +153,7 @@ class Writer:
         # One fixed field filling the whole record (no padding): large batches skip the write buffer
         # and go from the caller's array (or its cast) straight to the shard file.
         only = next(iter(self.schema.fields.values()))
-        self._direct = (only if len(self.schema.fields) == 1 and not only.variable
+        self._direct = (only if len(self.schema.fields) == 1 and not only.in_heap
                         and only.record_bytes == record_bytes else None)
         self._shard: Optional[ShardFile] = None
         self._next_shard = len(self._manifest.shards)  # the number the next shard's name tries first
@@ -299,6 +315,38 @@ class Writer:
                        f"{leftovers}; continuing after the {committed} committed samples")
         warnings.warn(f"{self.path}: {message}", ShardfeedWarning, stacklevel=3)
 
+    def _check_append(self, manifest_path: str, fields: Optional[Mapping[str, Any]], compression: Any) -> None:
+        """Appending: ``fields`` (with the dataset's codecs unless ``compression`` names others) must
+        be the dataset's, and ``compression`` must not change a field's codec."""
+        dataset = self._manifest.schema
+        if fields is not None:
+            given = Schema.from_spec(fields)
+            codecs = {name: codec for name, codec in dataset.codecs.items() if name in given.fields}
+            given = given.with_codecs(codecs)
+            if compression is not None:
+                given = compressed_schema(given, parse_compression(compression, given))
+            if given != dataset:
+                raise SchemaError(f"{manifest_path}: fields {given!r} differ from the dataset's {dataset!r}")
+        for name, codec in parse_compression(compression, dataset).items():
+            stored = dataset.fields[name].codec
+            if (codec.codec if codec else None) != stored:
+                raise SchemaError(f"{manifest_path}: field {name!r} is stored "
+                                  f"{'with ' + stored if stored else 'uncompressed'} in the dataset; appending "
+                                  f"cannot change that (compression asks for {codec.codec if codec else None!r})")
+
+    def _compression_levels(self, compression: Any) -> Dict[str, int]:
+        """The level of each compressed field (the option's, else its codec's default), after
+        checking that each codec's library can be loaded here."""
+        option = parse_compression(compression, self.schema)
+        levels = {}
+        for name, codec in self.schema.codecs.items():
+            why = _core.codec_unavailable(codec)
+            if why is not None:
+                raise CodecUnavailableError(f"{self.path}: field {name!r} is compressed with {codec}, but {why}")
+            chosen = option.get(name)
+            levels[name] = chosen.level if chosen is not None else DEFAULT_LEVELS[codec]
+        return levels
+
     def _check_metadata(self) -> None:
         try:
             json.dumps(self.metadata, allow_nan=False)
@@ -367,15 +415,35 @@ class Writer:
             else:
                 fixed[name] = _cast(columns[name][position:position + take], field, first)
         rows = self._buffer[self._buffered:self._buffered + take]
+        in_heap: Dict[str, List[np.ndarray]] = {}  # each sample's bytes in the heap, per field
         for name, values in fixed.items():
-            rows[name] = values
+            if name in self._levels:
+                in_heap[name] = self._write_compressed(self.schema.fields[name], values, rows[name])
+            else:
+                rows[name] = values
         for name, samples in variable.items():
             descriptors = rows[name]
             for i, data in enumerate(samples):
                 descriptors[i, 0] = self._shard.heap.write(data) if data.size else self._shard.heap.size
                 descriptors[i, 1] = data.shape[0]
-        self._checksum_records(rows, list(variable.values()), self._buffered)
+            in_heap[name] = samples
+        self._checksum_records(rows, [in_heap[f.name] for f in self.schema.heap_fields], self._buffered)
         self._buffered += take
+
+    def _write_compressed(self, field: Field, values: np.ndarray, descriptors: np.ndarray) -> List[np.ndarray]:
+        """Compresses each sample of ``values`` (stored dtype) into one frame on native threads,
+        appends the frames to the heap file and sets the samples' descriptors (offset, bytes).
+        Returns each sample's frame."""
+        codec = self.schema.fields[field.name].codec
+        frames, lengths = _core.compress_samples(codec, self._levels[field.name],
+                                                 np.ascontiguousarray(values).reshape(-1).view(np.uint8),
+                                                 field.raw_bytes, _compress_threads())
+        start = self._shard.heap.write(frames)
+        ends = np.cumsum(lengths)
+        descriptors[:, 0] = start + ends - lengths
+        descriptors[:, 1] = lengths
+        begins = (ends - lengths).tolist()
+        return [frames[a:b] for a, b in zip(begins, ends.tolist())]
 
     def _checksum_records(self, rows: np.ndarray, variable: List[List[np.ndarray]], at: int) -> None:
         """The per-record checksums of the records ``rows`` (complete: descriptors set) into the
@@ -401,7 +469,7 @@ class Writer:
             if used >= self._heap_limit:
                 return k
             used += sum(np.size(columns[f.name][position + k]) * f.stored_dtype.itemsize
-                        for f in self.schema.variable_fields)
+                        for f in self.schema.heap_fields)  # (a compressed field: its size before compression)
         return take
 
     def _cast_rows(self, field: Field, value: Any, sample: int) -> np.ndarray:

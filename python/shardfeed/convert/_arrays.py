@@ -17,7 +17,7 @@ from ._report import ConversionReport
 def from_arrays(path: PathLike, arrays: Any, *, dtypes: Any = None, part: Optional[Tuple[int, int]] = None,
                 shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None, mode: str = "w",
                 overflow: str = "error", progress: Progress = False,
-                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ConversionReport:
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: Any = None) -> ConversionReport:
     """Writes arrays with a leading sample dimension: ``{"x": x, "y": y}``, a tuple ``(x, y)`` (fields
     ``x`` and ``y``) or one array (field ``x``). Anything with ``dtype``, ``shape`` and slicing works
     (``np.memmap``, h5py, zarr); it is read ``chunk_bytes`` at a time.
@@ -35,7 +35,7 @@ def from_arrays(path: PathLike, arrays: Any, *, dtypes: Any = None, part: Option
         named = {"x": arrays}
     columns = {name: Column(name, [ArrayPiece(a, f"field {name!r}")]) for name, a in named.items()}
     return convert_columns(path, columns, dtypes=dtypes, part=part,
-                           **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
+                           **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes, compression))
 
 
 def _field_files(sources: Any, default: str) -> Dict[str, List[str]]:
@@ -48,7 +48,7 @@ def from_npy(path: PathLike, sources: Any, *, sample_per_file: bool = False, fie
              dtypes: Any = None, part: Optional[Tuple[int, int]] = None, workers: int = 1,
              shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None, mode: str = "w",
              overflow: str = "error", progress: Progress = False,
-             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ConversionReport:
+             chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: Any = None) -> ConversionReport:
     """Converts ``.npy`` files, memory-mapped and read in chunks (resident memory stays bounded).
 
     ``sources``: one file, a list of files or a glob pattern, or ``{"image": "img.npy", "label":
@@ -69,10 +69,10 @@ def from_npy(path: PathLike, sources: Any, *, sample_per_file: bool = False, fie
         root = os.path.commonpath([os.path.dirname(f) for f in files])
         return from_files(path, root, files=[os.path.relpath(f, root) for f in files], field=field or "x",
                           dtypes=dtypes, part=part, workers=workers, shard_size=shard_size, metadata=metadata,
-                          mode=mode, overflow=overflow, progress=progress, chunk_bytes=chunk_bytes)
+                          mode=mode, overflow=overflow, progress=progress, chunk_bytes=chunk_bytes, compression=compression)
     if workers != 1:
         return run_parallel(from_npy, path, (sources,), dict(field=field, dtypes=dtypes, shard_size=shard_size,
-                            metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
+                            metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes, compression=compression), workers, progress)
     files = _field_files(sources, field or "x")
     columns: Dict[str, Column] = {}
     notes = []
@@ -97,7 +97,7 @@ def from_npy(path: PathLike, sources: Any, *, sample_per_file: bool = False, fie
             c.close()
         raise
     report = convert_columns(path, columns, dtypes=dtypes, part=part,
-                             **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
+                             **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes, compression))
     report.notes += notes
     return report
 
@@ -105,14 +105,14 @@ def from_npy(path: PathLike, sources: Any, *, sample_per_file: bool = False, fie
 def from_npz(path: PathLike, sources: Any, *, fields: Any = None, dtypes: Any = None,
              part: Optional[Tuple[int, int]] = None, workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
              metadata: Optional[Mapping[str, Any]] = None, mode: str = "w", overflow: str = "error",
-             progress: Progress = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ConversionReport:
+             progress: Progress = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: Any = None) -> ConversionReport:
     """Converts ``.npz`` archives (several are concatenated member by member). Members stored
     uncompressed (``np.savez``) are memory-mapped in place; compressed ones (``np.savez_compressed``)
     are decompressed as a stream. ``fields``: which members (default: all), as a list of member
     names or ``{"field": "member"}``. Other options: see :func:`from_npy`."""
     if workers != 1:
         return run_parallel(from_npz, path, (sources,), dict(fields=fields, dtypes=dtypes, shard_size=shard_size,
-                            metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
+                            metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes, compression=compression), workers, progress)
     archives = expand(sources, (".npz",), ".npz")
     opened: List[Dict[str, Piece]] = []
     try:
@@ -140,4 +140,4 @@ def from_npz(path: PathLike, sources: Any, *, fields: Any = None, dtypes: Any = 
             if member not in chosen.values():
                 piece.close()
     return convert_columns(path, columns, dtypes=dtypes, part=part,
-                           **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
+                           **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes, compression))

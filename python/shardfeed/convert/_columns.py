@@ -260,7 +260,7 @@ class Column:
 
 def convert_columns(path: PathLike, columns: Dict[str, Column], *, dtypes: Any, part: Optional[Tuple[int, int]],
                     chunk_bytes: int, shard_size: int, metadata: Optional[Mapping[str, Any]], mode: str,
-                    overflow: str, progress: Progress, align: int = 1) -> ConversionReport:
+                    overflow: str, progress: Progress, compression: Any = None, align: int = 1) -> ConversionReport:
     try:
         if not columns:
             raise SchemaError("no fields to convert")
@@ -280,7 +280,7 @@ def convert_columns(path: PathLike, columns: Dict[str, Column], *, dtypes: Any, 
         some = next(iter(columns.values()))
         cuts = sorted(set(range(start, stop, rows)) | {s for c in columns.values() for s in c.starts if start < s < stop})
         with Sink(path, spec, source_dtypes, shard_size=shard_size, metadata=metadata, mode=mode,
-                  overflow=overflow, progress=progress, total=(stop - start) * row_bytes) as sink:
+                  overflow=overflow, progress=progress, total=(stop - start) * row_bytes, compression=compression) as sink:
             for a, b in zip(cuts, cuts[1:] + [stop]):
                 batch = {name: c.read(a, b) for name, c in columns.items()}
                 sink.put(batch, (b - a) * row_bytes, locate=lambda row, a=a: some.where(a + row))

@@ -118,7 +118,7 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
              header: bool = True, on_error: str = "raise", part: Optional[Tuple[int, int]] = None, workers: int = 1,
              shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None, mode: str = "w",
              overflow: str = "error", progress: Progress = False,
-             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ConversionReport:
+             chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: Any = None) -> ConversionReport:
     """Converts one or many CSV files (``data/*.csv``, a directory, a list; ``.gz``/``.bz2``/``.xz``
     are decompressed), parsing about ``chunk_bytes`` of text at a time with numpy's C parser.
 
@@ -165,7 +165,7 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
         return run_parallel(from_csv, path, (files,), dict(
             fields=fields, label=label, label_field=label_field, classes=classes, dtypes=dtypes, lists=lists, delimiter=delimiter,
             header=header, on_error=on_error, shard_size=shard_size, metadata=metadata, mode=mode, overflow=overflow,
-            chunk_bytes=chunk_bytes), workers, progress, total=sum(sizes))
+            chunk_bytes=chunk_bytes, compression=compression), workers, progress, total=sum(sizes))
 
     pieces = _part_pieces(files, headers, sizes, part)
     data_starts = {name: (offset if found is not None else 0) for name, (found, offset) in zip(files, headers)}
@@ -175,7 +175,7 @@ def from_csv(path: PathLike, sources: Any, *, fields: Optional[Mapping[str, Any]
                                         {"f8": "float64", "i8": "int64", "u8": "uint64"}[parse_kind(layout.dtypes[n])])
                                     for n in list(layout.fields) + list(layout.lists)},
               shard_size=shard_size, metadata=meta, mode=mode, overflow=overflow, progress=progress,
-              total=sum((b if b is not None else os.path.getsize(n)) - a for n, a, b in pieces)) as sink:
+              total=sum((b if b is not None else os.path.getsize(n)) - a for n, a, b in pieces), compression=compression) as sink:
         for name, start, stop in pieces:
             found = headers[files.index(name)][0]
             reader = _CsvChunks(name, start, stop, data_starts[name], 1 if header and found is not None else 0)

@@ -33,7 +33,7 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
                layout: str = "hwc", dtypes: Any = None, on_error: str = "raise", threads: Optional[int] = None,
                part: Optional[Tuple[int, int]] = None, workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
                metadata: Optional[Mapping[str, Any]] = None, mode: str = "w", overflow: str = "error",
-               progress: Progress = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ConversionReport:
+               progress: Progress = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: Any = None) -> ConversionReport:
     """Converts a directory holding one file per sample: ``.npy`` arrays, or images (PNG, JPEG, BMP,
     GIF, TIFF, WebP; needs Pillow: ``pip install shardfeed[images]``). Every sample must have the
     same shape (``size=(width, height)`` resizes images).
@@ -76,7 +76,7 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
             files=names if splits is None else None, splits=splits, labels=labels, classes=classes, field=field,
             label_field=label_field, image_mode=image_mode, size=size, layout=layout, dtypes=dtypes, on_error=on_error,
             threads=threads, shard_size=shard_size, metadata=metadata, mode=mode, overflow=overflow,
-            chunk_bytes=chunk_bytes), workers, progress, total=len(names), unit="files")
+            chunk_bytes=chunk_bytes, compression=compression), workers, progress, total=len(names), unit="files")
 
     loader = _sample_files.FileLoader(kind, image_mode, size, layout)
     probe = _probe(loader, root, names, on_error)
@@ -99,7 +99,7 @@ def from_files(path: PathLike, root: PathLike, *, files: Any = None, splits: Opt
         meta.setdefault("image", {"mode": loader.image_mode, "layout": layout})
     rows = part_range(len(names), part)
     sink = dict(path=path, fields=spec, source_dtypes=source_dtypes, shard_size=shard_size, metadata=meta, mode=mode,
-                overflow=overflow, progress=progress)
+                overflow=overflow, progress=progress, compression=compression)
     job = _Job(root, names, loader, probe.shape, max(1, chunk_bytes // max(1, probe.nbytes)), field, label_field,
                labelling, on_error)
     return _write(job, sink, rows, threads)

@@ -15,7 +15,7 @@ from ._report import ConversionReport
 def from_hdf5(path: PathLike, sources: Any, *, datasets: Any = None, dtypes: Any = None,
               part: Optional[Tuple[int, int]] = None, workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
               metadata: Optional[Mapping[str, Any]] = None, mode: str = "w", overflow: str = "error",
-              progress: Progress = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ConversionReport:
+              progress: Progress = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: Any = None) -> ConversionReport:
     """Converts HDF5 datasets (needs h5py: ``pip install shardfeed[hdf5]``), reading a chunk of rows
     at a time (aligned to the datasets' HDF5 chunks). ``sources``: one or several files (their
     datasets are concatenated). ``datasets``: default every dataset at the top of the file; a list
@@ -23,7 +23,7 @@ def from_hdf5(path: PathLike, sources: Any, *, datasets: Any = None, dtypes: Any
     Other options: see :func:`from_npy`."""
     if workers != 1:
         return run_parallel(from_hdf5, path, (sources,), dict(datasets=datasets, dtypes=dtypes, shard_size=shard_size,
-                            metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes), workers, progress)
+                            metadata=metadata, mode=mode, overflow=overflow, chunk_bytes=chunk_bytes, compression=compression), workers, progress)
     try:
         import h5py
     except ImportError:
@@ -57,7 +57,7 @@ def from_hdf5(path: PathLike, sources: Any, *, datasets: Any = None, dtypes: Any
                     align = max(align, item.chunks[0])
             columns[field_name] = Column(field_name, pieces)
         return convert_columns(path, columns, dtypes=dtypes, part=part, align=align,
-                               **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes))
+                               **common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes, compression))
     finally:
         for handle in handles:
             handle.close()

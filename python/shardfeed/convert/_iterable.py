@@ -19,7 +19,7 @@ from ._sink import Sink
 def from_iterable(path: PathLike, samples: Iterable[Any], *, fields: Optional[Mapping[str, Any]] = None,
                   dtypes: Any = None, total: Optional[int] = None, shard_size: int = DEFAULT_SHARD_SIZE,
                   metadata: Optional[Mapping[str, Any]] = None, mode: str = "w", overflow: str = "error",
-                  progress: Progress = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ConversionReport:
+                  progress: Progress = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: Any = None) -> ConversionReport:
     """Writes samples from any iterable (a generator, a list, a torch/tf dataset iterated in Python):
     dicts ``{"x": ..., "y": ...}`` or tuples (fields in order: ``fields`` names them; without it,
     a pair is ``x, y`` and longer tuples ``x0, x1, ...``).
@@ -47,9 +47,9 @@ def from_iterable(path: PathLike, samples: Iterable[Any], *, fields: Optional[Ma
         spec = {n: (dtype_for(n, dtypes, source_dtypes[n]), np.shape(values[n])) for n, v in values.items()}
     schema = Schema.from_spec(spec)
     fixed_bytes = schema.record_bytes
-    common = common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes)
+    common = common_options(shard_size, metadata, mode, overflow, progress, chunk_bytes, compression)
     with Sink(path, spec, source_dtypes, shard_size=common["shard_size"], metadata=metadata, mode=mode,
-              overflow=overflow, progress=progress, total=total, unit="samples") as sink:
+              overflow=overflow, progress=progress, total=total, unit="samples", compression=compression) as sink:
         pending: Dict[str, List[Any]] = {n: [] for n in names}
         pending_bytes = 0
         number = 0

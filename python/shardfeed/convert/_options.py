@@ -108,9 +108,10 @@ def source_dtype_name(dtype: np.dtype) -> str:
 
 def common_options(shard_size: int = DEFAULT_SHARD_SIZE, metadata: Optional[Mapping[str, Any]] = None,
                    mode: str = "w", overflow: str = "error", progress: Progress = False,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Dict[str, Any]:
-    """The options every converter takes, ``chunk_bytes`` checked (the Writer and the sink check the rest)."""
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: Any = None) -> Dict[str, Any]:
+    """The options every converter takes, ``chunk_bytes`` checked (the Writer and the sink check the
+    rest; ``compression`` is the Writer's option, shardfeed.compression)."""
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
     return dict(shard_size=shard_size, metadata=metadata, mode=mode, overflow=overflow, progress=progress,
-                chunk_bytes=chunk_bytes)
+                chunk_bytes=chunk_bytes, compression=compression)

@@ -28,7 +28,7 @@ class Sink:
     def __init__(self, path: PathLike, fields: Mapping[str, Tuple[str, Tuple[Optional[int], ...]]],
                  source_dtypes: Mapping[str, str], *, shard_size: int, metadata: Optional[Mapping[str, Any]],
                  mode: str, overflow: str, progress: Progress, total: Optional[int], desc: str = "converting",
-                 unit: str = "B"):
+                 unit: str = "B", compression: Any = None):
         self.path = os.fspath(path)
         self.overflow = choice("overflow", overflow, OVERFLOW_POLICIES)
         choice("mode", mode, ("w", "a"))
@@ -45,7 +45,8 @@ class Sink:
             if [(f.name, f.shape) for f in wanted.fields.values()] != [(f.name, f.shape) for f in existing.fields.values()]:
                 raise SchemaError(f"{self.path}: the source's fields {wanted!r} do not match the dataset's {existing!r}")
             spec = None
-        self.writer = Writer(self.path, fields=spec, shard_size=shard_size, metadata=metadata, mode=mode)
+        self.writer = Writer(self.path, fields=spec, shard_size=shard_size, metadata=metadata, mode=mode,
+                             compression=compression)
         self.fields = dict(self.writer.schema.fields)
         self.first = len(self.writer)
         self.report = ConversionReport(

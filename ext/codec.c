@@ -1,0 +1,211 @@
+/* The run-time loaded compression codecs; see codec.h. */
+#define _GNU_SOURCE 1
+#define _DEFAULT_SOURCE 1
+#include "codec.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sf_error.h"
+
+/* The stable (non-experimental) part of zstd's ABI that shardfeed uses, declared here so that no
+ * zstd header is needed to build (the functions and their signatures are unchanged since v1.0). */
+typedef struct ZSTD_CCtx_s ZSTD_CCtx;
+typedef struct ZSTD_DCtx_s ZSTD_DCtx;
+#define SF_ZSTD_CONTENTSIZE_UNKNOWN (0ULL - 1)
+#define SF_ZSTD_CONTENTSIZE_ERROR (0ULL - 2)
+
+static struct {
+    ZSTD_CCtx *(*createCCtx)(void);
+    size_t (*freeCCtx)(ZSTD_CCtx *);
+    ZSTD_DCtx *(*createDCtx)(void);
+    size_t (*freeDCtx)(ZSTD_DCtx *);
+    size_t (*compressCCtx)(ZSTD_CCtx *, void *, size_t, const void *, size_t, int);
+    size_t (*decompressDCtx)(ZSTD_DCtx *, void *, size_t, const void *, size_t);
+    unsigned (*isError)(size_t);
+    const char *(*getErrorName)(size_t);
+    unsigned long long (*getFrameContentSize)(const void *, size_t);
+    size_t (*compressBound)(size_t);
+} zstd;
+
+#ifdef __APPLE__
+#define SF_ZSTD_DEFAULT "libzstd.1.dylib"
+#else
+#define SF_ZSTD_DEFAULT "libzstd.so.1"
+#endif
+
+static pthread_once_t load_once = PTHREAD_ONCE_INIT;
+static const char *zstd_missing;   /* NULL once loaded */
+static char zstd_why[512];
+static char zstd_library[256] = SF_ZSTD_DEFAULT;
+static pthread_key_t thread_key;
+static int thread_key_ok;
+
+/* What one thread keeps between calls. */
+typedef struct thread_state {
+    ZSTD_CCtx *cctx;
+    ZSTD_DCtx *dctx;
+    void *scratch[2];
+    size_t scratch_bytes[2];
+} thread_state;
+
+static void free_thread_state(void *vstate)
+{
+    thread_state *state = vstate;
+    if (state->cctx)
+        zstd.freeCCtx(state->cctx);
+    if (state->dctx)
+        zstd.freeDCtx(state->dctx);
+    free(state->scratch[0]);
+    free(state->scratch[1]);
+    free(state);
+}
+
+static void load_zstd(void)
+{
+    const char *name = getenv("SHARDFEED_ZSTD_LIBRARY");
+    if (name && *name)
+        snprintf(zstd_library, sizeof zstd_library, "%s", name);
+    thread_key_ok = pthread_key_create(&thread_key, free_thread_state) == 0;
+    void *lib = dlopen(zstd_library, RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        const char *error = dlerror();
+        snprintf(zstd_why, sizeof zstd_why, "the zstd library (%s) cannot be loaded: %s", zstd_library,
+                 error ? error : "not found");
+        zstd_missing = zstd_why;
+        return;
+    }
+    struct { void **slot; const char *symbol; } wanted[] = {
+        {(void **)&zstd.createCCtx, "ZSTD_createCCtx"},
+        {(void **)&zstd.freeCCtx, "ZSTD_freeCCtx"},
+        {(void **)&zstd.createDCtx, "ZSTD_createDCtx"},
+        {(void **)&zstd.freeDCtx, "ZSTD_freeDCtx"},
+        {(void **)&zstd.compressCCtx, "ZSTD_compressCCtx"},
+        {(void **)&zstd.decompressDCtx, "ZSTD_decompressDCtx"},
+        {(void **)&zstd.isError, "ZSTD_isError"},
+        {(void **)&zstd.getErrorName, "ZSTD_getErrorName"},
+        {(void **)&zstd.getFrameContentSize, "ZSTD_getFrameContentSize"},
+        {(void **)&zstd.compressBound, "ZSTD_compressBound"},
+    };
+    for (size_t k = 0; k < sizeof wanted / sizeof wanted[0]; k++) {
+        *wanted[k].slot = dlsym(lib, wanted[k].symbol);
+        if (!*wanted[k].slot) {
+            snprintf(zstd_why, sizeof zstd_why, "the zstd library (%s) has no function %s (zstd 1.3 or newer "
+                     "is needed)", zstd_library, wanted[k].symbol);
+            zstd_missing = zstd_why;
+            return; /* (the library stays loaded: harmless) */
+        }
+    }
+    if (!thread_key_ok) {
+        snprintf(zstd_why, sizeof zstd_why, "no thread-specific key is left for the zstd contexts");
+        zstd_missing = zstd_why;
+        return;
+    }
+    zstd_missing = NULL;
+}
+
+const char *sf_codec_unavailable(int codec)
+{
+    if (codec != SF_CODEC_ZSTD)
+        return "unknown codec";
+    pthread_once(&load_once, load_zstd);
+    return zstd_missing;
+}
+
+const char *sf_codec_library(int codec)
+{
+    (void)sf_codec_unavailable(codec);
+    return zstd_library;
+}
+
+size_t sf_codec_bound(int codec, size_t raw_bytes)
+{
+    return sf_codec_unavailable(codec) ? 0 : zstd.compressBound(raw_bytes);
+}
+
+static thread_state *this_thread(void)
+{
+    thread_state *state = pthread_getspecific(thread_key);
+    if (!state) {
+        state = calloc(1, sizeof *state);
+        if (!state || pthread_setspecific(thread_key, state) != 0) {
+            free(state);
+            return NULL;
+        }
+    }
+    return state;
+}
+
+void *sf_codec_scratch(int slot, size_t bytes)
+{
+    thread_state *state = this_thread();
+    if (!state)
+        return NULL;
+    if (state->scratch_bytes[slot] < bytes || !state->scratch[slot]) {
+        size_t want = bytes ? bytes : 1;
+        void *grown = realloc(state->scratch[slot], want);
+        if (!grown)
+            return NULL;
+        state->scratch[slot] = grown;
+        state->scratch_bytes[slot] = want;
+    }
+    return state->scratch[slot];
+}
+
+int sf_codec_compress(int codec, void *dst, size_t cap, const void *src, size_t n, int level,
+                      size_t *out_bytes, const char **why)
+{
+    *why = sf_codec_unavailable(codec);
+    if (*why)
+        return SF_ERR_CODEC;
+    thread_state *state = this_thread();
+    if (state && !state->cctx)
+        state->cctx = zstd.createCCtx();
+    if (!state || !state->cctx)
+        return SF_ERR_NOMEM;
+    size_t got = zstd.compressCCtx(state->cctx, dst, cap, src, n, level);
+    if (zstd.isError(got)) {
+        *why = zstd.getErrorName(got);
+        return SF_ERR_CORRUPT;
+    }
+    *out_bytes = got;
+    return SF_OK;
+}
+
+int sf_codec_decompress(int codec, void *dst, size_t raw_bytes, const void *src, size_t n,
+                        long long *found_bytes, const char **why)
+{
+    *found_bytes = -1;
+    *why = sf_codec_unavailable(codec);
+    if (*why)
+        return SF_ERR_CODEC;
+    unsigned long long declared = zstd.getFrameContentSize(src, n);
+    if (declared == SF_ZSTD_CONTENTSIZE_ERROR) {
+        *why = "not a zstd frame";
+        return SF_ERR_CORRUPT;
+    }
+    if (declared != SF_ZSTD_CONTENTSIZE_UNKNOWN && declared != (unsigned long long)raw_bytes) {
+        *found_bytes = declared > (unsigned long long)0x7fffffffffffffffLL ? -1 : (long long)declared;
+        *why = "the frame's content size";
+        return SF_ERR_SIZE;
+    }
+    thread_state *state = this_thread();
+    if (state && !state->dctx)
+        state->dctx = zstd.createDCtx();
+    if (!state || !state->dctx)
+        return SF_ERR_NOMEM;
+    size_t got = zstd.decompressDCtx(state->dctx, dst, raw_bytes, src, n);
+    if (zstd.isError(got)) {
+        *why = zstd.getErrorName(got);
+        return SF_ERR_CORRUPT;
+    }
+    if (got != raw_bytes) {
+        *found_bytes = (long long)got;
+        *why = "the decoded bytes";
+        return SF_ERR_SIZE;
+    }
+    return SF_OK;
+}
