@@ -62,7 +62,8 @@ def run(new_path, before, fault):
 # Under AddressSanitizer the first SIGBUS handler of all is ASan's own (installed before the
 # interpreter starts), and the chain ends there: ASan reports the fault and ends the process, by
 # abort or by exit status 1, and, with faulthandler installed at start-up (PYTHONDEVMODE=1), its
-# report can itself fault ("nested bug"). What holds under ASan is that the fault went down the
+# report can itself fault ("nested bug") and its abort end in SIGSEGV (seen on one VM, with the
+# tree of earlier sessions too). What holds under ASan is that the fault went down the
 # chain once (one Bus error traceback) and ended in ASan's handler; the plain build, which the main
 # test run uses, checks the exact ending.
 ASAN = "address" in shardfeed._core.BUILD_INFO["sanitizers"]
@@ -71,8 +72,12 @@ ASAN = "address" in shardfeed._core.BUILD_INFO["sanitizers"]
 def assert_died_of_the_fault(done):
     assert done.stderr.count("Fatal Python error: Bus error") <= 1, done.stderr[:3000]
     if ASAN:
-        assert done.returncode in (1, -signal.SIGABRT, -signal.SIGBUS), (done.returncode, done.stderr[-2000:])
-        assert done.returncode == -signal.SIGBUS or "AddressSanitizer" in done.stderr, done.stderr[-2000:]
+        assert done.returncode == -signal.SIGBUS or "AddressSanitizer: BUS" in done.stderr, done.stderr[-2000:]
+        # ASan's own ending: exit status 1, its abort, or (on some machines, with faulthandler's
+        # SIGABRT handler from PYTHONDEVMODE=1 after ASan's "ABORTING") a SIGSEGV in that abort
+        died_in_asan = done.returncode in (1, -signal.SIGABRT) or (
+            done.returncode == -signal.SIGSEGV and "ABORTING" in done.stderr)
+        assert done.returncode == -signal.SIGBUS or died_in_asan, (done.returncode, done.stderr[-2000:])
     else:
         assert done.returncode == -signal.SIGBUS, (done.returncode, done.stderr[-2000:])
 
