@@ -44,8 +44,19 @@ def check_batch(ds, columns, seed):
     np.testing.assert_array_equal(batch.lengths["t"], indices % 5)
 
 
+def wait_for_preload_passes():
+    """Waits for background preload passes (threads ``shardfeed-preload``) to end. A fork while a
+    Python thread allocates can leave the child with the allocator's lock held where the allocator
+    has no fork handlers (AddressSanitizer's, in the sanitizer pass, where every Python object is
+    malloc'ed): once there, a child timed out. These tests are about the native pool after fork."""
+    for thread in threading.enumerate():
+        if thread.name == "shardfeed-preload":
+            thread.join(60)
+
+
 def fork_and_check(ds, columns, seed):
     """Forks; the child checks a batch and reports through a pipe and its exit status."""
+    wait_for_preload_passes()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into pytest
