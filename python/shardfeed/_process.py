@@ -1,5 +1,6 @@
-"""Other processes, as the library meets them: whether the process that wrote a lock file, made a
-temporary directory or runs a DataLoader worker is still alive."""
+"""This process and others, as the library meets them: the CPUs this process may run on, and
+whether the process that wrote a lock file, made a temporary directory or runs a DataLoader worker
+is still alive."""
 
 from __future__ import annotations
 
@@ -16,3 +17,11 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity; the CPU count where there is none: macOS)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

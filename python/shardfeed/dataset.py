@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _core, _preload
 from .batch_reader import BATCH_MEMORY_MIN_BYTES, BatchReader, check_threads  # noqa: F401 (the constant's old home)
+from ._process import usable_cpus
 from .errors import ShardFormatError, ShardReadError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME,
@@ -34,20 +35,13 @@ _default_threads: Optional[int] = None
 _auto_threads: Optional[int] = None
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def get_num_threads() -> int:
     """Native threads a batch read uses unless told otherwise (see :func:`set_num_threads`)."""
     global _auto_threads
     if _default_threads is not None:
         return _default_threads
     if _auto_threads is None:  # once: the affinity query is a system call
-        _auto_threads = max(AUTO_MIN_THREADS, 2 * _cpu_count())
+        _auto_threads = max(AUTO_MIN_THREADS, 2 * usable_cpus())
     return _auto_threads
 
 

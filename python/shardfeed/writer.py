@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _core
 from ._casting import cast_to_stored
+from ._process import usable_cpus
 from .compression import DEFAULT_LEVELS, compressed_schema, parse_compression
 from .errors import (
     CodecUnavailableError, SchemaError, ShardfeedError, ShardfeedWarning, ShardWriteError, SourceError,
@@ -61,10 +62,7 @@ def _cast(values: np.ndarray, field: Field, first_sample: int) -> np.ndarray:
 
 def _compress_threads() -> int:
     """Native threads that compress a batch: the CPUs this process may run on."""
-    try:
-        return max(1, min(len(os.sched_getaffinity(0)), _core.BUILD_INFO["max_threads"]))
-    except AttributeError:  # no sched_getaffinity (macOS)
-        return max(1, min(os.cpu_count() or 1, _core.BUILD_INFO["max_threads"]))
+    return max(1, min(usable_cpus(), _core.BUILD_INFO["max_threads"]))
 
 
 class Writer:
