@@ -199,7 +199,7 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
     data = bench_data
     reader = data.reader(cls)
     if isinstance(reader, readers.ShardfeedReader):  # cold: the random reads (bench_first_epoch.py: the default)
-        reader.open_options = {"preload": False} if regime == COLD else {}
+        reader.open_options = {**type(reader).open_options, **({"preload": False} if regime == COLD else {})}
     samples = pass_samples(data, regime, timing_enabled)
     _describe(benchmark, data, regime, reader_name, samples, reader.shuffle)
     files = reader.files()

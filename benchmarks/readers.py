@@ -28,7 +28,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from regimes import PAGE_CACHED
+from regimes import COLD, PAGE_CACHED
 
 Batches = Iterator[Tuple[np.ndarray, np.ndarray]]
 
@@ -167,6 +167,41 @@ class ShardfeedUringReader(ShardfeedReader):
             from shardfeed import _core
             _core.set_read_io(self.read_io_before)
             self.read_io_before = None
+
+
+class ShardfeedBufferedReader(ShardfeedAllocReader):
+    """``shardfeed-alloc`` read through the page cache on the thread pool of blocking preadv
+    (``direct_io=False``, ``set_read_io("pool")``): what ``open`` did for every dataset before
+    direct reads, against which their CPU time per sample is compared. From disk only."""
+
+    name = "shardfeed-buffered"
+    skip_regimes = (PAGE_CACHED,)
+    open_options = {"direct_io": False}
+    read_io = "pool"
+
+    def open(self) -> None:
+        from shardfeed import _core
+        self.read_io_before = _core.set_read_io(self.read_io)
+        super().open()
+
+    def close(self) -> None:
+        super().close()
+        if getattr(self, "read_io_before", None) is not None:
+            from shardfeed import _core
+            _core.set_read_io(self.read_io_before)
+            self.read_io_before = None
+
+
+class ShardfeedDirectReader(ShardfeedBufferedReader):
+    """``shardfeed-alloc`` with ``direct_io=True``: every record read with O_DIRECT, through
+    io_uring (the default read I/O, ``"direct-uring"``), whatever the dataset's size. What
+    ``direct_io="auto"`` chooses out of core for records of 4 KiB or more. Out of core only (a
+    dataset that fits in RAM is better served by the page cache)."""
+
+    name = "shardfeed-direct"
+    skip_regimes = (PAGE_CACHED, COLD)
+    open_options = {"direct_io": True}
+    read_io = "direct-uring"
 
 
 class ShardfeedLoaderReader(ShardfeedReader):
@@ -374,6 +409,7 @@ class CopyCeilingReader(Reader):
             yield ids, self.buffer[:n]
 
 
-READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedUringReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
+READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedUringReader, ShardfeedBufferedReader,
+           ShardfeedDirectReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
            ShardfeedBlockReader,
            ShardfeedTorchReader, ShardfeedTorchW2Reader, ShardfeedTorchThreadReader, CopyCeilingReader]

@@ -132,6 +132,8 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
 int sf_advise_records(const sf_shards *shards, const int64_t *indices, size_t n)
 {
 #ifdef POSIX_FADV_WILLNEED
+    if (shards->direct_fds)
+        return 0; /* direct reads would not find them in the page cache: the advice would read them twice */
     size_t r = 0;
     while (r < n) {
         size_t s = sf_shard_of(shards, indices[r]);

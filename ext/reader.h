@@ -66,8 +66,9 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
 
 /* Asks the kernel to start reading records indices[0..n) (valid indices) into the page cache and
  * returns without waiting for them: posix_fadvise(POSIX_FADV_WILLNEED), one call per run of
- * adjacent records. Advice only (nothing where the call does not exist): returns 0, or the errno
- * value of the first call that failed, the records after it not advised. */
+ * adjacent records. Advice only (nothing where the call does not exist, nothing for direct reads,
+ * which do not look in the page cache): returns 0, or the errno value of the first call that
+ * failed, the records after it not advised. */
 int sf_advise_records(const sf_shards *shards, const int64_t *indices, size_t n);
 
 /* One variable-length field read: sample r has rows[r] rows (already clipped to max_rows) at byte

@@ -9,6 +9,7 @@ import errno
 import os
 import pickle
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +96,24 @@ def test_direct_reads_leave_the_page_cache_alone(dataset):
             np.testing.assert_array_equal(ds.read(np.arange(N))["x"], x)
             cached = regimes.resident_fraction(files)
         assert (cached > 0.9) if expect_cached else (cached < 0.1), (direct, cached)
+
+
+def test_a_dataset_that_reads_directly_reads_nothing_ahead(dataset):
+    """readahead (the loader's, for the next batch) would bring into the page cache what the direct
+    read then reads again from disk."""
+    path, _, _ = dataset
+    files = data_files(path)
+    for direct in (True, False):
+        with shardfeed.open(path, direct_io=direct, mmap=False, preload=False) as ds:
+            regimes.evict(files)
+            if regimes.resident_fraction(files) > 0.1:
+                pytest.skip("files here cannot be evicted from the page cache")
+            ds.readahead(np.arange(N))
+            deadline = time.monotonic() + 10
+            while not direct and regimes.resident_fraction(files) < 0.9 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            cached = regimes.resident_fraction(files)
+        assert (cached < 0.1) if direct else (cached > 0.9), (direct, cached)
 
 
 @pytest.mark.skipif(not URING, reason="io_uring is not usable here")

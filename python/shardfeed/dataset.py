@@ -390,8 +390,10 @@ class Dataset:
         cache, and returns without waiting: a later ``read`` of them finds them there or under way.
         The loader calls it for the next batch while it reads this one, once reads miss the page
         cache, so that the disk always has requests queued. Advice only: a system without
-        ``posix_fadvise(POSIX_FADV_WILLNEED)``, or one that refuses it, reads nothing ahead.
-        Variable-length rows (heap files) are not read ahead; bad indices raise as in ``read``."""
+        ``posix_fadvise(POSIX_FADV_WILLNEED)``, or one that refuses it, reads nothing ahead, and
+        neither does a dataset that reads directly (:attr:`direct_reads`: its reads would not look
+        in the page cache). Variable-length rows (heap files) are not read ahead; bad indices raise
+        as in ``read``."""
         self._shards.advise(self._reader.indices(indices))
 
 
