@@ -56,7 +56,7 @@ def _codec(name: str, value: Any) -> Optional[Codec]:
         codec, level = value["codec"], value.get("level")
         dictionary = _dictionary_bytes(name, value.get("dictionary", False))
     else:
-        raise SchemaError(f"field {name!r}: compression must be a codec name, (codec, level) or a dict "
+        raise SchemaError(f"field {name!r}: compression must be a codec name or (codec, level), or a dict "
                           f"{{'codec': ..., 'level': ..., 'dictionary': ...}}, got {value!r}")
     if not isinstance(codec, str) or codec not in CODECS:
         raise SchemaError(f"field {name!r}: unknown codec {codec!r} in compression; known codecs: {', '.join(CODECS)}")

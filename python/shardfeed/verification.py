@@ -27,7 +27,7 @@ from .errors import ShardFormatError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME,
     MERGE_JOURNAL_NAME, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, check_header,
-    checksum_words, format_checksum, read_manifest,
+    checksum_words, format_checksum, is_data_file_name, read_dictionary, read_manifest,
 )
 from .fileio import file_system_path, open_regular
 from ._text import human_bytes, printable
@@ -134,6 +134,11 @@ class CompressedSize:
     samples: int = 0
     stored: int = 0
     raw: int = 0
+    # Trained dictionaries: how many files the field's shards use, their bytes, and how many of
+    # the field's shards use none (stored, the frames' bytes, leaves the dictionaries out).
+    dictionaries: int = 0
+    dictionary_bytes: int = 0
+    shards_without_dictionary: int = 0
 
     @property
     def ratio(self) -> float:
@@ -148,11 +153,26 @@ class CompressedSize:
 
     def to_json(self) -> Dict[str, Any]:
         return {"codec": self.codec, "samples": self.samples, "stored_bytes": self.stored, "raw_bytes": self.raw,
-                "ratio": round(self.ratio, 4)}
+                "ratio": round(self.ratio, 4), "dictionaries": self.dictionaries,
+                "dictionary_bytes": self.dictionary_bytes, "shards_without_dictionary": self.shards_without_dictionary}
+
+    def count_dictionaries(self, manifest: Manifest) -> None:
+        """Counts the field's dictionaries and the shards without one, from the manifest."""
+        files = [shard.dictionary(self.name) for shard in manifest.shards]
+        used = {file for file in files if file is not None}
+        self.dictionaries = len(used)
+        self.dictionary_bytes = sum(manifest.dictionaries[file].size for file in used)
+        self.shards_without_dictionary = files.count(None) if used else 0
 
     def __str__(self) -> str:
-        return (f"field {printable(self.name)!r} ({self.codec}): {human_bytes(self.stored)} stored for "
+        text = (f"field {printable(self.name)!r} ({self.codec}): {human_bytes(self.stored)} stored for "
                 f"{human_bytes(self.raw)} of values, {self.ratio:.2f}x smaller")
+        if self.dictionaries:
+            text += (f", with {self.dictionaries} trained dictionar{'y' if self.dictionaries == 1 else 'ies'} of "
+                     f"{human_bytes(self.dictionary_bytes)}")
+            if self.shards_without_dictionary:
+                text += f" ({self.shards_without_dictionary} shard(s) without one)"
+        return text
 
 
 def compressed_sizes(path: str, manifest: Manifest) -> Dict[str, CompressedSize]:
@@ -162,6 +182,8 @@ def compressed_sizes(path: str, manifest: Manifest) -> Dict[str, CompressedSize]
     sizes = {name: CompressedSize(name, codec) for name, codec in schema.codecs.items()}
     if not sizes:
         return sizes
+    for size in sizes.values():
+        size.count_dictionaries(manifest)
     per_chunk = max(1, _CHUNK_BYTES // schema.record_bytes)
     for shard in manifest.shards:
         with _open_shard_file(os.path.join(path, shard.file)) as f:
@@ -213,12 +235,41 @@ def verify_manifest(path: str, manifest: Manifest, report: Optional[VerifyReport
     report.num_samples = manifest.num_samples
     report.num_shards = len(manifest.shards)
     report.compression = {name: CompressedSize(name, codec) for name, codec in manifest.schema.codecs.items()}
+    for size in report.compression.values():
+        size.count_dictionaries(manifest)
+    _verify_dictionaries(path, manifest, report)
     first = 0
     for number, shard in enumerate(manifest.shards):
         _verify_shard(path, manifest, number, shard, first, report)
         first += shard.num_samples
     _note_writer(path, manifest, report)
     return report
+
+
+def _verify_dictionaries(path: str, manifest: Manifest, report: VerifyReport) -> None:
+    """Each dictionary file: its size and checksum, and that zstd loads it (where the library can);
+    a bad one makes the samples of every shard that uses it suspect."""
+    starts = np.concatenate([[0], np.cumsum([s.num_samples for s in manifest.shards], dtype=np.int64)])
+    for entry in manifest.dictionaries.values():
+        users = [(number, shard) for number, shard in enumerate(manifest.shards)
+                 if entry.file in (file for _, file in shard.dictionaries)]
+        codec = next((manifest.schema.fields[name].codec for _, shard in users[:1]
+                      for name, file in shard.dictionaries if file == entry.file), None)
+        file = os.path.join(path, entry.file)
+        try:
+            data = read_dictionary(path, entry)
+            if codec is not None and _core.dictionaries_unavailable(codec) is None:
+                _core.Dictionary(codec, data)
+        except (OSError, ValueError) as exc:
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if message.startswith(file + ": "):
+                message = message[len(file) + 2:]
+            samples = [(int(starts[n]), int(starts[n + 1])) for n, _ in users if starts[n + 1] > starts[n]]
+            merged: List[Tuple[int, int]] = []
+            _extend_ranges(merged, samples)
+            report.problems.append(Problem(file, f"dictionary: {message}; the samples of the shards that use it "
+                                           f"({[n for n, _ in users]}) cannot be decoded",
+                                           users[0][0] if users else None, merged))
 
 
 def _ranges(samples: np.ndarray) -> List[Tuple[int, int]]:
@@ -474,7 +525,8 @@ def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) 
     unlisted: List[str] = []
     if manifest is not None:
         listed = {n for s in manifest.shards for n in (s.file, s.heap_file, s.checksums_file) if n}
-        unlisted = sorted(n for n in names if SHARD_FILE_PATTERN.fullmatch(n) and n not in listed)
+        listed |= set(manifest.dictionaries)
+        unlisted = sorted(n for n in names if is_data_file_name(n) and n not in listed)
     if LOCK_NAME in names:
         holder = lock_holder(os.path.join(path, LOCK_NAME))
         committed = "" if manifest is None else f": the dataset holds the {report.num_samples} samples it committed"
