@@ -471,6 +471,21 @@ def test_a_killed_writer_dictionary_is_removed_by_the_next_writer(triplets, tmp_
     tools.assert_identical(shardfeed.open(path).read(np.arange(N, N + 5))["text"], columns["text"][:5])
 
 
+def test_held_samples_are_copies_the_caller_may_reuse(tmp_path, tools):
+    columns = make_columns(1200)
+    path = str(tmp_path / "reused")
+    batch = {k: (v[:100].copy() if isinstance(v, np.ndarray) else list(v[:100])) for k, v in columns.items()}
+    with shardfeed.Writer(path, FIELDS, compression={"text": DICTIONARY}) as writer:
+        writer.extend(batch)  # held until the dictionary is trained
+        batch["text"][:] = 0  # the caller's buffer, reused
+        batch["code"][:] = 0
+        writer.extend({k: v[100:] for k, v in columns.items()})
+    ds = shardfeed.open(path)
+    assert ds.compression()["text"].dictionaries == 1
+    tools.assert_identical(ds.read(np.arange(1200))["text"], columns["text"])
+    tools.assert_identical(ds.read(np.arange(1200))["code"], columns["code"])
+
+
 def test_a_writer_interrupted_while_holding_samples_leaves_the_dataset_as_committed(tmp_path):
     columns = make_columns(200)
     path = str(tmp_path / "interrupted")
