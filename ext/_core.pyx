@@ -624,7 +624,7 @@ cdef class ShardSet:
         field.ddicts = NULL
         field.dict_ids = NULL
         if dictionaries is not None:
-            if len(dictionaries) != self.n:
+            if <size_t>len(dictionaries) != self.n:
                 raise ValueError("internal error: dictionaries for another number of shards")
             field.ddicts = dictionaries.ddicts
             field.dict_ids = dictionaries.ids

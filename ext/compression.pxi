@@ -125,8 +125,8 @@ cdef class FieldDictionaries:
     def __cinit__(self, list per_shard not None):
         self.n = len(per_shard)
         self.kept = list(per_shard)
-        self.ddicts = <const void **>PyMem_Calloc(max(self.n, 1), sizeof(void *))
-        self.ids = <unsigned *>PyMem_Calloc(max(self.n, 1), sizeof(unsigned))
+        self.ddicts = <const void **>PyMem_Calloc(self.n if self.n else 1, sizeof(void *))
+        self.ids = <unsigned *>PyMem_Calloc(self.n if self.n else 1, sizeof(unsigned))
         if self.ddicts == NULL or self.ids == NULL:
             raise MemoryError()
         cdef size_t s
