@@ -22,7 +22,7 @@ from shardfeed import _core
 from shardfeed._reference import reference_read
 from shardfeed.compression import DEFAULT_DICTIONARY_BYTES, parse_compress_arguments, parse_compression
 from shardfeed.errors import (
-    CodecUnavailableError, SchemaError, ShardfeedWarning, ShardFormatError, ShardReadError, ValueRangeError,
+    SchemaError, ShardfeedWarning, ShardFormatError, ShardReadError, ValueRangeError,
 )
 from shardfeed.format import DICTIONARY_FILE_PATTERN, Schema, file_checksum
 
