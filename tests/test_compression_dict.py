@@ -499,6 +499,14 @@ def test_a_writer_interrupted_while_holding_samples_leaves_the_dataset_as_commit
     assert len(writer) == 100
     writer._abandon()  # what an interrupt in extend does
     assert shardfeed.open(path).num_shards == 0 and not [n for n in os.listdir(path) if "dict" in n]
+    # trained and written, no shard committed yet: the dictionary file goes with the shard's files
+    columns = make_columns(1700)
+    writer = shardfeed.Writer(path + "-trained", FIELDS, compression={"text": DICTIONARY})
+    writer.extend(columns)
+    assert [n for n in os.listdir(path + "-trained") if n.endswith(".zdict")]  # trained, in use
+    writer._abandon()
+    assert shardfeed.open(path + "-trained").num_shards == 0
+    assert sorted(os.listdir(path + "-trained")) == ["manifest.json"]
 
 
 SHIM = r"""
