@@ -370,7 +370,7 @@ def _rewrite_manifest(path, manifest):
         json.dump(manifest, f)
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped", "not a dictionary"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped", "not a dictionary", "link"])
 def test_a_bad_dictionary_file_is_named_at_open_and_by_verify(triplets, tmp_path, damage):
     paths, _ = triplets
     path, manifest, name = _damage_copy(paths, tmp_path, damage.replace(" ", "_"))
@@ -385,6 +385,9 @@ def test_a_bad_dictionary_file_is_named_at_open_and_by_verify(triplets, tmp_path
             byte = f.read(1)
             f.seek(2000)
             f.write(bytes([byte[0] ^ 1]))
+    elif damage == "link":  # the same bytes, through a symbolic link: never read
+        os.rename(file, str(tmp_path / "elsewhere.zdict"))
+        os.symlink(str(tmp_path / "elsewhere.zdict"), file)
     else:  # junk of the right size and checksum: the manifest was rewritten to match it
         with open(file, "wb") as f:
             f.write(b"junk" * 300)
@@ -395,7 +398,8 @@ def test_a_bad_dictionary_file_is_named_at_open_and_by_verify(triplets, tmp_path
     expected = {"missing": (ShardReadError, "No such file"),
                 "truncated": (ShardFormatError, "has 100 bytes, the manifest says"),
                 "flipped": (ShardFormatError, "does not match its checksum"),
-                "not a dictionary": (ShardFormatError, "not a zstd dictionary")}[damage]
+                "not a dictionary": (ShardFormatError, "not a zstd dictionary"),
+                "link": (ShardFormatError, "is a symbolic link")}[damage]
     with pytest.raises(expected[0], match=expected[1]) as caught:
         shardfeed.open(path)
     assert name in str(caught.value) or getattr(caught.value, "filename", None) == file
@@ -469,6 +473,22 @@ def test_a_killed_writer_dictionary_is_removed_by_the_next_writer(triplets, tmp_
             writer.extend({k: v[:5] for k, v in columns.items()})
     assert not any(os.path.exists(os.path.join(path, n)) for n in leftovers)
     tools.assert_identical(shardfeed.open(path).read(np.arange(N, N + 5))["text"], columns["text"][:5])
+
+
+def test_a_link_planted_at_a_dictionary_name_is_removed_never_written_through(tmp_path, tools):
+    columns = make_columns(1700)
+    first = write(tmp_path / "first", columns, {"text": DICTIONARY})
+    name = _manifest(first)["dictionaries"][0]["file"]  # the same samples train the same bytes
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious")
+    path = tmp_path / "second"
+    path.mkdir()
+    os.symlink(str(outside), str(path / name))
+    with pytest.warns(ShardfeedWarning, match=f"removed files the manifest does not list .*{name}"):
+        write(path, columns, {"text": DICTIONARY})
+    assert outside.read_bytes() == b"precious" and not os.path.islink(path / name)
+    assert _manifest(str(path))["dictionaries"][0]["file"] == name
+    tools.assert_identical(shardfeed.open(str(path)).read(np.arange(1700))["text"], columns["text"])
 
 
 def test_held_samples_are_copies_the_caller_may_reuse(tmp_path, tools):

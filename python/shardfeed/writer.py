@@ -193,7 +193,6 @@ class Writer:
         # The batches held (copies, checked) until the dictionaries are trained, and their samples.
         self._held: List[Tuple[Dict[str, Any], int]] = []
         self._held_count = 0
-        self._held_stored: Dict[str, List[np.ndarray]] = {name: [] for name in self._to_train}
         self._hold_target = max((_training_samples(size, self.schema.fields[name].raw_bytes)
                                  for name, size in self._to_train.items()), default=0)
         self._closed = False
@@ -330,7 +329,7 @@ class Writer:
         Returns the number of committed samples, None if there is no readable manifest."""
         self._closed = True
         shard, self._shard, self._buffered = self._shard, None, 0
-        self._held, self._held_count, self._held_stored, self._to_train = [], 0, {}, {}
+        self._held, self._held_count, self._to_train = [], 0, {}
         try:
             committed: Optional[Manifest] = read_manifest(self.path)
         except (OSError, ValueError):
@@ -436,11 +435,10 @@ class Writer:
         return to_train
 
     def _hold(self, columns: Dict[str, Any], count: int) -> None:
-        """Checks and copies a batch's samples into the held ones (the values of the fields to train
-        a dictionary for as stored, too); nothing is held where a value fails its check."""
+        """Checks and copies a batch's samples into the held ones; nothing is held where a value
+        fails its check."""
         first = len(self)
         copies: Dict[str, Any] = {}
-        stored: Dict[str, np.ndarray] = {}
         for name, field in self.schema.fields.items():
             column = columns[name]
             if field.variable:
@@ -448,41 +446,43 @@ class Writer:
                     self._cast_rows(field, column[i], first + i)
                 copies[name] = [np.array(value, copy=True) for value in column]
             else:
-                values = _cast(column, field, first)
-                if name in self._to_train:
-                    stored[name] = np.ascontiguousarray(values).reshape(-1).view(np.uint8).copy()
+                _cast(column, field, first)
                 copies[name] = np.array(column, copy=True)
         self._held.append((copies, count))
         self._held_count += count
-        for name, values in stored.items():
-            self._held_stored[name].append(values)
 
     def _train(self) -> None:
         """Trains the dictionaries on the held samples, writes them into the dataset (atomically,
         before any frame that uses them), then writes the held samples."""
         to_train, self._to_train = self._to_train, {}
         held, self._held, self._held_count = self._held, [], 0
-        stored, self._held_stored = self._held_stored, {}
+        count = sum(n for _, n in held)
         for name, size in to_train.items():
             field = self.schema.fields[name]
-            samples = np.concatenate(stored[name]) if stored[name] else np.zeros(0, np.uint8)
-            count = len(samples) // field.raw_bytes
             if count < TRAINING_SAMPLES_FLOOR:
                 why = f"{count} samples are too few to train on (at least {TRAINING_SAMPLES_FLOOR} are needed)"
             else:
+                samples = np.empty(count * field.raw_bytes, np.uint8)  # the field's values as stored, in a row
+                at = 0
+                for columns, _ in held:
+                    values = np.ascontiguousarray(_cast(columns[name], field, 0)).reshape(-1).view(np.uint8)
+                    samples[at:at + values.size] = values
+                    at += values.size
                 try:
                     data = _core.train_dictionary(field.codec, samples, np.full(count, field.raw_bytes, np.uint64),
                                                   size)
                     loaded = _core.Dictionary(field.codec, data)
                 except ValueError as exc:
+                    del samples
                     why = f"zstd could not train one on its {count} samples ({exc})"
                 else:
+                    del samples
                     self._dictionaries[name] = (write_dictionary(self.path, data), loaded)
                     continue
             warnings.warn(f"{self.path}: field {name!r} is written without a dictionary: {why}", ShardfeedWarning,
                           stacklevel=5)  # (extend or close's caller)
-        for columns, count in held:
-            self._write_samples(columns, count)
+        for columns, n in held:
+            self._write_samples(columns, n)
 
     def _check_metadata(self) -> None:
         try:
