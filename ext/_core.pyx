@@ -200,6 +200,7 @@ cdef class ShardSet:
     cdef sf_shards c
     cdef int *fds
     cdef int *heap_fds
+    cdef int *direct_fds     # per shard, its record file opened again with O_DIRECT, or -1
     cdef int64_t *starts
     cdef char **maps
     cdef size_t *map_bytes
@@ -213,6 +214,7 @@ cdef class ShardSet:
     cdef readonly int64_t num_samples
     cdef readonly bint mapped
     cdef readonly bint checked  # reads compare each record with its CRC32C
+    cdef readonly int direct_shards  # shards whose records are read with O_DIRECT
 
     def __cinit__(self, record_fds, heap_fds, counts, paths, heap_paths, size_t header_bytes,
                   size_t record_bytes, bint use_map, checksums=None):
@@ -221,15 +223,18 @@ cdef class ShardSet:
         self.n = n
         self.fds = <int *>PyMem_Calloc(n + 1, sizeof(int))
         self.heap_fds = <int *>PyMem_Calloc(n + 1, sizeof(int))
+        self.direct_fds = <int *>PyMem_Calloc(n + 1, sizeof(int))
         self.starts = <int64_t *>PyMem_Calloc(n + 1, sizeof(int64_t))
         self.maps = <char **>PyMem_Calloc(n + 1, sizeof(char *))
         self.map_bytes = <size_t *>PyMem_Calloc(n + 1, sizeof(size_t))
         self.checksums = <const uint32_t **>PyMem_Calloc(n + 1, sizeof(uint32_t *))
-        if not (self.fds and self.heap_fds and self.starts and self.maps and self.map_bytes and self.checksums):
+        if not (self.fds and self.heap_fds and self.direct_fds and self.starts and self.maps and self.map_bytes
+                and self.checksums):
             raise MemoryError()
         for i in range(n + 1):
             self.fds[i] = -1
             self.heap_fds[i] = -1
+            self.direct_fds[i] = -1
         for i in range(n):
             self.fds[i] = record_fds[i]
             if heap_fds is not None:
@@ -286,11 +291,13 @@ cdef class ShardSet:
         self.c.checksums = <const uint32_t *const *>self.checksums if checksums is not None else NULL
         self.c.header_bytes = header_bytes
         self.c.record_bytes = record_bytes
+        self.c.direct_fds = NULL  # use_direct_reads
 
     def __dealloc__(self):
         self._release()
         PyMem_Free(self.fds)
         PyMem_Free(self.heap_fds)
+        PyMem_Free(self.direct_fds)
         PyMem_Free(self.starts)
         PyMem_Free(self.maps)
         PyMem_Free(self.map_bytes)
@@ -301,6 +308,7 @@ cdef class ShardSet:
         cdef size_t i
         if self.fds == NULL or self.heap_fds == NULL or self.maps == NULL:
             return
+        self._close_direct()
         for i in range(self.n):
             if self.maps[i] != NULL:
                 munmap(self.maps[i], self.map_bytes[i])
@@ -311,6 +319,43 @@ cdef class ShardSet:
             if self.heap_fds[i] >= 0:
                 c_close(self.heap_fds[i])
                 self.heap_fds[i] = -1
+
+    cdef void _close_direct(self):
+        cdef size_t i
+        self.c.direct_fds = NULL
+        self.direct_shards = 0
+        if self.direct_fds == NULL:
+            return
+        for i in range(self.n):
+            if self.direct_fds[i] >= 0:
+                c_close(self.direct_fds[i])
+                self.direct_fds[i] = -1
+
+    def use_direct_reads(self, bint enable):
+        """With ``enable``, opens each record file again with O_DIRECT (the same file: through
+        /proc/self/fd), and record reads go past the page cache (ext/records.h, "Direct reads");
+        a file that refuses it keeps the page cache. Without, closes those. Returns how many shards
+        read directly. Only before the first read: the Dataset calls it while it opens."""
+        cdef size_t i
+        cdef int fd
+        if self.closed:
+            raise ValueError("I/O operation on a closed dataset")
+        if self.active:
+            raise RuntimeError("internal error: direct reads switched while reads are in progress")
+        self._close_direct()
+        flag = getattr(os, "O_DIRECT", None)
+        if not enable or flag is None:
+            return 0
+        for i in range(self.n):
+            try:
+                fd = os.open(f"/proc/self/fd/{self.fds[i]}", os.O_RDONLY | os.O_CLOEXEC | flag)
+            except OSError:  # no /proc, or a file system without O_DIRECT: this shard stays buffered
+                continue
+            self.direct_fds[i] = fd
+            self.direct_shards += 1
+        if self.direct_shards:
+            self.c.direct_fds = self.direct_fds
+        return self.direct_shards
 
     def close(self):
         """Closes the files now, or when the reads in progress (in other threads) end."""

@@ -38,6 +38,23 @@ int sf_preadv_full(int fd, struct iovec *iov, int count, off_t offset, size_t *d
     return SF_OK;
 }
 
+int sf_pread_direct(int fd, char *bounce, size_t bytes, off_t start, size_t need, size_t *done_bytes)
+{
+    *done_bytes = 0;
+    while (*done_bytes < need) {
+        ssize_t got = pread(fd, bounce + *done_bytes, bytes - *done_bytes, start + (off_t)*done_bytes);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return SF_ERR_IO;
+        }
+        if (got == 0)
+            return SF_ERR_EOF;
+        *done_bytes += (size_t)got;
+    }
+    return SF_OK;
+}
+
 #ifdef SF_HAVE_NOWAIT
 int sf_preadv_cached(int fd, const struct iovec *iov, size_t count, off_t offset, size_t total)
 {

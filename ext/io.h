@@ -24,6 +24,12 @@
  * (all of them on SF_OK). */
 int sf_preadv_full(int fd, struct iovec *iov, int count, off_t offset, size_t *done_bytes);
 
+/* Reads file bytes [start, start + bytes) of an O_DIRECT descriptor into `bounce` until the first
+ * `need` of them are in (the span may run past the end of the file). Returns SF_OK, SF_ERR_IO
+ * (errno kept; EINVAL: the file refuses direct reads of this span) or SF_ERR_EOF; *done_bytes is
+ * how many bytes were read. */
+int sf_pread_direct(int fd, char *bounce, size_t bytes, off_t start, size_t need, size_t *done_bytes);
+
 #ifdef SF_HAVE_NOWAIT
 /* One attempt that never waits for the disk: 1 when all `total` bytes came from the page cache; 0
  * when they did not (not cached, partly cached, or any error: the blocking pass reads them again

@@ -80,6 +80,7 @@ cdef extern from "reader.h":
         const uint32_t *const *checksums
         size_t header_bytes
         size_t record_bytes
+        const int *direct_fds
 
     ctypedef struct sf_field_out:
         int cast
@@ -157,6 +158,7 @@ cdef extern from "uring.h":
         SF_READ_IO_AUTO
         SF_READ_IO_POOL
         SF_READ_IO_URING
+        SF_READ_IO_DIRECT_URING
         SF_URING_DEPTH
     void sf_set_read_io(int mode)
     int sf_read_io()

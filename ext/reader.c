@@ -22,10 +22,13 @@
 #define SF_MAP_CHUNK_BYTES (256 * 1024)
 
 /* The blocking pass: items [0, items) of ctx (ctx->rows) that wait for the disk, through io_uring
- * where it can be used (uring.h), else on `threads` threads of blocking preadv. */
+ * where the read I/O mode asks for it and it can be used (uring.h), else on `threads` threads of
+ * blocking preadv. */
 static int read_uncached(record_ctx *ctx, size_t items, size_t threads, sf_error *err)
 {
-    if (sf_read_io() != SF_READ_IO_POOL) {
+    int mode = sf_read_io();
+    if (mode == SF_READ_IO_AUTO || mode == SF_READ_IO_URING ||
+        (mode == SF_READ_IO_DIRECT_URING && ctx->shards->direct_fds)) {
         int rc = sf_read_uring(ctx, items, err);
         if (rc <= 0)
             return rc;
@@ -106,6 +109,12 @@ int sf_read_records(const sf_shards *shards, const int64_t *indices, size_t n,
             }
         }
         return rc;
+    }
+    /* Direct reads skip the page-cache pass: a miss there (a preadv2 RWF_NOWAIT or a page fault)
+     * starts a read of its pages into the page cache, which the direct read would then repeat. */
+    if (shards->direct_fds) {
+        *uncached = n;
+        return read_uncached(&ctx, n, threads, err);
     }
     if (use_map) {
         size_t min_items = bytes ? SF_MAP_CHUNK_BYTES / bytes : n;

@@ -20,6 +20,9 @@ typedef struct sf_shards {
                                        * or NULL: reads are not checked */
     size_t header_bytes;       /* bytes before the first record */
     size_t record_bytes;       /* bytes per record */
+    const int *direct_fds;     /* per shard, the record file opened again with O_DIRECT (or -1: read
+                                * through the page cache), records.h "Direct reads"; NULL: no direct
+                                * reads, and a page-cache pass first */
 } sf_shards;
 
 /* One requested field of a record read. */
@@ -47,7 +50,8 @@ int sf_guard_mapped_reads(void);
  * where it can be used, else with blocking preadv on `threads` threads (sf_set_read_io chooses;
  * SF_READ_IO_URING also skips the preadv route's first pass). Consecutive items that are adjacent
  * records of one shard (k, k+1, ...) are read by one request per run (up to 1 MiB and IOV_MAX
- * iovecs) on the preadv and io_uring paths.
+ * iovecs) on the preadv and io_uring paths. With shards->direct_fds, there is no page-cache pass:
+ * every record is read with O_DIRECT (records.h, "Direct reads"), where the file takes it.
  *
  * With shards->checksums set, every record is read whole, one at a time (from the map when
  * use_map != 0, else by one preadv into a scratch record), and its CRC32C computed as its fields

@@ -5,6 +5,7 @@
 #define _DARWIN_C_SOURCE 1
 #include "records.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -171,6 +172,30 @@ int sf_fit_run(const record_ctx *ctx, sf_run_buffers *buf, size_t records)
     return 0;
 }
 
+int sf_fit_bounce(sf_run_buffers *buf, size_t bytes)
+{
+    if (bytes <= buf->bounce_bytes)
+        return 0;
+    if (bytes < 2 * buf->bounce_bytes)
+        bytes = 2 * buf->bounce_bytes;
+    void *bounce = NULL;
+    if (posix_memalign(&bounce, SF_DIRECT_ALIGN, bytes) != 0)
+        return -1;
+    free(buf->bounce);
+    buf->bounce = bounce;
+    buf->bounce_bytes = bytes;
+    return 0;
+}
+
+void sf_scatter(const char *src, const struct iovec *iov, size_t count, const char *discard)
+{
+    for (size_t k = 0; k < count; k++) {
+        if (iov[k].iov_base != discard)
+            memcpy(iov[k].iov_base, src, iov[k].iov_len);
+        src += iov[k].iov_len;
+    }
+}
+
 /* The scratch space of record k of a run (NULL when no field lands in scratch). */
 static char *run_scratch(const record_ctx *ctx, const sf_run_buffers *buf, size_t k)
 {
@@ -214,11 +239,40 @@ void sf_convert_run(const record_ctx *ctx, size_t item, size_t stop, const sf_ru
         convert_record(ctx, row_of(ctx, i), run_scratch(ctx, buf, i - item));
 }
 
+/* Reads run [item, stop) of shard s (count iovecs, `total` bytes at `at`) with O_DIRECT into
+ * buf->bounce and copies it into the iovecs' places. Returns SF_OK, the error kind (err filled),
+ * or -1 when the file refused direct reads of this span (EINVAL): nothing failed, read it through
+ * the page cache instead. */
+static int read_run_direct(const record_ctx *ctx, size_t item, size_t s, sf_run_buffers *buf, size_t count,
+                           off_t at, size_t total, sf_error *err)
+{
+    off_t start = 0;
+    size_t bytes = 0;
+    sf_direct_span(at, total, &start, &bytes);
+    if (sf_fit_bounce(buf, bytes) != 0) {
+        sf_set_error(err, SF_ERR_NOMEM, SF_FILE_RECORDS, 0, -1, -1);
+        err->shard = -1;
+        return SF_ERR_NOMEM;
+    }
+    size_t lead = (size_t)(at - start), done = 0;
+    int rc = sf_pread_direct(sf_direct_fd(ctx->shards, s), buf->bounce, bytes, start, lead + total, &done);
+    if (rc == SF_ERR_IO && errno == EINVAL)
+        return -1;
+    if (rc != SF_OK) {
+        size_t run_done = done > lead ? done - lead : 0;
+        sf_run_failed(ctx, item, s, at, run_done < total ? run_done : total, rc, err);
+        return rc;
+    }
+    sf_scatter(buf->bounce + lead, buf->iov, count, buf->discard);
+    return SF_OK;
+}
+
 /* Reads the run [item, stop) of shard s with one preadv (several if a signal or a short read cuts
- * it), then converts its records. In the page-cache pass, a run that is not wholly in the page
- * cache is flagged for the blocking pass, all of it. An error names the first record that was not
- * read in full. Returns SF_OK or the error kind (err filled). */
-static int read_run(const record_ctx *ctx, size_t item, size_t stop, size_t s, const sf_run_buffers *buf,
+ * it), or with O_DIRECT where shards->direct_fds says so, then converts its records. In the
+ * page-cache pass, a run that is not wholly in the page cache is flagged for the blocking pass, all
+ * of it. An error names the first record that was not read in full. Returns SF_OK or the error
+ * kind (err filled). */
+static int read_run(const record_ctx *ctx, size_t item, size_t stop, size_t s, sf_run_buffers *buf,
                     sf_error *err)
 {
     off_t at = 0;
@@ -235,11 +289,16 @@ static int read_run(const record_ctx *ctx, size_t item, size_t stop, size_t s, c
         } else
 #endif
         {
-            size_t done = 0;
-            int rc = sf_preadv_full(ctx->shards->fds[s], buf->iov, (int)count, at, &done);
-            if (rc != SF_OK) {
-                sf_run_failed(ctx, item, s, at, done, rc, err);
+            int rc = sf_direct_fd(ctx->shards, s) >= 0 ? read_run_direct(ctx, item, s, buf, count, at, total, err) : -1;
+            if (rc > 0)
                 return rc;
+            if (rc < 0) { /* through the page cache */
+                size_t done = 0;
+                rc = sf_preadv_full(ctx->shards->fds[s], buf->iov, (int)count, at, &done);
+                if (rc != SF_OK) {
+                    sf_run_failed(ctx, item, s, at, done, rc, err);
+                    return rc;
+                }
             }
         }
     }
@@ -250,7 +309,7 @@ static int read_run(const record_ctx *ctx, size_t item, size_t stop, size_t s, c
 int sf_read_records_pread(void *vctx, size_t begin, size_t end, sf_error *err)
 {
     const record_ctx *ctx = vctx;
-    sf_run_buffers buf = {NULL, NULL, NULL, 0};
+    sf_run_buffers buf = {NULL, NULL, NULL, 0, NULL, 0};
     buf.discard = ctx->discard_bytes ? malloc(ctx->discard_bytes) : NULL;
     int rc = SF_OK;
     if (ctx->discard_bytes && !buf.discard)
@@ -273,6 +332,7 @@ int sf_read_records_pread(void *vctx, size_t begin, size_t end, sf_error *err)
     free(buf.discard);
     free(buf.iov);
     free(buf.scratch);
+    free(buf.bounce);
     return rc == SF_OK ? 0 : -1;
 }
 

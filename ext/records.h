@@ -58,6 +58,8 @@ typedef struct sf_run_buffers {
     struct iovec *iov;
     char *scratch;
     size_t records;
+    char *bounce;           /* direct reads: SF_DIRECT_ALIGN-aligned, bounce_bytes long, or NULL */
+    size_t bounce_bytes;
 } sf_run_buffers;
 
 /* Makes buf hold a run of `records` records (<= ctx->max_run). The buffers grow with the longest
@@ -70,6 +72,37 @@ int sf_fit_run(const record_ctx *ctx, sf_run_buffers *buf, size_t records);
  * bytes to read. */
 size_t sf_run_iovecs(const record_ctx *ctx, size_t item, size_t stop, size_t s, const sf_run_buffers *buf,
                      off_t *at, size_t *total);
+
+/* Direct reads. A dataset far larger than the memory the page cache may use gains little from
+ * the cache: most reads of a random epoch miss it, and each miss read through it costs the kernel
+ * an eviction and one more copy. With shards->direct_fds every record is read with O_DIRECT (no
+ * page-cache pass: reader.c): the aligned span around the run (SF_DIRECT_ALIGN, which every
+ * device's logical block size divides) into a bounce buffer, then copied into the iovecs' places
+ * (sf_scatter). A file that refuses it (EINVAL: a file system without O_DIRECT, an alignment it
+ * does not take) is read through the page cache instead, the same bytes and errors. */
+#define SF_DIRECT_ALIGN ((size_t)4096)
+
+/* The file descriptor for direct reads of shard s, or -1. */
+static inline int sf_direct_fd(const sf_shards *shards, size_t s)
+{
+    return shards->direct_fds ? shards->direct_fds[s] : -1;
+}
+
+/* The aligned span [*start, *start + *bytes) of the file that holds bytes [at, at + total). */
+static inline void sf_direct_span(off_t at, size_t total, off_t *start, size_t *bytes)
+{
+    const off_t align = (off_t)SF_DIRECT_ALIGN;
+    *start = at / align * align;
+    off_t end = (at + (off_t)total + align - 1) / align * align;
+    *bytes = (size_t)(end - *start);
+}
+
+/* Makes buf->bounce hold `bytes` (aligned; grows, at least doubling). Returns 0 or -1 (out of
+ * memory; buf keeps what it had). */
+int sf_fit_bounce(sf_run_buffers *buf, size_t bytes);
+
+/* Copies `src` into the places of iov[0..count) in order, skipping the discard buffer's. */
+void sf_scatter(const char *src, const struct iovec *iov, size_t count, const char *discard);
 
 /* Converts the cast fields of run [item, stop) once all its bytes were read into buf's iovecs. */
 void sf_convert_run(const record_ctx *ctx, size_t item, size_t stop, const sf_run_buffers *buf);

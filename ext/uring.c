@@ -27,10 +27,12 @@
 #endif
 #endif
 
-/* The pool by default: io_uring from one thread did not match 16 preadv threads on the project's
- * loaded 2-vCPU VM (0.7-0.9x cold at 8 KiB and 147 KiB; fio's own io_uring at depth 64 reached
- * 0.44-0.85 of its best pread configuration there; benchmarks/RESULTS.md, fifth session). */
-static int read_io_mode = SF_READ_IO_POOL;
+/* The pool for reads through the page cache by default: there io_uring from one thread did not
+ * match 16 preadv threads on the project's 2-vCPU VM (0.7-0.9x cold at 8 KiB and 147 KiB; fio's
+ * own buffered io_uring at depth 64 reached 0.44-0.85 of its best pread configuration). Direct
+ * reads through io_uring took 0.4x the CPU time per 8 KiB sample of buffered pool reads out of core,
+ * at 1.1-1.3x the rate (benchmarks/RESULTS.md, fifth and seventh sessions). */
+static int read_io_mode = SF_READ_IO_DIRECT_URING;
 static size_t runs_read; /* runs read through io_uring so far (sf_uring_runs) */
 
 void sf_set_read_io(int mode) { __atomic_store_n(&read_io_mode, mode, __ATOMIC_RELAXED); }
@@ -230,6 +232,12 @@ typedef struct uring_slot {
     struct iovec *iov;        /* the iovecs still to fill (advanced past a short read) */
     size_t count;
     sf_run_buffers buf;
+    /* A direct read (records.h): the aligned span [start, start + span) into buf.bounce, `lead`
+     * bytes before the run; done counts span bytes then, and the run is in once lead + total are. */
+    int direct;
+    off_t start;
+    size_t span, lead;
+    struct iovec direct_iov;  /* what is left of the span */
 } uring_slot;
 
 /* Queues the read of what is left of slot k; the ring has room (one SQE per slot at most). */
@@ -238,12 +246,30 @@ static void queue_read(sf_ring *r, const record_ctx *ctx, uring_slot *slot, size
     struct io_uring_sqe *sqe = &r->sqes[r->sqe_tail & *r->sq_mask];
     memset(sqe, 0, sizeof *sqe);
     sqe->opcode = IORING_OP_READV;
-    sqe->fd = ctx->shards->fds[slot->shard];
-    sqe->off = (uint64_t)(slot->at + (off_t)slot->done);
-    sqe->addr = (uint64_t)(uintptr_t)slot->iov;
-    sqe->len = (unsigned)(slot->count > IOV_MAX ? IOV_MAX : slot->count);
+    if (slot->direct) {
+        slot->direct_iov.iov_base = slot->buf.bounce + slot->done;
+        slot->direct_iov.iov_len = slot->span - slot->done;
+        sqe->fd = sf_direct_fd(ctx->shards, slot->shard);
+        sqe->off = (uint64_t)(slot->start + (off_t)slot->done);
+        sqe->addr = (uint64_t)(uintptr_t)&slot->direct_iov;
+        sqe->len = 1;
+    } else {
+        sqe->fd = ctx->shards->fds[slot->shard];
+        sqe->off = (uint64_t)(slot->at + (off_t)slot->done);
+        sqe->addr = (uint64_t)(uintptr_t)slot->iov;
+        sqe->len = (unsigned)(slot->count > IOV_MAX ? IOV_MAX : slot->count);
+    }
     sqe->user_data = k;
     r->sqe_tail++;
+}
+
+/* Bytes of the run slot k holds so far. */
+static size_t run_bytes_done(const uring_slot *slot)
+{
+    if (!slot->direct)
+        return slot->done;
+    size_t in = slot->done > slot->lead ? slot->done - slot->lead : 0;
+    return in < slot->total ? in : slot->total;
 }
 
 /* Submits the queued SQEs and, with wait, waits for one completion. Returns 0 or errno; EINTR
@@ -310,6 +336,12 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
             slot->count = sf_run_iovecs(ctx, slot->item, slot->stop, slot->shard, &slot->buf, &slot->at, &slot->total);
             slot->iov = slot->buf.iov;
             slot->done = 0;
+            slot->direct = 0;
+            if (slot->count > 0 && sf_direct_fd(ctx->shards, slot->shard) >= 0) {
+                sf_direct_span(slot->at, slot->total, &slot->start, &slot->span);
+                slot->lead = (size_t)(slot->at - slot->start);
+                slot->direct = sf_fit_bounce(&slot->buf, slot->span) == 0; /* else through the page cache */
+            }
             if (slot->count == 0) { /* no bytes requested (zero-size fields only) */
                 sf_convert_run(ctx, slot->item, slot->stop, &slot->buf);
                 free_slots[n_free++] = k;
@@ -341,19 +373,29 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
             inflight--;
             inflight_bytes -= slot->total;
             int requeue = 0;
+            size_t need = slot->direct ? slot->lead + slot->total : slot->total;
             if (res < 0 && (res == -EINTR || res == -EAGAIN)) {
                 requeue = 1;
-            } else if (res < 0 || (res == 0 && slot->done < slot->total)) {
+            } else if (res == -EINVAL && slot->direct) {
+                slot->direct = 0; /* the file refuses direct reads of this span: through the page cache */
+                slot->done = 0;
+                requeue = 1;
+            } else if (res < 0 || (res == 0 && slot->done < need)) {
                 if (rc == SF_OK) {
                     errno = -res;
                     rc = res < 0 ? SF_ERR_IO : SF_ERR_EOF;
-                    sf_run_failed(ctx, slot->item, slot->shard, slot->at, slot->done, rc, err);
+                    sf_run_failed(ctx, slot->item, slot->shard, slot->at, run_bytes_done(slot), rc, err);
                 }
             } else {
-                advance(slot, (size_t)res);
-                if (slot->done < slot->total)
+                if (slot->direct)
+                    slot->done += (size_t)res;
+                else
+                    advance(slot, (size_t)res);
+                if (slot->done < need)
                     requeue = 1; /* a short read: the rest from where it stopped */
                 else if (rc == SF_OK) {
+                    if (slot->direct)
+                        sf_scatter(slot->buf.bounce + slot->lead, slot->buf.iov, slot->count, slot->buf.discard);
                     sf_convert_run(ctx, slot->item, slot->stop, &slot->buf);
                     runs++;
                 }
@@ -373,6 +415,7 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
     for (size_t k = 0; slots && k < depth; k++) {
         free(slots[k].buf.iov);
         free(slots[k].buf.scratch);
+        free(slots[k].buf.bounce);
     }
     free(slots);
     free(free_slots);

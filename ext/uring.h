@@ -21,10 +21,12 @@
 
 /* How the blocking pass of a record batch reads (sf_set_read_io), process-wide:
  * SF_READ_IO_AUTO  io_uring when it can be set up here, else the thread pool;
- * SF_READ_IO_POOL  always the thread pool of blocking preadv (the default: see uring.c);
+ * SF_READ_IO_POOL  always the thread pool of blocking preadv;
  * SF_READ_IO_URING as AUTO, and the preadv route (no memory map, no checksums) skips its
- *                  page-cache pass: every record goes through io_uring (for tests and benchmarks). */
-enum { SF_READ_IO_AUTO = 0, SF_READ_IO_POOL = 1, SF_READ_IO_URING = 2 };
+ *                  page-cache pass: every record goes through io_uring (for tests and benchmarks);
+ * SF_READ_IO_DIRECT_URING (the default) io_uring for direct reads (records.h) where it can be set
+ *                  up, the thread pool for reads through the page cache (see uring.c). */
+enum { SF_READ_IO_AUTO = 0, SF_READ_IO_POOL = 1, SF_READ_IO_URING = 2, SF_READ_IO_DIRECT_URING = 3 };
 
 void sf_set_read_io(int mode);
 int sf_read_io(void);

@@ -38,21 +38,22 @@ def test_linux_builds_have_the_io_uring_path():
     the pool only."""
     if sys.platform.startswith("linux") and os.path.exists("/usr/include/linux/io_uring.h"):
         assert _core.BUILD_INFO["io_uring"] is True
-    assert _core.read_io() == (os.environ.get("SHARDFEED_READ_IO") or "pool")
+    assert _core.read_io() == (os.environ.get("SHARDFEED_READ_IO") or "direct-uring")
 
 
 def test_read_io_rejects_unknown_modes(read_io):
     with pytest.raises(ValueError, match="read I/O must be one of"):
         read_io("threads")
-    assert _core.read_io() == (os.environ.get("SHARDFEED_READ_IO") or "pool")
+    assert _core.read_io() == (os.environ.get("SHARDFEED_READ_IO") or "direct-uring")
 
 
-@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("", "pool"), ("bogus", "read I/O must be one of")])
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("pool", "pool"), ("", "direct-uring"),
+                                             ("bogus", "read I/O must be one of")])
 def test_the_environment_variable_sets_the_read_io_at_import(value, expected):
     code = "from shardfeed import _core; print(_core.read_io())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, SHARDFEED_READ_IO=value))
-    if expected in ("pool", "auto"):
+    if expected in ("pool", "auto", "direct-uring"):
         assert done.returncode == 0 and done.stdout == expected + "\n", done.stderr[-2000:]
     else:
         assert done.returncode != 0 and expected in done.stderr and "'bogus'" in done.stderr

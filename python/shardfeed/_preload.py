@@ -42,14 +42,26 @@ CHUNK_BYTES = 8 << 20
 # process's own growth (model, batches), which would otherwise evict what the pass read.
 AUTO_MAX_SHARE = 0.8
 
-PRELOAD_OPTIONS = ("auto", True, False)
+# direct_io="auto" reads records with O_DIRECT, past the page cache, when the dataset's files are
+# at least DIRECT_MIN_RATIO times the memory the page cache may use, and its records at least
+# DIRECT_MIN_RECORD_BYTES. Then at most a quarter of a random epoch's reads could hit the cache,
+# while every miss read through it costs the kernel an eviction and a copy: out of core, direct
+# reads through io_uring took 0.4x the CPU time per 8 KiB sample of buffered ones and 0.75x per
+# 147 KiB sample, at about their rate; of 128-byte records (one 4 KiB block read either way) they
+# delivered 0.8x the rate, so smaller records keep the page cache (benchmarks/RESULTS.md, seventh
+# session). A dataset nearer the cache's size keeps buffered reads: what direct reads never bring
+# into the cache, later epochs cannot find there.
+DIRECT_MIN_RATIO = 4
+DIRECT_MIN_RECORD_BYTES = 4096
+
+AUTO_OPTIONS = ("auto", True, False)
 
 
-def check_option(preload: Any) -> Any:
-    """``open``'s ``preload`` option, checked: ``"auto"``, True or False."""
-    if not any(preload is value or (isinstance(preload, str) and preload == value) for value in PRELOAD_OPTIONS):
-        raise ValueError(f"preload must be 'auto', True or False, got {preload!r}")
-    return preload
+def check_option(value: Any, name: str = "preload") -> Any:
+    """``open``'s ``preload`` or ``direct_io`` option, checked: ``"auto"``, True or False."""
+    if not any(value is option or (isinstance(value, str) and value == option) for option in AUTO_OPTIONS):
+        raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
+    return value
 
 
 def memory_available(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> Optional[int]:
@@ -96,6 +108,17 @@ def background_wanted(preload: Any, dataset_bytes: int, available: Optional[int]
     if preload is True or preload is False:
         return preload
     return available is not None and dataset_bytes <= available * AUTO_MAX_SHARE
+
+
+def direct_wanted(direct_io: Any, dataset_bytes: int, record_bytes: int, available: Optional[int]) -> bool:
+    """Whether ``open`` reads records with O_DIRECT, past the page cache: always with
+    ``direct_io=True``, never with False; with ``"auto"`` when the files are at least
+    :data:`DIRECT_MIN_RATIO` times the memory available (None: not known, no) and a record is at
+    least :data:`DIRECT_MIN_RECORD_BYTES`."""
+    if direct_io is True or direct_io is False:
+        return direct_io
+    return (available is not None and dataset_bytes >= available * DIRECT_MIN_RATIO
+            and record_bytes >= DIRECT_MIN_RECORD_BYTES)
 
 
 # ---- which chunks are cached: mincore on an untouched map (Linux) ------------------------------

@@ -163,9 +163,11 @@ class Dataset:
     :meth:`read` for batches. Thread-safe; pickles by path (the copy reopens the files)."""
 
     def __init__(self, path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "auto",
-                 mmap: Union[str, bool] = "auto", verify: bool = False, preload: Union[str, bool] = "auto"):
+                 mmap: Union[str, bool] = "auto", verify: bool = False, preload: Union[str, bool] = "auto",
+                 direct_io: Union[str, bool] = "auto"):
         self.path = file_system_path(path, ShardReadError)
         self._preload_option = _preload.check_option(preload)
+        self._direct_option = _preload.check_option(direct_io, "direct_io")
         self.preloading: Optional[_preload.BackgroundPreload] = None  # the background pass, if one started
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be True or False, got {verify!r}")
@@ -230,9 +232,11 @@ class Dataset:
         self._reader = BatchReader(self._shards, manifest.schema, self._starts, heap_sizes, heap_paths, use_map,
                                    row_checksums, dictionaries)
         files = self._data_files()
-        if files and _preload.background_wanted(
-                self._preload_option, sum(size for _, size in files),
-                _preload.memory_available() if self._preload_option == "auto" else None):
+        data_bytes = sum(size for _, size in files)
+        available = _preload.memory_available() if "auto" in (self._preload_option, self._direct_option) else None
+        if _preload.direct_wanted(self._direct_option, data_bytes, self._record_bytes, available):
+            self._shards.use_direct_reads(True)
+        if files and _preload.background_wanted(self._preload_option, data_bytes, available):
             self.preloading = _preload.start_background(self, files)
 
     # ---- basics -------------------------------------------------------------------------------
@@ -243,6 +247,12 @@ class Dataset:
     @property
     def num_shards(self) -> int:
         return len(self._manifest.shards)
+
+    @property
+    def direct_reads(self) -> bool:
+        """Whether fixed-size records are read with O_DIRECT, past the page cache (``open``'s
+        ``direct_io``; False where the file system does not take it)."""
+        return self._shards.direct_shards > 0
 
     @property
     def threads(self) -> int:
@@ -265,7 +275,8 @@ class Dataset:
         self.close()
 
     def __reduce__(self):
-        return (_reopen, (self.path, self._threads, self._mmap_option, self.verify_reads, self._preload_option))
+        return (_reopen, (self.path, self._threads, self._mmap_option, self.verify_reads, self._preload_option,
+                          self._direct_option))
 
     def preload(self) -> bool:
         """Reads every file of the dataset once, front to back, so that the operating system's
@@ -425,12 +436,13 @@ def free_batch_memory() -> int:
 
 
 def _reopen(path: str, threads: Optional[int], mmap: Union[str, bool], verify: bool = False,
-            preload: Union[str, bool] = "auto") -> Dataset:
-    return Dataset(path, threads=threads, mmap=mmap, verify=verify, preload=preload)
+            preload: Union[str, bool] = "auto", direct_io: Union[str, bool] = "auto") -> Dataset:
+    return Dataset(path, threads=threads, mmap=mmap, verify=verify, preload=preload, direct_io=direct_io)
 
 
 def open(path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "auto",
-         mmap: Union[str, bool] = "auto", verify: bool = False, preload: Union[str, bool] = "auto") -> Dataset:
+         mmap: Union[str, bool] = "auto", verify: bool = False, preload: Union[str, bool] = "auto",
+         direct_io: Union[str, bool] = "auto") -> Dataset:
     """Opens a dataset directory for reading. ``threads``: native reader threads per batch, or
     ``"auto"`` (the default: :func:`get_num_threads`, see :func:`set_num_threads`). ``mmap``: copy records that are in the
     page cache from a read-only memory map instead of ``preadv`` — ``"auto"`` does for records of
@@ -455,5 +467,14 @@ def open(path: "os.PathLike[str] | str", *, threads: Union[None, str, int] = "au
     as with ``False``. ``True`` starts the pass whatever the dataset's size. Parts already cached
     cost no reads. The pass is :attr:`Dataset.preloading` (``wait()``, ``done``, ``bytes_read``,
     ``error``); it stops when the dataset is closed or garbage collected (docs/training.md,
-    "Datasets that fit in RAM")."""
-    return Dataset(path, threads=threads, mmap=mmap, verify=verify, preload=preload)
+    "Datasets that fit in RAM").
+
+    ``direct_io``: ``"auto"`` (the default) reads fixed-size records with ``O_DIRECT``, past the
+    page cache (Linux; where the file system takes it, through io_uring where it can be used),
+    when the dataset's files are at least 4 times the memory the page cache may use and its
+    records 4 KiB or more: then at most a quarter of a random epoch's reads could hit the cache,
+    and a read past it costs the kernel no eviction and no copy (0.4x the CPU time per 8 KiB
+    sample). ``True`` reads directly whatever the sizes (even what is cached), ``False`` never
+    (docs/training.md, "Datasets larger than RAM").
+    :attr:`Dataset.direct_reads` says whether this dataset does."""
+    return Dataset(path, threads=threads, mmap=mmap, verify=verify, preload=preload, direct_io=direct_io)

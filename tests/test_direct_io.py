@@ -1,0 +1,165 @@
+"""Direct reads (``open(..., direct_io=...)``, ext/records.h "Direct reads"): records read with
+O_DIRECT past the page cache, through io_uring or the thread pool, give the same batches as numpy
+at any alignment (records straddling 4 KiB blocks, the last record of a file that ends mid-block,
+runs of adjacent records), leave the page cache as it was, fail a truncated shard naming the file,
+and are chosen by ``"auto"`` only for a dataset far larger than the memory the page cache may use
+and records of 4 KiB or more."""
+
+import errno
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+import shardfeed
+from shardfeed import _core, _preload
+from shardfeed.errors import ShardReadError
+from shardfeed.format import HEADER_BYTES
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import regimes  # noqa: E402
+
+URING = _core.uring_error() == 0
+MODES = ["direct-uring", "pool", "auto"] if URING else ["pool"]
+N = 1500
+RECORD_SHAPE = (3, 683)  # float16: 4098 bytes a record, so records straddle 4 KiB blocks
+
+
+def data_files(path):
+    with shardfeed.open(path, preload=False, direct_io=False) as ds:
+        return [os.path.join(path, s.file) for s in ds._manifest.shards]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """N records of float16[3, 683] and an int64 label, in shards whose sizes end mid-block."""
+    path = str(tmp_path_factory.mktemp("direct") / "ds")
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((N,) + RECORD_SHAPE).astype(np.float16)
+    label = np.arange(N, dtype=np.int64) * 3 - 11
+    record_bytes = 2 * 3 * 683 + 8
+    with shardfeed.Writer(path, fields={"x": ("float16", RECORD_SHAPE), "label": ("int64", ())},
+                          shard_size=HEADER_BYTES + 347 * record_bytes) as writer:
+        writer.extend({"x": x, "label": label})
+    with shardfeed.open(path, direct_io=True, preload=False) as ds:
+        if not ds.direct_reads:
+            pytest.skip(f"the file system under {path} does not take O_DIRECT")
+    return path, x, label
+
+
+@pytest.fixture
+def read_io():
+    before = _core.read_io()
+    yield _core.set_read_io
+    _core.set_read_io(before)
+
+
+def last_of_each_shard(path):
+    with shardfeed.open(path, preload=False, direct_io=False) as ds:
+        return np.cumsum([s.num_samples for s in ds._manifest.shards]) - 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("use_map", [False, True])
+def test_direct_reads_equal_numpy(dataset, read_io, rng, mode, use_map):
+    path, x, label = dataset
+    read_io(mode)
+    with shardfeed.open(path, direct_io=True, mmap=use_map, preload=False) as ds:
+        assert ds.direct_reads
+        regimes.evict(data_files(path))
+        picks = [rng.permutation(N)[:700],                 # scattered records
+                 np.arange(200, 900),                      # one long run across shards
+                 last_of_each_shard(path),                 # files that end mid-block
+                 np.array([0, 1, 2, N - 1, N - 2, 5, 5])]  # repeats, both ends
+        for idx in picks:
+            batch = ds.read(idx)
+            np.testing.assert_array_equal(batch["x"], x[idx])
+            np.testing.assert_array_equal(batch["label"], label[idx])
+            assert batch.uncached == len(idx)  # no page-cache pass
+            converted = ds.read(idx, "x", dtype="float32", scale=0.5, offset=1.0)["x"]
+            np.testing.assert_array_equal(converted, x[idx].astype(np.float32) * np.float32(0.5) + np.float32(1.0))
+            labels_only = ds.read(idx, "label")["label"]  # a field at the end of the record
+            np.testing.assert_array_equal(labels_only, label[idx])
+
+
+def test_direct_reads_leave_the_page_cache_alone(dataset):
+    path, x, _ = dataset
+    files = data_files(path)
+    for direct, expect_cached in ((True, False), (False, True)):
+        with shardfeed.open(path, direct_io=direct, mmap=False, preload=False) as ds:
+            regimes.evict(files)
+            if regimes.resident_fraction(files) > 0.1:
+                pytest.skip("files here cannot be evicted from the page cache")
+            np.testing.assert_array_equal(ds.read(np.arange(N))["x"], x)
+            cached = regimes.resident_fraction(files)
+        assert (cached > 0.9) if expect_cached else (cached < 0.1), (direct, cached)
+
+
+@pytest.mark.skipif(not URING, reason="io_uring is not usable here")
+def test_direct_reads_go_through_io_uring_by_default(dataset, read_io, rng):
+    path, x, _ = dataset
+    read_io("direct-uring")
+    idx = rng.permutation(N)[:300]
+    with shardfeed.open(path, direct_io=False, mmap=False, preload=False) as ds:
+        regimes.evict(data_files(path))
+        before = _core.uring_runs()
+        ds.read(idx)
+        assert _core.uring_runs() == before  # buffered reads: the pool
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        before = _core.uring_runs()
+        np.testing.assert_array_equal(ds.read(idx)["x"], x[idx])
+        assert _core.uring_runs() - before == len(idx)  # scattered: one run a record
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_truncated_shard_fails_a_direct_read_naming_the_file(tmp_path, read_io, mode):
+    read_io(mode)
+    path = str(tmp_path / "ds")
+    values = np.arange(400 * 5000, dtype=np.uint32).reshape(400, 5000).astype(np.uint8)
+    with shardfeed.Writer(path, fields={"v": ("uint8", (5000,))}, shard_size=HEADER_BYTES + 100 * 5000) as w:
+        w.extend({"v": values})
+    with shardfeed.open(path, mmap=False, preload=False, direct_io=True) as ds:
+        if not ds.direct_reads:
+            pytest.skip(f"the file system under {path} does not take O_DIRECT")
+        shard = os.path.join(path, ds._manifest.shards[2].file)
+        os.truncate(shard, HEADER_BYTES + 30 * 5000 + 5)  # record 30 of shard 2 cut, those after it gone
+        np.testing.assert_array_equal(ds.read(np.arange(200, 230))["v"], values[200:230])  # what is left reads
+        with pytest.raises(ShardReadError, match="file ended before the data of sample 230 "):
+            ds.read(np.array([5, 230]))  # the record the cut went through
+        with pytest.raises(ShardReadError) as caught:
+            ds.read(np.array([5, 210, 241, 399]))
+    assert caught.value.filename == shard
+    assert caught.value.errno == errno.EIO
+    assert "file ended before the data of sample 241" in str(caught.value)
+
+
+def test_auto_reads_directly_only_far_past_the_memory_available(dataset, monkeypatch):
+    path, x, _ = dataset
+    total = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)
+                if name.endswith(".rec"))
+    assert _preload.DIRECT_MIN_RATIO == 4 and _preload.DIRECT_MIN_RECORD_BYTES == 4096
+    for available, direct in ((total // 4, True), (total // 4 + 4096, False), (None, False)):
+        monkeypatch.setattr(_preload, "memory_available", lambda: available)
+        with shardfeed.open(path, preload=False) as ds:
+            assert ds.direct_reads is direct, available
+            np.testing.assert_array_equal(ds.read(np.arange(0, N, 3))["x"], x[::3])
+    monkeypatch.setattr(_preload, "memory_available", lambda: 1)
+    with shardfeed.open(path, preload=False, direct_io=False) as ds:
+        assert not ds.direct_reads
+    assert _preload.direct_wanted("auto", 10 << 30, 4095, 1 << 30) is False  # records under 4 KiB
+    assert _preload.direct_wanted("auto", 10 << 30, 4096, 1 << 30) is True
+    assert _preload.direct_wanted(True, 1, 1, None) is True
+
+
+def test_direct_io_is_checked_and_survives_pickling(dataset):
+    path, x, _ = dataset
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="direct_io must be 'auto', True or False"):
+            shardfeed.open(path, direct_io=bad)
+    with shardfeed.open(path, direct_io=True, preload=False) as ds:
+        copy = pickle.loads(pickle.dumps(ds))
+        with copy:
+            assert copy.direct_reads
+            np.testing.assert_array_equal(copy.read(np.arange(10))["x"], x[:10])
