@@ -552,8 +552,9 @@ def _info(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(manifest.to_json(), indent=1))
             return 0
-        print(f"{printable(ds.path)}: {len(ds)} samples in {ds.num_shards} shard(s), "
-              f"{human_bytes(sum(s.size + s.heap_size for s in manifest.shards))}")
+        total = sum(s.size + s.heap_size for s in manifest.shards) + sum(d.size for d in manifest.dictionaries.values())
+        print(f"{printable(ds.path)}: {len(ds)} samples in {ds.num_shards} shard(s), {human_bytes(total)}"
+              + (" (dictionaries included)" if manifest.dictionaries else ""))
         sizes = [s.size + s.heap_size for s in manifest.shards]
         if sizes:
             print(f"shards: {len(sizes)}, {human_bytes(min(sizes))} to {human_bytes(max(sizes))} each")

@@ -320,8 +320,11 @@ class Dataset:
 
     def compression(self) -> Dict[str, Any]:
         """Each compressed field's sizes: field name -> a ``CompressedSize`` with ``stored`` (bytes
-        in the heap files), ``raw`` (the same values uncompressed), ``ratio`` (raw / stored) and
-        ``codec``; an empty dict without compressed fields. Reads the record files' descriptors."""
+        in the heap files), ``raw`` (the same values uncompressed), ``ratio`` (raw / stored),
+        ``codec``, and the trained dictionaries its shards use: ``dictionaries`` (how many files),
+        ``dictionary_bytes`` (their size, not counted in ``stored``) and
+        ``shards_without_dictionary``; an empty dict without compressed fields. Reads the record
+        files' descriptors."""
         from .verification import compressed_sizes
         return compressed_sizes(self.path, self._manifest)
 
