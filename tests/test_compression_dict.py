@@ -415,6 +415,10 @@ def test_a_frame_naming_another_dictionary_is_refused_not_decoded(triplets, tmp_
     for shard in manifest["shards"]:  # text's frames read with code's dictionary: valid, but not theirs
         shard["dictionaries"]["text"] = code
     _rewrite_manifest(path, manifest)
+    report = shardfeed.verify(path)  # the files are all intact: the frames' headers say it
+    assert not report.ok and report.bad_ranges == [(0, N)], str(report)
+    assert f"the frames of compressed field 'text' name another dictionary than the manifest gives the shard ({code})" \
+        in str(report)
     ds = shardfeed.open(path)
     with pytest.raises(ShardReadError, match=r"compressed frame of field 'text' of sample [01] .*names dictionary \d+, "
                                              r"not the one the manifest gives its shard") as caught:
@@ -426,6 +430,7 @@ def test_a_frame_naming_another_dictionary_is_refused_not_decoded(triplets, tmp_
     _rewrite_manifest(path, manifest)
     with pytest.raises(ShardReadError, match=r"field 'text' of sample \d+ .*names dictionary \d+"):
         shardfeed.open(path).read(np.arange(N), "text")
+    assert "name another dictionary than the manifest gives the shard (none)" in str(shardfeed.verify(path))
     with pytest.raises(ValueError, match="names dictionary"):  # the single-frame route checks it too
         frames, _, _ = _frames(paths["dict"], "text")
         _core.decompress("zstd", np.frombuffer(frames[0], np.uint8), RECORD)
