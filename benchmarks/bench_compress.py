@@ -5,7 +5,12 @@ run: samples/s and the CPU time per sample the decoding adds.
 Two kinds of real data, never synthetic noise:
 * photos: natural photographs cut into 224x224x3 uint8 patches (scikit-image's sample images, the
   test extra installs it; without it matplotlib's one sample photograph, grace_hopper.jpg);
-* text: byte-level tokens of the Python standard library's sources, uint8 sequences of 2048.
+* text: byte-level tokens of the Python standard library's sources, uint8 sequences of 2048;
+  text-512: the same sources in records of 512 bytes.
+
+Text is also written with a trained dictionary (reader ``zstd-dict``: zstd's default size, 110 KiB,
+``compression={"x": {"codec": "zstd", "dictionary": True}}``); photo patches gain nothing from one
+(benchmarks/RESULTS.md, sixth session), so they are not.
 
 Timed (``--benchmark-enable``) each dataset is ``--bench-dataset-mb`` MiB of values (the distinct
 samples repeated; each sample is its own frame, so repetition does not change the ratio). Under
@@ -73,18 +78,22 @@ def photo_patches() -> Tuple[np.ndarray, str]:
     return np.ascontiguousarray(np.stack(patches), dtype=np.uint8), source
 
 
-def text_tokens() -> Tuple[np.ndarray, str]:
-    """The standard library's .py sources as bytes, cut into sequences of 2048 byte tokens."""
+def text_tokens(record: int = TOKENS) -> Tuple[np.ndarray, str]:
+    """The standard library's .py sources as bytes, cut into sequences of ``record`` byte tokens."""
     stdlib = sysconfig.get_paths()["stdlib"]
     files = sorted(name for name in glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)
                    if "site-packages" not in os.path.relpath(name, stdlib).split(os.sep))
     data = b"".join(pathlib.Path(name).read_bytes() for name in files)
-    count = len(data) // TOKENS
-    return (np.frombuffer(data[:count * TOKENS], np.uint8).reshape(count, TOKENS),
+    count = len(data) // record
+    return (np.frombuffer(data[:count * record], np.uint8).reshape(count, record),
             f"the {len(files)} .py files of Python {sys.version.split()[0]}'s standard library")
 
 
-KINDS = {"photos": photo_patches, "text": text_tokens}
+KINDS = {"photos": photo_patches, "text": text_tokens, "text-512": lambda: text_tokens(512)}
+# The readers of each kind, and the compression option of each reader.
+READERS = {"photos": ("plain", "zstd"), "text": ("plain", "zstd", "zstd-dict"),
+           "text-512": ("plain", "zstd", "zstd-dict")}
+COMPRESSION = {"plain": None, "zstd": {"x": "zstd"}, "zstd-dict": {"x": {"codec": "zstd", "dictionary": True}}}
 
 
 def _write(path: str, samples: np.ndarray, count: int, compression) -> float:
@@ -107,13 +116,14 @@ def pair(request, bench_root, timing_enabled) -> Iterator[dict]:
         count = (request.config.getoption("bench_dataset_mb") << 20) // record_bytes
     else:
         count = 2 * BATCH + 5
-    paths = {name: os.path.join(bench_root, f"compress-{kind}-{name}") for name in ("plain", "zstd")}
-    seconds = {name: _write(paths[name], samples, count, {"x": "zstd"} if name == "zstd" else None)
-               for name in paths}
-    sizes = shardfeed.open(paths["zstd"]).compression()["x"]
+    paths = {name: os.path.join(bench_root, f"compress-{kind}-{name}") for name in READERS[kind]}
+    seconds = {name: _write(paths[name], samples, count, COMPRESSION[name]) for name in paths}
+    sizes = {name: shardfeed.open(paths[name]).compression()["x"] for name in paths if name != "plain"}
     try:
         yield dict(kind=kind, source=source, paths=paths, count=count, samples=samples, record_bytes=record_bytes,
-                   size_ratio=sizes.ratio, stored_per_sample=sizes.stored / sizes.samples,
+                   size_ratio={name: size.ratio for name, size in sizes.items()},
+                   stored_per_sample={name: size.stored / size.samples for name, size in sizes.items()},
+                   dictionary_bytes={name: size.dictionary_bytes for name, size in sizes.items()},
                    distinct=len(samples), write_seconds=seconds)
     finally:
         for path in paths.values():
@@ -124,7 +134,8 @@ def _files(path: str) -> list:
     return sorted(os.path.join(path, n) for n in os.listdir(path) if n.startswith("shard-"))
 
 
-@pytest.mark.parametrize("reader", ["plain", "zstd"])
+@pytest.mark.parametrize("pair, reader", [(kind, reader) for kind in KINDS for reader in READERS[kind]],
+                         indirect=["pair"])
 def test_page_cached(benchmark, pair, reader, timing_enabled):
     """Random batches of 256 from the page cache: samples/s and process CPU time per sample; the
     zstd entry carries its ratio to the plain reader's of this run and the decode's CPU cost."""
@@ -158,14 +169,16 @@ def test_page_cached(benchmark, pair, reader, timing_enabled):
                    cpu_us_per_sample=1e6 * float(np.median(cpu)) / BATCH)
     if reader == "plain":
         _plain_results[pair["kind"]] = figures
-    else:
+    elif reader == "zstd":
         _page_cached_zstd[pair["kind"]] = figures["samples_per_s"]
     info = dict(kind=pair["kind"], source=pair["source"], reader=reader, record_bytes=pair["record_bytes"],
-                samples=pair["count"], distinct_samples=pair["distinct"], size_ratio=round(pair["size_ratio"], 3),
-                stored_bytes_per_sample=round(pair["stored_per_sample"], 1), correct=correct,
+                samples=pair["count"], distinct_samples=pair["distinct"],
+                size_ratio=round(pair["size_ratio"].get(reader, 1.0), 3),
+                stored_bytes_per_sample=round(pair["stored_per_sample"].get(reader, pair["record_bytes"]), 1),
+                dictionary_bytes=pair["dictionary_bytes"].get(reader, 0), correct=correct,
                 write_seconds=round(pair["write_seconds"][reader], 2), threads=ds.threads, **figures)
     plain = _plain_results.get(pair["kind"])
-    if reader == "zstd" and plain:
+    if reader != "plain" and plain:
         info.update(ratio_to_plain=figures["samples_per_s"] / plain["samples_per_s"] if plain["samples_per_s"] else None,
                     decode_cpu_us_per_sample=figures["cpu_us_per_sample"] - plain["cpu_us_per_sample"])
     benchmark.extra_info.update(info)
@@ -227,7 +240,7 @@ def test_out_of_core(benchmark, pair, reader, timing_enabled):
         limit.remove()
     samples_per_s = samples / float(np.median(passes))
     fio_bytes = float(np.median(paired))
-    ratio = pair["size_ratio"] if reader == "zstd" else 1.0
+    ratio = pair["size_ratio"]["zstd"] if reader == "zstd" else 1.0
     limit_samples = fio_bytes * ratio / record_bytes
     benchmark.extra_info.update(kind=pair["kind"], reader=reader, samples_per_s=samples_per_s,
                                 fio_bytes_per_s=fio_bytes, fio_runs=paired, size_ratio=round(ratio, 3),

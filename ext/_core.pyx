@@ -19,7 +19,7 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_SIMPLE, PyBUF_WRITABLE, P
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.errno cimport errno
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove
 from posix.mman cimport MADV_RANDOM, MAP_FAILED, MAP_SHARED, PROT_READ, madvise, mmap, munmap
 from posix.unistd cimport close as c_close
@@ -396,6 +396,11 @@ cdef class ShardSet:
             raise ShardReadError(_errno.EIO, f"the compressed bytes of field {field!r} of {where} do not decode "
                                  f"({detail}): damaged after they were written? `shardfeed verify` lists "
                                  "every damaged sample", path)
+        if err.kind == SF_ERR_DICTIONARY:
+            raise ShardReadError(_errno.EIO, f"the compressed frame of field {field!r} of {where} names "
+                                 f"{'dictionary ' + str(err.found) if err.found > 0 else 'no dictionary'}, not the "
+                                 "one the manifest gives its shard: a damaged record, or a dictionary file "
+                                 "replaced by another; `shardfeed verify` checks every dictionary and frame", path)
         if err.kind == SF_ERR_SIZE:
             found = f"{err.found} bytes" if err.found >= 0 else "another size"
             raise ShardReadError(_errno.EIO, f"the compressed bytes of field {field!r} of {where} decode to "
@@ -611,11 +616,12 @@ cdef class ShardSet:
     def read_compressed(self, str field_name, str codec, const int64_t[::1] samples not None,
                         const int64_t[::1] shards not None, const int64_t[::1] offsets not None,
                         const int64_t[::1] lengths not None, int cast, size_t count, size_t raw_bytes, out,
-                        Affine affine, size_t threads):
+                        Affine affine, size_t threads, FieldDictionaries dictionaries=None):
         """Reads compressed field ``field_name``: sample r's frame of ``codec`` is ``lengths[r]``
         bytes at byte ``offsets[r]`` of heap file ``shards[r]`` and decodes to ``raw_bytes`` bytes
         (``count`` stored elements), converted by ``cast`` into row r of ``out`` (C-contiguous,
-        writable), with ``affine`` (an :class:`Affine` or None). Returns whether an integer value
+        writable), with ``affine`` (an :class:`Affine` or None); each shard's frames with its
+        dictionary in ``dictionaries`` (None: no shard has one). Returns whether an integer value
         did not convert exactly."""
         cdef size_t n = samples.shape[0], r, dst_bytes
         cdef sf_compressed_out field
@@ -660,6 +666,13 @@ cdef class ShardSet:
         field.dst = <char *>view.buf
         field.dst_bytes = dst_bytes
         field.inexact = &flag
+        field.ddicts = NULL
+        field.dict_ids = NULL
+        if dictionaries is not None:
+            if <size_t>len(dictionaries) != self.n:
+                raise ValueError("internal error: dictionaries for another number of shards")
+            field.ddicts = dictionaries.ddicts
+            field.dict_ids = dictionaries.ids
         _fill_affine(&field.affine, views, affine, field_name)
         if n == 0:
             return False

@@ -15,6 +15,8 @@
  * zstd header is needed to build (the functions and their signatures are unchanged since v1.0). */
 typedef struct ZSTD_CCtx_s ZSTD_CCtx;
 typedef struct ZSTD_DCtx_s ZSTD_DCtx;
+typedef struct ZSTD_CDict_s ZSTD_CDict;
+typedef struct ZSTD_DDict_s ZSTD_DDict;
 #define SF_ZSTD_CONTENTSIZE_UNKNOWN (0ULL - 1)
 #define SF_ZSTD_CONTENTSIZE_ERROR (0ULL - 2)
 
@@ -29,6 +31,18 @@ static struct {
     const char *(*getErrorName)(size_t);
     unsigned long long (*getFrameContentSize)(const void *, size_t);
     size_t (*compressBound)(size_t);
+    /* Dictionaries (optional: zdict.h's trainer and zstd.h's dictionary functions, stable since 1.0). */
+    size_t (*trainFromBuffer)(void *, size_t, const void *, const size_t *, unsigned);
+    unsigned (*zdictIsError)(size_t);
+    const char *(*zdictErrorName)(size_t);
+    unsigned (*getDictID_fromDict)(const void *, size_t);
+    unsigned (*getDictID_fromFrame)(const void *, size_t);
+    ZSTD_CDict *(*createCDict)(const void *, size_t, int);
+    size_t (*freeCDict)(ZSTD_CDict *);
+    ZSTD_DDict *(*createDDict)(const void *, size_t);
+    size_t (*freeDDict)(ZSTD_DDict *);
+    size_t (*compress_usingCDict)(ZSTD_CCtx *, void *, size_t, const void *, size_t, const ZSTD_CDict *);
+    size_t (*decompress_usingDDict)(ZSTD_DCtx *, void *, size_t, const void *, size_t, const ZSTD_DDict *);
 } zstd;
 
 #ifdef __APPLE__
@@ -40,6 +54,8 @@ static struct {
 static pthread_once_t load_once = PTHREAD_ONCE_INIT;
 static const char *zstd_missing;   /* NULL once loaded */
 static char zstd_why[512];
+static const char *dictionaries_missing = "the zstd library is not loaded"; /* NULL once found */
+static char dictionaries_why[512];
 static char zstd_library[256] = SF_ZSTD_DEFAULT;
 static pthread_key_t thread_key;
 static int thread_key_ok;
@@ -105,6 +121,29 @@ static void load_zstd(void)
         return;
     }
     zstd_missing = NULL;
+    struct { void **slot; const char *symbol; } optional[] = {
+        {(void **)&zstd.trainFromBuffer, "ZDICT_trainFromBuffer"},
+        {(void **)&zstd.zdictIsError, "ZDICT_isError"},
+        {(void **)&zstd.zdictErrorName, "ZDICT_getErrorName"},
+        {(void **)&zstd.getDictID_fromDict, "ZSTD_getDictID_fromDict"},
+        {(void **)&zstd.getDictID_fromFrame, "ZSTD_getDictID_fromFrame"},
+        {(void **)&zstd.createCDict, "ZSTD_createCDict"},
+        {(void **)&zstd.freeCDict, "ZSTD_freeCDict"},
+        {(void **)&zstd.createDDict, "ZSTD_createDDict"},
+        {(void **)&zstd.freeDDict, "ZSTD_freeDDict"},
+        {(void **)&zstd.compress_usingCDict, "ZSTD_compress_usingCDict"},
+        {(void **)&zstd.decompress_usingDDict, "ZSTD_decompress_usingDDict"},
+    };
+    for (size_t k = 0; k < sizeof optional / sizeof optional[0]; k++) {
+        *optional[k].slot = dlsym(lib, optional[k].symbol);
+        if (!*optional[k].slot) {
+            snprintf(dictionaries_why, sizeof dictionaries_why, "the zstd library (%s) has no function %s: it "
+                     "cannot train or use compression dictionaries", zstd_library, optional[k].symbol);
+            dictionaries_missing = dictionaries_why;
+            return;
+        }
+    }
+    dictionaries_missing = NULL;
 }
 
 const char *sf_codec_unavailable(int codec)
@@ -156,9 +195,9 @@ void *sf_codec_scratch(int slot, size_t bytes)
 }
 
 int sf_codec_compress(int codec, void *dst, size_t cap, const void *src, size_t n, int level,
-                      size_t *out_bytes, const char **why)
+                      const void *cdict, size_t *out_bytes, const char **why)
 {
-    *why = sf_codec_unavailable(codec);
+    *why = cdict ? sf_codec_dictionaries_unavailable(codec) : sf_codec_unavailable(codec);
     if (*why)
         return SF_ERR_CODEC;
     thread_state *state = this_thread();
@@ -166,7 +205,8 @@ int sf_codec_compress(int codec, void *dst, size_t cap, const void *src, size_t 
         state->cctx = zstd.createCCtx();
     if (!state || !state->cctx)
         return SF_ERR_NOMEM;
-    size_t got = zstd.compressCCtx(state->cctx, dst, cap, src, n, level);
+    size_t got = cdict ? zstd.compress_usingCDict(state->cctx, dst, cap, src, n, cdict)
+                       : zstd.compressCCtx(state->cctx, dst, cap, src, n, level);
     if (zstd.isError(got)) {
         *why = zstd.getErrorName(got);
         return SF_ERR_CORRUPT;
@@ -176,10 +216,10 @@ int sf_codec_compress(int codec, void *dst, size_t cap, const void *src, size_t 
 }
 
 int sf_codec_decompress(int codec, void *dst, size_t raw_bytes, const void *src, size_t n,
-                        long long *found_bytes, const char **why)
+                        const void *ddict, unsigned dict_id, long long *found_bytes, const char **why)
 {
     *found_bytes = -1;
-    *why = sf_codec_unavailable(codec);
+    *why = ddict ? sf_codec_dictionaries_unavailable(codec) : sf_codec_unavailable(codec);
     if (*why)
         return SF_ERR_CODEC;
     unsigned long long declared = zstd.getFrameContentSize(src, n);
@@ -192,12 +232,25 @@ int sf_codec_decompress(int codec, void *dst, size_t raw_bytes, const void *src,
         *why = "the frame's content size";
         return SF_ERR_SIZE;
     }
+    /* The frame header's dictionary id (0: none) must be the shard's: a frame decoded with another
+     * dictionary than its own could decode to wrong bytes of the right size. (Where the library
+     * has no dictionary functions, no dataset with dictionaries is read: ddict is then NULL and
+     * the frame must name none, which zstd's own decoder checks.) */
+    if (zstd.getDictID_fromFrame) {
+        unsigned named = zstd.getDictID_fromFrame(src, n);
+        if (named != dict_id) {
+            *found_bytes = (long long)named;
+            *why = named ? "the frame names another dictionary" : "the frame names no dictionary";
+            return SF_ERR_DICTIONARY;
+        }
+    }
     thread_state *state = this_thread();
     if (state && !state->dctx)
         state->dctx = zstd.createDCtx();
     if (!state || !state->dctx)
         return SF_ERR_NOMEM;
-    size_t got = zstd.decompressDCtx(state->dctx, dst, raw_bytes, src, n);
+    size_t got = ddict ? zstd.decompress_usingDDict(state->dctx, dst, raw_bytes, src, n, ddict)
+                       : zstd.decompressDCtx(state->dctx, dst, raw_bytes, src, n);
     if (zstd.isError(got)) {
         *why = zstd.getErrorName(got);
         return SF_ERR_CORRUPT;
@@ -208,4 +261,64 @@ int sf_codec_decompress(int codec, void *dst, size_t raw_bytes, const void *src,
         return SF_ERR_SIZE;
     }
     return SF_OK;
+}
+
+const char *sf_codec_dictionaries_unavailable(int codec)
+{
+    const char *why = sf_codec_unavailable(codec);
+    return why ? why : dictionaries_missing;
+}
+
+int sf_codec_train(int codec, void *dst, size_t capacity, const void *samples, const size_t *sizes,
+                   unsigned n, size_t *out_bytes, const char **why)
+{
+    *why = sf_codec_dictionaries_unavailable(codec);
+    if (*why)
+        return SF_ERR_CODEC;
+    size_t got = zstd.trainFromBuffer(dst, capacity, samples, sizes, n);
+    if (zstd.zdictIsError(got)) {
+        *why = zstd.zdictErrorName(got);
+        return SF_ERR_CODEC;
+    }
+    *out_bytes = got;
+    return SF_OK;
+}
+
+unsigned sf_codec_dictionary_id(int codec, const void *dict, size_t n)
+{
+    return sf_codec_dictionaries_unavailable(codec) ? 0 : zstd.getDictID_fromDict(dict, n);
+}
+
+void *sf_codec_ddict_create(int codec, const void *dict, size_t n, const char **why)
+{
+    *why = sf_codec_dictionaries_unavailable(codec);
+    if (*why)
+        return NULL;
+    ZSTD_DDict *ddict = zstd.createDDict(dict, n);
+    if (!ddict)
+        *why = "zstd could not load the dictionary (out of memory, or not a dictionary)";
+    return ddict;
+}
+
+void sf_codec_ddict_free(int codec, void *ddict)
+{
+    if (ddict && !sf_codec_dictionaries_unavailable(codec))
+        zstd.freeDDict(ddict);
+}
+
+void *sf_codec_cdict_create(int codec, const void *dict, size_t n, int level, const char **why)
+{
+    *why = sf_codec_dictionaries_unavailable(codec);
+    if (*why)
+        return NULL;
+    ZSTD_CDict *cdict = zstd.createCDict(dict, n, level);
+    if (!cdict)
+        *why = "zstd could not load the dictionary (out of memory, or not a dictionary)";
+    return cdict;
+}
+
+void sf_codec_cdict_free(int codec, void *cdict)
+{
+    if (cdict && !sf_codec_dictionaries_unavailable(codec))
+        zstd.freeCDict(cdict);
 }

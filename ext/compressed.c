@@ -60,7 +60,8 @@ static int read_compressed_range(void *vctx, size_t begin, size_t end, sf_error 
         char *landing = f->cast == SF_CAST_COPY ? out : narrowing ? scratch : out + f->dst_bytes - f->raw_bytes;
         long long found = -1;
         const char *why = NULL;
-        rc = sf_codec_decompress(f->codec, landing, f->raw_bytes, frame, stored, &found, &why);
+        rc = sf_codec_decompress(f->codec, landing, f->raw_bytes, frame, stored, f->ddicts ? f->ddicts[s] : NULL,
+                                 f->dict_ids ? f->dict_ids[s] : 0, &found, &why);
         if (rc == SF_ERR_NOMEM)
             return sf_out_of_memory(err, SF_FILE_HEAP);
         if (rc != SF_OK)
@@ -84,6 +85,7 @@ int sf_read_compressed(const sf_shards *shards, const int64_t *sample, const int
 
 typedef struct compress_ctx {
     int codec, level;
+    const void *cdict;
     const char *src;
     size_t raw_bytes;
     char *dst;
@@ -98,7 +100,7 @@ static int compress_range(void *vctx, size_t begin, size_t end, sf_error *err)
         size_t got = 0;
         const char *why = NULL;
         int rc = sf_codec_compress(ctx->codec, ctx->dst + r * ctx->bound, ctx->bound,
-                                   ctx->src + r * ctx->raw_bytes, ctx->raw_bytes, ctx->level, &got, &why);
+                                   ctx->src + r * ctx->raw_bytes, ctx->raw_bytes, ctx->level, ctx->cdict, &got, &why);
         if (rc == SF_ERR_NOMEM)
             return sf_out_of_memory(err, SF_FILE_HEAP);
         if (rc != SF_OK) {
@@ -112,10 +114,10 @@ static int compress_range(void *vctx, size_t begin, size_t end, sf_error *err)
     return 0;
 }
 
-int sf_compress_samples(int codec, int level, const char *src, size_t n, size_t raw_bytes, char *dst,
-                        size_t bound, int64_t *lengths, size_t threads, sf_error *err)
+int sf_compress_samples(int codec, int level, const void *cdict, const char *src, size_t n, size_t raw_bytes,
+                        char *dst, size_t bound, int64_t *lengths, size_t threads, sf_error *err)
 {
-    compress_ctx ctx = {codec, level, src, raw_bytes, dst, bound, lengths};
+    compress_ctx ctx = {codec, level, cdict, src, raw_bytes, dst, bound, lengths};
     sf_error_clear(err);
     if (n == 0)
         return 0;

@@ -22,6 +22,7 @@ cdef extern from "sf_error.h":
         SF_ERR_CODEC
         SF_ERR_CORRUPT
         SF_ERR_SIZE
+        SF_ERR_DICTIONARY
         SF_FILE_RECORDS
         SF_FILE_HEAP
 
@@ -121,12 +122,14 @@ cdef extern from "reader.h":
         size_t dst_bytes
         sf_affine affine
         int *inexact
+        const void *const *ddicts
+        const unsigned *dict_ids
 
     int sf_read_compressed(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
                            const int64_t *offsets, const int64_t *lengths, size_t n,
                            const sf_compressed_out *field, size_t threads, sf_error *err) nogil
-    int sf_compress_samples(int codec, int level, const char *src, size_t n, size_t raw_bytes, char *dst,
-                            size_t bound, int64_t *lengths, size_t threads, sf_error *err) nogil
+    int sf_compress_samples(int codec, int level, const void *cdict, const char *src, size_t n, size_t raw_bytes,
+                            char *dst, size_t bound, int64_t *lengths, size_t threads, sf_error *err) nogil
     int sf_check_heap(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
                       const int64_t *spans, size_t n_spans, const uint32_t *expected, size_t n,
                       size_t threads, sf_error *err) nogil
@@ -139,7 +142,15 @@ cdef extern from "codec.h":
     const char *sf_codec_library(int codec)
     size_t sf_codec_bound(int codec, size_t raw_bytes)
     int sf_codec_decompress(int codec, void *dst, size_t raw_bytes, const void *src, size_t n,
-                            long long *found_bytes, const char **why) nogil
+                            const void *ddict, unsigned dict_id, long long *found_bytes, const char **why) nogil
+    const char *sf_codec_dictionaries_unavailable(int codec)
+    int sf_codec_train(int codec, void *dst, size_t capacity, const void *samples, const size_t *sizes,
+                       unsigned n, size_t *out_bytes, const char **why) nogil
+    unsigned sf_codec_dictionary_id(int codec, const void *dict, size_t n)
+    void *sf_codec_ddict_create(int codec, const void *dict, size_t n, const char **why) nogil
+    void sf_codec_ddict_free(int codec, void *ddict)
+    void *sf_codec_cdict_create(int codec, const void *dict, size_t n, int level, const char **why) nogil
+    void sf_codec_cdict_free(int codec, void *cdict)
 
 
 cdef extern from "uring.h":

@@ -106,22 +106,28 @@ typedef struct sf_compressed_out {
     size_t dst_bytes;      /* output bytes per sample */
     sf_affine affine;
     int *inexact;          /* as in sf_field_out */
+    /* Each shard's decompression dictionary of the field (codec.h) and its id, NULL and 0 for a
+     * shard whose frames use none; both arrays NULL where no shard has one. */
+    const void *const *ddicts;
+    const unsigned *dict_ids;
 } sf_compressed_out;
 
 /* Reads and decodes a compressed field of samples [0, n) on `threads` threads, each decoding
  * into the output (or, for a narrowing conversion, its own scratch) and converting in place. A
  * frame that does not decode fails with SF_ERR_CORRUPT, one of another size with SF_ERR_SIZE,
- * naming sample[r], its heap file and offset. */
+ * one whose header names another dictionary than its shard's with SF_ERR_DICTIONARY, naming
+ * sample[r], its heap file and offset. */
 int sf_read_compressed(const sf_shards *shards, const int64_t *sample, const int64_t *shard,
                        const int64_t *offsets, const int64_t *lengths, size_t n,
                        const sf_compressed_out *field, size_t threads, sf_error *err);
 
-/* Compresses n samples of raw_bytes bytes each (src, contiguous) with `codec` at `level` on
- * `threads` threads: sample r into dst + r * bound (bound >= sf_codec_bound(codec, raw_bytes)),
- * its compressed size into lengths[r]. Fails with SF_ERR_CODEC, SF_ERR_NOMEM or SF_ERR_CORRUPT
- * (the codec refused; detail says why), naming the sample r. */
-int sf_compress_samples(int codec, int level, const char *src, size_t n, size_t raw_bytes, char *dst,
-                        size_t bound, int64_t *lengths, size_t threads, sf_error *err);
+/* Compresses n samples of raw_bytes bytes each (src, contiguous) with `codec` at `level` (or with
+ * the compression dictionary `cdict`, codec.h, where not NULL) on `threads` threads: sample r into
+ * dst + r * bound (bound >= sf_codec_bound(codec, raw_bytes)), its compressed size into
+ * lengths[r]. Fails with SF_ERR_CODEC, SF_ERR_NOMEM or SF_ERR_CORRUPT (the codec refused; detail
+ * says why), naming the sample r. */
+int sf_compress_samples(int codec, int level, const void *cdict, const char *src, size_t n, size_t raw_bytes,
+                        char *dst, size_t bound, int64_t *lengths, size_t threads, sf_error *err);
 
 /* Checks the variable-length rows of samples `sample[0..n)` against their stored CRC32C (the second
  * checksum word, docs/format.md): sample r's rows are the n_spans byte ranges spans[2 (r n_spans

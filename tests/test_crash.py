@@ -6,7 +6,8 @@ The kills are deterministic. A driver subprocess runs the write once to list its
 forks one child per kill point; the child counts the writer's I/O calls (os.open, os.write,
 os.pwrite, os.ftruncate, os.fsync, os.replace, os.unlink and the shard-file writes, each flushed
 to the file) and SIGKILLs itself just before call k, or half-way through it ("torn": half of the
-bytes written, then the kill).
+bytes written, then the kill). The same runs again with field ``x`` compressed with a trained
+dictionary (its file written, then the frames that use it).
 """
 
 import json
@@ -28,6 +29,8 @@ FIELDS = {"x": ("float32", (3,)), "label": ("int64", ()), "t": ("int16", (None,)
 RECORD_BYTES = 40  # x at 0 (12 bytes), label at 16, t's descriptor at 24
 SHARD_SIZE = HEADER_BYTES + 5 * RECORD_BYTES  # 5 samples per shard
 SESSIONS = [(23, 3), (14, 4)]  # (samples, batch size): mode "w" then mode "a"
+# Each run's compression (the record keeps its 40 bytes: x's descriptor takes its 12 bytes' place).
+COMPRESSIONS = {"plain": None, "dictionary": {"x": {"codec": "zstd", "dictionary": True}}}
 TOTAL = sum(n for n, _ in SESSIONS)
 
 
@@ -49,7 +52,7 @@ DRIVER = textwrap.dedent(r'''
     from shardfeed import shardfile as W
 
     root, shard_size = sys.argv[1], int(sys.argv[2])
-    fields, sessions, data = CONFIG
+    fields, sessions, compression, data = CONFIG
     real = {name: getattr(os, name) for name in ("open", "write", "pwrite", "ftruncate", "fsync", "replace", "unlink")}
     real_write = W._OutputFile.write
 
@@ -110,7 +113,7 @@ DRIVER = textwrap.dedent(r'''
         for session, (count, batch) in enumerate(sessions):
             mode = "w" if session == 0 else "a"
             with shardfeed.Writer(path, fields=fields if mode == "w" else None, mode=mode, shard_size=shard_size,
-                                  metadata={"session": session}) as w:
+                                  metadata={"session": session}, compression=compression if mode == "w" else None) as w:
                 for at in range(start, start + count, batch):
                     stop = min(at + batch, start + count)
                     w.extend({name: values[at:stop] for name, values in data.items()})
@@ -140,13 +143,14 @@ DRIVER = textwrap.dedent(r'''
 ''')
 
 
-@pytest.fixture(scope="module")
-def kill_runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(COMPRESSIONS))
+def kill_runs(tmp_path_factory, request):
+    compression = COMPRESSIONS[request.param]
     data = make_data()
     lists = {"x": data["x"].tolist(), "label": data["label"].tolist(), "t": [r.tolist() for r in data["t"]]}
     # the driver rebuilds the exact arrays from the lists (float32 values survive repr() exactly)
-    driver = DRIVER.replace("fields, sessions, data = CONFIG", textwrap.dedent(f"""
-        fields, sessions, raw = {(FIELDS, SESSIONS, lists)!r}
+    driver = DRIVER.replace("fields, sessions, compression, data = CONFIG", textwrap.dedent(f"""
+        fields, sessions, compression, raw = {(FIELDS, SESSIONS, compression, lists)!r}
         data = {{"x": np.array(raw["x"], np.float32), "label": np.array(raw["label"], np.int64),
                 "t": [np.array(r, np.int16) for r in raw["t"]]}}"""))
     root = tmp_path_factory.mktemp("kills")
@@ -154,11 +158,11 @@ def kill_runs(tmp_path_factory):
     done = subprocess.run([sys.executable, "-c", driver, str(root), str(SHARD_SIZE)], capture_output=True,
                           text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1]), data
+    return json.loads(done.stdout.splitlines()[-1]), data, compression
 
 
 def test_there_are_enough_kill_points(kill_runs):
-    runs, _ = kill_runs
+    runs, _, _ = kill_runs
     results = runs["results"]
     assert len(results) >= 50, len(results)
     assert all(r["killed"] for r in results), [r for r in results if not r["killed"]][:3]
@@ -184,7 +188,7 @@ def check_dataset(path, data, count):
 
 
 def test_every_kill_leaves_the_committed_samples_and_append_recovers(kill_runs):
-    runs, data = kill_runs
+    runs, data, compression = kill_runs
     recovered_with_warning = 0
     for run in runs["results"]:
         path, committed = run["path"], run["committed"]
@@ -197,12 +201,12 @@ def test_every_kill_leaves_the_committed_samples_and_append_recovers(kill_runs):
                     shardfeed.open(path)
                 with pytest.raises(FileNotFoundError, match="no dataset to append to"):
                     shardfeed.Writer(path, mode="a")
-                writer = shardfeed.Writer(path, fields=FIELDS, shard_size=SHARD_SIZE)
+                writer = shardfeed.Writer(path, fields=FIELDS, shard_size=SHARD_SIZE, compression=compression)
                 committed = 0
             else:
                 check_dataset(path, data, committed)
                 assert shardfeed.open(path).metadata["session"] in (0, 1), where
-                writer = shardfeed.Writer(path, mode="a", shard_size=SHARD_SIZE)
+                writer = shardfeed.Writer(path, mode="a", shard_size=SHARD_SIZE, compression=compression)
                 assert len(writer) == committed, where
             with writer:
                 writer.extend(take(data, committed, TOTAL))
@@ -219,9 +223,13 @@ def test_every_kill_leaves_the_committed_samples_and_append_recovers(kill_runs):
         report = shardfeed.verify(path)
         assert report.ok and not report.notes, (where, str(report))
         with open(os.path.join(path, MANIFEST_NAME)) as f:
-            listed = {s["file"] for s in json.load(f)["shards"]}
+            manifest = json.load(f)
+        listed = {s["file"] for s in manifest["shards"]}
         heaps = {name.replace(".rec", ext) for name in listed for ext in (".var", ".crc")}
-        assert set(os.listdir(path)) == listed | heaps | {MANIFEST_NAME}, (where, os.listdir(path))
+        dictionaries = {d["file"] for d in manifest.get("dictionaries", [])}
+        assert set(os.listdir(path)) == listed | heaps | dictionaries | {MANIFEST_NAME}, (where, os.listdir(path))
+        if compression is not None:  # every frame written with a dictionary, whatever was killed
+            assert dictionaries and all(s["dictionaries"]["x"] in dictionaries for s in manifest["shards"]), where
     assert recovered_with_warning >= len(runs["results"]) // 2
 
 

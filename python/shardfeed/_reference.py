@@ -16,8 +16,9 @@ import numpy as np
 from .format import HEADER_BYTES, read_manifest
 
 
-def _decompress(codec, frame, raw_bytes):
-    """One frame decoded by zstd's one-shot function through ctypes (not the core's loader)."""
+def _decompress(codec, frame, raw_bytes, dictionary=None):
+    """One frame decoded by zstd's one-shot functions through ctypes (not the core's loader), with
+    ``dictionary`` (its bytes) where given."""
     assert codec == "zstd", codec
     lib = ctypes.CDLL(os.environ.get("SHARDFEED_ZSTD_LIBRARY") or "libzstd.so.1")
     lib.ZSTD_decompress.restype = ctypes.c_size_t
@@ -25,7 +26,19 @@ def _decompress(codec, frame, raw_bytes):
     lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
     out = ctypes.create_string_buffer(max(raw_bytes, 1))
     data = bytes(frame)
-    got = lib.ZSTD_decompress(out, raw_bytes, data, len(data))
+    if dictionary is None:
+        got = lib.ZSTD_decompress(out, raw_bytes, data, len(data))
+    else:
+        lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+        lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_decompress_usingDict.restype = ctypes.c_size_t
+        lib.ZSTD_decompress_usingDict.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
+                                                  ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+        dctx = lib.ZSTD_createDCtx()
+        try:
+            got = lib.ZSTD_decompress_usingDict(dctx, out, raw_bytes, data, len(data), dictionary, len(dictionary))
+        finally:
+            lib.ZSTD_freeDCtx(dctx)
     if lib.ZSTD_isError(got) or got != raw_bytes:
         raise ValueError(f"a {codec} frame does not decode to {raw_bytes} bytes")
     return out.raw[:raw_bytes]
@@ -113,7 +126,10 @@ def reference_read(path, indices, fields=None, dtype=None, scale=None, offset=No
             elif field.compressed:
                 at, length = np.frombuffer(record, "<u8", 2, field.offset).tolist()
                 frame = np.frombuffer(_pread(os.path.join(path, shard.heap_file), length, at), np.uint8)
-                raw = np.frombuffer(_decompress(field.codec, frame, field.raw_bytes), stored).reshape(field.row_shape)
+                file = shard.dictionary(name)
+                dictionary = None if file is None else _pread(os.path.join(path, file), manifest.dictionaries[file].size, 0)
+                raw = np.frombuffer(_decompress(field.codec, frame, field.raw_bytes, dictionary),
+                                    stored).reshape(field.row_shape)
             else:
                 raw = np.frombuffer(record, stored, field.count, field.offset).reshape(field.row_shape)
             rows.append(_convert(field, raw, *args))

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 import numpy as np
 
 from . import _core
-from .errors import OutputSizeError, ShardFormatError
+from .errors import CodecUnavailableError, OutputSizeError, ShardFormatError
 from .format import HEADER_BYTES, Field, Schema
 from .read_options import (
     CAST_COPY, INTEGER_DTYPES, STORED_KINDS, affine_layout, cast_values, conversion, exact, inexact_error, option_for,
@@ -116,10 +116,12 @@ class BatchReader:
     """Reads batches of samples from one open dataset's :class:`_core.ShardSet`. ``starts``: the
     first sample of each shard (and the total last); ``heap_sizes``/``heap_paths``: each shard's
     heap file; ``row_checksums``: with ``verify=True`` and variable-length fields, each sample's
-    CRC32C of its rows, checked before they are read."""
+    CRC32C of its rows, checked before they are read; ``dictionaries``: each compressed field with
+    trained dictionaries, its ``_core.FieldDictionaries`` (or why the library cannot use them)."""
 
     def __init__(self, shards: "_core.ShardSet", schema: Schema, starts: np.ndarray, heap_sizes: np.ndarray,
-                 heap_paths: List[str], use_map: bool, row_checksums: Optional[np.ndarray]):
+                 heap_paths: List[str], use_map: bool, row_checksums: Optional[np.ndarray],
+                 dictionaries: Optional[Mapping[str, Any]] = None):
         self._shards = shards
         self._schema = schema
         self._fields: Dict[str, Field] = dict(schema.fields)
@@ -129,6 +131,7 @@ class BatchReader:
         self._heap_paths = heap_paths
         self._use_map = use_map
         self._row_checksums = row_checksums
+        self._dictionaries = dict(dictionaries or {})
         # Per field, what read() needs on every call: (natural dtype, cast kernel, variable,
         # row shape, elements per row, offset and bytes in the record), so that a read does not
         # recompute Field properties.
@@ -345,11 +348,16 @@ class BatchReader:
         """Decodes a compressed field's frames into its output on the native threads; returns
         whether an integer value did not convert exactly."""
         field = one.field
+        dictionaries = self._dictionaries.get(field.name)
+        if isinstance(dictionaries, str):
+            raise CodecUnavailableError(f"field {field.name!r} is compressed with {field.codec} and trained "
+                                        f"dictionaries, but {dictionaries}")
         shard = np.searchsorted(self._starts, indices, side="right") - 1
         offsets, lengths = self._heap_rows(field, indices, shard, one.descriptors)
         return self._shards.read_compressed(field.name, field.codec, indices, shard.astype(np.int64),
                                             offsets.astype(np.int64), lengths.astype(np.int64), one.cast,
-                                            field.count, field.raw_bytes, one.target, one.params, threads)
+                                            field.count, field.raw_bytes, one.target, one.params, threads,
+                                            dictionaries)
 
     def _read_variable(self, variable: _VariableRead, indices: np.ndarray, out_array: Optional[np.ndarray],
                        maxlen: Optional[int], pad_value: Any, threads: int, padding: str, truncating: str,

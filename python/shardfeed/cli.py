@@ -330,7 +330,8 @@ _CONVERTERS = {"npy": _from_npy, "npz": _from_npz, "hdf5": _from_hdf5, "csv": _f
 
 
 def _compression(args: argparse.Namespace) -> Any:
-    """The ``compression`` option of ``--compress FIELD=CODEC[:LEVEL]`` items (None without any)."""
+    """The ``compression`` option of ``--compress FIELD=CODEC[:LEVEL][:dict[=BYTES]]`` items (None
+    without any)."""
     from .compression import parse_compress_arguments
 
     try:
@@ -340,7 +341,8 @@ def _compression(args: argparse.Namespace) -> Any:
 
 
 def _add_compress(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("--compress", action="append", default=[], metavar="FIELD=CODEC[:LEVEL]", help=help)
+    p.add_argument("--compress", action="append", default=[], metavar="FIELD=CODEC[:LEVEL][:dict[=BYTES]]",
+                   help=help)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -418,7 +420,8 @@ def _add_convert(commands: Any) -> None:
     p.add_argument("--part", type=_part, metavar="K/N", help="convert only part K (0-based) of N, e.g. one "
                    "cluster task's share; join the parts with `shardfeed merge`")
     _add_compress(p, "store field FIELD compressed (codec zstd; default level 3), each sample one frame decoded "
-                     "by the readers' native threads; repeat for several fields")
+                     "by the readers' native threads; ':dict' trains a dictionary on the first samples (110 KiB, "
+                     "or dict=BYTES), for small records; repeat for several fields")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no report")
 
@@ -525,8 +528,9 @@ def _add_merge(commands: Any) -> None:
     _inputs_and_output(p, "parts", "PART", "part datasets, in order", "the merged dataset to create")
     p.add_argument("--move", action="store_true", help="move the shard files and remove the parts")
     p.add_argument("--metadata", type=_json_object, metavar="JSON|@FILE", help="the merged dataset's metadata")
-    _add_compress(p, "require field FIELD to be stored with CODEC in every part (merge links the parts' files: it "
-                     "keeps their compression and cannot change it)")
+    _add_compress(p, "require field FIELD to be stored with CODEC in every part (and with ':dict', with trained "
+                     "dictionaries; merge links the parts' files: it keeps their compression and dictionaries and "
+                     "cannot change them)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
 
@@ -548,14 +552,16 @@ def _info(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(manifest.to_json(), indent=1))
             return 0
-        print(f"{printable(ds.path)}: {len(ds)} samples in {ds.num_shards} shard(s), "
-              f"{human_bytes(sum(s.size + s.heap_size for s in manifest.shards))}")
+        total = sum(s.size + s.heap_size for s in manifest.shards) + sum(d.size for d in manifest.dictionaries.values())
+        print(f"{printable(ds.path)}: {len(ds)} samples in {ds.num_shards} shard(s), {human_bytes(total)}"
+              + (" (dictionaries included)" if manifest.dictionaries else ""))
         sizes = [s.size + s.heap_size for s in manifest.shards]
         if sizes:
             print(f"shards: {len(sizes)}, {human_bytes(min(sizes))} to {human_bytes(max(sizes))} each")
         if args.shards:
             for shard in manifest.shards:
                 heap = f" + {printable(shard.heap_file)} {human_bytes(shard.heap_size)}" if shard.heap_file else ""
+                heap += "".join(f", field {printable(name)!r} with dictionary {file}" for name, file in shard.dictionaries)
                 print(f"  {printable(shard.file)}: {shard.num_samples} samples, {human_bytes(shard.size)}{heap}")
         print(f"record: {ds.schema.record_bytes} bytes")
         for field in ds.fields.values():

@@ -15,7 +15,7 @@ from ._process import usable_cpus
 from .errors import ShardFormatError, ShardReadError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME,
-    MERGE_JOURNAL_NAME, Field, Manifest, ShardEntry, check_header, checksum_words, read_manifest,
+    MERGE_JOURNAL_NAME, Field, Manifest, ShardEntry, check_header, checksum_words, read_dictionary, read_manifest,
 )
 from .fileio import file_system_path, open_regular
 
@@ -131,6 +131,33 @@ def _stored_checksums(path: str, shard: ShardEntry, manifest: Manifest) -> np.nd
     return np.frombuffer(data, dtype=CHECKSUM_DTYPE).reshape(shard.num_samples, checksum_words(manifest.schema))
 
 
+def field_dictionaries(path: str, manifest: Manifest) -> Dict[str, Any]:
+    """Each compressed field with trained dictionaries: a ``_core.FieldDictionaries`` (each shard's
+    dictionary, every file loaded once and checked against its size and checksum), or where the
+    codec library cannot use dictionaries, why not (a read of the field raises it)."""
+    loaded: Dict[str, Any] = {}
+    fields: Dict[str, Any] = {}
+    for name, codec in manifest.schema.codecs.items():
+        files = [shard.dictionary(name) for shard in manifest.shards]
+        if not any(files):
+            continue
+        why = _core.dictionaries_unavailable(codec)
+        if why is not None:
+            fields[name] = why
+            continue
+        for file in files:
+            if file is not None and file not in loaded:
+                try:
+                    loaded[file] = _core.Dictionary(codec, read_dictionary(path, manifest.dictionaries[file]))
+                except ValueError as exc:
+                    if isinstance(exc, ShardFormatError):
+                        raise
+                    raise ShardFormatError(f"{os.path.join(path, file)}: {exc} (the dictionary of field {name!r})") \
+                        from None
+        fields[name] = _core.FieldDictionaries([None if file is None else loaded[file] for file in files])
+    return fields
+
+
 class Dataset:
     """A dataset opened for reading: ``len(ds)``, ``ds.fields``, ``ds.metadata``, ``ds[i]`` and
     :meth:`read` for batches. Thread-safe; pickles by path (the copy reopens the files)."""
@@ -197,8 +224,13 @@ class Dataset:
                                       self._record_bytes, use_map, checksums)
         self._use_map = use_map
         heap_sizes = np.array([s.heap_size for s in manifest.shards], dtype=np.int64)
+        try:
+            dictionaries = field_dictionaries(self.path, manifest)
+        except BaseException:
+            self._shards.close()
+            raise
         self._reader = BatchReader(self._shards, manifest.schema, self._starts, heap_sizes, heap_paths, use_map,
-                                   row_checksums)
+                                   row_checksums, dictionaries)
         files = self._data_files()
         data_bytes = sum(size for _, size in files)
         available = _preload.memory_available() if "auto" in (self._preload_option, self._direct_option) else None
@@ -288,8 +320,11 @@ class Dataset:
 
     def compression(self) -> Dict[str, Any]:
         """Each compressed field's sizes: field name -> a ``CompressedSize`` with ``stored`` (bytes
-        in the heap files), ``raw`` (the same values uncompressed), ``ratio`` (raw / stored) and
-        ``codec``; an empty dict without compressed fields. Reads the record files' descriptors."""
+        in the heap files), ``raw`` (the same values uncompressed), ``ratio`` (raw / stored),
+        ``codec``, and the trained dictionaries its shards use: ``dictionaries`` (how many files),
+        ``dictionary_bytes`` (their size, not counted in ``stored``) and
+        ``shards_without_dictionary``; an empty dict without compressed fields. Reads the record
+        files' descriptors."""
         from .verification import compressed_sizes
         return compressed_sizes(self.path, self._manifest)
 

@@ -17,7 +17,7 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,6 +44,14 @@ SHARD_FILE_PATTERN = re.compile(r"shard-\d{6,}\.(rec|var|crc)")
 LOCK_NAME = "writer.lock"
 # A manifest written but not yet renamed into place (by the process of that pid).
 TEMPORARY_MANIFEST_PATTERN = re.compile(re.escape(MANIFEST_NAME) + r"\.tmp-\d+")
+# A compressed field's trained dictionary (docs/format.md, "Compression dictionaries"): the zstd
+# dictionary's bytes as zstd writes them, named after their SHA-256, so that merged parts' files
+# never collide (and equal dictionaries are one file).
+DICTIONARY_FILE_PATTERN = re.compile(r"dict-[0-9a-f]{16}\.zdict")
+# A dictionary written but not yet renamed into place (by the process of that pid).
+TEMPORARY_DICTIONARY_PATTERN = re.compile(r"dict-[0-9a-f]{16}\.zdict\.tmp-\d+")
+# The largest dictionary file a reader loads (a writer trains at most MAX_DICTIONARY_BYTES).
+MAX_DICTIONARY_BYTES = 16 << 20
 # merge's plan in the target directory while it moves files (docs/reliability.md, "Merging").
 MERGE_JOURNAL_NAME = "merge.journal"
 TEMPORARY_JOURNAL_PATTERN = re.compile(re.escape(MERGE_JOURNAL_NAME) + r"\.tmp-\d+")
@@ -51,9 +59,24 @@ TEMPORARY_JOURNAL_PATTERN = re.compile(re.escape(MERGE_JOURNAL_NAME) + r"\.tmp-\
 MAX_MANIFEST_BYTES = 1 << 30
 
 
+def is_data_file_name(name: str) -> bool:
+    """Whether ``name`` is one writers and merge give the files they list in a manifest: shard and
+    dictionary files (a killed writer's are removed by the next one)."""
+    return SHARD_FILE_PATTERN.fullmatch(name) is not None or DICTIONARY_FILE_PATTERN.fullmatch(name) is not None
+
+
 def shard_stem(number: int) -> str:
     """The stem of shard file ``number``: ``shard-000042``."""
     return f"shard-{number:06d}"
+
+
+def dictionary_name(data: bytes) -> str:
+    """The file name of a dictionary of these bytes: ``dict-<first 16 hex digits of SHA-256>.zdict``."""
+    return f"dict-{hashlib.sha256(data).hexdigest()[:16]}.zdict"
+
+
+def temporary_dictionary_name(name: str, pid: int) -> str:
+    return f"{name}.tmp-{pid}"
 
 
 def temporary_manifest_name(pid: int) -> str:
@@ -68,7 +91,9 @@ def is_reserved_name(name: str) -> bool:
     """Names the library writes itself besides shards: never a shard a manifest may list."""
     return (name in (MANIFEST_NAME, LOCK_NAME, MERGE_JOURNAL_NAME)
             or TEMPORARY_MANIFEST_PATTERN.fullmatch(name) is not None
-            or TEMPORARY_JOURNAL_PATTERN.fullmatch(name) is not None)
+            or TEMPORARY_JOURNAL_PATTERN.fullmatch(name) is not None
+            or DICTIONARY_FILE_PATTERN.fullmatch(name) is not None
+            or TEMPORARY_DICTIONARY_PATTERN.fullmatch(name) is not None)
 
 
 def format_lock(pid: int, host: str) -> bytes:
@@ -403,6 +428,21 @@ _MANIFEST_KEYS = {"format", "version", "fields", "record_bytes", "num_samples", 
 _SHARD_KEYS = {"file", "num_samples", "size", "checksum"}
 _HEAP_KEYS = {"file", "size", "checksum"}
 _CHECKSUMS_KEY = "checksums"  # optional in version 2: {"file", "size", "checksum"} of the .crc file
+# Optional (only where a field has a trained dictionary): the manifest's list of dictionary files,
+# each {"file", "size", "checksum"}, and a shard's {field name: dictionary file} of its frames.
+_DICTIONARIES_KEY = "dictionaries"
+
+
+@dataclass(frozen=True)
+class DictionaryEntry:
+    """A dictionary file of the dataset: its name, size and CRC-32 checksum."""
+
+    file: str
+    size: int
+    checksum: str
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"file": self.file, "size": self.size, "checksum": self.checksum}
 
 
 @dataclass(frozen=True)
@@ -417,6 +457,13 @@ class ShardEntry:
     checksums_file: Optional[str] = None  # the per-record checksums (None: a shard written before them)
     checksums_size: int = 0
     checksums_checksum: Optional[str] = None
+    # (field name, dictionary file) of each compressed field whose frames in this shard were
+    # written with a trained dictionary; a compressed field not named here uses none.
+    dictionaries: Tuple[Tuple[str, str], ...] = ()
+
+    def dictionary(self, field: str) -> Optional[str]:
+        """The dictionary file of ``field``'s frames in this shard, or None."""
+        return dict(self.dictionaries).get(field)
 
     def to_json(self) -> Dict[str, Any]:
         entry: Dict[str, Any] = {
@@ -427,6 +474,8 @@ class ShardEntry:
         if self.checksums_file is not None:
             entry[_CHECKSUMS_KEY] = {"file": self.checksums_file, "size": self.checksums_size,
                                      "checksum": self.checksums_checksum}
+        if self.dictionaries:
+            entry[_DICTIONARIES_KEY] = dict(self.dictionaries)
         return entry
 
 
@@ -435,6 +484,8 @@ class Manifest:
     schema: Schema
     shards: List[ShardEntry]
     metadata: Dict[str, Any]
+    # The dictionary files the shards name, by file name (in the order first named).
+    dictionaries: Dict[str, DictionaryEntry] = dataclass_field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -449,6 +500,7 @@ class Manifest:
             "num_samples": self.num_samples,
             "shards": [s.to_json() for s in self.shards],
             "metadata": self.metadata,
+            **({_DICTIONARIES_KEY: [d.to_json() for d in self.dictionaries.values()]} if self.dictionaries else {}),
         }
 
 
@@ -497,7 +549,7 @@ def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
     if isinstance(version, bool) or version not in READ_VERSIONS:
         raise ShardFormatError(f"{manifest_path}: format version {version!r}, "
                                f"this shardfeed reads versions {', '.join(map(str, READ_VERSIONS))}")
-    unknown, missing = set(doc) - _MANIFEST_KEYS, _MANIFEST_KEYS - set(doc)
+    unknown, missing = set(doc) - _MANIFEST_KEYS - {_DICTIONARIES_KEY}, _MANIFEST_KEYS - set(doc)
     if unknown or missing:
         raise ShardFormatError(f"{manifest_path}: unknown keys {sorted(unknown)} / missing keys {sorted(missing)}")
     if not isinstance(doc["fields"], list):  # (a dict would be read as the Writer's {name: spec} form)
@@ -514,12 +566,13 @@ def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
     if not isinstance(doc["shards"], list):
         raise ShardFormatError(f"{manifest_path}: shards must be a list")
     has_heap = bool(schema.heap_fields)
+    dictionaries = _parse_dictionaries(manifest_path, doc.get(_DICTIONARIES_KEY, []))
     shards: List[ShardEntry] = []
-    seen = set()
+    seen = set(dictionaries)
     for number, raw in enumerate(doc["shards"]):
         what = f"shard {number}"
         expected_keys = _SHARD_KEYS | ({"heap"} if has_heap else set())
-        optional = {_CHECKSUMS_KEY} if version >= 2 else set()
+        optional = ({_CHECKSUMS_KEY} if version >= 2 else set()) | ({_DICTIONARIES_KEY} if dictionaries else set())
         if not isinstance(raw, dict) or not expected_keys <= set(raw) <= expected_keys | optional:
             raise ShardFormatError(f"{manifest_path}: {what} must have exactly the keys {sorted(expected_keys)}"
                                    + (f", and may have {sorted(optional)}" if optional else ""))
@@ -543,17 +596,88 @@ def parse_manifest(manifest_path: str, text: bytes) -> Manifest:
                 raise ShardFormatError(f"{manifest_path}: {what} heap size {entry['heap_size']} is below the header size")
         if _CHECKSUMS_KEY in raw:
             entry.update(_parse_checksums_entry(manifest_path, raw[_CHECKSUMS_KEY], what, schema, count))
+        if _DICTIONARIES_KEY in raw:
+            entry["dictionaries"] = _parse_shard_dictionaries(manifest_path, raw[_DICTIONARIES_KEY], what, schema,
+                                                              dictionaries)
         for file_name in (entry["file"], entry.get("heap_file"), entry.get("checksums_file")):
             if file_name is not None:
                 if file_name in seen:
                     raise ShardFormatError(f"{manifest_path}: file {file_name!r} is listed twice")
                 seen.add(file_name)
         shards.append(ShardEntry(**entry))
-    manifest = Manifest(schema, shards, doc["metadata"])
+    manifest = Manifest(schema, shards, doc["metadata"], dictionaries)
     if doc["num_samples"] != manifest.num_samples:
         raise ShardFormatError(f"{manifest_path}: num_samples {doc['num_samples']!r} is not the sum of the "
                                f"shards' counts ({manifest.num_samples})")
     return manifest
+
+
+def _parse_dictionaries(manifest_path: str, raw: Any) -> Dict[str, DictionaryEntry]:
+    if not isinstance(raw, list):
+        raise ShardFormatError(f"{manifest_path}: dictionaries must be a list")
+    parsed: Dict[str, DictionaryEntry] = {}
+    for number, item in enumerate(raw):
+        what = f"dictionary {number}"
+        if not isinstance(item, dict) or set(item) != _HEAP_KEYS:
+            raise ShardFormatError(f"{manifest_path}: {what} must have exactly the keys {sorted(_HEAP_KEYS)}")
+        name = item["file"]
+        if not isinstance(name, str) or not DICTIONARY_FILE_PATTERN.fullmatch(name):
+            raise ShardFormatError(f"{manifest_path}: {what} file name {name!r} is not a dictionary name shardfeed "
+                                   "writes (dict-<16 hex digits>.zdict)")
+        if name in parsed:
+            raise ShardFormatError(f"{manifest_path}: file {name!r} is listed twice")
+        size = _count(manifest_path, item["size"], f"{what} size")
+        if not 0 < size <= MAX_DICTIONARY_BYTES:
+            raise ShardFormatError(f"{manifest_path}: {what} ({name}) has size {size}, not in [1, "
+                                   f"{MAX_DICTIONARY_BYTES}]")
+        parsed[name] = DictionaryEntry(name, size, _checksum(manifest_path, item["checksum"], what))
+    return parsed
+
+
+def _parse_shard_dictionaries(manifest_path: str, raw: Any, what: str, schema: Schema,
+                              dictionaries: Mapping[str, DictionaryEntry]) -> Tuple[Tuple[str, str], ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise ShardFormatError(f"{manifest_path}: {what} dictionaries must be an object of field name -> "
+                               "dictionary file")
+    for name, file in raw.items():
+        if name not in schema.fields or schema.fields[name].codec is None:
+            raise ShardFormatError(f"{manifest_path}: {what} names a dictionary for {name!r}, which is not a "
+                                   "compressed field")
+        if not isinstance(file, str) or file not in dictionaries:
+            raise ShardFormatError(f"{manifest_path}: {what} field {name!r}: dictionary {file!r} is not in the "
+                                   "manifest's dictionaries")
+    return tuple(raw.items())
+
+
+def read_dictionary(path: str, entry: DictionaryEntry) -> bytes:
+    """The bytes of dictionary ``entry`` of the dataset at ``path``, checked against the size and
+    checksum the manifest gives: ShardFormatError (damaged, truncated, not a regular file) or
+    ShardReadError (missing, unreadable) naming the file."""
+    file = os.path.join(path, entry.file)
+    fd = open_regular(file, " dictionary")
+    try:
+        try:
+            size = os.fstat(fd).st_size
+            data = read_bounded(fd, size, MAX_DICTIONARY_BYTES) if size == entry.size else None
+        except OSError as exc:
+            raise ShardReadError(exc.errno, f"cannot read the dictionary: {exc.strerror}", file) from None
+    finally:
+        os.close(fd)
+    if data is None or len(data) != entry.size:
+        raise ShardFormatError(f"{file}: the dictionary file has {size} bytes, the manifest says {entry.size} "
+                               "(truncated or replaced)")
+    if format_checksum(zlib.crc32(data)) != entry.checksum:
+        raise ShardFormatError(f"{file}: the dictionary file does not match its checksum {entry.checksum} in the "
+                               "manifest (damaged after it was written)")
+    return data
+
+
+def write_dictionary(path: str, data: bytes) -> DictionaryEntry:
+    """Writes dictionary ``data`` into the dataset at ``path`` atomically (temporary file, fsync,
+    rename, fsync of the directory) and returns its manifest entry."""
+    name = dictionary_name(data)
+    replace_atomically(path, name, temporary_dictionary_name(name, os.getpid()), data)
+    return DictionaryEntry(name, len(data), format_checksum(zlib.crc32(data)))
 
 
 def _parse_checksums_entry(manifest_path: str, raw: Any, what: str, schema: Schema, count: int) -> Dict[str, Any]:

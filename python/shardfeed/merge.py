@@ -20,10 +20,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from .compression import parse_compression
 from .errors import SchemaError, ShardFormatError, ShardReadError, ShardWriteError, SourceError
 from .format import (
-    CHECKSUMS_SUFFIX, HEAP_SUFFIX, MANIFEST_NAME, MERGE_JOURNAL_NAME, RECORDS_SUFFIX, SHARD_FILE_PATTERN,
-    TEMPORARY_JOURNAL_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, parse_manifest, read_bounded,
-    read_manifest, shard_stem,
-    temporary_journal_name, write_manifest,
+    CHECKSUMS_SUFFIX, DICTIONARY_FILE_PATTERN, HEAP_SUFFIX, MANIFEST_NAME, MERGE_JOURNAL_NAME, RECORDS_SUFFIX,
+    SHARD_FILE_PATTERN, TEMPORARY_DICTIONARY_PATTERN, TEMPORARY_JOURNAL_PATTERN, TEMPORARY_MANIFEST_PATTERN,
+    DictionaryEntry, Manifest, ShardEntry, is_data_file_name, parse_manifest, read_bounded, read_dictionary,
+    read_manifest, shard_stem, temporary_journal_name, write_manifest,
 )
 from .fileio import create_new, file_system_path, fsync_directory, open_regular, replace_atomically
 from .lock import WriterLock
@@ -160,6 +160,11 @@ def _plan(part_paths: List[str], target: str, metadata: Optional[Mapping[str, An
                               f", not {'with ' + codec.codec if codec else 'uncompressed'} as compression asks; merge "
                               "links the parts' shard files and cannot recompress them: write the parts with that "
                               "compression")
+        if codec is not None and codec.dictionary is not None:  # the option says whether the frames use one
+            for part, manifest in zip(part_paths, manifests):
+                if any(bool(shard.dictionary(name)) != bool(codec.dictionary) for shard in manifest.shards):
+                    raise SchemaError(f"{part}: field {name!r} has shards {'without' if codec.dictionary else 'with'} a "
+                                      "trained dictionary, not as compression asks; merge cannot recompress them")
     if metadata is None:
         for part, manifest in zip(part_paths[1:], manifests[1:]):
             if manifest.metadata != first.metadata:
@@ -172,7 +177,14 @@ def _plan(part_paths: List[str], target: str, metadata: Optional[Mapping[str, An
         merged_metadata = dict(metadata)
     files: List[Tuple[int, str, str]] = []
     entries: List[ShardEntry] = []
+    dictionaries: Dict[str, DictionaryEntry] = {}
     for number, (part, manifest) in enumerate(zip(part_paths, manifests)):
+        for entry in manifest.dictionaries.values():  # (named after their bytes: the same name in the target)
+            read_dictionary(part, entry)  # checked: size and checksum
+            if dictionaries.setdefault(entry.file, entry) != entry:
+                raise SourceError(f"{os.path.join(part, entry.file)}: the manifest gives it {entry.size} bytes and "
+                                  f"checksum {entry.checksum}, another part's file of that name differs")
+            files.append((number, entry.file, entry.file))  # (placed once; listed per part for its removal)
         for shard in manifest.shards:
             stem = shard_stem(len(entries))
             new = dict(shard.__dict__, file=stem + RECORDS_SUFFIX)
@@ -188,7 +200,7 @@ def _plan(part_paths: List[str], target: str, metadata: Optional[Mapping[str, An
                 if name is not None:
                     _check_size(os.path.join(part, name), size)
             entries.append(ShardEntry(**new))
-    return _Plan(part_paths, files, Manifest(first.schema, entries, merged_metadata))
+    return _Plan(part_paths, files, Manifest(first.schema, entries, merged_metadata, dictionaries))
 
 
 def _check_size(file: str, size: int) -> None:
@@ -207,8 +219,8 @@ def _remove_leftovers(target: str, shards: bool) -> None:
     with ``shards`` (no manifest and no journal there: nothing lists them) its shard files; they
     are never reused."""
     for name in os.listdir(target):
-        if ((shards and SHARD_FILE_PATTERN.fullmatch(name)) or TEMPORARY_MANIFEST_PATTERN.fullmatch(name)
-                or TEMPORARY_JOURNAL_PATTERN.fullmatch(name)):
+        if ((shards and is_data_file_name(name)) or TEMPORARY_MANIFEST_PATTERN.fullmatch(name)
+                or TEMPORARY_JOURNAL_PATTERN.fullmatch(name) or TEMPORARY_DICTIONARY_PATTERN.fullmatch(name)):
             os.unlink(os.path.join(target, name))
 
 
@@ -242,8 +254,13 @@ def _place_all(plan: _Plan, target: str, move: bool) -> int:
                            (shard.checksums_file, shard.checksums_size)):
             if name is not None and size is not None:
                 sizes[name] = size
+    sizes.update((entry.file, entry.size) for entry in plan.manifest.dictionaries.values())
     copied = 0
+    placed = set()
     for number, name, new_name in plan.files:
+        if new_name in placed:  # a dictionary two parts have (the same bytes): placed once
+            continue
+        placed.add(new_name)
         copied += _place(os.path.join(plan.parts[number], name), os.path.join(target, new_name), move,
                          sizes[new_name])
     if copied:
@@ -352,7 +369,8 @@ def _read_journal(target: str) -> Optional[_Plan]:
         doc = json.loads(data)
         parts = [str(p) for p in doc["parts"]]
         files = [(int(n), str(a), str(b)) for n, a, b in doc["files"]]
-        if not all(0 <= n < len(parts) and SHARD_FILE_PATTERN.fullmatch(b) and a not in ("", ".", "..")
+        if not all(0 <= n < len(parts) and (SHARD_FILE_PATTERN.fullmatch(b) or DICTIONARY_FILE_PATTERN.fullmatch(b))
+                   and a not in ("", ".", "..")
                    and not any(c in a for c in "/\\\0") for n, a, b in files):
             raise ValueError("bad file entry")
         manifest = parse_manifest(journal, json.dumps(doc["manifest"]).encode())

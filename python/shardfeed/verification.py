@@ -27,7 +27,7 @@ from .errors import ShardFormatError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME,
     MERGE_JOURNAL_NAME, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, check_header,
-    checksum_words, format_checksum, read_manifest,
+    checksum_words, format_checksum, is_data_file_name, read_dictionary, read_manifest,
 )
 from .fileio import file_system_path, open_regular
 from ._text import human_bytes, printable
@@ -134,6 +134,11 @@ class CompressedSize:
     samples: int = 0
     stored: int = 0
     raw: int = 0
+    # Trained dictionaries: how many files the field's shards use, their bytes, and how many of
+    # the field's shards use none (stored, the frames' bytes, leaves the dictionaries out).
+    dictionaries: int = 0
+    dictionary_bytes: int = 0
+    shards_without_dictionary: int = 0
 
     @property
     def ratio(self) -> float:
@@ -148,11 +153,26 @@ class CompressedSize:
 
     def to_json(self) -> Dict[str, Any]:
         return {"codec": self.codec, "samples": self.samples, "stored_bytes": self.stored, "raw_bytes": self.raw,
-                "ratio": round(self.ratio, 4)}
+                "ratio": round(self.ratio, 4), "dictionaries": self.dictionaries,
+                "dictionary_bytes": self.dictionary_bytes, "shards_without_dictionary": self.shards_without_dictionary}
+
+    def count_dictionaries(self, manifest: Manifest) -> None:
+        """Counts the field's dictionaries and the shards without one, from the manifest."""
+        files = [shard.dictionary(self.name) for shard in manifest.shards]
+        used = {file for file in files if file is not None}
+        self.dictionaries = len(used)
+        self.dictionary_bytes = sum(manifest.dictionaries[file].size for file in used)
+        self.shards_without_dictionary = files.count(None) if used else 0
 
     def __str__(self) -> str:
-        return (f"field {printable(self.name)!r} ({self.codec}): {human_bytes(self.stored)} stored for "
+        text = (f"field {printable(self.name)!r} ({self.codec}): {human_bytes(self.stored)} stored for "
                 f"{human_bytes(self.raw)} of values, {self.ratio:.2f}x smaller")
+        if self.dictionaries:
+            text += (f", with {self.dictionaries} trained dictionar{'y' if self.dictionaries == 1 else 'ies'} of "
+                     f"{human_bytes(self.dictionary_bytes)}")
+            if self.shards_without_dictionary:
+                text += f" ({self.shards_without_dictionary} shard(s) without one)"
+        return text
 
 
 def compressed_sizes(path: str, manifest: Manifest) -> Dict[str, CompressedSize]:
@@ -162,6 +182,8 @@ def compressed_sizes(path: str, manifest: Manifest) -> Dict[str, CompressedSize]
     sizes = {name: CompressedSize(name, codec) for name, codec in schema.codecs.items()}
     if not sizes:
         return sizes
+    for size in sizes.values():
+        size.count_dictionaries(manifest)
     per_chunk = max(1, _CHUNK_BYTES // schema.record_bytes)
     for shard in manifest.shards:
         with _open_shard_file(os.path.join(path, shard.file)) as f:
@@ -213,12 +235,64 @@ def verify_manifest(path: str, manifest: Manifest, report: Optional[VerifyReport
     report.num_samples = manifest.num_samples
     report.num_shards = len(manifest.shards)
     report.compression = {name: CompressedSize(name, codec) for name, codec in manifest.schema.codecs.items()}
+    for size in report.compression.values():
+        size.count_dictionaries(manifest)
+    dictionary_ids = _verify_dictionaries(path, manifest, report)
     first = 0
     for number, shard in enumerate(manifest.shards):
-        _verify_shard(path, manifest, number, shard, first, report)
+        _verify_shard(path, manifest, number, shard, first, report, dictionary_ids)
         first += shard.num_samples
     _note_writer(path, manifest, report)
     return report
+
+
+def _verify_dictionaries(path: str, manifest: Manifest, report: VerifyReport) -> Optional[Dict[str, Optional[int]]]:
+    """Each dictionary file: its size and checksum, and that zstd loads it (where the library can);
+    a bad one makes the samples of every shard that uses it suspect. Returns each file's dictionary
+    id (None: bad or not loaded), or None for a dataset without dictionaries."""
+    if not manifest.dictionaries:
+        return None
+    ids: Dict[str, Optional[int]] = {}
+    starts = np.concatenate([[0], np.cumsum([s.num_samples for s in manifest.shards], dtype=np.int64)])
+    for entry in manifest.dictionaries.values():
+        users = [(number, shard) for number, shard in enumerate(manifest.shards)
+                 if entry.file in (file for _, file in shard.dictionaries)]
+        codec = next((manifest.schema.fields[name].codec for _, shard in users[:1]
+                      for name, file in shard.dictionaries if file == entry.file), None)
+        file = os.path.join(path, entry.file)
+        ids[entry.file] = None
+        try:
+            data = read_dictionary(path, entry)
+            if codec is not None and _core.dictionaries_unavailable(codec) is None:
+                ids[entry.file] = _core.Dictionary(codec, data).id
+        except (OSError, ValueError) as exc:
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if message.startswith(file + ": "):
+                message = message[len(file) + 2:]
+            samples = [(int(starts[n]), int(starts[n + 1])) for n, _ in users if starts[n + 1] > starts[n]]
+            merged: List[Tuple[int, int]] = []
+            _extend_ranges(merged, samples)
+            report.problems.append(Problem(file, f"dictionary: {message}; the samples of the shards that use it "
+                                           f"({[n for n, _ in users]}) cannot be decoded",
+                                           users[0][0] if users else None, merged))
+    return ids
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _frame_dictionary_id(header: bytes) -> Optional[int]:
+    """The dictionary id a zstd frame header names (0: none), or None where ``header`` does not
+    start a zstd frame (RFC 8878, 3.1.1.1: the descriptor byte's Dictionary_ID_flag, the window
+    descriptor that precedes the id unless Single_Segment_flag is set)."""
+    if len(header) < 5 or header[:4] != _ZSTD_MAGIC:
+        return None
+    descriptor = header[4]
+    at = 5 if descriptor & 0x20 else 6
+    size = (0, 1, 2, 4)[descriptor & 3]
+    if len(header) < at + size:
+        return None
+    return int.from_bytes(header[at:at + size], "little")
 
 
 def _ranges(samples: np.ndarray) -> List[Tuple[int, int]]:
@@ -326,7 +400,7 @@ def _heap_row_checksums(heap_file, records: np.ndarray, schema) -> np.ndarray:
 
 
 def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry, first: int,
-                  report: VerifyReport) -> None:
+                  report: VerifyReport, dictionary_ids: Optional[Dict[str, Optional[int]]] = None) -> None:
     whole = (first, first + shard.num_samples)
     heap_path = os.path.join(path, shard.heap_file) if shard.heap_file else None
     heap_size = None
@@ -355,7 +429,7 @@ def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry,
         heap_rows = _open_shard_file(heap_path)
     try:
         _verify_records(path, manifest, number, shard, first, report, stored, heap_rows, heap_damaged,
-                        heap_path, heap_size)
+                        heap_path, heap_size, dictionary_ids)
     finally:
         if heap_rows is not None:
             heap_rows.close()
@@ -363,9 +437,11 @@ def _verify_shard(path: str, manifest: Manifest, number: int, shard: ShardEntry,
 
 def _verify_records(path: str, manifest: Manifest, number: int, shard: ShardEntry, first: int,
                     report: VerifyReport, stored: Optional[np.ndarray], heap_rows, heap_damaged: Optional[Problem],
-                    heap_path: Optional[str], heap_size: Optional[int]) -> None:
+                    heap_path: Optional[str], heap_size: Optional[int],
+                    dictionary_ids: Optional[Dict[str, Optional[int]]] = None) -> None:
     """The record file of a shard: size, header, whole-file checksum, the records' structure, and
-    with per-record checksums (``stored``) each record's and each sample's heap rows'."""
+    with per-record checksums (``stored``) each record's and each sample's heap rows'; in a dataset
+    with dictionaries, that each frame names its shard's dictionary (``dictionary_ids``)."""
     schema = manifest.schema
     whole = (first, first + shard.num_samples)
     rec_path = os.path.join(path, shard.file)
@@ -391,7 +467,8 @@ def _verify_records(path: str, manifest: Manifest, number: int, shard: ShardEntr
                 if complete > 0:
                     records = np.frombuffer(chunk, dtype=schema.record_dtype, count=complete)
                     _count_compressed(records, schema, report.compression)
-                    for file, what, rows in _bad_records(records, schema, shard, rec_path, heap_path, heap_size):
+                    for file, what, rows in _bad_records(records, schema, shard, rec_path, heap_path, heap_size,
+                                                         dictionary_ids):
                         _extend_ranges(bad.setdefault((file, what), []), _ranges(rows + first + done))
                     if stored is not None:
                         expected = stored[done:done + complete]
@@ -437,9 +514,10 @@ def _outside(offsets: np.ndarray, counts: np.ndarray, row_bytes: np.uint64, end:
 
 
 def _bad_records(records: np.ndarray, schema, shard: ShardEntry, rec_path: str, heap_path: Optional[str],
-                 heap_size: Optional[int]):
+                 heap_size: Optional[int], dictionary_ids: Optional[Dict[str, Optional[int]]] = None):
     """Yields (file at fault, what is wrong, record numbers in the chunk) for records whose contents
-    no writer produces, or whose rows a truncated heap file lost."""
+    no writer produces, whose rows a truncated heap file lost, or (in a dataset with dictionaries)
+    whose frame names another dictionary than its shard's."""
     for f in schema.fields.values():
         if f.dtype == "bool" and f.count and not f.in_heap:  # (a heap field's record holds its descriptor)
             values = records[f.name].reshape(len(records), -1).view(np.uint8)
@@ -461,6 +539,27 @@ def _bad_records(records: np.ndarray, schema, shard: ShardEntry, rec_path: str, 
             if cut.any():
                 yield heap_path, f"the {'frames' if f.compressed else 'rows'} of {kind} field {f.name!r} are past " \
                     "the end of the truncated file", np.flatnonzero(cut)
+        if f.compressed and dictionary_ids is not None and heap_size == shard.heap_size:
+            file = shard.dictionary(f.name)
+            wanted = 0 if file is None else dictionary_ids.get(file)
+            if wanted is not None:  # (a bad dictionary is reported on its own)
+                wrong = _frames_naming_another_dictionary(heap_path, offsets, counts, ~outside, wanted)
+                if wrong.size:
+                    yield heap_path, (f"the frames of compressed field {f.name!r} name another dictionary than the "
+                                      f"manifest gives the shard ({file or 'none'})"), wrong
+
+
+def _frames_naming_another_dictionary(heap_path: str, offsets: np.ndarray, lengths: np.ndarray, inside: np.ndarray,
+                                      wanted: int) -> np.ndarray:
+    """The records (of those ``inside`` the heap file) whose frame header names a dictionary id
+    other than ``wanted``; a frame that is not one (damaged) is left to the checksums."""
+    wrong = []
+    with _open_shard_file(heap_path) as f:
+        for r in np.flatnonzero(inside & (lengths > 0)).tolist():
+            named = _frame_dictionary_id(os.pread(f.fileno(), min(int(lengths[r]), 18), int(offsets[r])))
+            if named is not None and named != wanted:
+                wrong.append(r)
+    return np.array(wrong, dtype=np.int64)
 
 
 def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) -> None:
@@ -474,7 +573,8 @@ def _note_writer(path: str, manifest: Optional[Manifest], report: VerifyReport) 
     unlisted: List[str] = []
     if manifest is not None:
         listed = {n for s in manifest.shards for n in (s.file, s.heap_file, s.checksums_file) if n}
-        unlisted = sorted(n for n in names if SHARD_FILE_PATTERN.fullmatch(n) and n not in listed)
+        listed |= set(manifest.dictionaries)
+        unlisted = sorted(n for n in names if is_data_file_name(n) and n not in listed)
     if LOCK_NAME in names:
         holder = lock_holder(os.path.join(path, LOCK_NAME))
         committed = "" if manifest is None else f": the dataset holds the {report.num_samples} samples it committed"

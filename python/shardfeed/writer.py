@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,12 +17,14 @@ from ._casting import cast_to_stored
 from ._process import usable_cpus
 from .compression import DEFAULT_LEVELS, compressed_schema, parse_compression
 from .errors import (
-    CodecUnavailableError, SchemaError, ShardfeedError, ShardfeedWarning, ShardWriteError, SourceError,
+    CodecUnavailableError, SchemaError, ShardfeedError, ShardfeedWarning, ShardFormatError, ShardWriteError,
+    SourceError,
 )
 from .fileio import file_system_path
 from .format import (
-    CHECKSUM_DTYPE, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME, MERGE_JOURNAL_NAME, SHARD_FILE_PATTERN,
-    TEMPORARY_MANIFEST_PATTERN, Field, Manifest, Schema, checksum_words, read_manifest, write_manifest,
+    CHECKSUM_DTYPE, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME, MERGE_JOURNAL_NAME, TEMPORARY_DICTIONARY_PATTERN,
+    TEMPORARY_MANIFEST_PATTERN, DictionaryEntry, Field, Manifest, Schema, checksum_words, is_data_file_name,
+    read_dictionary, read_manifest, write_dictionary, write_manifest,
 )
 from .lock import WriterLock
 from .shardfile import ShardFile
@@ -60,6 +63,27 @@ def _cast(values: np.ndarray, field: Field, first_sample: int) -> np.ndarray:
     return values if _is_stored(values, field) else cast_to_stored(values, field, first_sample)[0]
 
 
+# Training a dictionary: the writer holds the first samples of the dataset until the dictionary
+# fields' samples reach about 100 times the dictionary's size (zstd's advice for its trainer), and
+# at least TRAINING_SAMPLES_MIN of them where that is more, within TRAINING_BYTES_MAX of a field's
+# values. With fewer than TRAINING_SAMPLES_FLOOR samples in all (a small dataset) no dictionary is
+# trained: zstd cannot train on so few.
+TRAINING_SIZE_FACTOR = 100
+TRAINING_SAMPLES_MIN = 1000
+TRAINING_BYTES_MAX = 128 << 20
+TRAINING_SAMPLES_FLOOR = 16
+
+
+def _training_samples(dictionary_bytes: int, raw_bytes: int) -> int:
+    """How many samples of a field of ``raw_bytes`` the writer holds to train a dictionary."""
+    wanted = max(-(-TRAINING_SIZE_FACTOR * dictionary_bytes // raw_bytes), TRAINING_SAMPLES_MIN)
+    return max(1, min(wanted, TRAINING_BYTES_MAX // raw_bytes))
+
+
+def _slice_columns(columns: Dict[str, Any], start: int, stop: int) -> Dict[str, Any]:
+    return {name: column[start:stop] for name, column in columns.items()}
+
+
 def _compress_threads() -> int:
     """Native threads that compress a batch: the CPUs this process may run on."""
     return max(1, min(usable_cpus(), _core.BUILD_INFO["max_threads"]))
@@ -83,7 +107,15 @@ class Writer:
     compressed on native threads; reads decode it on theirs. Appending keeps the dataset's codecs
     (``compression`` may then only choose the levels).
 
-    Memory stays bounded by one write buffer of about 4 MiB (plus the batch passed to ``extend``).
+    ``{"tokens": {"codec": "zstd", "dictionary": True}}`` trains a dictionary on the field's first
+    samples (the writer holds them until it has about 100 times the dictionary's size of them, at
+    most 128 MiB of the field's values), writes it into the dataset and compresses every frame with
+    it. Where there are too few samples, or zstd cannot train on them, the frames are written
+    without a dictionary, with a :class:`ShardfeedWarning` saying so (``ds.compression()`` shows
+    it). Appending uses the dataset's latest dictionary of the field, if it has one.
+
+    Memory stays bounded by one write buffer of about 4 MiB (plus the batch passed to ``extend``,
+    and the samples held to train a dictionary).
     """
 
     def __init__(self, path: "os.PathLike[str] | str", fields: Optional[Mapping[str, Any]] = None, *,
@@ -126,6 +158,9 @@ class Writer:
                                   "finish; run the same shardfeed.merge again to complete it before writing here")
             self.schema = self._manifest.schema
             self._levels = self._compression_levels(compression)
+            # Each field's dictionary in use (entry and loaded form), and the size of those to train.
+            self._dictionaries: Dict[str, Tuple[DictionaryEntry, Any]] = {}
+            self._to_train = self._dictionary_plan(compression)
             self.metadata: Dict[str, Any] = dict(self._manifest.metadata)
             if metadata is not None:
                 self.metadata.update(metadata)
@@ -155,6 +190,11 @@ class Writer:
                         and only.record_bytes == record_bytes else None)
         self._shard: Optional[ShardFile] = None
         self._next_shard = len(self._manifest.shards)  # the number the next shard's name tries first
+        # The batches held (copies, checked) until the dictionaries are trained, and their samples.
+        self._held: List[Tuple[Dict[str, Any], int]] = []
+        self._held_count = 0
+        self._hold_target = max((_training_samples(size, self.schema.fields[name].raw_bytes)
+                                 for name, size in self._to_train.items()), default=0)
         self._closed = False
         if mode == "w":
             self._guarded(self._commit)  # an empty dataset is a valid dataset
@@ -164,7 +204,7 @@ class Writer:
     def __len__(self) -> int:
         """Samples written so far (committed or not)."""
         pending = self._shard.num_samples if self._shard else 0
-        return self._manifest.num_samples + pending + self._buffered
+        return self._manifest.num_samples + pending + self._buffered + self._held_count
 
     def append(self, sample: Mapping[str, Any]) -> None:
         """Adds one sample: a dict with one value (array or scalar) per field."""
@@ -182,6 +222,16 @@ class Writer:
         self._guarded(self._extend, columns, count)
 
     def _extend(self, columns: Dict[str, Any], count: int) -> None:
+        if self._to_train and count:  # the first samples wait for the dictionaries to be trained
+            take = min(count, self._hold_target - self._held_count)
+            self._hold(_slice_columns(columns, 0, take), take)
+            if self._held_count < self._hold_target:
+                return
+            self._train()
+            columns, count = _slice_columns(columns, take, count), count - take
+        self._write_samples(columns, count)
+
+    def _write_samples(self, columns: Dict[str, Any], count: int) -> None:
         position = 0
         while position < count:
             if self._shard is None:
@@ -218,6 +268,8 @@ class Writer:
                           ShardfeedWarning, stacklevel=2)
 
     def _close(self) -> None:
+        if self._to_train:
+            self._train()
         if self._shard is not None:
             self._flush()
             if self._shard.num_samples:
@@ -245,7 +297,8 @@ class Writer:
         return None if lock is None else lock.release()
 
     def _listed_names(self) -> "set[str]":
-        return {name for s in self._manifest.shards for name in (s.file, s.heap_file, s.checksums_file) if name}
+        return ({name for s in self._manifest.shards for name in (s.file, s.heap_file, s.checksums_file) if name}
+                | set(self._manifest.dictionaries))
 
     def _guarded(self, work, *args: Any) -> None:
         """Runs ``work``; an OSError (disk full, file-size limit, I/O error) ends the writer: the
@@ -276,6 +329,7 @@ class Writer:
         Returns the number of committed samples, None if there is no readable manifest."""
         self._closed = True
         shard, self._shard, self._buffered = self._shard, None, 0
+        self._held, self._held_count, self._to_train = [], 0, {}
         try:
             committed: Optional[Manifest] = read_manifest(self.path)
         except (OSError, ValueError):
@@ -286,6 +340,12 @@ class Writer:
                 shard.close()
             else:
                 shard.discard()
+        for entry, _ in self._dictionaries.values():  # a dictionary no committed shard names
+            if committed is not None and entry.file not in committed.dictionaries:
+                try:
+                    os.unlink(os.path.join(self.path, entry.file))
+                except OSError:
+                    pass
         self._release_lock()
         return None if committed is None else committed.num_samples
 
@@ -294,8 +354,8 @@ class Writer:
         manifests) and warns naming it."""
         listed = self._listed_names()
         leftovers = sorted(name for name in os.listdir(self.path)
-                           if (SHARD_FILE_PATTERN.fullmatch(name) and name not in listed)
-                           or TEMPORARY_MANIFEST_PATTERN.fullmatch(name))
+                           if (is_data_file_name(name) and name not in listed)
+                           or TEMPORARY_MANIFEST_PATTERN.fullmatch(name) or TEMPORARY_DICTIONARY_PATTERN.fullmatch(name))
         stale = self._lock.stale if self._lock is not None else None
         if not leftovers and stale is None:
             return
@@ -344,6 +404,85 @@ class Writer:
             chosen = option.get(name)
             levels[name] = chosen.level if chosen is not None else DEFAULT_LEVELS[codec]
         return levels
+
+    def _dictionary_plan(self, compression: Any) -> Dict[str, int]:
+        """Loads the dictionary each compressed field continues with (appending: the one of the
+        field's last shard that has one, unless the option says ``dictionary: False``) and returns
+        the size of the dictionary to train for each field that asks for one and has none."""
+        option = parse_compression(compression, self.schema)
+        to_train: Dict[str, int] = {}
+        for name, codec in self.schema.codecs.items():
+            asked = option.get(name)
+            wanted = asked.dictionary if asked is not None else None
+            if wanted == 0:
+                continue
+            latest = next((s.dictionary(name) for s in reversed(self._manifest.shards) if s.dictionary(name)), None)
+            if latest is None and not wanted:
+                continue
+            why = _core.dictionaries_unavailable(codec)
+            if why is not None:
+                raise CodecUnavailableError(f"{self.path}: field {name!r} is compressed with a {codec} dictionary, but "
+                                            f"{why}")
+            if latest is None:
+                to_train[name] = wanted
+                continue
+            entry = self._manifest.dictionaries[latest]
+            try:
+                loaded = _core.Dictionary(codec, read_dictionary(self.path, entry))
+            except ValueError as exc:
+                raise ShardFormatError(f"{os.path.join(self.path, latest)}: {exc}") from None
+            self._dictionaries[name] = (entry, loaded)
+        return to_train
+
+    def _hold(self, columns: Dict[str, Any], count: int) -> None:
+        """Checks and copies a batch's samples into the held ones; nothing is held where a value
+        fails its check."""
+        first = len(self)
+        copies: Dict[str, Any] = {}
+        for name, field in self.schema.fields.items():
+            column = columns[name]
+            if field.variable:
+                for i in range(count):
+                    self._cast_rows(field, column[i], first + i)
+                copies[name] = [np.array(value, copy=True) for value in column]
+            else:
+                _cast(column, field, first)
+                copies[name] = np.array(column, copy=True)
+        self._held.append((copies, count))
+        self._held_count += count
+
+    def _train(self) -> None:
+        """Trains the dictionaries on the held samples, writes them into the dataset (atomically,
+        before any frame that uses them), then writes the held samples."""
+        to_train, self._to_train = self._to_train, {}
+        held, self._held, self._held_count = self._held, [], 0
+        count = sum(n for _, n in held)
+        for name, size in to_train.items():
+            field = self.schema.fields[name]
+            if count < TRAINING_SAMPLES_FLOOR:
+                why = f"{count} samples are too few to train on (at least {TRAINING_SAMPLES_FLOOR} are needed)"
+            else:
+                samples = np.empty(count * field.raw_bytes, np.uint8)  # the field's values as stored, in a row
+                at = 0
+                for columns, _ in held:
+                    values = np.ascontiguousarray(_cast(columns[name], field, 0)).reshape(-1).view(np.uint8)
+                    samples[at:at + values.size] = values
+                    at += values.size
+                try:
+                    data = _core.train_dictionary(field.codec, samples, np.full(count, field.raw_bytes, np.uint64),
+                                                  size)
+                    loaded = _core.Dictionary(field.codec, data)
+                except ValueError as exc:
+                    del samples
+                    why = f"zstd could not train one on its {count} samples ({exc})"
+                else:
+                    del samples
+                    self._dictionaries[name] = (write_dictionary(self.path, data), loaded)
+                    continue
+            warnings.warn(f"{self.path}: field {name!r} is written without a dictionary: {why}", ShardfeedWarning,
+                          stacklevel=5)  # (extend or close's caller)
+        for columns, n in held:
+            self._write_samples(columns, n)
 
     def _check_metadata(self) -> None:
         try:
@@ -433,9 +572,11 @@ class Writer:
         appends the frames to the heap file and sets the samples' descriptors (offset, bytes).
         Returns each sample's frame."""
         codec = self.schema.fields[field.name].codec
+        dictionary = self._dictionaries.get(field.name)
         frames, lengths = _core.compress_samples(codec, self._levels[field.name],
                                                  np.ascontiguousarray(values).reshape(-1).view(np.uint8),
-                                                 field.raw_bytes, _compress_threads())
+                                                 field.raw_bytes, _compress_threads(),
+                                                 dictionary[1] if dictionary is not None else None)
         start = self._shard.heap.write(frames)
         ends = np.cumsum(lengths)
         descriptors[:, 0] = start + ends - lengths
@@ -492,7 +633,13 @@ class Writer:
             self._buffered = 0
 
     def _finish_shard(self) -> None:
-        self._manifest.shards.append(self._shard.finish())
+        entry = self._shard.finish()
+        if self._dictionaries:  # (its frames were all written with the dictionaries in use now)
+            entry = dataclasses.replace(entry, dictionaries=tuple((name, d.file) for name, (d, _)
+                                                                  in sorted(self._dictionaries.items())))
+            for dictionary, _ in self._dictionaries.values():
+                self._manifest.dictionaries.setdefault(dictionary.file, dictionary)
+        self._manifest.shards.append(entry)
         try:
             self._commit()
         except BaseException:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._casting import FLOAT_DTYPES, OVERFLOW_POLICIES, bfloat16_bits_to_float32, cast_to_stored
 from ..errors import SchemaError, ValueRangeError
-from ..format import LOCK_NAME, MANIFEST_NAME, SHARD_FILE_PATTERN, Field, Schema, read_manifest, write_manifest
+from ..format import LOCK_NAME, MANIFEST_NAME, Field, Schema, is_data_file_name, read_manifest, write_manifest
 from ..writer import Writer
 from . import _precision
 from ._options import PathLike, Progress, choice
@@ -130,7 +130,7 @@ class Sink:
         else:
             _remove(os.path.join(self.path, MANIFEST_NAME))
         for name in os.listdir(self.path):
-            if name not in self._before and SHARD_FILE_PATTERN.fullmatch(name):
+            if name not in self._before and is_data_file_name(name):
                 _remove(os.path.join(self.path, name))
         if self._created_dir:
             try:
@@ -151,7 +151,7 @@ def refuse_foreign_directory(path: str) -> None:
         return  # the Writer says that a dataset exists there, and how to append
     foreign = sorted(name for name in os.listdir(path)  # a killed writer's leftovers are not foreign
                      if not (name.startswith((".", MANIFEST_NAME)) or name == LOCK_NAME
-                             or SHARD_FILE_PATTERN.fullmatch(name)))
+                             or is_data_file_name(name)))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise FileExistsError(errno.EEXIST, f"the output directory is not empty ({shown}) and holds no "
