@@ -80,13 +80,33 @@ static void free_thread_state(void *vstate)
     free(state);
 }
 
+/* RTLD_DEEPBIND: the library's calls to its own exported functions bind to itself. Without it, in
+ * a process whose global scope already holds another zstd's symbols (TensorFlow's
+ * libtensorflow_framework exports the zstd it bundles), the system library's internal calls went to
+ * that other version: a compression dictionary made by one and freed by the other crashed the
+ * interpreter. (AddressSanitizer's and ThreadSanitizer's runtimes refuse RTLD_DEEPBIND; their
+ * builds are tested in a venv without TensorFlow.) */
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define SF_SANITIZED 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define SF_SANITIZED 1
+#endif
+#if defined(RTLD_DEEPBIND) && !defined(SF_SANITIZED)
+#define SF_DLOPEN_FLAGS (RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND)
+#else
+#define SF_DLOPEN_FLAGS (RTLD_NOW | RTLD_LOCAL)
+#endif
+
 static void load_zstd(void)
 {
     const char *name = getenv("SHARDFEED_ZSTD_LIBRARY");
     if (name && *name)
         snprintf(zstd_library, sizeof zstd_library, "%s", name);
     thread_key_ok = pthread_key_create(&thread_key, free_thread_state) == 0;
-    void *lib = dlopen(zstd_library, RTLD_NOW | RTLD_LOCAL);
+    void *lib = dlopen(zstd_library, SF_DLOPEN_FLAGS);
     if (!lib) {
         const char *error = dlerror();
         snprintf(zstd_why, sizeof zstd_why, "the zstd library (%s) cannot be loaded: %s", zstd_library,

@@ -599,3 +599,38 @@ def test_a_library_without_the_dictionary_functions_names_them(triplets, tmp_pat
     assert "ZDICT_trainFromBuffer" in lines["WRITE"]
     assert lines["PLAIN"] == "0"
     assert not os.path.exists(tmp_path / "new" / "manifest.json")
+
+
+def test_dictionaries_work_after_tensorflow_put_its_own_zstd_in_the_global_scope(tmp_path):
+    """TensorFlow's libtensorflow_framework exports the zstd it bundles into the process's global
+    symbol scope. The system libzstd that the core loads must still call its own functions: with
+    its internal calls bound to TensorFlow's zstd (another version), a compression dictionary made
+    by one and freed by the other crashed the interpreter (found by the whole suite, where Keras
+    tests import TensorFlow before these)."""
+    pytest.importorskip("tensorflow")
+    code = textwrap.dedent(f"""
+        import ctypes, os, sys, warnings
+        import tensorflow  # noqa: F401
+        import numpy as np
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import shardfeed
+        from test_compression_dict import FIELDS, DICTIONARY, make_columns, write
+        from shardfeed._reference import reference_read
+        scope = ctypes.CDLL(None)
+        print("global zstd:", hasattr(scope, "ZSTD_createCDict_advanced"))
+        columns = make_columns(1200)
+        for name, option in (("dict", DICTIONARY), ("zstd", "zstd")):
+            path = write(os.path.join({str(tmp_path)!r}, name), columns, {{"text": option, "code": option}})
+            with shardfeed.open(path) as ds:
+                idx = np.random.default_rng(0).permutation(len(ds))[:500]
+                batch = ds.read(idx, ["text", "code"])
+                assert np.array_equal(batch["text"], columns["text"][idx]), name
+                assert np.array_equal(batch["code"], columns["code"][idx]), name
+                ref, _ = reference_read(path, idx[:50], ["text"])
+                assert np.array_equal(ref["text"], columns["text"][idx[:50]]), name
+            del ds
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0 and done.stdout.endswith("ok\n"), (done.returncode, done.stdout, done.stderr[-3000:])

@@ -13,14 +13,20 @@ import os
 
 import numpy as np
 
+from . import _core
 from .format import HEADER_BYTES, read_manifest
+
+
+# As the core loads it (ext/codec.c): its own symbols first, not another zstd's that TensorFlow put
+# in the process's global scope; not in a sanitizer build, whose runtime refuses RTLD_DEEPBIND.
+_ZSTD_DLOPEN_MODE = os.RTLD_LOCAL | (getattr(os, "RTLD_DEEPBIND", 0) if not _core.BUILD_INFO.get("sanitizers") else 0)
 
 
 def _decompress(codec, frame, raw_bytes, dictionary=None):
     """One frame decoded by zstd's one-shot functions through ctypes (not the core's loader), with
     ``dictionary`` (its bytes) where given."""
     assert codec == "zstd", codec
-    lib = ctypes.CDLL(os.environ.get("SHARDFEED_ZSTD_LIBRARY") or "libzstd.so.1")
+    lib = ctypes.CDLL(os.environ.get("SHARDFEED_ZSTD_LIBRARY") or "libzstd.so.1", mode=_ZSTD_DLOPEN_MODE)
     lib.ZSTD_decompress.restype = ctypes.c_size_t
     lib.ZSTD_decompress.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
     lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
