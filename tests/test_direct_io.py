@@ -120,7 +120,7 @@ def test_a_dataset_that_reads_directly_reads_nothing_ahead(dataset):
 def test_direct_reads_go_through_io_uring_by_default(dataset, read_io, rng):
     path, x, _ = dataset
     read_io("direct-uring")
-    idx = rng.permutation(N)[:300]
+    idx = rng.permutation(np.arange(0, N, 3))[:300]  # no two adjacent: one run a record
     with shardfeed.open(path, direct_io=False, mmap=False, preload=False) as ds:
         regimes.evict(data_files(path))
         before = _core.uring_runs()

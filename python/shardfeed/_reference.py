@@ -9,24 +9,37 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import os
 
 import numpy as np
 
-from . import _core
 from .format import HEADER_BYTES, read_manifest
 
 
-# As the core loads it (ext/codec.c): its own symbols first, not another zstd's that TensorFlow put
-# in the process's global scope; not in a sanitizer build, whose runtime refuses RTLD_DEEPBIND.
-_ZSTD_DLOPEN_MODE = os.RTLD_LOCAL | (getattr(os, "RTLD_DEEPBIND", 0) if not _core.BUILD_INFO.get("sanitizers") else 0)
+def _sanitizer_runtime_loaded() -> bool:
+    """Whether AddressSanitizer's or ThreadSanitizer's runtime is in this process (they refuse
+    RTLD_DEEPBIND: a sanitizer build's test run preloads them)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libasan" in line or "libtsan" in line for line in maps)
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _zstd_dlopen_mode() -> int:
+    """As the core loads zstd (ext/codec.c): its own symbols first, not another zstd's that
+    TensorFlow put in the process's global scope."""
+    deep = getattr(os, "RTLD_DEEPBIND", 0)
+    return os.RTLD_LOCAL | (deep if deep and not _sanitizer_runtime_loaded() else 0)
 
 
 def _decompress(codec, frame, raw_bytes, dictionary=None):
     """One frame decoded by zstd's one-shot functions through ctypes (not the core's loader), with
     ``dictionary`` (its bytes) where given."""
     assert codec == "zstd", codec
-    lib = ctypes.CDLL(os.environ.get("SHARDFEED_ZSTD_LIBRARY") or "libzstd.so.1", mode=_ZSTD_DLOPEN_MODE)
+    lib = ctypes.CDLL(os.environ.get("SHARDFEED_ZSTD_LIBRARY") or "libzstd.so.1", mode=_zstd_dlopen_mode())
     lib.ZSTD_decompress.restype = ctypes.c_size_t
     lib.ZSTD_decompress.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
     lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
