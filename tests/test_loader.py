@@ -311,6 +311,43 @@ def test_feed_options_are_declared_once_and_checked_by_every_front_end(data):
         options.seed = 1  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("helped", [True, False])
+def test_a_waiting_step_pool_consumer_reads_groups_itself(data, helped):
+    """A consumer that waits for its step reads a group that no worker started, on its own thread
+    (plan.helped: small batches); each step is still exactly plan.load(step), in order."""
+    from shardfeed.loader import StepPool
+    ds, columns = data
+    plan = BatchPlan(ds, 64, inputs="meta", targets="id", seed=9)
+    assert plan.group > 1 and plan.helped
+    readers = []
+
+    class SlowPlan:  # a worker slower than the consumer
+        group = plan.group
+
+        def __init__(self):
+            self.helped = helped
+
+        def load_group(self, first, count):
+            readers.append(threading.current_thread() is threading.main_thread())
+            time.sleep(0.02)
+            return plan.load_group(first, count)
+
+        def load(self, step):
+            return plan.load(step)
+
+    sampler = Sampler(ds, 64, seed=9)
+    pool = StepPool(SlowPlan(), workers=1, depth=3 * plan.group)
+    try:
+        steps = 8 * plan.group
+        for step in range(steps):
+            x, y = pool.get(step)
+            np.testing.assert_array_equal(y, sampler.indices(step).astype(np.float32))
+            np.testing.assert_array_equal(x, columns["meta"][sampler.indices(step)].astype(np.float32))
+    finally:
+        pool.close()
+    assert any(readers) is helped, readers
+
+
 @pytest.mark.parametrize("workers,processes", [(1, False), (3, False), (2, True)])
 def test_step_pool_hands_out_each_step_only_for_itself(data, workers, processes):
     """StepPool (what ShardSequence reads ahead with): whatever order the steps are asked in

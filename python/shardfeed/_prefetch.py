@@ -304,6 +304,8 @@ class StepPool:
             for later in range(number + 1, number + ahead + 1):
                 if later not in self._ahead:
                     self._ahead[later] = self._submit(later)
+        if not future.done() and not self.processes and getattr(self.plan, "helped", False):
+            future = self._help(number, future)
         try:
             results = future.result()
         except concurrent.futures.CancelledError:  # another thread's get() jumped elsewhere first
@@ -320,6 +322,35 @@ class StepPool:
         if isinstance(result, _Failed):
             raise result.error
         return result
+
+    def _help(self, number: int, future: Any) -> Any:
+        """The consumer, waiting for group ``number`` (``future``), reads a group that no worker
+        has started yet on its own thread instead of sleeping: its own group if it is still
+        queued, else the first later one. For plans whose reads are mostly Python overhead
+        (``plan.helped``: small batches), which a second thread runs beside the first while the
+        native reads release the GIL, as :class:`Prefetcher`'s ``help_while_waiting`` does.
+        Returns the future of group ``number`` (a finished one if this thread read it)."""
+        group = self.plan.group
+        with self._lock:
+            queued = [n for n in sorted(self._ahead) if n >= number and not self._ahead[n].running()
+                      and not self._ahead[n].done()]
+            for taken in queued:
+                if self._ahead[taken].cancel():  # no worker had started it
+                    mine = self._ahead[taken] = concurrent.futures.Future()
+                    mine.set_running_or_notify_cancel()
+                    break
+            else:
+                return future
+        try:
+            results = _load_group(self.plan, taken * group, group)  # raises nothing but BaseException
+        except BaseException:  # KeyboardInterrupt while reading: whoever waits for it reads it again
+            with self._lock:
+                if self._ahead.get(taken) is mine:
+                    del self._ahead[taken]
+            mine.set_exception(concurrent.futures.CancelledError())
+            raise
+        mine.set_result(results)
+        return mine if taken == number else future
 
     def _load_again(self, step: int) -> Any:
         if self.processes:
