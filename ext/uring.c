@@ -30,8 +30,8 @@
 /* The pool for reads through the page cache by default: there io_uring from one thread did not
  * match 16 preadv threads on the project's 2-vCPU VM (0.7-0.9x cold at 8 KiB and 147 KiB; fio's
  * own buffered io_uring at depth 64 reached 0.44-0.85 of its best pread configuration). Direct
- * reads through io_uring took 0.4x the CPU time per 8 KiB sample of buffered pool reads out of core,
- * at 1.1-1.3x the rate (benchmarks/RESULTS.md, fifth and seventh sessions). */
+ * reads through io_uring took 0.41-0.60x the CPU time per 8 KiB sample of buffered pool reads out
+ * of core, at 0.98-1.28x the rate (benchmarks/RESULTS.md, fifth and seventh sessions). */
 static int read_io_mode = SF_READ_IO_DIRECT_URING;
 static size_t runs_read; /* runs read through io_uring so far (sf_uring_runs) */
 

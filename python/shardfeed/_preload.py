@@ -46,11 +46,11 @@ AUTO_MAX_SHARE = 0.8
 # at least DIRECT_MIN_RATIO times the memory the page cache may use, and its records at least
 # DIRECT_MIN_RECORD_BYTES. Then at most a quarter of a random epoch's reads could hit the cache,
 # while every miss read through it costs the kernel an eviction and a copy: out of core, direct
-# reads through io_uring took 0.4x the CPU time per 8 KiB sample of buffered ones and 0.75x per
-# 147 KiB sample, at about their rate; of 128-byte records (one 4 KiB block read either way) they
-# delivered 0.8x the rate, so smaller records keep the page cache (benchmarks/RESULTS.md, seventh
-# session). A dataset nearer the cache's size keeps buffered reads: what direct reads never bring
-# into the cache, later epochs cannot find there.
+# reads through io_uring took 0.41-0.60x the CPU time per 8 KiB sample of buffered ones and
+# 0.72-0.78x per 147 KiB sample, at 0.84-1.28x their rate; of 128-byte records (one 4 KiB block
+# read either way) they delivered 0.81-0.98x the rate, so smaller records keep the page cache
+# (benchmarks/RESULTS.md, seventh session). A dataset nearer the cache's size keeps buffered
+# reads: what direct reads never bring into the cache, later epochs cannot find there.
 DIRECT_MIN_RATIO = 4
 DIRECT_MIN_RECORD_BYTES = 4096
 
