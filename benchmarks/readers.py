@@ -123,9 +123,13 @@ class ShardfeedReader(Reader):
     # shardfeed.open's options: bench_read.py's cold regime opens with preload=False (random reads,
     # compared with fio's random-read limit); bench_first_epoch.py times the default.
     open_options: dict = {}
+    # The process-wide read I/O while this reader is open (``_core.set_read_io``), or None: as set.
+    read_io: Optional[str] = None
 
     def open(self) -> None:
         import shardfeed
+        from shardfeed import _core
+        self.read_io_before = _core.set_read_io(self.read_io) if self.read_io else None
         self.dataset = shardfeed.open(self.data.path, **self.open_options)
         self.buffer = np.empty((self.profile.batch,) + self.profile.shape, np.float32)
 
@@ -133,6 +137,10 @@ class ShardfeedReader(Reader):
         if getattr(self, "dataset", None) is not None:
             self.dataset.close()
         self.dataset = None
+        if getattr(self, "read_io_before", None) is not None:
+            from shardfeed import _core
+            _core.set_read_io(self.read_io_before)
+            self.read_io_before = None
 
     def read_pass(self, order: np.ndarray) -> Batches:
         kwargs = self.profile.kwargs()
@@ -155,18 +163,7 @@ class ShardfeedUringReader(ShardfeedReader):
 
     name = "shardfeed-uring"
     skip_regimes = (PAGE_CACHED,)
-
-    def open(self) -> None:
-        from shardfeed import _core
-        self.read_io_before = _core.set_read_io("auto")
-        super().open()
-
-    def close(self) -> None:
-        super().close()
-        if getattr(self, "read_io_before", None) is not None:
-            from shardfeed import _core
-            _core.set_read_io(self.read_io_before)
-            self.read_io_before = None
+    read_io = "auto"
 
 
 class ShardfeedBufferedReader(ShardfeedAllocReader):
@@ -178,18 +175,6 @@ class ShardfeedBufferedReader(ShardfeedAllocReader):
     skip_regimes = (PAGE_CACHED,)
     open_options = {"direct_io": False}
     read_io = "pool"
-
-    def open(self) -> None:
-        from shardfeed import _core
-        self.read_io_before = _core.set_read_io(self.read_io)
-        super().open()
-
-    def close(self) -> None:
-        super().close()
-        if getattr(self, "read_io_before", None) is not None:
-            from shardfeed import _core
-            _core.set_read_io(self.read_io_before)
-            self.read_io_before = None
 
 
 class ShardfeedDirectReader(ShardfeedBufferedReader):

@@ -100,6 +100,22 @@ static void free_thread_state(void *vstate)
 #define SF_DLOPEN_FLAGS (RTLD_NOW | RTLD_LOCAL)
 #endif
 
+typedef struct symbol_slot {
+    void **slot;
+    const char *symbol;
+} symbol_slot;
+
+/* Looks up each of table[0..n) in lib into its slot; returns the first symbol missing, or NULL. */
+static const char *look_up(void *lib, const symbol_slot *table, size_t n)
+{
+    for (size_t k = 0; k < n; k++) {
+        *table[k].slot = dlsym(lib, table[k].symbol);
+        if (!*table[k].slot)
+            return table[k].symbol;
+    }
+    return NULL;
+}
+
 static void load_zstd(void)
 {
     const char *name = getenv("SHARDFEED_ZSTD_LIBRARY");
@@ -114,7 +130,7 @@ static void load_zstd(void)
         zstd_missing = zstd_why;
         return;
     }
-    struct { void **slot; const char *symbol; } wanted[] = {
+    const symbol_slot wanted[] = {
         {(void **)&zstd.createCCtx, "ZSTD_createCCtx"},
         {(void **)&zstd.freeCCtx, "ZSTD_freeCCtx"},
         {(void **)&zstd.createDCtx, "ZSTD_createDCtx"},
@@ -126,14 +142,12 @@ static void load_zstd(void)
         {(void **)&zstd.getFrameContentSize, "ZSTD_getFrameContentSize"},
         {(void **)&zstd.compressBound, "ZSTD_compressBound"},
     };
-    for (size_t k = 0; k < sizeof wanted / sizeof wanted[0]; k++) {
-        *wanted[k].slot = dlsym(lib, wanted[k].symbol);
-        if (!*wanted[k].slot) {
-            snprintf(zstd_why, sizeof zstd_why, "the zstd library (%s) has no function %s (zstd 1.3 or newer "
-                     "is needed)", zstd_library, wanted[k].symbol);
-            zstd_missing = zstd_why;
-            return; /* (the library stays loaded: harmless) */
-        }
+    const char *absent = look_up(lib, wanted, sizeof wanted / sizeof wanted[0]);
+    if (absent) {
+        snprintf(zstd_why, sizeof zstd_why, "the zstd library (%s) has no function %s (zstd 1.3 or newer "
+                 "is needed)", zstd_library, absent);
+        zstd_missing = zstd_why;
+        return; /* (the library stays loaded: harmless) */
     }
     if (!thread_key_ok) {
         snprintf(zstd_why, sizeof zstd_why, "no thread-specific key is left for the zstd contexts");
@@ -141,7 +155,7 @@ static void load_zstd(void)
         return;
     }
     zstd_missing = NULL;
-    struct { void **slot; const char *symbol; } optional[] = {
+    const symbol_slot optional[] = {
         {(void **)&zstd.trainFromBuffer, "ZDICT_trainFromBuffer"},
         {(void **)&zstd.zdictIsError, "ZDICT_isError"},
         {(void **)&zstd.zdictErrorName, "ZDICT_getErrorName"},
@@ -154,14 +168,12 @@ static void load_zstd(void)
         {(void **)&zstd.compress_usingCDict, "ZSTD_compress_usingCDict"},
         {(void **)&zstd.decompress_usingDDict, "ZSTD_decompress_usingDDict"},
     };
-    for (size_t k = 0; k < sizeof optional / sizeof optional[0]; k++) {
-        *optional[k].slot = dlsym(lib, optional[k].symbol);
-        if (!*optional[k].slot) {
-            snprintf(dictionaries_why, sizeof dictionaries_why, "the zstd library (%s) has no function %s: it "
-                     "cannot train or use compression dictionaries", zstd_library, optional[k].symbol);
-            dictionaries_missing = dictionaries_why;
-            return;
-        }
+    absent = look_up(lib, optional, sizeof optional / sizeof optional[0]);
+    if (absent) {
+        snprintf(dictionaries_why, sizeof dictionaries_why, "the zstd library (%s) has no function %s: it "
+                 "cannot train or use compression dictionaries", zstd_library, absent);
+        dictionaries_missing = dictionaries_why;
+        return;
     }
     dictionaries_missing = NULL;
 }
