@@ -285,3 +285,30 @@ def test_close_that_committed_but_cannot_remove_the_lock_warns(tools, new_path, 
         warnings.simplefilter("error")
         shardfeed.Writer(path, mode="a").close()
     assert not os.path.exists(lock_path) and shardfeed.verify(path).notes == []
+
+
+def test_an_interrupt_inside_fdopen_ends_the_writer_with_that_interrupt(tools, new_path, monkeypatch):
+    """SIGTERM's handler (the demo's: sys.exit) can raise inside os.fdopen after its file object was
+    made: that object closes the descriptor as the exception unwinds it. The shard file's cleanup
+    then closes it again (EBADF), which used to replace the interrupt with a ShardWriteError (the
+    demo exited 1 instead of 143, seen once in CI). The interrupt must come through, and the shard
+    file must go."""
+    from shardfeed import shardfile
+    path = new_path()
+    real_fdopen = os.fdopen
+    calls = []
+
+    def fdopen_then_interrupted(fd, *args, **kwargs):
+        calls.append(fd)
+        real_fdopen(fd, *args, **kwargs).close()  # as the file object does when it goes
+        raise KeyboardInterrupt
+
+    writer = shardfeed.Writer(path, {"x": ("float32", (4,))})
+    monkeypatch.setattr(shardfile.os, "fdopen", fdopen_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        writer.extend({"x": np.zeros((3, 4), np.float32)})
+    monkeypatch.undo()
+    assert calls
+    assert not [name for name in os.listdir(path) if name.endswith(".rec")]
+    with shardfeed.open(path) as ds:
+        assert len(ds) == 0

@@ -112,8 +112,13 @@ class _OutputFile:
         try:
             self.file = os.fdopen(fd, "wb", buffering=1 << 20)
         except BaseException:
-            os.close(fd)
-            os.unlink(path)
+            # An exception raised inside fdopen (SIGTERM's SystemExit, from a handler that runs
+            # between any two bytecodes) can come after its file object was made, which closed fd
+            # as it went: closing fd again then fails with EBADF, which must not replace it.
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             raise
         self.size = 0
         self.crc = 0
