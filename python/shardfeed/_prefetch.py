@@ -289,12 +289,16 @@ class StepPool:
             return self._start().submit(_load_group_in_worker, number * group, group)
         return self._start().submit(_load_group, self.plan, number * group, group)
 
+    def _groups_ahead(self) -> int:
+        """Groups read ahead of the one asked for: those holding the next ``depth`` steps."""
+        return -(-self.depth // self.plan.group)
+
     def get(self, step: int) -> Any:
         if self.depth == 0 and not self.processes:
             return self.plan.load(step)  # read in the caller's thread
         group = self.plan.group
         number = step // group
-        ahead = -(-self.depth // group)  # groups holding the next `depth` steps
+        ahead = self._groups_ahead()
         with self._lock:
             for other in [n for n in self._ahead if not number <= n <= number + ahead]:
                 self._ahead.pop(other).cancel()
@@ -331,11 +335,11 @@ class StepPool:
         native reads release the GIL, as :class:`Prefetcher`'s ``help_while_waiting`` does.
         Returns the future of group ``number`` (a finished one if this thread read it)."""
         group = self.plan.group
+        ahead = self._groups_ahead()
         with self._lock:
-            queued = [n for n in sorted(self._ahead) if n >= number and not self._ahead[n].running()
-                      and not self._ahead[n].done()]
-            for taken in queued:
-                if self._ahead[taken].cancel():  # no worker had started it
+            for taken in range(number, number + ahead + 1):  # the groups get() keeps ahead, in order
+                queued = self._ahead.get(taken)
+                if queued is not None and not queued.done() and queued.cancel():  # no worker had started it
                     mine = self._ahead[taken] = concurrent.futures.Future()
                     mine.set_running_or_notify_cancel()
                     break
