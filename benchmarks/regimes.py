@@ -17,7 +17,8 @@ import shardfeed
 from shardfeed import _core
 from shardfeed.read_options import affine_layout
 from shardfeed.read_options import STORED_KINDS
-from shardfeed.format import HEADER_BYTES, read_manifest
+from shardfeed.format import HEADER_BYTES
+from shardfeed.manifest import read_manifest
 
 # ImageNet statistics: x_float = (x_uint8 / 255 - mean) / std = x * scale + offset, per channel.
 _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 import shardfeed
-from shardfeed.format import read_manifest
+from shardfeed.manifest import read_manifest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import regimes  # noqa: E402

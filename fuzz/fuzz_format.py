@@ -26,8 +26,9 @@ import numpy as np
 
 import shardfeed
 from shardfeed.format import (
-    FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, check_header, parse_manifest,
+    FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME, check_header,
 )
+from shardfeed.manifest import parse_manifest
 
 KINDS = ("manifest-bytes", "manifest-json", "header", "contents")
 # Values that break things: wrong types, huge and negative counts, paths out of the directory,

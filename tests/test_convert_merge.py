@@ -10,7 +10,7 @@ import pytest
 
 import shardfeed
 from shardfeed import convert
-from shardfeed.format import read_manifest
+from shardfeed.manifest import read_manifest
 
 SHARDFEED = os.path.join(os.path.dirname(sys.executable), "shardfeed")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import shardfeed
-from shardfeed.format import read_manifest
+from shardfeed.manifest import read_manifest
 
 BUFFER_BYTES = 4 << 20  # writer._BUFFER_BYTES
 

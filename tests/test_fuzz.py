@@ -11,7 +11,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import shardfeed
-from shardfeed.format import HEADER_BYTES, parse_manifest
+from shardfeed.format import HEADER_BYTES
+from shardfeed.manifest import parse_manifest
 
 import fuzz_targets
 

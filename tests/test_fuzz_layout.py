@@ -48,8 +48,7 @@ def test_the_oracles_catch_broken_code(target, monkeypatch):
     that blocks on a FIFO, and an append that truncates a listed shard."""
     import os
 
-    from shardfeed import format as fmt
-    from shardfeed import lock, shardfile, writer
+    from shardfeed import lock, manifest, shardfile, writer
     runs = dict(target.runs)
     target.run(b"")  # an unchanged dataset: opens, appends, merges
     assert target.runs["opened"] > runs["opened"] and target.runs["appended"] > runs["appended"]
@@ -67,7 +66,7 @@ def test_the_oracles_catch_broken_code(target, monkeypatch):
 
     def blocking_open(path, what=""):
         return os.open(path, os.O_RDONLY)
-    monkeypatch.setattr(fmt, "open_regular", blocking_open)
+    monkeypatch.setattr(manifest, "open_regular", blocking_open)
     real_deadline = fuzz._deadline
     monkeypatch.setattr(fuzz, "_deadline", lambda seconds: real_deadline(1))
     with pytest.raises(fuzz.Finding, match="blocked"):

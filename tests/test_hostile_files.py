@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import shardfeed
-from shardfeed.format import HEADER_BYTES, LOCK_NAME, MANIFEST_NAME, MAX_MANIFEST_BYTES
+from shardfeed.format import HEADER_BYTES, LOCK_NAME, MANIFEST_NAME
+from shardfeed.manifest import MAX_MANIFEST_BYTES
 
 
 @pytest.fixture

@@ -145,7 +145,7 @@ def test_no_import_cycle_at_import_time():
 # ds.batches, view.to_tf_dataset) imports inside the method. A sub-package is one layer.
 LAYERS = [
     ("base", {"errors", "_text", "_process"}),
-    ("on-disk format", {"fileio", "format", "compression"}),
+    ("on-disk format", {"fileio", "format", "manifest", "compression"}),
     ("core I/O", {"_core", "_casting", "lock", "shardfile", "read_options", "batch_reader", "_reference", "_preload"}),
     ("datasets", {"writer", "dataset", "merge", "verification"}),
     ("views and order", {"order", "views"}),
@@ -189,6 +189,7 @@ def test_layers_point_downwards():
     assert "views" not in direct["order"] and "loader" not in direct["order"]
     assert "loader" not in direct["views"] and "tf" not in direct["views"] and "keras" not in direct["views"]
     assert {"keras", "tf"}.isdisjoint(direct["loader"])
+    assert "format" in direct["manifest"] and "manifest" not in direct["format"]  # names and schema under the manifest
     assert _upward_imports(trees) == []
 
 

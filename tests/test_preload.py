@@ -13,7 +13,7 @@ import pytest
 import shardfeed
 from shardfeed import _preload
 from shardfeed.errors import ShardReadError
-from shardfeed.format import read_manifest
+from shardfeed.manifest import read_manifest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import regimes  # noqa: E402

@@ -13,6 +13,7 @@ import pytest
 
 import shardfeed
 from shardfeed.format import HEADER_BYTES, LOCK_NAME, MANIFEST_NAME
+from shardfeed.manifest import read_manifest
 
 
 def read_all(path):
@@ -96,7 +97,7 @@ def test_append_after_a_removed_manifest_entry_keeps_every_committed_shard(tools
         assert file_bytes(os.path.join(path, name)) == data, f"{name} was rewritten"
     assert shardfeed.verify(path).ok
     np.testing.assert_array_equal(read_all(path)["x"], np.concatenate([x[2:], np.full((3, 2), -1)]))
-    names = [s.file for s in shardfeed.format.read_manifest(path).shards]
+    names = [s.file for s in read_manifest(path).shards]
     assert len(set(names)) == len(names)
 
 
@@ -151,7 +152,7 @@ def test_shard_files_are_created_never_reused(tools, new_path, monkeypatch):
     with shardfeed.Writer(path, mode="a") as w:
         w.extend({"x": np.ones((1, 2), np.int32)})
     assert file_bytes(planted) == b"someone else's file"
-    assert [s.file for s in shardfeed.format.read_manifest(path).shards][-1] == "shard-000004.rec"
+    assert [s.file for s in read_manifest(path).shards][-1] == "shard-000004.rec"
     assert shardfeed.verify(path).ok
 
 

@@ -33,7 +33,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import ShardReadError
-from .format import open_regular
+from .fileio import open_regular
 
 # Each preadv of the passes reads this much (and a stop request waits for at most one of them).
 CHUNK_BYTES = 8 << 20

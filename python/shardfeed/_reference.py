@@ -1,7 +1,7 @@
 """A slow, obviously correct reader: the test oracle for :meth:`shardfeed.Dataset.read`.
 
 Pure Python and numpy, independent of the compiled core: the manifest is parsed (and validated) by
-:func:`shardfeed.format.read_manifest`, each record is fetched with one ``os.pread``, and values are
+:func:`shardfeed.manifest.read_manifest`, each record is fetched with one ``os.pread``, and values are
 converted with ``numpy.astype`` and the float32 formula ``x * float32(scale) + float32(offset)``.
 """
 
@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from .format import HEADER_BYTES, read_manifest
+from .format import HEADER_BYTES
+from .manifest import read_manifest
 
 
 def _sanitizer_runtime_loaded() -> bool:

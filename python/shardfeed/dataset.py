@@ -15,8 +15,9 @@ from ._process import usable_cpus
 from .errors import ShardFormatError, ShardReadError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, MANIFEST_NAME,
-    MERGE_JOURNAL_NAME, Field, Manifest, ShardEntry, check_header, checksum_words, read_dictionary, read_manifest,
+    MERGE_JOURNAL_NAME, Field, check_header, checksum_words,
 )
+from .manifest import Manifest, ShardEntry, read_dictionary, read_manifest
 from .fileio import file_system_path, open_regular
 
 # Records up to this size are copied from a read-only memory map (MADV_RANDOM) instead of one

@@ -22,10 +22,12 @@ from .errors import SchemaError, ShardFormatError, ShardReadError, ShardWriteErr
 from .format import (
     CHECKSUMS_SUFFIX, DICTIONARY_FILE_PATTERN, HEAP_SUFFIX, MANIFEST_NAME, MERGE_JOURNAL_NAME, RECORDS_SUFFIX,
     SHARD_FILE_PATTERN, TEMPORARY_DICTIONARY_PATTERN, TEMPORARY_JOURNAL_PATTERN, TEMPORARY_MANIFEST_PATTERN,
-    DictionaryEntry, Manifest, ShardEntry, is_data_file_name, parse_manifest, read_bounded, read_dictionary,
-    read_manifest, shard_stem, temporary_journal_name, write_manifest,
+    is_data_file_name, shard_stem, temporary_journal_name,
 )
-from .fileio import create_new, file_system_path, fsync_directory, open_regular, replace_atomically
+from .manifest import (
+    DictionaryEntry, Manifest, ShardEntry, parse_manifest, read_dictionary, read_manifest, write_manifest,
+)
+from .fileio import create_new, file_system_path, fsync_directory, open_regular, read_bounded, replace_atomically
 from .lock import WriterLock
 
 __all__ = ["MergeResult", "merge"]

@@ -16,8 +16,9 @@ import numpy as np
 
 from .format import (
     CHECKSUMS_SUFFIX, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEAP_SUFFIX, RECORDS_SUFFIX, Schema,
-    ShardEntry, format_checksum, pack_header, shard_stem,
+    format_checksum, pack_header, shard_stem,
 )
+from .manifest import ShardEntry
 from .fileio import create_new
 
 # Data is written in pieces of this size, and from two pieces on checksummed on a second thread at

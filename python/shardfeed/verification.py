@@ -26,9 +26,10 @@ from ._process import process_alive
 from .errors import ShardFormatError
 from .format import (
     CHECKSUM_DTYPE, FILE_KIND_CHECKSUMS, FILE_KIND_HEAP, FILE_KIND_RECORDS, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME,
-    MERGE_JOURNAL_NAME, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, Manifest, ShardEntry, check_header,
-    checksum_words, format_checksum, is_data_file_name, read_dictionary, read_manifest,
+    MERGE_JOURNAL_NAME, SHARD_FILE_PATTERN, TEMPORARY_MANIFEST_PATTERN, check_header, checksum_words, format_checksum,
+    is_data_file_name,
 )
+from .manifest import Manifest, ShardEntry, read_dictionary, read_manifest
 from .fileio import file_system_path, open_regular
 from ._text import human_bytes, printable
 from .lock import lock_holder

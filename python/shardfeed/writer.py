@@ -23,9 +23,9 @@ from .errors import (
 from .fileio import file_system_path
 from .format import (
     CHECKSUM_DTYPE, HEADER_BYTES, LOCK_NAME, MANIFEST_NAME, MERGE_JOURNAL_NAME, TEMPORARY_DICTIONARY_PATTERN,
-    TEMPORARY_MANIFEST_PATTERN, DictionaryEntry, Field, Manifest, Schema, checksum_words, is_data_file_name,
-    read_dictionary, read_manifest, write_dictionary, write_manifest,
+    TEMPORARY_MANIFEST_PATTERN, Field, Schema, checksum_words, is_data_file_name,
 )
+from .manifest import DictionaryEntry, Manifest, read_dictionary, read_manifest, write_dictionary, write_manifest
 from .lock import WriterLock
 from .shardfile import ShardFile
 
@@ -176,7 +176,7 @@ class Writer:
         self._heap_limit = shard_size
         # At most _BUFFER_BYTES of records and as much of their checksums, which outweigh records
         # smaller than a sample's checksum words: a larger block, once freed, would raise glibc's
-        # mmap threshold for the whole process (format.read_bounded says what that costs).
+        # mmap threshold for the whole process (fileio.read_bounded says what that costs).
         sample_bytes = max(record_bytes, checksum_words(self.schema) * CHECKSUM_DTYPE.itemsize)
         self._buffer = np.zeros(max(1, min(self._records_per_shard, _BUFFER_BYTES // sample_bytes)),
                                 dtype=self.schema.record_dtype)

@@ -10,7 +10,8 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, Optional
 
-from ..format import MANIFEST_NAME, read_manifest
+from ..format import MANIFEST_NAME
+from ..manifest import read_manifest
 from ._options import PathLike, Progress
 from ._progress import progress_bar
 from ._report import MAX_EXAMPLES, ConversionReport

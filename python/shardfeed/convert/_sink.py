@@ -13,7 +13,8 @@ import numpy as np
 
 from .._casting import FLOAT_DTYPES, OVERFLOW_POLICIES, bfloat16_bits_to_float32, cast_to_stored
 from ..errors import SchemaError, ValueRangeError
-from ..format import LOCK_NAME, MANIFEST_NAME, Field, Schema, is_data_file_name, read_manifest, write_manifest
+from ..format import LOCK_NAME, MANIFEST_NAME, Field, Schema, is_data_file_name
+from ..manifest import read_manifest, write_manifest
 from ..writer import Writer
 from . import _precision
 from ._options import PathLike, Progress, choice
