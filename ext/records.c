@@ -176,8 +176,6 @@ int sf_fit_bounce(sf_run_buffers *buf, size_t bytes)
 {
     if (bytes <= buf->bounce_bytes)
         return 0;
-    if (bytes < 2 * buf->bounce_bytes)
-        bytes = 2 * buf->bounce_bytes;
     void *bounce = NULL;
     if (posix_memalign(&bounce, SF_DIRECT_ALIGN, bytes) != 0)
         return -1;

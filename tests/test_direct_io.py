@@ -182,3 +182,84 @@ def test_direct_io_is_checked_and_survives_pickling(dataset):
         with copy:
             assert copy.direct_reads
             np.testing.assert_array_equal(copy.read(np.arange(10))["x"], x[:10])
+
+
+def runs_of_length(length, count=20):
+    """`count` runs of `length` adjacent records, spread over the dataset (a gap after each)."""
+    starts = np.arange(count) * (N // count)
+    return np.concatenate([np.arange(s, s + length) for s in starts])
+
+
+@pytest.mark.skipif(not URING, reason="io_uring is not usable here")
+def test_a_ring_keeps_its_bounce_buffers_and_grows_them_for_longer_runs(dataset, read_io, rng):
+    """One thread's batches take the same ring, whose slots keep their bounce buffers from one batch
+    to the next (ext/uring.c): batches of ever longer runs (spans of 2 to 61 blocks, then runs of
+    up to 1 MiB) need each slot's buffer grown; scattered records after them read into the larger
+    buffers at other alignments."""
+    path, x, label = dataset
+    read_io("direct-uring")
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        picks = [rng.permutation(N)[:200]] + [runs_of_length(k) for k in (1, 2, 7, 30, 60)]
+        picks += [np.arange(N), rng.permutation(N)[:300], runs_of_length(3), np.arange(N)[::-1]]
+        for idx in picks:
+            before = _core.uring_runs()
+            batch = ds.read(idx)
+            assert _core.uring_runs() > before
+            np.testing.assert_array_equal(batch["x"], x[idx])
+            np.testing.assert_array_equal(batch["label"], label[idx])
+            converted = ds.read(idx, "x", dtype="float32")["x"]
+            np.testing.assert_array_equal(converted, x[idx].astype(np.float32))
+
+
+@pytest.mark.skipif(not URING or not hasattr(os, "fork"), reason="needs io_uring and fork")
+def test_direct_reads_in_a_forked_child_and_its_parent(dataset, read_io, rng):
+    """The child of a parent whose idle ring holds bounce buffers frees that ring (ext/uring.c
+    after_fork_child) and reads with a ring of its own; the parent reads on with its ring."""
+    path, x, _ = dataset
+    read_io("direct-uring")
+    scattered, runs = rng.permutation(N)[:300], runs_of_length(40)
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        np.testing.assert_array_equal(ds.read(runs)["x"], x[runs])  # the idle ring keeps large buffers
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                before = _core.uring_runs()
+                ok = all(np.array_equal(ds.read(idx)["x"], x[idx]) for idx in (scattered, runs, np.arange(N)))
+                code = 0 if ok and _core.uring_runs() > before else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        for idx in (scattered, np.arange(N)):
+            np.testing.assert_array_equal(ds.read(idx)["x"], x[idx])
+
+
+def anon_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not URING or not os.path.exists("/proc/self/status"), reason="needs io_uring and /proc")
+@pytest.mark.skipif(_core.BUILD_INFO["sanitizers"] != "", reason="sanitizer runtimes have allocators of their own")
+def test_a_ring_does_not_keep_a_bounce_buffer_past_its_limit(new_path, read_io):
+    """A record of 40 MiB is read into a bounce buffer of its size, which the ring frees after the
+    batch (it keeps 16 MiB at most: ext/uring.c SF_URING_KEEP_BOUNCE_BYTES). Blocks that large are
+    mapped by glibc at any threshold, so freeing it gives the memory back. (The first read, through
+    the pool, whose bounce buffers last one read, leaves the memory of a batch's output resident.)"""
+    path = new_path()
+    record = np.random.default_rng(1).integers(0, 256, (2, 40 << 20), dtype=np.uint8)
+    with shardfeed.Writer(path, fields={"v": ("uint8", (40 << 20,))}) as w:
+        w.extend({"v": record})
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        if not ds.direct_reads:
+            pytest.skip(f"the file system under {path} does not take O_DIRECT")
+        read_io("pool")
+        assert np.array_equal(ds.read(np.array([1]))["v"][0], record[1])
+        read_io("direct-uring")
+        for k in (0, 1, 0):
+            before, runs = anon_kib(), _core.uring_runs()
+            ok = np.array_equal(ds.read(np.array([k]))["v"][0], record[k])
+            grew = anon_kib() - before
+            assert ok and _core.uring_runs() == runs + 1
+            assert grew < 8 << 10, f"RssAnon {grew} KiB higher after reading a 40 MiB record"
