@@ -211,6 +211,22 @@ def test_a_ring_keeps_its_bounce_buffers_and_grows_them_for_longer_runs(dataset,
             np.testing.assert_array_equal(converted, x[idx].astype(np.float32))
 
 
+@pytest.mark.skipif(not URING, reason="io_uring is not usable here")
+def test_more_threads_read_directly_at_once_than_rings_are_kept(dataset, read_io, tools):
+    """20 threads at once take 20 rings; 16 go back to the idle list with their bounce buffers
+    and the others are freed with theirs (ext/uring.c ring_put), batch after batch."""
+    path, x, label = dataset
+    read_io("direct-uring")
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        def reader(k):
+            rng = np.random.default_rng(k)
+            for j in range(8):
+                idx = runs_of_length(1 + (j * 7 + k) % 60) if j % 2 else rng.permutation(N)[:700]
+                batch = ds.read(idx, threads=1)
+                assert np.array_equal(batch["x"], x[idx]) and np.array_equal(batch["label"], label[idx]), (k, j)
+        tools.run_threads(20, reader)
+
+
 @pytest.mark.skipif(not URING or not hasattr(os, "fork"), reason="needs io_uring and fork")
 def test_direct_reads_in_a_forked_child_and_its_parent(dataset, read_io, rng):
     """The child of a parent whose idle ring holds bounce buffers frees that ring (ext/uring.c
