@@ -8,7 +8,9 @@ and records of 4 KiB or more."""
 import errno
 import os
 import pickle
+import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -279,3 +281,80 @@ def test_a_ring_does_not_keep_a_bounce_buffer_past_its_limit(new_path, read_io):
             grew = anon_kib() - before
             assert ok and _core.uring_runs() == runs + 1
             assert grew < 8 << 10, f"RssAnon {grew} KiB higher after reading a 40 MiB record"
+
+
+# posix_memalign with the alignment of direct reads fails while fail_bounce(1) is on (LD_PRELOAD).
+FAILING_BOUNCE_SHIM = r"""
+#define _GNU_SOURCE 1
+#include <dlfcn.h>
+#include <errno.h>
+#include <stddef.h>
+static int failing;
+void fail_bounce(int on) { __atomic_store_n(&failing, on, __ATOMIC_RELAXED); }
+int posix_memalign(void **p, size_t align, size_t size)
+{
+    static int (*real)(void **, size_t, size_t);
+    if (align == 4096 && __atomic_load_n(&failing, __ATOMIC_RELAXED))
+        return ENOMEM;
+    if (!real)
+        real = (int (*)(void **, size_t, size_t))dlsym(RTLD_NEXT, "posix_memalign");
+    return real(p, align, size);
+}
+"""
+
+FAILING_BOUNCE = textwrap.dedent(r'''
+    import ctypes, sys
+    import numpy as np
+    import shardfeed
+    from shardfeed import _core
+    from shardfeed.format import HEADER_BYTES
+
+    path, shim = sys.argv[1], ctypes.CDLL(sys.argv[2])
+    n = 600
+    values = np.random.default_rng(5).integers(0, 256, (n, 5000), dtype=np.uint8)
+    with shardfeed.Writer(path, fields={"v": ("uint8", (5000,))}, shard_size=HEADER_BYTES + 250 * 5000) as w:
+        w.extend({"v": values})
+    scattered, runs = np.random.default_rng(6).permutation(n)[:200], np.arange(100, 500)
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        if not ds.direct_reads:
+            print("NO DIRECT")
+            sys.exit(0)
+        _core.set_read_io("pool")
+        shim.fail_bounce(1)
+        try:
+            ds.read(scattered)
+        except MemoryError as exc:
+            print("POOL", exc)
+        shim.fail_bounce(0)
+        assert np.array_equal(ds.read(scattered)["v"], values[scattered])
+        if _core.uring_error() == 0:
+            _core.set_read_io("direct-uring")
+            for idx, fail in ((scattered, 1), (scattered, 0), (runs, 1), (runs, 0), (scattered, 1)):
+                shim.fail_bounce(fail)  # runs after scattered records: the slots' buffers cannot grow
+                before = _core.uring_runs()
+                batch = ds.read(idx)
+                assert np.array_equal(batch["v"], values[idx]) and _core.uring_runs() > before, fail
+            print("URING exact")
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an LD_PRELOAD shim of glibc's posix_memalign")
+def test_a_bounce_buffer_that_cannot_be_allocated(new_path, tmp_path):
+    """A direct read on the pool whose bounce buffer cannot be had fails with MemoryError (the batch
+    named no record); through io_uring, a slot without its buffer, or whose buffer cannot grow,
+    reads its run through the page cache: the batch is exact."""
+    source, shim = tmp_path / "shim.c", tmp_path / "failing-bounce.so"
+    source.write_text(FAILING_BOUNCE_SHIM)
+    built = subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"], capture_output=True,
+                           text=True)
+    assert built.returncode == 0, built.stderr
+    env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [str(shim), os.environ.get("LD_PRELOAD")])))
+    if _core.BUILD_INFO["sanitizers"]:  # the sanitizer runtime is preloaded too, after the shim
+        env["ASAN_OPTIONS"] = os.environ.get("ASAN_OPTIONS", "") + " verify_asan_link_order=0"
+    done = subprocess.run([sys.executable, "-c", FAILING_BOUNCE, new_path(), str(shim)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout == "NO DIRECT\n":
+        pytest.skip("the file system here does not take O_DIRECT")
+    assert "POOL out of memory in a native batch read\n" in done.stdout, done.stdout
+    assert done.stdout.endswith("URING exact\n") or not URING, done.stdout
