@@ -176,8 +176,6 @@ int sf_fit_bounce(sf_run_buffers *buf, size_t bytes)
 {
     if (bytes <= buf->bounce_bytes)
         return 0;
-    if (bytes < 2 * buf->bounce_bytes)
-        bytes = 2 * buf->bounce_bytes;
     void *bounce = NULL;
     if (posix_memalign(&bounce, SF_DIRECT_ALIGN, bytes) != 0)
         return -1;
@@ -240,20 +238,18 @@ void sf_convert_run(const record_ctx *ctx, size_t item, size_t stop, const sf_ru
 }
 
 /* Reads run [item, stop) of shard s (count iovecs, `total` bytes at `at`) with O_DIRECT into
- * buf->bounce and copies it into the iovecs' places. Returns SF_OK, the error kind (err filled),
- * or -1 when the file refused direct reads of this span (EINVAL): nothing failed, read it through
- * the page cache instead. */
+ * buf->bounce and copies it into the iovecs' places. Returns SF_OK; the error kind (err filled,
+ * bar SF_ERR_NOMEM, which names no record: sf_read_records_pread fills it, as for its own
+ * buffers); or -1 when the file refused direct reads of this span (EINVAL): nothing failed, read
+ * it through the page cache instead. */
 static int read_run_direct(const record_ctx *ctx, size_t item, size_t s, sf_run_buffers *buf, size_t count,
                            off_t at, size_t total, sf_error *err)
 {
     off_t start = 0;
     size_t bytes = 0;
     sf_direct_span(at, total, &start, &bytes);
-    if (sf_fit_bounce(buf, bytes) != 0) {
-        sf_set_error(err, SF_ERR_NOMEM, SF_FILE_RECORDS, 0, -1, -1);
-        err->shard = -1;
+    if (sf_fit_bounce(buf, bytes) != 0)
         return SF_ERR_NOMEM;
-    }
     size_t lead = (size_t)(at - start), done = 0;
     int rc = sf_pread_direct(sf_direct_fd(ctx->shards, s), buf->bounce, bytes, start, lead + total, &done);
     if (rc == SF_ERR_IO && errno == EINVAL)
@@ -271,7 +267,7 @@ static int read_run_direct(const record_ctx *ctx, size_t item, size_t s, sf_run_
  * it), or with O_DIRECT where shards->direct_fds says so, then converts its records. In the
  * page-cache pass, a run that is not wholly in the page cache is flagged for the blocking pass, all
  * of it. An error names the first record that was not read in full. Returns SF_OK or the error
- * kind (err filled). */
+ * kind (err filled, bar SF_ERR_NOMEM: see read_run_direct). */
 static int read_run(const record_ctx *ctx, size_t item, size_t stop, size_t s, sf_run_buffers *buf,
                     sf_error *err)
 {
@@ -325,10 +321,8 @@ int sf_read_records_pread(void *vctx, size_t begin, size_t end, sf_error *err)
         rc = read_run(ctx, item, stop, s, &buf, err);
         item = stop;
     }
-    if (rc == SF_ERR_NOMEM) {
-        sf_set_error(err, SF_ERR_NOMEM, SF_FILE_RECORDS, 0, -1, -1);
-        err->shard = -1;
-    }
+    if (rc == SF_ERR_NOMEM) /* here for every buffer, the bounce buffer of read_run_direct too */
+        sf_out_of_memory(err, SF_FILE_RECORDS);
     free(buf.discard);
     free(buf.iov);
     free(buf.scratch);

@@ -97,8 +97,10 @@ static inline void sf_direct_span(off_t at, size_t total, off_t *start, size_t *
     *bytes = (size_t)(end - *start);
 }
 
-/* Makes buf->bounce hold `bytes` (aligned; grows, at least doubling). Returns 0 or -1 (out of
- * memory; buf keeps what it had). */
+/* Makes buf->bounce hold `bytes` (aligned). It grows to the size asked, no more: a buffer kept
+ * from one batch to the next (uring.c) is never larger than the largest span it read, and it is
+ * seldom grown: runs of one length have spans of two sizes at most (at either alignment). Returns 0
+ * or -1 (out of memory; buf keeps what it had). */
 int sf_fit_bounce(sf_run_buffers *buf, size_t bytes);
 
 /* Copies `src` into the places of iov[0..count) in order, skipping the discard buffer's. */

@@ -1,6 +1,7 @@
 /* io_uring reads of record runs; see uring.h. A ring is taken from a small process-wide cache for
  * one batch read and put back after it (setting one up costs ~100 us on the project's VMs, as much
- * as a disk read), so concurrent readers each use their own ring. No request is ever left in
+ * as a disk read), so concurrent readers each use their own ring; it keeps its slots' bounce
+ * buffers of direct reads for the next batch (ring_keep_bounce). No request is ever left in
  * flight when sf_read_uring returns: the output buffers are the caller's. */
 #define _GNU_SOURCE 1
 #define _DEFAULT_SOURCE 1
@@ -62,6 +63,12 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
  * after their read. */
 #define SF_URING_IDLE_MAX 16
 
+/* Bounce buffers of direct reads (records.h) a ring keeps for its next batch, in bytes at most: as
+ * much as a batch keeps in flight, so an idle ring holds no more than a read of it needed at once
+ * (64 slots of the aligned span of one 147 KiB record are 9.5 MiB). The slots' buffers past that
+ * total (one record of tens of MiB; runs of 1 MiB from the 17th slot on) are freed after a batch. */
+#define SF_URING_KEEP_BOUNCE_BYTES SF_URING_INFLIGHT_BYTES
+
 typedef struct sf_ring {
     int fd;
     unsigned entries;
@@ -73,6 +80,11 @@ typedef struct sf_ring {
     void *ring_map, *cq_map;    /* cq_map == ring_map with IORING_FEAT_SINGLE_MMAP */
     size_t ring_bytes, cq_bytes, sqe_bytes;
     struct sf_ring *below;      /* the idle ring under this one */
+    /* Slot k's bounce buffer for direct reads, kept from one batch to the next (else a
+     * posix_memalign, and the page faults of a fresh buffer, at every batch): NULL or
+     * bounce_bytes[k] long, the largest span the slot read; SF_URING_KEEP_BOUNCE_BYTES in all. */
+    char *bounce[SF_URING_DEPTH];
+    size_t bounce_bytes[SF_URING_DEPTH];
 } sf_ring;
 
 static struct {
@@ -84,6 +96,8 @@ static struct {
 
 static void ring_free(sf_ring *r)
 {
+    for (size_t k = 0; k < SF_URING_DEPTH; k++)
+        free(r->bounce[k]);
     if (r->sqes)
         munmap(r->sqes, r->sqe_bytes);
     if (r->cq_map && r->cq_map != r->ring_map)
@@ -195,9 +209,10 @@ int sf_uring_probe(void)
     return r ? 0 : error;
 }
 
-/* fork(): the child gets no idle ring (the parent's rings are the parent's), and tries setup anew.
- * A ring another thread of the parent was using at the fork is not the child's either (its fd
- * stays open in the child, unused). */
+/* fork(): the child gets no idle ring (the parent's rings are the parent's), and tries setup anew;
+ * the idle rings' bounce buffers, the child's copies, are freed with them. A ring another thread of
+ * the parent was using at the fork is not the child's either (its fd and buffers stay in the
+ * child, unused). */
 static void before_fork(void) { pthread_mutex_lock(&rings.lock); }
 static void after_fork_parent(void) { pthread_mutex_unlock(&rings.lock); }
 static void after_fork_child(void)
@@ -301,6 +316,25 @@ static void advance(uring_slot *slot, size_t got)
     }
 }
 
+/* Hands the slots' bounce buffers back to ring r, nothing in flight: those of the first slots (a
+ * batch takes slot 0 first) up to SF_URING_KEEP_BOUNCE_BYTES in all; it frees the others. */
+static void ring_keep_bounce(sf_ring *r, uring_slot *slots, size_t depth)
+{
+    size_t kept = 0;
+    for (size_t k = 0; k < depth; k++) {
+        sf_run_buffers *buf = &slots[k].buf;
+        if (buf->bounce_bytes <= SF_URING_KEEP_BOUNCE_BYTES - kept) {
+            r->bounce[k] = buf->bounce;
+            r->bounce_bytes[k] = buf->bounce_bytes;
+            kept += buf->bounce_bytes;
+        } else {
+            free(buf->bounce);
+        }
+        buf->bounce = NULL;
+        buf->bounce_bytes = 0;
+    }
+}
+
 int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
 {
     int error = 0;
@@ -315,8 +349,13 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
     if (!slots || !free_slots || (ctx->discard_bytes && !discard))
         rc = SF_ERR_NOMEM;
     size_t n_free = 0, inflight = 0, next = 0, runs = 0, inflight_bytes = 0;
-    for (size_t k = 0; slots && free_slots && k < depth; k++) {
+    int slots_made = slots && free_slots;
+    for (size_t k = 0; slots_made && k < depth; k++) {
         slots[k].buf.discard = discard;
+        slots[k].buf.bounce = r->bounce[k]; /* the slot's from earlier batches (ring_keep_bounce) */
+        slots[k].buf.bounce_bytes = r->bounce_bytes[k];
+        r->bounce[k] = NULL;
+        r->bounce_bytes[k] = 0;
         free_slots[n_free++] = depth - 1 - k;
     }
     while ((rc == SF_OK && next < items) || inflight > 0) {
@@ -410,13 +449,14 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
         }
         __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
     }
-    ring_put(r);
-    __atomic_add_fetch(&runs_read, runs, __ATOMIC_RELAXED);
     for (size_t k = 0; slots && k < depth; k++) {
         free(slots[k].buf.iov);
         free(slots[k].buf.scratch);
-        free(slots[k].buf.bounce);
     }
+    if (slots_made)
+        ring_keep_bounce(r, slots, depth);
+    ring_put(r);
+    __atomic_add_fetch(&runs_read, runs, __ATOMIC_RELAXED);
     free(slots);
     free(free_slots);
     free(discard);

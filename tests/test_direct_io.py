@@ -8,7 +8,9 @@ and records of 4 KiB or more."""
 import errno
 import os
 import pickle
+import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -182,3 +184,177 @@ def test_direct_io_is_checked_and_survives_pickling(dataset):
         with copy:
             assert copy.direct_reads
             np.testing.assert_array_equal(copy.read(np.arange(10))["x"], x[:10])
+
+
+def runs_of_length(length, count=20):
+    """`count` runs of `length` adjacent records, spread over the dataset (a gap after each)."""
+    starts = np.arange(count) * (N // count)
+    return np.concatenate([np.arange(s, s + length) for s in starts])
+
+
+@pytest.mark.skipif(not URING, reason="io_uring is not usable here")
+def test_a_ring_keeps_its_bounce_buffers_and_grows_them_for_longer_runs(dataset, read_io, rng):
+    """One thread's batches take the same ring, whose slots keep their bounce buffers from one batch
+    to the next (ext/uring.c): batches of ever longer runs (spans of 2 to 61 blocks, then runs of
+    up to 1 MiB) need each slot's buffer grown; scattered records after them read into the larger
+    buffers at other alignments."""
+    path, x, label = dataset
+    read_io("direct-uring")
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        picks = [rng.permutation(N)[:200]] + [runs_of_length(k) for k in (1, 2, 7, 30, 60)]
+        picks += [np.arange(N), rng.permutation(N)[:300], runs_of_length(3), np.arange(N)[::-1]]
+        for idx in picks:
+            before = _core.uring_runs()
+            batch = ds.read(idx)
+            assert _core.uring_runs() > before
+            np.testing.assert_array_equal(batch["x"], x[idx])
+            np.testing.assert_array_equal(batch["label"], label[idx])
+            converted = ds.read(idx, "x", dtype="float32")["x"]
+            np.testing.assert_array_equal(converted, x[idx].astype(np.float32))
+
+
+@pytest.mark.skipif(not URING, reason="io_uring is not usable here")
+def test_more_threads_read_directly_at_once_than_rings_are_kept(dataset, read_io, tools):
+    """20 threads at once take 20 rings; 16 go back to the idle list with their bounce buffers
+    and the others are freed with theirs (ext/uring.c ring_put), batch after batch."""
+    path, x, label = dataset
+    read_io("direct-uring")
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        def reader(k):
+            rng = np.random.default_rng(k)
+            for j in range(8):
+                idx = runs_of_length(1 + (j * 7 + k) % 60) if j % 2 else rng.permutation(N)[:700]
+                batch = ds.read(idx, threads=1)
+                assert np.array_equal(batch["x"], x[idx]) and np.array_equal(batch["label"], label[idx]), (k, j)
+        tools.run_threads(20, reader)
+
+
+@pytest.mark.skipif(not URING or not hasattr(os, "fork"), reason="needs io_uring and fork")
+def test_direct_reads_in_a_forked_child_and_its_parent(dataset, read_io, rng):
+    """The child of a parent whose idle ring holds bounce buffers frees that ring (ext/uring.c
+    after_fork_child) and reads with a ring of its own; the parent reads on with its ring."""
+    path, x, _ = dataset
+    read_io("direct-uring")
+    scattered, runs = rng.permutation(N)[:300], runs_of_length(40)
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        np.testing.assert_array_equal(ds.read(runs)["x"], x[runs])  # the idle ring keeps large buffers
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                before = _core.uring_runs()
+                ok = all(np.array_equal(ds.read(idx)["x"], x[idx]) for idx in (scattered, runs, np.arange(N)))
+                code = 0 if ok and _core.uring_runs() > before else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        for idx in (scattered, np.arange(N)):
+            np.testing.assert_array_equal(ds.read(idx)["x"], x[idx])
+
+
+def anon_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not URING or not os.path.exists("/proc/self/status"), reason="needs io_uring and /proc")
+@pytest.mark.skipif(_core.BUILD_INFO["sanitizers"] != "", reason="sanitizer runtimes have allocators of their own")
+def test_a_ring_does_not_keep_a_bounce_buffer_past_its_limit(new_path, read_io):
+    """A record of 40 MiB is read into a bounce buffer of its size, which the ring frees after the
+    batch (it keeps 16 MiB at most: ext/uring.c SF_URING_KEEP_BOUNCE_BYTES). Blocks that large are
+    mapped by glibc at any threshold, so freeing it gives the memory back. (The first read, through
+    the pool, whose bounce buffers last one read, leaves the memory of a batch's output resident.)"""
+    path = new_path()
+    record = np.random.default_rng(1).integers(0, 256, (2, 40 << 20), dtype=np.uint8)
+    with shardfeed.Writer(path, fields={"v": ("uint8", (40 << 20,))}) as w:
+        w.extend({"v": record})
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        if not ds.direct_reads:
+            pytest.skip(f"the file system under {path} does not take O_DIRECT")
+        read_io("pool")
+        assert np.array_equal(ds.read(np.array([1]))["v"][0], record[1])
+        read_io("direct-uring")
+        for k in (0, 1, 0):
+            before, runs = anon_kib(), _core.uring_runs()
+            ok = np.array_equal(ds.read(np.array([k]))["v"][0], record[k])
+            grew = anon_kib() - before
+            assert ok and _core.uring_runs() == runs + 1
+            assert grew < 8 << 10, f"RssAnon {grew} KiB higher after reading a 40 MiB record"
+
+
+# posix_memalign with the alignment of direct reads fails while fail_bounce(1) is on (LD_PRELOAD).
+FAILING_BOUNCE_SHIM = r"""
+#define _GNU_SOURCE 1
+#include <dlfcn.h>
+#include <errno.h>
+#include <stddef.h>
+static int failing;
+void fail_bounce(int on) { __atomic_store_n(&failing, on, __ATOMIC_RELAXED); }
+int posix_memalign(void **p, size_t align, size_t size)
+{
+    static int (*real)(void **, size_t, size_t);
+    if (align == 4096 && __atomic_load_n(&failing, __ATOMIC_RELAXED))
+        return ENOMEM;
+    if (!real)
+        real = (int (*)(void **, size_t, size_t))dlsym(RTLD_NEXT, "posix_memalign");
+    return real(p, align, size);
+}
+"""
+
+FAILING_BOUNCE = textwrap.dedent(r'''
+    import ctypes, sys
+    import numpy as np
+    import shardfeed
+    from shardfeed import _core
+    from shardfeed.format import HEADER_BYTES
+
+    path, shim = sys.argv[1], ctypes.CDLL(sys.argv[2])
+    n = 600
+    values = np.random.default_rng(5).integers(0, 256, (n, 5000), dtype=np.uint8)
+    with shardfeed.Writer(path, fields={"v": ("uint8", (5000,))}, shard_size=HEADER_BYTES + 250 * 5000) as w:
+        w.extend({"v": values})
+    scattered, runs = np.random.default_rng(6).permutation(n)[:200], np.arange(100, 500)
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        if not ds.direct_reads:
+            print("NO DIRECT")
+            sys.exit(0)
+        _core.set_read_io("pool")
+        shim.fail_bounce(1)
+        try:
+            ds.read(scattered)
+        except MemoryError as exc:
+            print("POOL", exc)
+        shim.fail_bounce(0)
+        assert np.array_equal(ds.read(scattered)["v"], values[scattered])
+        if _core.uring_error() == 0:
+            _core.set_read_io("direct-uring")
+            for idx, fail in ((scattered, 1), (scattered, 0), (runs, 1), (runs, 0), (scattered, 1)):
+                shim.fail_bounce(fail)  # runs after scattered records: the slots' buffers cannot grow
+                before = _core.uring_runs()
+                batch = ds.read(idx)
+                assert np.array_equal(batch["v"], values[idx]) and _core.uring_runs() > before, fail
+            print("URING exact")
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an LD_PRELOAD shim of glibc's posix_memalign")
+def test_a_bounce_buffer_that_cannot_be_allocated(new_path, tmp_path):
+    """A direct read on the pool whose bounce buffer cannot be had fails with MemoryError (the batch
+    named no record); through io_uring, a slot without its buffer, or whose buffer cannot grow,
+    reads its run through the page cache: the batch is exact."""
+    source, shim = tmp_path / "shim.c", tmp_path / "failing-bounce.so"
+    source.write_text(FAILING_BOUNCE_SHIM)
+    built = subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"], capture_output=True,
+                           text=True)
+    assert built.returncode == 0, built.stderr
+    env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [str(shim), os.environ.get("LD_PRELOAD")])))
+    if _core.BUILD_INFO["sanitizers"]:  # the sanitizer runtime is preloaded too, after the shim
+        env["ASAN_OPTIONS"] = os.environ.get("ASAN_OPTIONS", "") + " verify_asan_link_order=0"
+    done = subprocess.run([sys.executable, "-c", FAILING_BOUNCE, new_path(), str(shim)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout == "NO DIRECT\n":
+        pytest.skip("the file system here does not take O_DIRECT")
+    assert "POOL out of memory in a native batch read\n" in done.stdout, done.stdout
+    assert done.stdout.endswith("URING exact\n") or not URING, done.stdout
