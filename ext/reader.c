@@ -48,8 +48,7 @@ static int read_cached_first(record_ctx *ctx, sf_range_fn fn, size_t n, size_t m
     size_t *rows = malloc(n * sizeof *rows);
     int rc = -1;
     if (!missed || !rows) {
-        sf_set_error(err, SF_ERR_NOMEM, SF_FILE_RECORDS, 0, -1, -1);
-        err->shard = -1;
+        sf_out_of_memory(err, SF_FILE_RECORDS);
         goto done;
     }
     ctx->missed = missed;

@@ -8,6 +8,7 @@ and records of 4 KiB or more."""
 import errno
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -339,6 +340,7 @@ FAILING_BOUNCE = textwrap.dedent(r'''
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an LD_PRELOAD shim of glibc's posix_memalign")
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="the LD_PRELOAD shim is built with gcc, not found")
 def test_a_bounce_buffer_that_cannot_be_allocated(new_path, tmp_path):
     """A direct read on the pool whose bounce buffer cannot be had fails with MemoryError (the batch
     named no record); through io_uring, a slot without its buffer, or whose buffer cannot grow,
