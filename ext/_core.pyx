@@ -730,11 +730,12 @@ cdef class ShardSet:
         self._read_in_slices(n, _slice_samples(2 * n_spans * sizeof(int64_t)), _check_heap_slice, &job)
 
 
-def convert(int cast, const unsigned char[::1] src not None, dst not None, Affine affine=None):
+def convert(int cast, const unsigned char[::1] src not None, dst not None, Affine affine=None, bint stream=False):
     """Runs one conversion kernel from ``src`` (stored bytes) into ``dst`` (a writable, C-contiguous
     buffer of output elements: float32, float16 or bfloat16 as ``cast`` says), without the GIL;
-    for tests and the benchmarks' copy ceiling. Returns whether some integer value was not
-    converted exactly."""
+    for tests and the benchmarks' copy ceiling. ``stream``: the variant that writes float32 output
+    with non-temporal stores (what reads of large batches use). Returns whether some integer value
+    was not converted exactly."""
     cdef size_t itemsize = sf_cast_itemsize(cast)
     cdef size_t out_itemsize = sf_cast_out_itemsize(cast)
     cdef size_t n
@@ -750,5 +751,8 @@ def convert(int cast, const unsigned char[::1] src not None, dst not None, Affin
     _fill_affine(&c_affine, views, affine, "convert")
     if n:
         with nogil:
-            inexact = sf_convert(cast, out.buf, &src[0], n, &c_affine, 0)
+            if stream:
+                inexact = sf_convert_stream(cast, out.buf, &src[0], n, &c_affine, 0)
+            else:
+                inexact = sf_convert(cast, out.buf, &src[0], n, &c_affine, 0)
     return bool(inexact)

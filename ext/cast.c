@@ -190,17 +190,29 @@ SF_INLINE void affine_block(float *out, size_t m, const sf_affine *a, size_t pos
     }
 }
 
-/* Copies a converted block out; with `stream`, by non-temporal stores that bypass the cache. */
+/* Copies a converted block out; with `stream`, the whole 64-byte cache lines of `dst` by
+ * non-temporal stores that bypass the cache, the parts of lines at either end by plain stores
+ * (convert_blocks starts its blocks at line boundaries, so only a call's first and last lines are
+ * partial). Non-temporal stores that fill a line in two blocks, with a block's conversion between
+ * them, made streaming into an output 16 bytes past a line boundary (numpy's own allocations, a
+ * caller's `out`) 1.8-2.5x as slow as into an aligned one (benchmarks/RESULTS.md, eighth session). */
 SF_INLINE void store_block(float *dst, const float *out, size_t m, int stream)
 {
 #ifdef SF_HAVE_STREAM_STORES
     if (stream) {
-        size_t j = 0;
-        for (; j < m && ((uintptr_t)(dst + j) & 15) != 0; j++)
-            memcpy(dst + j, out + j, 4);
-        for (; j + 4 <= m; j += 4)
-            _mm_stream_ps(dst + j, _mm_loadu_ps(out + j));
-        memcpy(dst + j, out + j, (m - j) * 4);
+        unsigned char *d = (unsigned char *)dst;
+        const unsigned char *s = (const unsigned char *)out;
+        size_t bytes = m * 4, j = (size_t)(-(uintptr_t)d & 63);
+        if (j > bytes)
+            j = bytes;
+        memcpy(d, s, j);
+        for (; j + 64 <= bytes; j += 64) {
+            _mm_stream_ps((float *)(void *)(d + j), _mm_loadu_ps((const float *)(const void *)(s + j)));
+            _mm_stream_ps((float *)(void *)(d + j + 16), _mm_loadu_ps((const float *)(const void *)(s + j + 16)));
+            _mm_stream_ps((float *)(void *)(d + j + 32), _mm_loadu_ps((const float *)(const void *)(s + j + 32)));
+            _mm_stream_ps((float *)(void *)(d + j + 48), _mm_loadu_ps((const float *)(const void *)(s + j + 48)));
+        }
+        memcpy(d + j, s + j, bytes - j);
         return;
     }
 #endif
@@ -221,8 +233,13 @@ SF_CLONES static int convert_blocks(int cast, unsigned char *dst, const unsigned
     int direct = out_kind != SF_OUT_F32 && !transform &&
                  (stored == SF_CAST_F64 || stored == SF_CAST_U32 || stored == SF_CAST_I32 ||
                   stored == SF_CAST_U64 || stored == SF_CAST_I64);
-    for (size_t i = 0; i < n; i += SF_BLOCK) {
-        size_t m = n - i < SF_BLOCK ? n - i : SF_BLOCK;
+    /* Streamed float32 output: a first short block brings dst to a cache-line boundary, so that
+     * every later block's non-temporal stores fill whole lines (store_block). */
+    size_t lead = stream && out_kind == SF_OUT_F32 ? ((size_t)(-(uintptr_t)dst) & 63) / 4 : 0;
+    for (size_t i = 0, m; i < n; i += m) {
+        m = i == 0 && lead ? lead : SF_BLOCK;
+        if (m > n - i)
+            m = n - i;
         const unsigned char *src = in + i * itemsize;
         if (direct) {
             switch (stored) {

@@ -61,6 +61,8 @@ cdef extern from "cast.h":
     void sf_cast_allow_f16c(int allowed)
     int sf_convert(int cast, void *dst, const void *src, size_t n, const sf_affine *affine,
                    size_t first) nogil
+    int sf_convert_stream(int cast, void *dst, const void *src, size_t n, const sf_affine *affine,
+                          size_t first) nogil
 
 
 cdef extern from "pool.h":

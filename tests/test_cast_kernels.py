@@ -96,6 +96,31 @@ def test_kernel_every_cast_matches_numpy(rng, cast):
     np.testing.assert_array_equal(dst.view(np.uint32), expected.view(np.uint32))
 
 
+@pytest.mark.parametrize("n", [1, 5, 15, 16, 17, 255, 256, 257, 1000, 4099])
+def test_streamed_kernel_at_every_offset_in_a_cache_line(rng, n):
+    """The non-temporal variant (reads of batches of 16 MiB or more) writes exactly what the plain
+    one and numpy do into float32 outputs starting anywhere in a 64-byte line (its blocks start at
+    line boundaries; the partial lines at either end take plain stores), touching nothing before or
+    after: uint8 with a per-channel scale/offset of period 3, and float16."""
+    stored_u8 = rng.integers(0, 256, n, dtype=np.uint8)
+    scale, offset = np.array([0.5, 2.0, -1.25], np.float32), np.array([1.0, -3.0, 0.125], np.float32)
+    channel = np.arange(n) % 3
+    expected_u8 = stored_u8.astype(np.float32) * scale[channel] + offset[channel]
+    stored_f16 = rng.standard_normal(n).astype(np.float16)
+    cases = [(_core.STORED_KINDS["uint8"], stored_u8.view(np.uint8), _core.Affine(scale, offset, 1, 3), expected_u8),
+             (_core.STORED_KINDS["float16"], stored_f16.view(np.uint8), None, stored_f16.astype(np.float32))]
+    space = np.full(n + 64, np.nan, np.float32)  # 64 floats of room to start the output at any offset
+    lead = (-space.ctypes.data % 64) // 4  # the first float of `space` at a line boundary
+    for cast, src, affine, expected in cases:
+        for shift in range(16):  # 4-byte steps through a line
+            space[:] = np.nan
+            dst = space[lead + shift:lead + shift + n]
+            assert dst.ctypes.data % 64 == 4 * shift
+            _core.convert(cast, src, dst, affine, stream=True)
+            np.testing.assert_array_equal(dst, expected, err_msg=f"shift {shift}")
+            assert np.isnan(space[:lead + shift]).all() and np.isnan(space[lead + shift + n:]).all(), shift
+
+
 def test_kernel_rejects_bad_arguments():
     dst = np.empty(4, np.float32)
     with pytest.raises(ValueError, match="bad cast or sizes"):
