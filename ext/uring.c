@@ -94,10 +94,9 @@ static struct {
     int unavailable;            /* errno of a setup that says io_uring cannot be used here, or 0 */
 } rings = {PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0};
 
-static void ring_free(sf_ring *r)
+/* Unmaps ring r's queues and closes its descriptor; no memory is freed (ring_free does that). */
+static void ring_close(sf_ring *r)
 {
-    for (size_t k = 0; k < SF_URING_DEPTH; k++)
-        free(r->bounce[k]);
     if (r->sqes)
         munmap(r->sqes, r->sqe_bytes);
     if (r->cq_map && r->cq_map != r->ring_map)
@@ -106,6 +105,13 @@ static void ring_free(sf_ring *r)
         munmap(r->ring_map, r->ring_bytes);
     if (r->fd >= 0)
         close(r->fd);
+}
+
+static void ring_free(sf_ring *r)
+{
+    for (size_t k = 0; k < SF_URING_DEPTH; k++)
+        free(r->bounce[k]);
+    ring_close(r);
     free(r);
 }
 
@@ -209,10 +215,13 @@ int sf_uring_probe(void)
     return r ? 0 : error;
 }
 
-/* fork(): the child gets no idle ring (the parent's rings are the parent's), and tries setup anew;
- * the idle rings' bounce buffers, the child's copies, are freed with them. A ring another thread of
- * the parent was using at the fork is not the child's either (its fd and buffers stay in the
- * child, unused). */
+/* fork(): the child gets no idle ring (the parent's rings are the parent's), and tries setup anew.
+ * It closes its descriptors of the parent's idle rings and unmaps their queues, but frees no
+ * memory: a fork handler runs before the child may safely call the allocator (another thread of
+ * the parent may have held an allocator lock at the fork, and the sanitizers' allocators do not
+ * take theirs across fork), and the rings and their bounce buffers are the parent's pages, shared
+ * copy-on-write, costing the child nothing it does not write. A ring another thread of the parent
+ * was using at the fork is not the child's either (its fd and buffers stay in the child, unused). */
 static void before_fork(void) { pthread_mutex_lock(&rings.lock); }
 static void after_fork_parent(void) { pthread_mutex_unlock(&rings.lock); }
 static void after_fork_child(void)
@@ -223,7 +232,7 @@ static void after_fork_child(void)
     pthread_mutex_unlock(&rings.lock);
     while (r) {
         sf_ring *below = r->below;
-        ring_free(r);
+        ring_close(r);
         r = below;
     }
 }

@@ -232,8 +232,9 @@ def test_more_threads_read_directly_at_once_than_rings_are_kept(dataset, read_io
 
 @pytest.mark.skipif(not URING or not hasattr(os, "fork"), reason="needs io_uring and fork")
 def test_direct_reads_in_a_forked_child_and_its_parent(dataset, read_io, rng):
-    """The child of a parent whose idle ring holds bounce buffers frees that ring (ext/uring.c
-    after_fork_child) and reads with a ring of its own; the parent reads on with its ring."""
+    """The child of a parent whose idle ring holds bounce buffers drops that ring, closing its
+    descriptor and freeing nothing (ext/uring.c after_fork_child), and reads with a ring of its
+    own; the parent reads on with its ring."""
     path, x, _ = dataset
     read_io("direct-uring")
     scattered, runs = rng.permutation(N)[:300], runs_of_length(40)
