@@ -218,10 +218,11 @@ int sf_uring_probe(void)
 /* fork(): the child gets no idle ring (the parent's rings are the parent's), and tries setup anew.
  * It closes its descriptors of the parent's idle rings and unmaps their queues, but frees no
  * memory: a fork handler runs before the child may safely call the allocator (another thread of
- * the parent may have held an allocator lock at the fork, and the sanitizers' allocators do not
- * take theirs across fork), and the rings and their bounce buffers are the parent's pages, shared
- * copy-on-write, costing the child nothing it does not write. A ring another thread of the parent
- * was using at the fork is not the child's either (its fd and buffers stay in the child, unused). */
+ * the parent may have held an allocator lock at the fork; glibc's malloc takes its locks across
+ * fork, AddressSanitizer's allocator only since LLVM 18, not GCC 12's libasan), and the rings and
+ * their bounce buffers are the parent's pages, shared copy-on-write, costing the child nothing it
+ * does not write. A ring another thread of the parent was using at the fork is not the child's
+ * either (its fd and buffers stay in the child, unused). */
 static void before_fork(void) { pthread_mutex_lock(&rings.lock); }
 static void after_fork_parent(void) { pthread_mutex_unlock(&rings.lock); }
 static void after_fork_child(void)
