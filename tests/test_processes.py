@@ -1,6 +1,7 @@
 """Worker processes: a child forked after the parent has read (with the native pool running) reads
 correctly and the parent keeps working; spawn workers get a pickled Dataset and reopen it."""
 
+import gc
 import multiprocessing
 import operator
 import os
@@ -44,19 +45,28 @@ def check_batch(ds, columns, seed):
     np.testing.assert_array_equal(batch.lengths["t"], indices % 5)
 
 
-def wait_for_preload_passes():
-    """Waits for background preload passes (threads ``shardfeed-preload``) to end. A fork while a
-    Python thread allocates can leave the child with the allocator's lock held where the allocator
-    has no fork handlers (AddressSanitizer's, in the sanitizer pass, where every Python object is
-    malloc'ed): once there, a child timed out. These tests are about the native pool after fork."""
+# The threads that read in the background: preload passes, and the prefetch threads of loaders
+# (which end when their loader closes, or after 10 s unused).
+BACKGROUND_READERS = ("shardfeed-preload", "shardfeed-prefetch", "shardfeed-torch-prefetch")
+
+
+def wait_for_background_readers():
+    """Waits (60 s at most in all) for the background readers to end, those of earlier tests
+    included (a collection first, so that loaders nobody holds close now). A fork while another
+    thread allocates can leave the child with the allocator's lock held where the allocator has no
+    fork handlers (GCC 12's AddressSanitizer, in the sanitizer pass, where every Python object is
+    malloc'ed, and where a native read allocates without the GIL): there, a child timed out, once
+    with preload passes and once more since. These tests are about the native pool after fork."""
+    gc.collect()
+    deadline = time.monotonic() + 60
     for thread in threading.enumerate():
-        if thread.name == "shardfeed-preload":
-            thread.join(60)
+        if thread.name in BACKGROUND_READERS:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def fork_and_check(ds, columns, seed):
     """Forks; the child checks a batch and reports through a pipe and its exit status."""
-    wait_for_preload_passes()
+    wait_for_background_readers()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into pytest
