@@ -13,11 +13,11 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 SOURCES = ["ext/_core.pyx", "ext/pool.c", "ext/reader.c", "ext/records.c", "ext/mapped.c", "ext/checked.c",
-           "ext/heap.c", "ext/compressed.c", "ext/codec.c", "ext/io.c", "ext/uring.c", "ext/cast.c", "ext/crc32c.c",
-           "ext/crc32c_x86.c", "ext/crc32c_arm.c", "ext/batch_memory.c", "ext/permutation.c"]
+           "ext/heap.c", "ext/compressed.c", "ext/codec.c", "ext/io.c", "ext/ring.c", "ext/uring.c", "ext/cast.c",
+           "ext/crc32c.c", "ext/crc32c_x86.c", "ext/crc32c_arm.c", "ext/batch_memory.c", "ext/permutation.c"]
 HEADERS = ["native.pxd", "batch_memory.h", "cast.h", "cast_half.h", "codec.h", "crc32c.h", "crc32c_kernels.h", "io.h", "pool.h",
            "reader.h", "records.h", "sf_error.h", "batch_memory.pxi", "buffers.pxi", "checksums.pxi", "compression.pxi",
-           "field_plan.pxi", "read_io.pxi", "uring.h", "permutation.h", "permutation.pxi"]
+           "field_plan.pxi", "read_io.pxi", "ring.h", "uring.h", "permutation.h", "permutation.pxi"]
 
 
 def core_extension() -> Extension:

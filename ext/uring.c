@@ -1,32 +1,19 @@
-/* io_uring reads of record runs; see uring.h. A ring is taken from a small process-wide cache for
- * one batch read and put back after it (setting one up costs ~100 us on the project's VMs, as much
- * as a disk read), so concurrent readers each use their own ring; it keeps its slots' bounce
- * buffers of direct reads for the next batch (ring_keep_bounce). No request is ever left in
- * flight when sf_read_uring returns: the output buffers are the caller's. */
+/* io_uring reads of record runs; see uring.h. A batch read takes a ring (ring.h) for its duration
+ * and puts it back after it; the ring keeps its slots' bounce buffers of direct reads for the next
+ * batch (keep_bounce). No request is ever left in flight when sf_read_uring returns: the output
+ * buffers are the caller's. */
 #define _GNU_SOURCE 1
 #define _DEFAULT_SOURCE 1
 #include "uring.h"
 
 #include <errno.h>
-#include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "io.h"
-
-#if defined(__linux__) && defined(__has_include)
-#if __has_include(<linux/io_uring.h>)
-#include <linux/io_uring.h>
-#include <sched.h>
-#include <sys/mman.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#if defined(__NR_io_uring_setup) && defined(__NR_io_uring_enter)
-#define SF_HAVE_URING 1
-#endif
-#endif
-#endif
+#include "ring.h"
 
 /* The pool for reads through the page cache by default: there io_uring from one thread did not
  * match 16 preadv threads on the project's 2-vCPU VM (0.7-0.9x cold at 8 KiB and 147 KiB; fio's
@@ -42,9 +29,6 @@ size_t sf_uring_runs(void) { return __atomic_load_n(&runs_read, __ATOMIC_RELAXED
 
 #ifndef SF_HAVE_URING
 
-int sf_uring_compiled(void) { return 0; }
-int sf_uring_probe(void) { return ENOSYS; }
-int sf_uring_init(void) { return 0; }
 int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
 {
     (void)ctx;
@@ -54,200 +38,6 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
 }
 
 #else
-
-/* Bytes in flight at most (beyond the first run): 64 runs of up to 1 MiB each would be 64 MiB of
- * requests and scratch space; 16 MiB keeps a disk's bandwidth busy (16 requests of 1 MiB). */
-#define SF_URING_INFLIGHT_BYTES ((size_t)16 << 20)
-
-/* Idle rings kept for the next reads; more are set up while more threads read at once and closed
- * after their read. */
-#define SF_URING_IDLE_MAX 16
-
-/* Bounce buffers of direct reads (records.h) a ring keeps for its next batch, in bytes at most: as
- * much as a batch keeps in flight, so an idle ring holds no more than a read of it needed at once
- * (64 slots of the aligned span of one 147 KiB record are 9.5 MiB). The slots' buffers past that
- * total (one record of tens of MiB; runs of 1 MiB from the 17th slot on) are freed after a batch. */
-#define SF_URING_KEEP_BOUNCE_BYTES SF_URING_INFLIGHT_BYTES
-
-typedef struct sf_ring {
-    int fd;
-    unsigned entries;
-    unsigned *sq_head, *sq_tail, *sq_mask;
-    unsigned *cq_head, *cq_tail, *cq_mask;
-    struct io_uring_sqe *sqes;
-    struct io_uring_cqe *cqes;
-    unsigned sqe_tail;          /* our SQ tail: SQEs filled so far (published by ring_enter) */
-    void *ring_map, *cq_map;    /* cq_map == ring_map with IORING_FEAT_SINGLE_MMAP */
-    size_t ring_bytes, cq_bytes, sqe_bytes;
-    struct sf_ring *below;      /* the idle ring under this one */
-    /* Slot k's bounce buffer for direct reads, kept from one batch to the next (else a
-     * posix_memalign, and the page faults of a fresh buffer, at every batch): NULL or
-     * bounce_bytes[k] long, the largest span the slot read; SF_URING_KEEP_BOUNCE_BYTES in all. */
-    char *bounce[SF_URING_DEPTH];
-    size_t bounce_bytes[SF_URING_DEPTH];
-} sf_ring;
-
-static struct {
-    pthread_mutex_t lock;
-    sf_ring *idle;
-    size_t idle_count;
-    int unavailable;            /* errno of a setup that says io_uring cannot be used here, or 0 */
-} rings = {PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0};
-
-/* Unmaps ring r's queues and closes its descriptor; no memory is freed (ring_free does that). */
-static void ring_close(sf_ring *r)
-{
-    if (r->sqes)
-        munmap(r->sqes, r->sqe_bytes);
-    if (r->cq_map && r->cq_map != r->ring_map)
-        munmap(r->cq_map, r->cq_bytes);
-    if (r->ring_map)
-        munmap(r->ring_map, r->ring_bytes);
-    if (r->fd >= 0)
-        close(r->fd);
-}
-
-static void ring_free(sf_ring *r)
-{
-    for (size_t k = 0; k < SF_URING_DEPTH; k++)
-        free(r->bounce[k]);
-    ring_close(r);
-    free(r);
-}
-
-static void *map_ring(int fd, size_t bytes, off_t what)
-{
-    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, what);
-    return p == MAP_FAILED ? NULL : p;
-}
-
-/* A new ring, or NULL with *error set (errno of the call that failed). */
-static sf_ring *ring_setup(int *error)
-{
-    sf_ring *r = calloc(1, sizeof *r);
-    if (!r) {
-        *error = ENOMEM;
-        return NULL;
-    }
-    struct io_uring_params p;
-    memset(&p, 0, sizeof p);
-    r->fd = (int)syscall(__NR_io_uring_setup, SF_URING_DEPTH, &p);
-    if (r->fd < 0) {
-        *error = errno;
-        free(r);
-        return NULL;
-    }
-    r->entries = p.sq_entries;
-    r->ring_bytes = p.sq_off.array + p.sq_entries * sizeof(unsigned);
-    r->cq_bytes = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
-    int single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
-    if (single && r->cq_bytes > r->ring_bytes)
-        r->ring_bytes = r->cq_bytes;
-    r->sqe_bytes = p.sq_entries * sizeof(struct io_uring_sqe);
-    r->ring_map = map_ring(r->fd, r->ring_bytes, IORING_OFF_SQ_RING);
-    r->cq_map = !r->ring_map ? NULL : single ? r->ring_map : map_ring(r->fd, r->cq_bytes, IORING_OFF_CQ_RING);
-    r->sqes = map_ring(r->fd, r->sqe_bytes, IORING_OFF_SQES);
-    if (!r->ring_map || !r->cq_map || !r->sqes) {
-        *error = errno ? errno : ENOMEM;
-        ring_free(r);
-        return NULL;
-    }
-    char *sq = r->ring_map, *cq = r->cq_map;
-    r->sq_head = (unsigned *)(sq + p.sq_off.head);
-    r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
-    r->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
-    unsigned *array = (unsigned *)(sq + p.sq_off.array);
-    for (unsigned i = 0; i < p.sq_entries; i++)
-        array[i] = i; /* SQE i in slot i, always */
-    r->cq_head = (unsigned *)(cq + p.cq_off.head);
-    r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
-    r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
-    r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
-    r->sqe_tail = *r->sq_tail;
-    return r;
-}
-
-/* An idle ring or a new one; NULL with *error set when none can be had. EPERM, ENOSYS and EINVAL
- * from io_uring_setup say that io_uring cannot be used here: remembered, never asked again. */
-static sf_ring *ring_take(int *error)
-{
-    pthread_mutex_lock(&rings.lock);
-    sf_ring *r = rings.idle;
-    if (r) {
-        rings.idle = r->below;
-        rings.idle_count--;
-    }
-    *error = rings.unavailable;
-    pthread_mutex_unlock(&rings.lock);
-    if (r || *error)
-        return r;
-    r = ring_setup(error);
-    if (!r && (*error == EPERM || *error == ENOSYS || *error == EINVAL)) {
-        pthread_mutex_lock(&rings.lock);
-        rings.unavailable = *error;
-        pthread_mutex_unlock(&rings.lock);
-    }
-    return r;
-}
-
-static void ring_put(sf_ring *r)
-{
-    pthread_mutex_lock(&rings.lock);
-    if (rings.idle_count < SF_URING_IDLE_MAX) {
-        r->below = rings.idle;
-        rings.idle = r;
-        rings.idle_count++;
-        r = NULL;
-    }
-    pthread_mutex_unlock(&rings.lock);
-    if (r)
-        ring_free(r);
-}
-
-int sf_uring_compiled(void) { return 1; }
-
-int sf_uring_probe(void)
-{
-    int error = 0;
-    sf_ring *r = ring_take(&error);
-    if (r)
-        ring_put(r);
-    return r ? 0 : error;
-}
-
-/* fork(): the child gets no idle ring (the parent's rings are the parent's), and tries setup anew.
- * It closes its descriptors of the parent's idle rings and unmaps their queues, but frees no
- * memory: a fork handler runs before the child may safely call the allocator (another thread of
- * the parent may have held an allocator lock at the fork; glibc's malloc takes its locks across
- * fork, AddressSanitizer's allocator only since LLVM 18, not GCC 12's libasan), and the rings and
- * their bounce buffers are the parent's pages, shared copy-on-write, costing the child nothing it
- * does not write. A ring another thread of the parent was using at the fork is not the child's
- * either (its fd and buffers stay in the child, unused). */
-static void before_fork(void) { pthread_mutex_lock(&rings.lock); }
-static void after_fork_parent(void) { pthread_mutex_unlock(&rings.lock); }
-static void after_fork_child(void)
-{
-    sf_ring *r = rings.idle;
-    rings.idle = NULL;
-    rings.idle_count = 0;
-    pthread_mutex_unlock(&rings.lock);
-    while (r) {
-        sf_ring *below = r->below;
-        ring_close(r);
-        r = below;
-    }
-}
-
-int sf_uring_init(void)
-{
-    static int installed = 0;
-    if (installed)
-        return 0;
-    int rc = pthread_atfork(before_fork, after_fork_parent, after_fork_child);
-    if (rc == 0)
-        installed = 1;
-    return rc;
-}
 
 /* One run of records in flight (or a free slot). */
 typedef struct uring_slot {
@@ -297,20 +87,6 @@ static size_t run_bytes_done(const uring_slot *slot)
     return in < slot->total ? in : slot->total;
 }
 
-/* Submits the queued SQEs and, with wait, waits for one completion. Returns 0 or errno; EINTR
- * (a signal for this thread: Python's handler only sets a flag), EAGAIN and EBUSY are for the
- * caller to retry. What the kernel did not take stays queued for the next call. */
-static int ring_enter(sf_ring *r, int wait)
-{
-    __atomic_store_n(r->sq_tail, r->sqe_tail, __ATOMIC_RELEASE);
-    unsigned pending = r->sqe_tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
-    if (pending == 0 && !wait)
-        return 0;
-    long rc = syscall(__NR_io_uring_enter, r->fd, pending, wait ? 1 : 0, wait ? IORING_ENTER_GETEVENTS : 0,
-                      NULL, 0);
-    return rc < 0 ? errno : 0;
-}
-
 /* Moves slot k's iovecs past `got` bytes read (as sf_preadv_full does). */
 static void advance(uring_slot *slot, size_t got)
 {
@@ -326,20 +102,14 @@ static void advance(uring_slot *slot, size_t got)
     }
 }
 
-/* Hands the slots' bounce buffers back to ring r, nothing in flight: those of the first slots (a
- * batch takes slot 0 first) up to SF_URING_KEEP_BOUNCE_BYTES in all; it frees the others. */
-static void ring_keep_bounce(sf_ring *r, uring_slot *slots, size_t depth)
+/* Hands the slots' bounce buffers back to ring r, nothing in flight: it keeps those of the first
+ * slots (a batch takes slot 0 first) up to SF_URING_KEEP_BOUNCE_BYTES in all and frees the others
+ * (sf_ring_keep_bounce). */
+static void keep_bounce(sf_ring *r, uring_slot *slots, size_t depth)
 {
-    size_t kept = 0;
     for (size_t k = 0; k < depth; k++) {
         sf_run_buffers *buf = &slots[k].buf;
-        if (buf->bounce_bytes <= SF_URING_KEEP_BOUNCE_BYTES - kept) {
-            r->bounce[k] = buf->bounce;
-            r->bounce_bytes[k] = buf->bounce_bytes;
-            kept += buf->bounce_bytes;
-        } else {
-            free(buf->bounce);
-        }
+        sf_ring_keep_bounce(r, k, buf->bounce, buf->bounce_bytes);
         buf->bounce = NULL;
         buf->bounce_bytes = 0;
     }
@@ -348,7 +118,7 @@ static void ring_keep_bounce(sf_ring *r, uring_slot *slots, size_t depth)
 int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
 {
     int error = 0;
-    sf_ring *r = ring_take(&error);
+    sf_ring *r = sf_ring_take(&error);
     if (!r)
         return 1;
     size_t depth = r->entries < SF_URING_DEPTH ? r->entries : SF_URING_DEPTH;
@@ -362,10 +132,8 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
     int slots_made = slots && free_slots;
     for (size_t k = 0; slots_made && k < depth; k++) {
         slots[k].buf.discard = discard;
-        slots[k].buf.bounce = r->bounce[k]; /* the slot's from earlier batches (ring_keep_bounce) */
-        slots[k].buf.bounce_bytes = r->bounce_bytes[k];
-        r->bounce[k] = NULL;
-        r->bounce_bytes[k] = 0;
+        /* The slot's bounce buffer from earlier batches (keep_bounce), if any. */
+        sf_ring_reuse_bounce(r, k, &slots[k].buf.bounce, &slots[k].buf.bounce_bytes);
         free_slots[n_free++] = depth - 1 - k;
     }
     while ((rc == SF_OK && next < items) || inflight > 0) {
@@ -404,7 +172,7 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
             break;
         unsigned head = *r->cq_head;
         int ready = head != __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
-        int e = ring_enter(r, !ready);
+        int e = sf_ring_enter(r, !ready);
         if (e == EAGAIN || e == EBUSY || e == ENOMEM) {
             sched_yield();
         } else if (e != 0 && e != EINTR) {
@@ -464,8 +232,8 @@ int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err)
         free(slots[k].buf.scratch);
     }
     if (slots_made)
-        ring_keep_bounce(r, slots, depth);
-    ring_put(r);
+        keep_bounce(r, slots, depth);
+    sf_ring_put(r);
     __atomic_add_fetch(&runs_read, runs, __ATOMIC_RELAXED);
     free(slots);
     free(free_slots);

@@ -7,7 +7,9 @@
  * syscall(2)): no liburing, so nothing beyond the kernel headers is needed to build, and a build
  * without them (or not on Linux) has only the thread pool. Where io_uring_setup fails at run time
  * (ENOSYS: an old kernel; EPERM: a seccomp policy or kernel.io_uring_disabled, as in many
- * containers), the thread pool reads instead, the same records with the same results and errors. */
+ * containers), the thread pool reads instead, the same records with the same results and errors.
+ * uring.c reads the batch; ring.c (ring.h) holds the rings it reads on, and defines sf_uring_compiled,
+ * sf_uring_probe and sf_uring_init. */
 #ifndef SF_URING_H
 #define SF_URING_H
 
@@ -18,6 +20,10 @@
 /* Requests in flight per batch read: fio's best queue depth for 8 KiB random reads on the project's
  * VMs, and where io_uring matched 64 preadv threads (issue 18). */
 #define SF_URING_DEPTH 64
+
+/* Bytes in flight at most (beyond the first run): 64 runs of up to 1 MiB each would be 64 MiB of
+ * requests and scratch space; 16 MiB keeps a disk's bandwidth busy (16 requests of 1 MiB). */
+#define SF_URING_INFLIGHT_BYTES ((size_t)16 << 20)
 
 /* How the blocking pass of a record batch reads (sf_set_read_io), process-wide:
  * SF_READ_IO_AUTO  io_uring when it can be set up here, else the thread pool;

@@ -196,7 +196,7 @@ def runs_of_length(length, count=20):
 @pytest.mark.skipif(not URING, reason="io_uring is not usable here")
 def test_a_ring_keeps_its_bounce_buffers_and_grows_them_for_longer_runs(dataset, read_io, rng):
     """One thread's batches take the same ring, whose slots keep their bounce buffers from one batch
-    to the next (ext/uring.c): batches of ever longer runs (spans of 2 to 61 blocks, then runs of
+    to the next (ext/ring.h, ext/uring.c): batches of ever longer runs (spans of 2 to 61 blocks, then runs of
     up to 1 MiB) need each slot's buffer grown; scattered records after them read into the larger
     buffers at other alignments."""
     path, x, label = dataset
@@ -217,7 +217,7 @@ def test_a_ring_keeps_its_bounce_buffers_and_grows_them_for_longer_runs(dataset,
 @pytest.mark.skipif(not URING, reason="io_uring is not usable here")
 def test_more_threads_read_directly_at_once_than_rings_are_kept(dataset, read_io, tools):
     """20 threads at once take 20 rings; 16 go back to the idle list with their bounce buffers
-    and the others are freed with theirs (ext/uring.c ring_put), batch after batch."""
+    and the others are freed with theirs (ext/ring.c sf_ring_put), batch after batch."""
     path, x, label = dataset
     read_io("direct-uring")
     with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
@@ -233,7 +233,7 @@ def test_more_threads_read_directly_at_once_than_rings_are_kept(dataset, read_io
 @pytest.mark.skipif(not URING or not hasattr(os, "fork"), reason="needs io_uring and fork")
 def test_direct_reads_in_a_forked_child_and_its_parent(dataset, read_io, rng):
     """The child of a parent whose idle ring holds bounce buffers drops that ring, closing its
-    descriptor and freeing nothing (ext/uring.c after_fork_child), and reads with a ring of its
+    descriptor and freeing nothing (ext/ring.c after_fork_child), and reads with a ring of its
     own; the parent reads on with its ring."""
     path, x, _ = dataset
     read_io("direct-uring")
@@ -264,7 +264,7 @@ def anon_kib():
 @pytest.mark.skipif(_core.BUILD_INFO["sanitizers"] != "", reason="sanitizer runtimes have allocators of their own")
 def test_a_ring_does_not_keep_a_bounce_buffer_past_its_limit(new_path, read_io):
     """A record of 40 MiB is read into a bounce buffer of its size, which the ring frees after the
-    batch (it keeps 16 MiB at most: ext/uring.c SF_URING_KEEP_BOUNCE_BYTES). Blocks that large are
+    batch (it keeps 16 MiB at most: ext/ring.h SF_URING_KEEP_BOUNCE_BYTES). Blocks that large are
     mapped by glibc at any threshold, so freeing it gives the memory back. (The first read, through
     the pool, whose bounce buffers last one read, leaves the memory of a batch's output resident.)"""
     path = new_path()
