@@ -351,9 +351,11 @@ class ShardfeedTorchThreadReader(ShardfeedTorchReader):
 class CopyCeilingReader(Reader):
     """The page-cached ceiling: the same records copied with one memcpy each from a memory map
     (``np.take``), then cast (and normalised) by shardfeed's conversion kernel into a reused
-    buffer, a few hundred KiB at a time so the copy is still in cache when it is cast. Batches of
-    more than 1 MiB are split over one thread per CPU (both calls release the GIL); smaller ones
-    run on the calling thread, where handing them to threads would cost more than it saves."""
+    buffer, a few hundred KiB at a time so the copy is still in cache when it is cast: with
+    non-temporal stores where shardfeed's reads of the batch use them (``_core.output_streamed``:
+    16 MiB of output or more), as they do. Batches of more than 1 MiB are split over one thread
+    per CPU (both calls release the GIL); smaller ones run on the calling thread, where handing
+    them to threads would cost more than it saves."""
 
     name = "memcpy-ceiling"
     CHUNK_BYTES = 256 << 10
@@ -376,20 +378,22 @@ class CopyCeilingReader(Reader):
             self.pool.shutdown()
         self.pool = None
 
-    def _copy_cast(self, ids: np.ndarray, lo: int, hi: int) -> None:
+    def _copy_cast(self, ids: np.ndarray, lo: int, hi: int, stream: bool) -> None:
         for start in range(lo, hi, self.chunk):
             stop = min(hi, start + self.chunk)
             np.take(self.memmap, ids[start:stop], axis=0, out=self.stored[start:stop])
-            self.data.convert(self.stored[start:stop], self.buffer[start:stop])
+            self.data.convert(self.stored[start:stop], self.buffer[start:stop], stream)
 
     def read_pass(self, order: np.ndarray) -> Batches:
         for ids in self.batches(order):
             n = len(ids)
+            stream = self.data.output_streamed(n)
             if self.pool is None:
-                self._copy_cast(ids, 0, n)
+                self._copy_cast(ids, 0, n, stream)
             else:
                 bounds = np.linspace(0, n, self.workers + 1).astype(int)
-                for done in [self.pool.submit(self._copy_cast, ids, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
+                for done in [self.pool.submit(self._copy_cast, ids, lo, hi, stream)
+                             for lo, hi in zip(bounds, bounds[1:])]:
                     done.result()
             yield ids, self.buffer[:n]
 

@@ -305,9 +305,14 @@ class BenchData:
             self._memmap = self.open_memmap()
         return self.normalise(self._memmap[ids].astype(np.float32))
 
-    def convert(self, stored: np.ndarray, out: np.ndarray) -> None:
-        """Casts stored records to float32 (normalising images) with shardfeed's kernel."""
-        _core.convert(self._cast, stored.reshape(-1).view(np.uint8), out.reshape(-1), self._affine)
+    def convert(self, stored: np.ndarray, out: np.ndarray, stream: bool = False) -> None:
+        """Casts stored records to float32 (normalising images) with shardfeed's kernel; with
+        ``stream``, its variant with non-temporal stores."""
+        _core.convert(self._cast, stored.reshape(-1).view(np.uint8), out.reshape(-1), self._affine, stream=stream)
+
+    def output_streamed(self, n: int) -> bool:
+        """Whether shardfeed's reads convert a batch of ``n`` of these records with non-temporal stores."""
+        return _core.output_streamed(self.profile.output_bytes, n)
 
     def reader(self, cls):
         if cls.name not in self.readers:

@@ -730,6 +730,15 @@ cdef class ShardSet:
         self._read_in_slices(n, _slice_samples(2 * n_spans * sizeof(int64_t)), _check_heap_slice, &job)
 
 
+def output_streamed(size_t converted_bytes, size_t n):
+    """Whether a read of ``n`` records whose converted fields take ``converted_bytes`` of output per
+    record converts them with non-temporal stores (as ``convert(..., stream=True)``): the reads'
+    own choice, for the benchmarks' copy ceiling."""
+    if n == 0:
+        raise ValueError("output_streamed: a batch of 0 records")
+    return bool(sf_output_streamed(converted_bytes, n))
+
+
 def convert(int cast, const unsigned char[::1] src not None, dst not None, Affine affine=None, bint stream=False):
     """Runs one conversion kernel from ``src`` (stored bytes) into ``dst`` (a writable, C-contiguous
     buffer of output elements: float32, float16 or bfloat16 as ``cast`` says), without the GIL;

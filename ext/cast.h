@@ -83,6 +83,20 @@ int sf_convert(int cast, void *dst, const void *src, size_t n, const sf_affine *
 int sf_convert_stream(int cast, void *dst, const void *src, size_t n, const sf_affine *affine,
                       size_t first);
 
+/* Converted output of a batch from this size on is written with non-temporal stores: it does not
+ * fit in the cache anyway, and not reading every output line into the cache first makes the
+ * conversion up to ~1.7x faster (benchmarks/RESULTS.md). Smaller batches stay in the cache, where
+ * the caller reads them next. */
+#define SF_STREAM_MIN_BYTES ((size_t)16 << 20)
+
+/* 1 when a batch of n records (n > 0) whose converted fields take `converted_bytes` of output per
+ * record is converted by sf_convert_stream, else 0: the reads' choice (records.c), also what the
+ * benchmarks' copy ceiling uses (_core.output_streamed). */
+static inline int sf_output_streamed(size_t converted_bytes, size_t n)
+{
+    return converted_bytes >= (SF_STREAM_MIN_BYTES - 1) / n + 1; /* n * converted_bytes >= MIN, no overflow */
+}
+
 /* 1 when the F16C vector path is in use on this CPU. */
 int sf_cast_has_f16c(void);
 

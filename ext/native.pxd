@@ -63,6 +63,7 @@ cdef extern from "cast.h":
                    size_t first) nogil
     int sf_convert_stream(int cast, void *dst, const void *src, size_t n, const sf_affine *affine,
                           size_t first) nogil
+    int sf_output_streamed(size_t converted_bytes, size_t n)
 
 
 cdef extern from "pool.h":

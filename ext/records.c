@@ -20,12 +20,6 @@
 #define SF_RUN_BYTES ((size_t)1 << 20)
 #define SF_RUN_MAX_SKIP ((size_t)4096)
 
-/* Converted output of a batch from this size on is written with non-temporal stores: it does not
- * fit in the cache anyway, and not reading every output line into the cache first makes the
- * conversion up to ~1.7x faster (benchmarks/RESULTS.md). Smaller batches stay in the cache, where
- * the caller reads them next. */
-#define SF_STREAM_MIN_BYTES ((size_t)16 << 20)
-
 /* Where the stored bytes of a cast field land before conversion: the tail of the output slot when
  * the stored element is not wider than float32, else a scratch buffer. Streaming conversions read
  * from scratch too: the tail of the output slot would first be pulled into the cache. */
@@ -101,7 +95,7 @@ size_t sf_plan_record_reads(record_ctx *ctx, size_t n)
         if (ctx->fields[k].cast != SF_CAST_COPY)
             converted_bytes += ctx->fields[k].dst_bytes;
     }
-    ctx->stream = converted_bytes >= SF_STREAM_MIN_BYTES / n;
+    ctx->stream = sf_output_streamed(converted_bytes, n);
     /* The iovecs of one record as record_iovecs builds them: one per field with bytes, one per gap
      * before such a field; plus one for the skip from the previous record of a run. */
     size_t cursor = ctx->fields[0].src_offset;

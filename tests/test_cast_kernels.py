@@ -121,6 +121,18 @@ def test_streamed_kernel_at_every_offset_in_a_cache_line(rng, n):
             assert np.isnan(space[:lead + shift]).all() and np.isnan(space[lead + shift + n:]).all(), shift
 
 
+def test_reads_stream_batches_of_16_mib_of_output_or_more():
+    """output_streamed, the reads' choice of the non-temporal variant (and the benchmarks' copy
+    ceiling's): a batch's converted output of 16 MiB or more, whatever the split into records."""
+    mib = 1 << 20
+    assert _core.output_streamed(16 * mib // 64, 64) and not _core.output_streamed(16 * mib // 64 - 1, 64)
+    assert _core.output_streamed(3 * 224 * 224 * 4, 64)  # bench_read's 147 KiB images, batch 64: 37 MiB
+    assert not _core.output_streamed(64 * 64 * 4, 256) and _core.output_streamed(64 * 64 * 4, 1024)  # 4, 16 MiB
+    assert _core.output_streamed(16 * mib, 1) and not _core.output_streamed(1, 16 * mib - 1)
+    with pytest.raises(ValueError, match="0 records"):
+        _core.output_streamed(1, 0)
+
+
 def test_kernel_rejects_bad_arguments():
     dst = np.empty(4, np.float32)
     with pytest.raises(ValueError, match="bad cast or sizes"):

@@ -353,6 +353,7 @@ def test_a_generator_left_to_keras_frees_its_thread_and_batches(data, monkeypatc
     """TensorFlow keeps every generator model.fit consumed alive (from_generator's state stays
     registered), so nothing closes it: its prefetch thread and batches go after IDLE_S."""
     import threading
+    from shardfeed._prefetch import PREFETCH_THREAD_NAME
     from shardfeed.loader import Prefetcher
     ds, _ = data
     monkeypatch.setattr(Prefetcher, "IDLE_S", 0.3)
@@ -361,7 +362,7 @@ def test_a_generator_left_to_keras_frees_its_thread_and_batches(data, monkeypatc
     model.fit(ds.batches(BATCH, inputs=INPUTS, targets="target", prefetch=3), steps_per_epoch=STEPS, epochs=1,
               verbose=0, shuffle=False)
     deadline = time.monotonic() + 10
-    while [t for t in set(threading.enumerate()) - before if t.name == "shardfeed-prefetch"]:
+    while [t for t in set(threading.enumerate()) - before if t.name == PREFETCH_THREAD_NAME]:
         assert time.monotonic() < deadline, "the prefetch thread outlived its idle timeout"
         time.sleep(0.05)
 

@@ -14,6 +14,7 @@ import pytest
 
 import shardfeed
 from shardfeed import Sampler
+from shardfeed._prefetch import PREFETCH_THREAD_NAME
 from shardfeed.loader import BatchPlan, Prefetcher
 
 N = 600
@@ -39,7 +40,7 @@ def data(tmp_path_factory):
 
 
 def prefetch_threads():
-    return [t for t in threading.enumerate() if t.name == "shardfeed-prefetch"]
+    return [t for t in threading.enumerate() if t.name == PREFETCH_THREAD_NAME]
 
 
 @pytest.fixture
@@ -163,7 +164,7 @@ def test_transform_runs_on_the_prefetch_thread(data):
     gen = ds.batches(100, inputs="double", targets="id", transform=transform, seed=2, epochs=2, dtype=None,
                      fields=["meta", "id"])
     out = list(gen)
-    assert len(out) == 12 and {name for name, *_ in calls} == {"shardfeed-prefetch"}
+    assert len(out) == 12 and {name for name, *_ in calls} == {PREFETCH_THREAD_NAME}
     assert [(e, s) for _, e, s, _ in calls] == [(s // 6, s) for s in range(12)]
     for (x, y), (_, _, _, indices) in zip(out, calls):
         np.testing.assert_array_equal(y, indices)
@@ -421,7 +422,7 @@ def test_prefetcher_contract():
         with pytest.raises(StopIteration):
             while True:
                 got.append(fetcher.get())
-        assert got == [0, 1, 4, 9, 16] and fetcher.thread.name == "shardfeed-prefetch" and fetcher.thread.daemon
+        assert got == [0, 1, 4, 9, 16] and fetcher.thread.name == PREFETCH_THREAD_NAME and fetcher.thread.daemon
 
     def produce(k):
         if k == 3:
@@ -470,7 +471,7 @@ def test_prefetcher_groups_hand_out_every_step_once_in_order(help_while_waiting)
     assert sorted((first, count) for first, count, _ in calls) == [(2, 4), (6, 4), (10, 3)]
     names = {name for _, _, name in calls}
     consumer = threading.current_thread().name
-    assert names == ({"shardfeed-prefetch", consumer} if help_while_waiting else {"shardfeed-prefetch"})
+    assert names == ({PREFETCH_THREAD_NAME, consumer} if help_while_waiting else {PREFETCH_THREAD_NAME})
     with pytest.raises(KeyError, match="step 23"):
         run(None)
     assert sorted(first for first, _, _ in calls)[:6] == [2, 6, 10, 14, 18, 22]

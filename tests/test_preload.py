@@ -294,7 +294,7 @@ def test_reads_during_the_background_pass_equal_numpy(dataset, monkeypatch):
 
 
 def preload_threads():
-    return [t for t in threading.enumerate() if t.name == "shardfeed-preload"]
+    return [t for t in threading.enumerate() if t.name == _preload.PRELOAD_THREAD_NAME]
 
 
 def open_fds():
@@ -309,6 +309,7 @@ def test_close_stops_the_pass_and_leaves_no_thread_or_descriptor(dataset, monkey
         gate = Gate(monkeypatch, after=3)
         ds = shardfeed.open(path, preload=True)
         assert gate.reached.wait(30)
+        assert preload_threads(), "the pass runs on a thread named PRELOAD_THREAD_NAME"
         pass_ = ds.preloading
         closing = threading.Thread(target=ds.close)
         closing.start()  # close() asks the pass to stop, then waits for the chunk held at the gate

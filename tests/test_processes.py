@@ -8,6 +8,7 @@ import os
 import pickle
 import select
 import signal
+import sys
 import threading
 import time
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 import shardfeed
-from shardfeed import _core
+from shardfeed import _core, _prefetch, _preload
 from shardfeed.format import HEADER_BYTES
 
 N = 3000
@@ -45,9 +46,15 @@ def check_batch(ds, columns, seed):
     np.testing.assert_array_equal(batch.lengths["t"], indices % 5)
 
 
-# The threads that read in the background: preload passes, and the prefetch threads of loaders
-# (which end when their loader closes, or after 10 s unused).
-BACKGROUND_READERS = ("shardfeed-preload", "shardfeed-prefetch", "shardfeed-torch-prefetch")
+def background_reader_names():
+    """The names of the threads that read in the background: preload passes, and the prefetch
+    threads of loaders (which end when their loader closes, or after 10 s unused); the torch
+    loader's only where shardfeed.torch was imported (it imports torch; without it, no such thread)."""
+    names = {_preload.PRELOAD_THREAD_NAME, _prefetch.PREFETCH_THREAD_NAME}
+    torch_front_end = sys.modules.get("shardfeed.torch")
+    if torch_front_end is not None:
+        names.add(torch_front_end.LOADER_THREAD_NAME)
+    return names
 
 
 def wait_for_background_readers():
@@ -58,9 +65,9 @@ def wait_for_background_readers():
     malloc'ed, and where a native read allocates without the GIL): there, a child timed out, once
     with preload passes and once more since. These tests are about the native pool after fork."""
     gc.collect()
-    deadline = time.monotonic() + 60
+    deadline, names = time.monotonic() + 60, background_reader_names()
     for thread in threading.enumerate():
-        if thread.name in BACKGROUND_READERS:
+        if thread.name in names:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 

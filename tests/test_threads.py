@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import shardfeed
+from shardfeed import _preload
 from shardfeed.format import HEADER_BYTES
 
 N = 2000
@@ -104,11 +105,11 @@ def open_fds():
 
 
 def wait_for_background_passes():
-    """Waits for every background preload pass (the thread ``shardfeed-preload``) to end: a pass of
+    """Waits for every background preload pass (the thread ``PRELOAD_THREAD_NAME``) to end: a pass of
     a dataset dropped without close stops after its read in progress, on its own thread, and holds
     its file's descriptor until then."""
     for thread in threading.enumerate():
-        if thread.name == "shardfeed-preload":
+        if thread.name == _preload.PRELOAD_THREAD_NAME:
             thread.join(30)
             assert not thread.is_alive()
 

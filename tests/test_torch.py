@@ -4,6 +4,7 @@ torchdata's StatefulDataLoader), the thread-prefetched ShardLoader, DDP with two
 tensors that are never overwritten while referenced. Every batch is checked against numpy."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 
 import shardfeed  # noqa: E402
 from shardfeed import Sampler  # noqa: E402
-from shardfeed.torch import Positions, ShardDataset, ShardLoader, ShardSampler, collate  # noqa: E402
+from shardfeed.torch import (LOADER_THREAD_NAME, Positions, ShardDataset, ShardLoader, ShardSampler,  # noqa: E402
+                             collate)
 from torch.utils.data import DataLoader  # noqa: E402
 
 N = 203
@@ -318,12 +320,15 @@ def test_loader_ranks_are_the_shards(unique):
 
 def test_loader_errors_reach_the_consumer(unique):
     ds, _ = unique
+    ran_on = []
 
     def broken(batch):
+        ran_on.append(threading.current_thread().name)
         raise RuntimeError("augmentation failed")
 
     with pytest.raises(RuntimeError, match="augmentation failed"):
         list(ShardLoader(ds, 25, "x", "label", transform=broken))
+    assert set(ran_on) == {LOADER_THREAD_NAME}  # the transform runs on the loader's prefetch thread
     with pytest.raises(ValueError, match="prefetch"):
         ShardLoader(ds, 25, prefetch=-1)
 

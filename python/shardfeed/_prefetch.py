@@ -14,6 +14,8 @@ import weakref
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 DEFAULT_PREFETCH = 2
+# The name of a Prefetcher's thread unless its owner gives another (tests wait for these threads).
+PREFETCH_THREAD_NAME = "shardfeed-prefetch"
 
 
 class Prefetcher:
@@ -48,7 +50,7 @@ class Prefetcher:
     IDLE_S = 10.0
 
     def __init__(self, produce: Callable[[int], Any], first: int = 0, stop: Optional[int] = None,
-                 depth: int = DEFAULT_PREFETCH, name: str = "shardfeed-prefetch", idle_s: Optional[float] = None,
+                 depth: int = DEFAULT_PREFETCH, name: str = PREFETCH_THREAD_NAME, idle_s: Optional[float] = None,
                  group: int = 1, produce_group: Optional[Callable[[int, int], Iterable[Any]]] = None,
                  help_while_waiting: bool = False):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:

@@ -35,6 +35,9 @@ import numpy as np
 from .errors import ShardReadError
 from .fileio import open_regular
 
+# The name of a background pass's thread (tests wait for these threads).
+PRELOAD_THREAD_NAME = "shardfeed-preload"
+
 # Each preadv of the passes reads this much (and a stop request waits for at most one of them).
 CHUNK_BYTES = 8 << 20
 # preload="auto" starts the background pass when the dataset's files take at most this share of
@@ -216,7 +219,7 @@ _running: "weakref.WeakSet[BackgroundPreload]" = weakref.WeakSet()
 
 class BackgroundPreload:
     """The background pass over a dataset's files (``ds.preloading``): one daemon thread,
-    ``shardfeed-preload``, that reads them front to back into the page cache, then exits. It
+    ``PRELOAD_THREAD_NAME``, that reads them front to back into the page cache, then exits. It
     holds no reference to the dataset: :meth:`stop` is called by ``ds.close()`` and when the
     dataset is garbage collected, and the thread stops after the read in progress (at most 8 MiB).
     The thread holds the GIL only between its system calls.
@@ -230,7 +233,7 @@ class BackgroundPreload:
         self.error: Optional[Exception] = None  # why the pass ended early, naming the file
         self._stop = threading.Event()
         self._fd = -1  # the file being read; closed in a forked child (_after_fork)
-        self._thread = threading.Thread(target=self._run, name="shardfeed-preload", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=PRELOAD_THREAD_NAME, daemon=True)
         _running.add(self)
         self._thread.start()
 

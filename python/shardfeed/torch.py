@@ -42,6 +42,9 @@ from .views import Subset, as_subset
 
 __all__ = ["Positions", "ShardDataset", "ShardLoader", "ShardSampler", "collate"]
 
+# The name of a ShardLoader's prefetch thread (tests wait for these threads).
+LOADER_THREAD_NAME = "shardfeed-torch-prefetch"
+
 # The feed options (loader.FeedOptions) that choose the samples of each batch: a ShardSampler's;
 # the others say how a batch is read and arranged: a ShardDataset's. ShardLoader takes them all.
 _ORDER_OPTIONS = ("shuffle", "seed", "shuffle_block", "drop_remainder")
@@ -475,7 +478,7 @@ class ShardLoader:
                         run.next += 1  # counted once handed out
                         yield tensors
                 return
-            fetcher = Prefetcher(self._load, run.next, run.stop, self.prefetch, name="shardfeed-torch-prefetch",
+            fetcher = Prefetcher(self._load, run.next, run.stop, self.prefetch, name=LOADER_THREAD_NAME,
                                  group=group, produce_group=self._load_group,
                                  help_while_waiting=self.plan.helped)
             try:
