@@ -12,6 +12,7 @@ import pytest
 
 import shardfeed
 import shardfeed.loader
+from shardfeed._prefetch import PREFETCH_THREAD_NAME
 from shardfeed.dataset import Dataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -214,9 +215,9 @@ def test_a_waiting_consumer_reads_large_batches_itself_exactly_when_reads_are_di
     consumer = threading.current_thread().name
     if reads == "direct":
         assert readers.count(consumer) >= 2, readers
-        assert "shardfeed-prefetch" in readers
+        assert PREFETCH_THREAD_NAME in readers
     else:
-        assert set(readers) == {"shardfeed-prefetch"}, readers
+        assert set(readers) == {PREFETCH_THREAD_NAME}, readers
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT here")
