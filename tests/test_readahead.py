@@ -4,7 +4,6 @@ ahead while reads miss the page cache, never while they hit it."""
 
 import os
 import sys
-import threading
 import time
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 
 import shardfeed
 import shardfeed.loader
-from shardfeed._prefetch import PREFETCH_THREAD_NAME
 from shardfeed.dataset import Dataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -175,63 +173,3 @@ def test_a_cold_epoch_reads_ahead_and_a_cached_one_does_not(pages, monkeypatch):
     for step, (a, b) in enumerate(zip(cold, warm)):
         np.testing.assert_array_equal(a, values[sampler.indices(step)])
         np.testing.assert_array_equal(b, a)
-
-
-@pytest.mark.parametrize("reads", ["direct", "buffered", "direct-transform"])
-def test_a_waiting_consumer_reads_large_batches_itself_exactly_when_reads_are_direct(pages, monkeypatch, reads):
-    """Large batches (one step a read): a consumer that waits for the prefetch thread reads the
-    next batch on its own thread when the dataset reads directly (the disk's queue kept full
-    while the other read drains), not when it reads through the page cache (from disk, the next
-    read's records are read ahead instead), never with a transform (it runs on the prefetch
-    thread). The batches are the sampler's, in order, whoever read them."""
-    path, values = pages
-    read = Dataset.read
-    readers = []  # the thread of every read
-
-    def slow_read(self, indices, *args, **kwargs):
-        batch = read(self, indices, *args, **kwargs)
-        if len(indices) == 0:  # the plan's check of the read options
-            return batch
-        readers.append(threading.current_thread().name)
-        time.sleep(0.02)  # a read slower than the consumer: it waits
-        batch.uncached = len(indices)  # from disk, either way
-        return batch
-
-    monkeypatch.setattr(Dataset, "read", slow_read)
-    monkeypatch.setattr(Dataset, "readahead", lambda self, indices: None)
-    monkeypatch.setattr(Dataset, "direct_reads", property(lambda self: reads.startswith("direct")))
-    batch_size = 128
-    options = dict(inputs="x", seed=5, epochs=1, dtype=None)
-    if reads == "direct-transform":
-        options["transform"] = lambda batch: batch
-    with shardfeed.open(path) as ds:
-        assert shardfeed.loader.BatchPlan(ds, batch_size, inputs="x", dtype=None).group == 1
-        sampler = shardfeed.Sampler(ds, batch_size, seed=5)
-        steps = 0
-        for step, (x,) in enumerate(ds.batches(batch_size, **options)):
-            np.testing.assert_array_equal(x, values[sampler.indices(step)])
-            steps += 1
-    assert steps == N // batch_size == len(readers)
-    consumer = threading.current_thread().name
-    if reads == "direct":
-        assert readers.count(consumer) >= 2, readers
-        assert PREFETCH_THREAD_NAME in readers
-    else:
-        assert set(readers) == {PREFETCH_THREAD_NAME}, readers
-
-
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT here")
-def test_a_plan_is_helped_for_small_batches_and_for_direct_reads(pages):
-    """BatchPlan.helped, on real datasets: small batches always; large ones when the dataset
-    reads directly (open(direct_io=True), where the file system takes O_DIRECT), not otherwise;
-    never with a transform."""
-    path, values = pages
-    with shardfeed.open(path, direct_io=False) as ds:
-        assert shardfeed.loader.BatchPlan(ds, 8, inputs="x", dtype=None).helped
-        assert not shardfeed.loader.BatchPlan(ds, 8, inputs="x", dtype=None, transform=dict).helped
-        assert not shardfeed.loader.BatchPlan(ds, 128, inputs="x", dtype=None).helped
-    with shardfeed.open(path, direct_io=True) as ds:
-        plan = shardfeed.loader.BatchPlan(ds, 128, inputs="x", dtype=None)
-        assert plan.helped is ds.direct_reads
-        assert not shardfeed.loader.BatchPlan(ds, 128, inputs="x", dtype=None, transform=dict).helped
-        np.testing.assert_array_equal(plan.load(3)[0], values[plan.sampler.indices(3)])

@@ -209,21 +209,13 @@ class BatchPlan:
         self.empty = self.dataset.read(np.empty(0, np.int64), self.fields, **self.read_options)
         self._readahead_left = 0  # reads to read ahead for; see read_group()
         self.group = self._group_size(batch_size)
-
-    @property
-    def helped(self) -> bool:
-        """Whether a prefetching consumer that waits may read a group itself (Prefetcher's and
-        StepPool's ``help_while_waiting``): never with a transform (it runs on the prefetch
-        thread, as documented). Always for small batches (``group`` > 1), whose reads are mostly
-        Python overhead that a second thread runs beside the first (128 B records: 1.9x the
-        loader without it). For large ones, only when the dataset reads directly (O_DIRECT): a
-        direct read's requests drain at the end of its batch and nothing else is queued (direct
-        reads cannot be read ahead), so a consumer that waits reads the next batch and keeps the
-        disk's queue full meanwhile. Buffered reads from disk have the next read's records read
-        ahead instead (``read_group``), and large page-cached batches' copies on the native
-        threads a second read only competes with (8 KiB records, 4 MiB batches: 0.35x without
-        it)."""
-        return self.transform is None and (self.group > 1 or self.dataset.direct_reads)
+        # Whether a prefetching consumer that waits may read a group itself (Prefetcher's
+        # help_while_waiting): for small batches, whose reads are mostly Python overhead that a
+        # second thread runs beside the first (128 B records: 1.9x the loader without it); not for
+        # large ones, whose copies on the native threads a second read only competes with (8 KiB
+        # records, 4 MiB batches: 0.35x without it), nor with a transform (it runs on the
+        # prefetch thread, as documented).
+        self.helped = self.group > 1 and self.transform is None
 
     def _group_size(self, batch_size: int) -> int:
         """Steps read together (see ``GROUP_BYTES``): 1 where a batch is ``GROUP_BYTES / 2`` or
