@@ -161,8 +161,8 @@ def test_auto_reads_directly_only_far_past_the_memory_available(dataset, monkeyp
     path, x, _ = dataset
     total = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)
                 if name.endswith(".rec"))
-    assert _preload.DIRECT_MIN_RATIO == 4 and _preload.DIRECT_MIN_RECORD_BYTES == 4096
-    for available, direct in ((total // 4, True), (total // 4 + 4096, False), (None, False)):
+    assert _preload.DIRECT_MIN_RATIO == 2 and _preload.DIRECT_MIN_RECORD_BYTES == 4096
+    for available, direct in ((total // 2, True), (total // 2 + 4096, False), (None, False)):
         monkeypatch.setattr(_preload, "memory_available", lambda: available)
         with shardfeed.open(path, preload=False) as ds:
             assert ds.direct_reads is direct, available

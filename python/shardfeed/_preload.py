@@ -47,14 +47,17 @@ AUTO_MAX_SHARE = 0.8
 
 # direct_io="auto" reads records with O_DIRECT, past the page cache, when the dataset's files are
 # at least DIRECT_MIN_RATIO times the memory the page cache may use, and its records at least
-# DIRECT_MIN_RECORD_BYTES. Then at most a quarter of a random epoch's reads could hit the cache,
-# while every miss read through it costs the kernel an eviction and a copy: out of core, direct
-# reads through io_uring took 0.41-0.60x the CPU time per 8 KiB sample of buffered ones and
-# 0.72-0.78x per 147 KiB sample, at 0.84-1.28x their rate; of 128-byte records (one 4 KiB block
-# read either way) they delivered 0.81-0.98x the rate, so smaller records keep the page cache
-# (benchmarks/RESULTS.md, seventh session). A dataset nearer the cache's size keeps buffered
-# reads: what direct reads never bring into the cache, later epochs cannot find there.
-DIRECT_MIN_RATIO = 4
+# DIRECT_MIN_RECORD_BYTES. A random epoch over a dataset twice the cache finds little there: in
+# steady-state epochs in a memory cgroup of half the dataset, 2-3% of 8 KiB and 12-13% of 147 KiB
+# buffered reads hit the cache, and they read at the rate of direct ones (8 KiB: 43-46 k/s
+# either way; 147 KiB: 3.9-4.1 k/s buffered, 4.1-4.2 k/s direct) for 2.5x and 1.8x the CPU time
+# per sample (29 and 290 us against 11 and 155). At 1.5x the cache, buffered reads hit 10% of
+# the time and read 1.1-1.4x faster: keep them there. (benchmarks/RESULTS.md, ninth session;
+# the seventh session's comparison at 4x: direct reads at 0.41-0.60x the CPU time per 8 KiB
+# sample and 0.72-0.78x per 147 KiB sample, 0.84-1.28x the rate.) Of 128-byte records (one 4 KiB
+# block read either way) direct reads delivered 0.81-0.98x the rate, so smaller records keep
+# the page cache.
+DIRECT_MIN_RATIO = 2
 DIRECT_MIN_RECORD_BYTES = 4096
 
 AUTO_OPTIONS = ("auto", True, False)
