@@ -170,10 +170,14 @@ def memory_cgroup_unavailable() -> Optional[str]:
 
 
 def out_of_core_limit(dataset_bytes: int) -> int:
-    """The out-of-core regime's memory cap: a quarter of the dataset. Not below 256 MiB: the
-    allocations the process makes while inside (batches, a reader's buffers) are charged too, and
-    a cap below them gets the process killed rather than its page cache shrunk."""
-    return max(dataset_bytes // 4, 256 << 20)
+    """The out-of-core regime's memory cap: a quarter of the dataset. Not below 384 MiB: the
+    allocations the process makes while inside (batches, a reader's buffers, direct reads' bounce
+    buffers, the pages its forked workers copy) are charged too, and a cap below them gets the
+    process killed rather than its page cache shrunk. At 256 MiB, a full run's process (1.4 GiB of
+    anonymous memory by its last profile: TensorFlow, torch) was killed at 147 KiB out of core when
+    `shardfeed-torch-w2`'s two workers read directly (38 MiB batches, io_uring bounce buffers),
+    once those reads became the default there (ninth session)."""
+    return max(dataset_bytes // 4, 384 << 20)
 
 
 class MemoryLimit:
