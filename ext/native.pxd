@@ -169,6 +169,7 @@ cdef extern from "uring.h":
     size_t sf_uring_runs()
     int sf_uring_probe() nogil
     int sf_uring_init()
+    size_t sf_uring_free_kept()
 
 
 cdef extern from "crc32c.h":

@@ -1,5 +1,6 @@
 /* The io_uring rings and their process-wide idle cache; see ring.h. Also the parts of uring.h that
- * are about a ring rather than a batch: sf_uring_compiled, sf_uring_probe, sf_uring_init. */
+ * are about a ring rather than a batch: sf_uring_compiled, sf_uring_probe, sf_uring_init,
+ * sf_uring_free_kept. */
 #define _GNU_SOURCE 1
 #define _DEFAULT_SOURCE 1
 #include "ring.h"
@@ -14,6 +15,7 @@
 int sf_uring_compiled(void) { return 0; }
 int sf_uring_probe(void) { return ENOSYS; }
 int sf_uring_init(void) { return 0; }
+size_t sf_uring_free_kept(void) { return 0; }
 
 #else
 
@@ -123,6 +125,23 @@ sf_ring *sf_ring_take(int *error)
         pthread_mutex_unlock(&rings.lock);
     }
     return r;
+}
+
+size_t sf_uring_free_kept(void)
+{
+    size_t freed = 0;
+    pthread_mutex_lock(&rings.lock);
+    for (sf_ring *r = rings.idle; r; r = r->below) {
+        for (size_t k = 0; k < SF_URING_DEPTH; k++) {
+            freed += r->bounce_bytes[k];
+            free(r->bounce[k]);
+            r->bounce[k] = NULL;
+            r->bounce_bytes[k] = 0;
+        }
+        r->bounce_kept = 0;
+    }
+    pthread_mutex_unlock(&rings.lock);
+    return freed;
 }
 
 void sf_ring_put(sf_ring *r)

@@ -9,7 +9,7 @@
  * (ENOSYS: an old kernel; EPERM: a seccomp policy or kernel.io_uring_disabled, as in many
  * containers), the thread pool reads instead, the same records with the same results and errors.
  * uring.c reads the batch; ring.c (ring.h) holds the rings it reads on, and defines sf_uring_compiled,
- * sf_uring_probe and sf_uring_init. */
+ * sf_uring_probe, sf_uring_init and sf_uring_free_kept. */
 #ifndef SF_URING_H
 #define SF_URING_H
 
@@ -53,6 +53,11 @@ int sf_uring_probe(void);
  * could be had (io_uring unavailable, or its setup failed for now): nothing was read, the caller
  * reads with the pool. */
 int sf_read_uring(record_ctx *ctx, size_t items, sf_error *err);
+
+/* Frees the bounce buffers that idle rings keep for their next direct reads (rings in use keep
+ * theirs); returns the bytes freed (0 without the io_uring path). The next read of such a ring
+ * allocates them anew. For free_batch_memory(). */
+size_t sf_uring_free_kept(void);
 
 /* Installs the fork handler (a child drops the parent's idle rings). Call once at module import.
  * Returns 0 or an errno value. */

@@ -285,6 +285,34 @@ def test_a_ring_does_not_keep_a_bounce_buffer_past_its_limit(new_path, read_io):
             assert grew < 8 << 10, f"RssAnon {grew} KiB higher after reading a 40 MiB record"
 
 
+@pytest.mark.skipif(not URING, reason="io_uring is not usable here")
+def test_free_batch_memory_frees_the_bounce_buffers_idle_rings_keep(new_path, read_io):
+    """After a direct read through io_uring, the calling thread's ring (idle again) keeps a bounce
+    buffer per slot: free_batch_memory() frees them with the cached batch blocks and counts them
+    (each buffer at least its record's 1 MiB), a second call finds nothing, and the
+    ring reads again after it (its buffers allocated anew), exactly."""
+    path, record, n = new_path(), 1 << 20, 12
+    values = np.random.default_rng(8).integers(0, 256, (n, record), dtype=np.uint8)
+    with shardfeed.Writer(path, fields={"v": ("uint8", (record,))}) as w:
+        w.extend({"v": values})
+    picked = np.array([9, 1, 5, 3, 11, 7])  # no two adjacent: one run, one slot and buffer each
+    with shardfeed.open(path, direct_io=True, mmap=False, preload=False) as ds:
+        if not ds.direct_reads:
+            pytest.skip(f"the file system under {path} does not take O_DIRECT")
+        read_io("direct-uring")
+        shardfeed.free_batch_memory()
+        runs = _core.uring_runs()
+        assert np.array_equal(ds.read(picked)["v"], values[picked])  # its 6 MiB output freed here
+        assert _core.uring_runs() == runs + len(picked)
+        cached = sum(_core.cached_batch_memory())
+        released = shardfeed.free_batch_memory()
+        assert released >= cached + len(picked) * record, (released, cached)
+        assert shardfeed.free_batch_memory() == 0
+        again = picked[::-1]
+        assert np.array_equal(ds.read(again)["v"], values[again])
+        assert _core.uring_runs() == runs + 2 * len(picked)
+
+
 # posix_memalign with the alignment of direct reads fails while fail_bounce(1) is on (LD_PRELOAD).
 FAILING_BOUNCE_SHIM = r"""
 #define _GNU_SOURCE 1

@@ -436,8 +436,11 @@ class Dataset:
 def free_batch_memory() -> int:
     """Returns to the system the memory that :meth:`Dataset.read` keeps for reuse: output arrays of
     at least 1 MiB that numpy has freed (at most 8 of them, 256 MiB), which later reads of the same
-    size would take back instead of new pages. Returns the bytes released. For a process that is
-    done reading batches and needs the memory for something else; reading again refills the cache."""
+    size would take back instead of new pages, and the aligned bounce buffers that direct reads
+    through io_uring keep with each idle ring for its next batch (at most 16 MiB a ring, 16 rings;
+    a ring some thread is reading with keeps its own). Returns the bytes released. For a process
+    that is done reading batches and needs the memory for something else, or one that is about
+    to fork workers under a memory limit; reading again refills the caches."""
     return _core.free_batch_memory()
 
 
