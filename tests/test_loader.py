@@ -536,3 +536,153 @@ def test_private_memory_stays_flat_over_epochs(tmp_path):
                 readings.append(private_bytes())
     growth = max(readings[1:]) - readings[1]
     assert growth < 8 << 20, [f"{r / 2 ** 20:.1f} MiB" for r in readings]
+
+
+def test_prefetcher_moves_steps_to_a_consumer_that_waits_and_back():
+    """With inline_when, a consumer that waits for every step and comes straight back computes
+    the steps itself (after INLINE_AFTER such steps; the thread exits); one that stays away
+    longer than THREAD_AWAY steps' time gets them computed ahead on a thread again, and so does
+    one whose predicate stops holding. Every result once, in step order, throughout."""
+    from shardfeed import _prefetch
+    consumer = threading.current_thread().name
+    ran, holds = [], [True]
+
+    def produce(k):
+        ran.append((k, threading.current_thread().name))
+        time.sleep(0.005)
+        return k * k
+
+    def take(fetcher, count, away_s=0.0):
+        got = []
+        for _ in range(count):
+            got.append(fetcher.get())
+            time.sleep(away_s)
+        return got
+
+    def where(steps):
+        return {name for k, name in ran if k in steps}
+
+    with Prefetcher(produce, 0, 60, depth=2, inline_when=lambda: holds[0]) as fetcher:
+        got = take(fetcher, 16)  # straight back: inline after a few steps
+        assert where(range(12, 16)) == {consumer}
+        assert fetcher.thread is None  # the thread has exited
+        got += take(fetcher, 16, away_s=0.02)  # 4x a step away: ahead on a thread again
+        assert where(range(26, 32)) == {PREFETCH_THREAD_NAME}
+        got += take(fetcher, 16)  # inline again
+        assert where(range(44, 48)) == {consumer}
+        holds[0] = False  # e.g. the reads started to miss the page cache: back to the thread at once
+        got += take(fetcher, 12)
+        assert where(range(50, 60)) == {PREFETCH_THREAD_NAME}
+        with pytest.raises(StopIteration):
+            fetcher.get()
+    assert got == [k * k for k in range(60)]
+    assert sorted(k for k, _ in ran) == list(range(60))  # each step computed once
+    assert _prefetch.INLINE_AFTER < 12
+
+    ran.clear()
+    with Prefetcher(produce, 0, 20, depth=2) as fetcher:  # without inline_when: always the thread
+        assert take(fetcher, 20) == [k * k for k in range(20)]
+    assert where(range(20)) == {PREFETCH_THREAD_NAME}
+    with pytest.raises(ValueError, match="exclusive"):
+        Prefetcher(produce, 0, 1, help_while_waiting=True, inline_when=lambda: True)
+
+
+def test_the_loader_reads_page_cached_batches_itself_for_a_consumer_that_waits(tmp_path, monkeypatch, new_threads):
+    """ds.batches of large batches (one step a read, no transform) taken as fast as they come
+    from page-cached reads: after a few steps the consumer's thread reads them and the prefetch
+    thread exits; a read that misses the page cache (scripted here) gives them back to a prefetch
+    thread until READAHEAD_BATCHES reads have found everything cached again. Every batch is the
+    sampler's, and none is written after it was handed out. With a transform, every read stays
+    on the prefetch thread (where the transform is documented to run)."""
+    from shardfeed.dataset import Dataset
+    values = np.random.default_rng(5).standard_normal((640, 2048)).astype(np.float16)  # 4 KiB records
+    path = str(tmp_path / "ds")
+    with shardfeed.Writer(path, fields={"x": ("float16", (2048,))}) as writer:
+        writer.extend({"x": values})
+    read, reads = Dataset.read, []
+
+    def scripted_read(self, indices, *args, **kwargs):
+        batch = read(self, indices, *args, **kwargs)
+        if len(indices):
+            batch.uncached = 3 if len(reads) == 25 else 0
+            reads.append(threading.current_thread().name)
+        return batch
+
+    monkeypatch.setattr(Dataset, "read", scripted_read)
+    consumer = threading.current_thread().name
+    batch_size, epochs = 64, 6  # 512 KiB of float32 a batch: one step a read
+    with shardfeed.open(path) as ds:
+        assert BatchPlan(ds, batch_size, inputs="x", dtype="float32").group == 1
+        reads.clear()
+        got, alive_at_20 = [], None
+        for step, (x,) in enumerate(ds.batches(batch_size, inputs="x", seed=2, epochs=epochs, dtype="float32")):
+            got.append(x)
+            if step == 20:
+                alive_at_20 = [t for t in new_threads() if t.is_alive()]
+        assert alive_at_20 == []
+        assert set(reads[10:25]) == {consumer}
+        window = shardfeed.loader.READAHEAD_BATCHES
+        assert set(reads[27:26 + window]) == {PREFETCH_THREAD_NAME}
+        assert set(reads[-8:]) == {consumer}
+        sampler = Sampler(ds, batch_size, seed=2)
+        assert len(got) == len(reads) == epochs * len(sampler)
+        for step, x in enumerate(got):
+            np.testing.assert_array_equal(x, values[sampler.indices(step)].astype(np.float32))
+
+        reads.clear()
+        for (x,) in ds.batches(batch_size, inputs="x", seed=2, epochs=2, dtype="float32", transform=lambda b: b):
+            pass
+        assert set(reads) == {PREFETCH_THREAD_NAME}
+
+
+def test_a_step_pool_reads_on_the_consumers_thread_while_it_waits_and_ahead_when_it_stays_away():
+    """StepPool with inline_when and one worker thread: a consumer that comes straight back gets
+    its steps read on its own thread (no reads ahead), one away longer than a read gets them read
+    ahead on the worker again, and a predicate that stops holding sends them there at once.
+    Every step is plan.load(step), each read once, whatever the mode; several workers never
+    read inline."""
+    from shardfeed.loader import StepPool
+    consumer = threading.current_thread().name
+    ran, holds = [], [True]
+
+    class Plan:
+        group, helped = 1, False
+
+        def load_group(self, first, count):
+            for step in range(first, first + count):
+                yield self.load(step)
+
+        def load(self, step):
+            ran.append((step, threading.current_thread().name))
+            time.sleep(0.005)
+            return step * step
+
+    def where(steps):
+        return {name for k, name in ran if k in steps}
+
+    pool = StepPool(Plan(), workers=1, depth=2, name="pool-test", inline_when=lambda: holds[0])
+    try:
+        got = [pool.get(step) for step in range(10)]  # straight back: inline from the start
+        assert where(range(10)) == {consumer}
+        for step in range(10, 30):
+            got.append(pool.get(step))
+            time.sleep(0.02)  # 4x a read away: read ahead on the worker
+        assert {name[:9] for name in where(range(20, 30))} == {"pool-test"}
+        got += [pool.get(step) for step in range(30, 45)]  # inline again
+        assert where(range(40, 45)) == {consumer}
+        holds[0] = False
+        got += [pool.get(step) for step in range(45, 55)]
+        assert {name[:9] for name in where(range(47, 55))} == {"pool-test"}
+    finally:
+        pool.close()
+    assert got == [k * k for k in range(55)]
+    assert sorted(k for k, _ in ran)[:55] == list(range(55))  # each read once (reads ahead may go past 55)
+
+    ran.clear()
+    holds[0] = True
+    pool = StepPool(Plan(), workers=2, depth=2, name="pool-test", inline_when=lambda: holds[0])
+    try:
+        assert [pool.get(step) for step in range(12)] == [k * k for k in range(12)]
+    finally:
+        pool.close()
+    assert consumer not in where(range(12))

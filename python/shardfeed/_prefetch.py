@@ -16,6 +16,61 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 DEFAULT_PREFETCH = 2
 # The name of a Prefetcher's thread unless its owner gives another (tests wait for these threads).
 PREFETCH_THREAD_NAME = "shardfeed-prefetch"
+# A Prefetcher given ``inline_when`` computes the steps on the consumer's thread (inline) from
+# the start when ``inline_when()`` holds then, and after INLINE_AFTER consecutive steps in which
+# the consumer waited for its thread, came back less than INLINE_AWAY steps' computing time after
+# the step before, and ``inline_when()`` held. It moves them to a thread after INLINE_AFTER steps
+# in which the consumer stayed away more than THREAD_AWAY steps' time, or at once when
+# ``inline_when()`` no longer holds. A thread costs a consumer that reads page-cached 4 MiB
+# batches and does nothing else ~30% (3-4 batch blocks in turn in the cache against 2, and two
+# hand-offs a step; benchmarks/RESULTS.md, tenth session), which a consumer away for more than
+# about that fraction of a step's read gets back as overlap.
+INLINE_AWAY = 0.25
+THREAD_AWAY = 0.5
+INLINE_AFTER = 3
+
+
+class InlineChoice:
+    """Where a reader ahead computes its steps, the consumer's thread (``inline``) or its own
+    threads, from what it sees (the rule above ``INLINE_AWAY``): how long steps take to compute
+    (:meth:`computed`), how long the consumer stays away between steps (:meth:`handed_out`, then
+    :meth:`asked`) and whether ``holds()`` (e.g. "the last reads found their records in the page
+    cache"). Not thread-safe: its owner calls it under its own lock."""
+
+    def __init__(self, holds: Callable[[], bool]):
+        self.holds = holds
+        self.inline = bool(holds())  # start inline, until the consumer is seen to stay away
+        self._votes = 0  # consecutive steps that argued for leaving the mode in use
+        self._step_s: Optional[float] = None  # moving average of the seconds computing one step took
+        self._returned: Optional[float] = None  # when the consumer was last handed a new group
+        self._returned_steps = 1  # the steps of that group
+
+    def computed(self, started: float, count: int) -> None:
+        """A group of ``count`` steps was computed from ``started`` (``time.monotonic()``) to now."""
+        step_s = (time.monotonic() - started) / max(1, count)
+        self._step_s = step_s if self._step_s is None else 0.75 * self._step_s + 0.25 * step_s
+
+    def handed_out(self, steps: int = 1) -> None:
+        """The consumer was just handed a new group of ``steps`` steps."""
+        self._returned, self._returned_steps = time.monotonic(), steps
+
+    def asked(self, at: float, waited: bool) -> bool:
+        """The consumer asked for a new group at ``at`` and ``waited`` for it (its result was not
+        ready). Returns True when ``inline`` changed."""
+        if self._returned is None or self._step_s is None:
+            return False
+        away = (at - self._returned) / self._returned_steps  # the consumer's time per step
+        holds = bool(self.holds())
+        if not self.inline:
+            argues = holds and waited and away < INLINE_AWAY * self._step_s
+            self._votes = self._votes + 1 if argues else 0
+            leave = self._votes >= INLINE_AFTER
+        else:
+            self._votes = self._votes + 1 if away > THREAD_AWAY * self._step_s else 0
+            leave = not holds or self._votes >= INLINE_AFTER
+        if leave:
+            self.inline, self._votes = not self.inline, 0
+        return leave
 
 
 class Prefetcher:
@@ -39,6 +94,15 @@ class Prefetcher:
     for a ``produce`` that may run on any thread (the loaders ask for it when there is no
     transform, which is documented to run on the prefetch thread).
 
+    With ``inline_when`` (a predicate, e.g. "the last reads found their records in the page
+    cache"), the steps are computed on the consumer's thread while a thread cannot help: when the
+    consumer waits for every step and does little between them (see ``INLINE_AWAY``), a thread
+    only adds hand-offs and keeps more results' memory in turn than the cache holds. They start
+    there when the predicate holds at construction, move to a thread when the consumer spends
+    longer away or the predicate stops holding, and back again when the consumer waits again.
+    Results are handed out in step order, exactly once, either way. Not with
+    ``help_while_waiting``, and only for a ``produce`` that may run on any thread.
+
     When the consumer takes nothing for ``idle_s`` seconds, the thread drops its results and
     exits; the next :meth:`get` starts a new one at the first step not consumed. (TensorFlow
     never frees a generator that ``model.fit`` consumed, so a generator that is not closed
@@ -52,11 +116,13 @@ class Prefetcher:
     def __init__(self, produce: Callable[[int], Any], first: int = 0, stop: Optional[int] = None,
                  depth: int = DEFAULT_PREFETCH, name: str = PREFETCH_THREAD_NAME, idle_s: Optional[float] = None,
                  group: int = 1, produce_group: Optional[Callable[[int, int], Iterable[Any]]] = None,
-                 help_while_waiting: bool = False):
+                 help_while_waiting: bool = False, inline_when: Optional[Callable[[], bool]] = None):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"prefetch depth must be an int >= 1, got {depth!r}")
         if isinstance(group, bool) or not isinstance(group, int) or group < 1 or (group > 1 and produce_group is None):
             raise ValueError(f"group must be an int >= 1, and produce_group given when it is > 1; got {group!r}")
+        if help_while_waiting and inline_when is not None:
+            raise ValueError("help_while_waiting and inline_when are exclusive")
         self._produce_group = produce_group if produce_group is not None else (lambda step, _: (produce(step),))
         self._group, self._depth, self._help = group, depth, bool(help_while_waiting)
         self._stop_step = stop
@@ -74,7 +140,15 @@ class Prefetcher:
         self._finished = False
         self._taken = time.monotonic()  # when the consumer last asked for a result
         self._thread: Optional[threading.Thread] = None
-        self._start()
+        self._retired: Optional[threading.Thread] = None  # the last thread that exited for the inline mode
+        self._choice = InlineChoice(inline_when) if inline_when is not None else None
+        if not self._inline:
+            self._start()
+
+    @property
+    def _inline(self) -> bool:
+        """Whether the consumer computes the steps (its thread exits, or was never started)."""
+        return self._choice is not None and self._choice.inline
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, args=(self._generation,), name=self._name, daemon=True)
@@ -109,6 +183,9 @@ class Prefetcher:
                 while True:
                     if self._closed or generation != self._generation:
                         return
+                    if self._inline:  # the consumer computes the steps now
+                        self._thread, self._retired = None, threading.current_thread()
+                        return
                     done = failed or (self._stop_step is not None and self._started >= self._stop_step)
                     if done and not self._ready and not self._pending:
                         return  # everything handed out
@@ -123,13 +200,19 @@ class Prefetcher:
             if claim is None:
                 continue
             first, count, _ = claim
+            started = time.monotonic()
             result = self._compute(first, count)
             failed = result[1] is not None
             with self._cond:
+                self._timed(started, count)
                 if generation == self._generation and not self._closed:
                     self._ready[first] = result
                     self._cond.notify_all()
             del result
+
+    def _timed(self, started: float, count: int) -> None:
+        if self._choice is not None:
+            self._choice.computed(started, count)
 
     def _park(self) -> None:
         """Drops every result not handed out; the next get() starts a thread at the first such step."""
@@ -144,42 +227,65 @@ class Prefetcher:
     def get(self) -> Any:
         if self._finished:
             raise StopIteration
-        self._taken = time.monotonic()
+        asked = self._taken = time.monotonic()
         with self._cond:
-            while True:
-                if self._pending:
-                    return self._pending.popleft()
-                if self._error is not None:
-                    error, self._error, self._finished = self._error, None, True
-                    raise error
-                if self._closed or (self._stop_step is not None and self._next >= self._stop_step):
-                    self._finished = True
-                    raise StopIteration
-                entry = self._ready.pop(self._next, None)
-                if entry is not None:
-                    values, self._error = entry
-                    self._next += len(values)
-                    self._pending.extend(values)
-                    del values, entry
-                    self._cond.notify_all()  # room for the thread
-                    continue
-                if self._thread is None:  # parked: restart where the consumer is
-                    self._start()
-                if self._help and self._started - self._next < (self._depth + 1) * self._group:
+            if self._pending:
+                return self._pending.popleft()
+            waited = self._next not in self._ready
+            value = self._next_result()
+            if self._choice is not None:
+                if self._choice.asked(asked, waited):
+                    if self._inline:
+                        self._cond.notify_all()  # the thread exits after the step it is computing, if any
+                    elif self._thread is None and not self._closed:
+                        self._start()
+                self._choice.handed_out(1 + len(self._pending))
+            return value
+
+    def _next_result(self) -> Any:
+        """The next result, computing or waiting for it (under the lock)."""
+        while True:
+            if self._pending:
+                return self._pending.popleft()
+            if self._error is not None:
+                error, self._error, self._finished = self._error, None, True
+                raise error
+            if self._closed or (self._stop_step is not None and self._next >= self._stop_step):
+                self._finished = True
+                raise StopIteration
+            entry = self._ready.pop(self._next, None)
+            if entry is not None:
+                values, self._error = entry
+                self._next += len(values)
+                self._pending.extend(values)
+                del values, entry
+                self._cond.notify_all()  # room for the thread
+                continue
+            if self._inline:
+                if self._started == self._next:  # not in progress on the thread: compute it here
                     claim = self._claim()
                     if claim is not None:
                         self._help_with(*claim)
                         continue
-                self._cond.wait(self.POLL_S)
-                self._taken = time.monotonic()
+            elif self._thread is None:  # parked: restart where the consumer is
+                self._start()
+            if self._help and self._started - self._next < (self._depth + 1) * self._group:
+                claim = self._claim()
+                if claim is not None:
+                    self._help_with(*claim)
+                    continue
+            self._cond.wait(self.POLL_S)
+            self._taken = time.monotonic()
 
     def _help_with(self, first: int, count: int, generation: int) -> None:
         """Computes a group on the consumer's thread (called and returning under the lock)."""
+        started = time.monotonic()
         self._cond.release()
         try:
             result = self._compute(first, count)
         finally:
             self._cond.acquire()
+        self._timed(started, count)
         if generation == self._generation and not self._closed:
             self._ready[first] = result
 
@@ -187,10 +293,11 @@ class Prefetcher:
         with self._cond:
             self._closed = True
             self._finished = True
-            thread = self._thread
+            threads = (self._thread, self._retired)
             self._cond.notify_all()
-        if thread is not None and threading.current_thread() is not thread:
-            thread.join()
+        for thread in threads:
+            if thread is not None and threading.current_thread() is not thread:
+                thread.join()
         with self._cond:
             self._ready.clear()
             self._pending.clear()
@@ -257,12 +364,18 @@ class StepPool:
     Results are keyed by step: :meth:`get` returns exactly ``plan.load(step)`` whatever was asked
     before, each read once (a step asked again is read again), and a read ahead that the
     consumer does not ask for next (it jumped, or restarted an epoch) is dropped, never handed
-    out for another step. Thread-safe. :meth:`close` cancels the
-    reads ahead and stops the workers; the pool also closes when it is garbage-collected and at
-    interpreter exit. Processes start with the ``multiprocessing`` start method in effect."""
+    out for another step. Thread-safe.
+
+    With ``inline_when`` and one worker thread, the steps are read on the consumer's thread
+    instead while the consumer waits for every step and does little between them (the rule of
+    :class:`InlineChoice`, as :class:`Prefetcher`'s ``inline_when``): no reads ahead then.
+
+    :meth:`close` cancels the reads ahead and stops the workers; the pool also closes when it is
+    garbage-collected and at interpreter exit. Processes start with the ``multiprocessing`` start
+    method in effect."""
 
     def __init__(self, plan: Any, *, workers: int = 1, processes: bool = False, depth: int = DEFAULT_PREFETCH,
-                 name: str = "shardfeed-steps"):
+                 name: str = "shardfeed-steps", inline_when: Optional[Callable[[], bool]] = None):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
@@ -272,6 +385,9 @@ class StepPool:
         self._ahead: Dict[int, Any] = {}  # group number -> Future of its list of results
         self._executor: Any = None
         self._finalizer: Any = None
+        # One worker thread only: several, or processes, are what the consumer asked for.
+        adaptive = inline_when is not None and workers == 1 and not self.processes and depth > 0
+        self._choice = InlineChoice(inline_when) if adaptive else None
 
     def _start(self) -> Any:
         if self._executor is None:
@@ -289,7 +405,27 @@ class StepPool:
         group = self.plan.group
         if self.processes:
             return self._start().submit(_load_group_in_worker, number * group, group)
+        if self._choice is not None:
+            return self._start().submit(self._load_group_timed, number * group, group)
         return self._start().submit(_load_group, self.plan, number * group, group)
+
+    def _load_group_timed(self, first: int, count: int) -> List[Any]:
+        started = time.monotonic()
+        results = _load_group(self.plan, first, count)
+        with self._lock:
+            self._choice.computed(started, count)
+        return results
+
+    def _get_inline(self, step: int, asked: float) -> Any:
+        """``plan.load(step)`` on the caller's thread, while the choice says so."""
+        started = time.monotonic()
+        try:
+            return self.plan.load(step)
+        finally:
+            with self._lock:
+                self._choice.computed(started, 1)
+                self._choice.asked(asked, True)  # back to the worker from the next get() on, if it changed
+                self._choice.handed_out()
 
     def _groups_ahead(self) -> int:
         """Groups read ahead of the one asked for: those holding the next ``depth`` steps."""
@@ -298,19 +434,30 @@ class StepPool:
     def get(self, step: int) -> Any:
         if self.depth == 0 and not self.processes:
             return self.plan.load(step)  # read in the caller's thread
+        asked = time.monotonic()
         group = self.plan.group
         number = step // group
         ahead = self._groups_ahead()
         with self._lock:
-            for other in [n for n in self._ahead if not number <= n <= number + ahead]:
-                self._ahead.pop(other).cancel()
-            future = self._ahead.get(number)
-            if future is None:
-                future = self._ahead[number] = self._submit(number)
-            for later in range(number + 1, number + ahead + 1):
-                if later not in self._ahead:
-                    self._ahead[later] = self._submit(later)
-        if not future.done() and not self.processes and getattr(self.plan, "helped", False):
+            inline = False
+            if self._choice is not None and self._choice.inline:
+                inline = number not in self._ahead
+                ahead = 0  # a group read ahead before the consumer came to wait is still taken
+            if inline:
+                self._drop_ahead()
+            else:
+                for other in [n for n in self._ahead if not number <= n <= number + ahead]:
+                    self._ahead.pop(other).cancel()
+                future = self._ahead.get(number)
+                if future is None:
+                    future = self._ahead[number] = self._submit(number)
+                for later in range(number + 1, number + ahead + 1):
+                    if later not in self._ahead:
+                        self._ahead[later] = self._submit(later)
+        if inline:
+            return self._get_inline(step, asked)
+        waited = not future.done()
+        if waited and not self.processes and getattr(self.plan, "helped", False):
             future = self._help(number, future)
         try:
             results = future.result()
@@ -323,6 +470,11 @@ class StepPool:
                 results[at] = _TAKEN  # handed out once: the pool keeps no reference to it
             if at == group - 1 and self._ahead.get(number) is future:
                 del self._ahead[number]
+            if self._choice is not None:
+                if self._choice.asked(asked, waited):  # inline from the next get() on: no more reads ahead
+                    for later in [n for n, queued in self._ahead.items() if queued.cancel()]:  # not started
+                        del self._ahead[later]
+                self._choice.handed_out()
         if result is _TAKEN:  # asked again, or after a step of its group that raised
             return self._load_again(step)
         if isinstance(result, _Failed):
@@ -366,9 +518,12 @@ class StepPool:
     def cancel(self) -> None:
         """Drops the reads ahead (those not started are cancelled)."""
         with self._lock:
-            for future in self._ahead.values():
-                future.cancel()
-            self._ahead.clear()
+            self._drop_ahead()
+
+    def _drop_ahead(self) -> None:
+        for future in self._ahead.values():  # under the lock
+            future.cancel()
+        self._ahead.clear()
 
     def close(self) -> None:
         self.cancel()

@@ -90,7 +90,8 @@ class ShardSequence(keras.utils.PyDataset):
 
     def _new_pool(self) -> StepPool:
         return StepPool(self.plan, workers=self.read_workers, processes=self.read_processes, depth=self.read_ahead,
-                        name="shardfeed-sequence")
+                        name="shardfeed-sequence",
+                        inline_when=self.plan.reads_cached if self.plan.inlined else None)
 
     def __getitem__(self, index: int) -> Any:
         index = operator.index(index)

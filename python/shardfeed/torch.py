@@ -426,9 +426,11 @@ class ShardLoader:
     sharing the batch memory; ``rank`` / ``world_size`` and the epoch protocol (``set_epoch``,
     each iteration one epoch, ``state_dict`` / ``load_state_dict``, exact) are
     :class:`ShardSampler`'s. ``prefetch`` batches are read ahead (0: in the consumer's thread).
-    The thread stops when an iteration ends or is dropped (``close()`` on the iterator).
+    The thread stops when an iteration ends or is dropped (``close()`` on the iterator). Large
+    batches are read on the consumer's thread instead while their reads are page-cached and the
+    consumer waits for every one (docs/training.md, "Batches and buffer ownership").
 
-    ``pin_memory=True`` copies each batch into pinned memory on the prefetch thread, for
+    ``pin_memory=True`` copies each batch into pinned memory where it is read, for
     ``x.to(device, non_blocking=True)``, when torch has an accelerator
     (``torch.accelerator.is_available()``); without one there is no pinned memory to copy to
     and the batches are the unpinned tensors (``DataLoader`` warns in that case; this loader
@@ -480,7 +482,8 @@ class ShardLoader:
                 return
             fetcher = Prefetcher(self._load, run.next, run.stop, self.prefetch, name=LOADER_THREAD_NAME,
                                  group=group, produce_group=self._load_group,
-                                 help_while_waiting=self.plan.helped)
+                                 help_while_waiting=self.plan.helped,
+                                 inline_when=self.plan.reads_cached if self.plan.inlined else None)
             try:
                 while run.next < run.stop:
                     yield self._take(run, fetcher.get)  # not held in a local while suspended
