@@ -46,10 +46,24 @@ static void ring_close(sf_ring *r)
         close(r->fd);
 }
 
+/* Frees every bounce buffer ring r keeps, leaving it none (slots and total zeroed); returns the
+ * bytes freed. */
+static size_t ring_drop_bounce(sf_ring *r)
+{
+    size_t freed = 0;
+    for (size_t k = 0; k < SF_URING_DEPTH; k++) {
+        freed += r->bounce_bytes[k];
+        free(r->bounce[k]);
+        r->bounce[k] = NULL;
+        r->bounce_bytes[k] = 0;
+    }
+    r->bounce_kept = 0;
+    return freed;
+}
+
 static void ring_free(sf_ring *r)
 {
-    for (size_t k = 0; k < SF_URING_DEPTH; k++)
-        free(r->bounce[k]);
+    ring_drop_bounce(r);
     ring_close(r);
     free(r);
 }
@@ -131,15 +145,8 @@ size_t sf_uring_free_kept(void)
 {
     size_t freed = 0;
     pthread_mutex_lock(&rings.lock);
-    for (sf_ring *r = rings.idle; r; r = r->below) {
-        for (size_t k = 0; k < SF_URING_DEPTH; k++) {
-            freed += r->bounce_bytes[k];
-            free(r->bounce[k]);
-            r->bounce[k] = NULL;
-            r->bounce_bytes[k] = 0;
-        }
-        r->bounce_kept = 0;
-    }
+    for (sf_ring *r = rings.idle; r; r = r->below)
+        freed += ring_drop_bounce(r);
     pthread_mutex_unlock(&rings.lock);
     return freed;
 }

@@ -20,6 +20,7 @@ from shardfeed import _core, _prefetch, _preload
 from shardfeed.format import HEADER_BYTES
 
 N = 3000
+SHARDFEED_DIR = os.path.join(os.path.dirname(shardfeed.__file__), "")  # where its code runs from
 # Python 3.12+ warns about fork() in a process with threads (ours are the native pool's).
 fork_warning = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -57,18 +58,46 @@ def background_reader_names():
     return names
 
 
+def read_ahead_pool_prefixes():
+    """How the names of the threads of read-ahead pools begin: a Keras ShardSequence's, only where
+    shardfeed.keras was imported. These threads live as long as their sequence, waiting for work
+    between reads, and TensorFlow keeps sequences after a fit (tf.data's from_generator state holds
+    Keras's adapter of one): 33 such threads were alive after tests/test_keras.py and
+    test_kerasfit.py in one run."""
+    keras_front_end = sys.modules.get("shardfeed.keras")
+    return (keras_front_end.SEQUENCE_THREAD_NAME,) if keras_front_end is not None else ()
+
+
+def in_shardfeed(thread):
+    """Whether `thread` is running shardfeed's code now (a pool thread waiting for work is not)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(SHARDFEED_DIR):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def wait_for_background_readers():
     """Waits (60 s at most in all) for the background readers to end, those of earlier tests
-    included (a collection first, so that loaders nobody holds close now). A fork while another
-    thread allocates can leave the child with the allocator's lock held where the allocator has no
-    fork handlers (GCC 12's AddressSanitizer, in the sanitizer pass, where every Python object is
-    malloc'ed, and where a native read allocates without the GIL): there, a child timed out, once
-    with preload passes and once more since. These tests are about the native pool after fork."""
+    included (a collection first, so that loaders and sequences nobody holds close now), and for
+    the read-ahead pools' threads to be between reads; fails naming any still reading. A fork
+    while another thread allocates can leave the child with the allocator's lock held where the
+    allocator has no fork handlers (GCC 12's AddressSanitizer, in the sanitizer pass, where every
+    Python object is malloc'ed, and where a native read allocates without the GIL): there, a child
+    timed out, once with preload passes and once more since. These tests are about the native
+    pool after fork."""
     gc.collect()
-    deadline, names = time.monotonic() + 60, background_reader_names()
+    deadline, names, pools = time.monotonic() + 60, background_reader_names(), read_ahead_pool_prefixes()
     for thread in threading.enumerate():
         if thread.name in names:
             thread.join(max(0.0, deadline - time.monotonic()))
+        elif thread.name.startswith(pools):
+            while in_shardfeed(thread) and time.monotonic() < deadline:
+                time.sleep(0.01)
+    reading = [thread.name for thread in threading.enumerate()
+               if thread.name in names or (thread.name.startswith(pools) and in_shardfeed(thread))]
+    assert not reading, f"background readers still reading after 60 s, not forking: {reading}"
 
 
 def fork_and_check(ds, columns, seed):

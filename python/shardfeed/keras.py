@@ -22,6 +22,9 @@ from .loader import DEFAULT_PREFETCH, BatchPlan, FeedOptions, StepPool, refuse_g
 
 __all__ = ["BackupAndRestore", "ShardSequence"]
 
+# The name prefix of a ShardSequence's read-ahead threads (tests wait for these threads).
+SEQUENCE_THREAD_NAME = "shardfeed-sequence"
+
 
 class ShardSequence(keras.utils.PyDataset):
     """A Keras ``PyDataset`` (``keras.utils.Sequence``) of batches of a dataset or view: pass it to
@@ -90,7 +93,7 @@ class ShardSequence(keras.utils.PyDataset):
 
     def _new_pool(self) -> StepPool:
         return StepPool(self.plan, workers=self.read_workers, processes=self.read_processes, depth=self.read_ahead,
-                        name="shardfeed-sequence",
+                        name=SEQUENCE_THREAD_NAME,
                         inline_when=self.plan.reads_cached if self.plan.inlined else None)
 
     def __getitem__(self, index: int) -> Any:
