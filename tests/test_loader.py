@@ -549,7 +549,7 @@ def test_prefetcher_moves_steps_to_a_consumer_that_waits_and_back():
 
     def produce(k):
         ran.append((k, threading.current_thread().name))
-        time.sleep(0.005)
+        time.sleep(0.02)  # long beside scheduling delays on a loaded machine
         return k * k
 
     def take(fetcher, count, away_s=0.0):
@@ -566,7 +566,7 @@ def test_prefetcher_moves_steps_to_a_consumer_that_waits_and_back():
         got = take(fetcher, 16)  # straight back: inline after a few steps
         assert where(range(12, 16)) == {consumer}
         assert fetcher.thread is None  # the thread has exited
-        got += take(fetcher, 16, away_s=0.02)  # 4x a step away: ahead on a thread again
+        got += take(fetcher, 16, away_s=0.08)  # 4x a step away: ahead on a thread again
         assert where(range(26, 32)) == {PREFETCH_THREAD_NAME}
         got += take(fetcher, 16)  # inline again
         assert where(range(44, 48)) == {consumer}
@@ -606,6 +606,7 @@ def test_the_loader_reads_page_cached_batches_itself_for_a_consumer_that_waits(t
         if len(indices):
             batch.uncached = 3 if len(reads) == 25 else 0
             reads.append(threading.current_thread().name)
+            time.sleep(0.01)  # reads long beside scheduling delays on a loaded machine
         return batch
 
     monkeypatch.setattr(Dataset, "read", scripted_read)
@@ -654,7 +655,7 @@ def test_a_step_pool_reads_on_the_consumers_thread_while_it_waits_and_ahead_when
 
         def load(self, step):
             ran.append((step, threading.current_thread().name))
-            time.sleep(0.005)
+            time.sleep(0.02)
             return step * step
 
     def where(steps):
@@ -666,7 +667,7 @@ def test_a_step_pool_reads_on_the_consumers_thread_while_it_waits_and_ahead_when
         assert where(range(10)) == {consumer}
         for step in range(10, 30):
             got.append(pool.get(step))
-            time.sleep(0.02)  # 4x a read away: read ahead on the worker
+            time.sleep(0.08)  # 4x a read away: read ahead on the worker
         assert {name[:9] for name in where(range(20, 30))} == {"pool-test"}
         got += [pool.get(step) for step in range(30, 45)]  # inline again
         assert where(range(40, 45)) == {consumer}
