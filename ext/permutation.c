@@ -19,7 +19,9 @@ static inline uint64_t mod_small(uint64_t value, uint64_t magic, uint64_t diviso
     return value % divisor;
 }
 
-/* One round on (left, right): (right, (left + F(right)) mod m), left < m (left is in Z_m). */
+/* One round on (left, right): (right, (left + F(right)) mod m), left < m (left is in Z_m). The final
+ * reduction is a masked subtraction, not a branch: taken half the time at random, a branch was
+ * mispredicted about three times a position (38 ns a position for a new key, 15 ns without). */
 #define SF_ROUND(perm, magic, r, left, right)                                                       \
     do {                                                                                            \
         uint64_t h_ = ((right) + (perm)->add[r]) * (perm)->mul[r];                                  \
@@ -27,8 +29,7 @@ static inline uint64_t mod_small(uint64_t value, uint64_t magic, uint64_t diviso
         h_ *= SF_MIX;                                                                               \
         h_ >>= 32;                                                                                  \
         h_ = mod_small(h_, (magic)[r], (perm)->modulus[r]) + (left);                                \
-        if (h_ >= (perm)->modulus[r])                                                               \
-            h_ -= (perm)->modulus[r];                                                               \
+        h_ -= (perm)->modulus[r] & (UINT64_C(0) - (uint64_t)(h_ >= (perm)->modulus[r]));           \
         (left) = (right);                                                                           \
         (right) = h_;                                                                               \
     } while (0)
@@ -50,6 +51,20 @@ static uint64_t walk(const sf_permutation *perm, const uint64_t *magic, uint64_t
     return x;
 }
 
+/* position / b: for a position and b below 2^32, by Lemire's multiply-shift (the quotient is the high
+ * word of magic_b * position, magic_b = UINT64_MAX / b + 1), where a 64-bit division costs tens of cycles. */
+static inline uint64_t split_left(int64_t position, uint64_t b, uint64_t magic_b, int small)
+{
+#if defined(__SIZEOF_INT128__)
+    if (small)
+        return (uint64_t)(((unsigned __int128)magic_b * (uint64_t)position) >> 64);
+#else
+    (void)magic_b;
+    (void)small;
+#endif
+    return (uint64_t)position / b;
+}
+
 #define SF_LANES 8 /* positions encrypted side by side: their rounds' long dependency chains overlap */
 
 void sf_permute(const sf_permutation *perm, const int64_t *positions, int64_t *out, size_t count)
@@ -58,12 +73,14 @@ void sf_permute(const sf_permutation *perm, const int64_t *positions, int64_t *o
     for (int r = 0; r < perm->rounds; r++)
         magic[r] = UINT64_MAX / perm->modulus[r] + 1; /* (0 for a modulus of 1: every value -> 0) */
     const uint64_t b = perm->b;
+    const uint64_t magic_b = UINT64_MAX / b + 1;
+    const int small = perm->n <= (UINT64_C(1) << 32) && b > 1 && b >> 32 == 0; /* magic_b is 0 for b = 1 */
     size_t i = 0;
     for (; i + SF_LANES <= count; i += SF_LANES) {
         uint64_t left[SF_LANES], right[SF_LANES];
         for (int k = 0; k < SF_LANES; k++) {
-            left[k] = (uint64_t)positions[i + k] / b;
-            right[k] = (uint64_t)positions[i + k] % b;
+            left[k] = split_left(positions[i + k], b, magic_b, small);
+            right[k] = (uint64_t)positions[i + k] - left[k] * b;
         }
         for (int r = 0; r < perm->rounds; r++)
             for (int k = 0; k < SF_LANES; k++)

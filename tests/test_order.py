@@ -62,11 +62,13 @@ def numpy_feistel(n, key, positions):
     return out.astype(np.int64)
 
 
-@pytest.mark.parametrize("n", [TABLE_MAX + 1, 100_003, 1 << 20, (1 << 20) + 7, 10**9 + 9, 3 * 10**12 + 1,
-                               (1 << 62) + 12345])
+@pytest.mark.parametrize("n", [TABLE_MAX + 1, 100_003, 1 << 20, (1 << 20) + 7, 10**9 + 9, 4294967291, 1 << 32,
+                               (1 << 32) + 1, 3 * 10**12 + 1, (1 << 62) + 12345])
 def test_feistel_orders_are_numpys(n):
     """The native network gives numpy's elements bit for bit, cycle walking included (sizes far
-    from a * b walk often; 3e12 and 2**62 need the full 64-bit products), for several keys."""
+    from a * b walk often; 3e12 and 2**62 need the full 64-bit products), for several keys; up to
+    2**32 positions split by a multiply-shift instead of a division (the largest prime below 2**32,
+    2**32 itself and one more are the edges)."""
     rng = np.random.default_rng(n % 1000)
     for key in [(0,), (7, 1), (0x45504F43, 12, 3), (2**63 - 1, 5)]:
         positions = np.concatenate([np.arange(min(n, 5000)), n - 1 - np.arange(min(n, 5000)),

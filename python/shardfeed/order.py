@@ -57,7 +57,7 @@ class Permutation:
     6-round Feistel network over ``Z_a x Z_b`` (``a * b >= n``, ``a ~ sqrt(n)``) with a
     splitmix-style round function and modular addition, restricted to ``[0, n)`` by cycle
     walking (re-encrypting the rare values ``>= n``, fewer than ``1 / sqrt(n)`` of them): O(1)
-    memory, about 10 ns a position in C (``_core.FeistelPermutation``), the GIL released."""
+    memory, 15-25 ns a position in C (``_core.FeistelPermutation``), the GIL released."""
 
     __slots__ = ("n", "key", "_table", "_feistel")
 
