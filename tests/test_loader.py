@@ -587,6 +587,53 @@ def test_prefetcher_moves_steps_to_a_consumer_that_waits_and_back():
         Prefetcher(produce, 0, 1, help_while_waiting=True, inline_when=lambda: True)
 
 
+def test_an_inline_prefetcher_hands_out_every_result_before_an_error_then_stops():
+    """In the inline mode (the predicate holds from the start), steps computed on the consumer's
+    thread one at a time or in groups: the results come in step order, those of a group before
+    the step that failed included, then that step's exception, then StopIteration; a step is
+    never computed twice, and none after the failure. (The consumer is a thread of its own, so
+    that a prefetcher that loses track of its steps fails the test instead of hanging it.)"""
+    ran = []
+
+    def produce(k):
+        ran.append((k, threading.current_thread().name))
+        time.sleep(0.01)  # long beside the consumer's time away, even on a loaded machine
+        if k == 17:
+            raise ValueError(f"step {k} failed")
+        return k * k
+
+    def produce_group(first, count):
+        for k in range(first, first + count):
+            yield produce(k)
+
+    def consume(group, seen):
+        with Prefetcher(produce, 0, 30, depth=2, group=group, produce_group=produce_group,
+                        inline_when=lambda: True) as fetcher:
+            try:
+                while True:
+                    seen.append(fetcher.get())
+            except ValueError as error:
+                seen.append(error)
+            try:
+                fetcher.get()
+            except StopIteration:
+                seen.append("stopped")
+            seen.append(fetcher.thread)
+
+    for group in (1, 4):  # 17 is inside the group of steps 16-19
+        ran.clear()
+        seen = []
+        consumer = threading.Thread(target=consume, args=(group, seen), name="consumer", daemon=True)
+        consumer.start()
+        consumer.join(30)
+        assert not consumer.is_alive(), f"group {group}: the consumer hangs in get() after {seen}"
+        assert seen[:17] == [k * k for k in range(17)], group
+        assert isinstance(seen[17], ValueError) and str(seen[17]) == "step 17 failed", seen[17:]
+        assert seen[18:] == ["stopped", None]  # no thread was ever started: inline from the first step
+        assert [k for k, _ in ran] == list(range(18)), group
+        assert {name for _, name in ran} == {"consumer"}
+
+
 def test_the_loader_reads_page_cached_batches_itself_for_a_consumer_that_waits(tmp_path, monkeypatch, new_threads):
     """ds.batches of large batches (one step a read, no transform) taken as fast as they come
     from page-cached reads: after a few steps the consumer's thread reads them and the prefetch

@@ -102,12 +102,16 @@ def test_readahead_brings_the_records_into_the_page_cache(pages):
         ds.readahead([0])
 
 
-def test_the_loader_reads_ahead_exactly_while_reads_miss_the_cache(pages, monkeypatch):
+@pytest.mark.parametrize("grouped", [True, False])
+def test_the_loader_reads_ahead_exactly_while_reads_miss_the_cache(pages, monkeypatch, grouped):
     """A stand-in read reports a scripted number of uncached records per read: the loader reads
     the records of read r + 1 ahead before read r exactly when one of the READAHEAD_BATCHES reads
     before r missed the cache, and the batches are the sampler's whatever it does. A read is the
-    steps of one group (small batches are read several at a time, BatchPlan.group)."""
+    steps of one group (small batches are read several at a time, BatchPlan.group), or one step
+    (large batches: as if GROUP_BYTES were one byte)."""
     path, values = pages
+    if not grouped:
+        monkeypatch.setattr(shardfeed.loader, "GROUP_BYTES", 1)
     misses = {1: 5, 2: 1, 14: 2}  # read -> uncached records
     read, calls = Dataset.read, []
     reads = []  # the indices of every read
@@ -128,7 +132,7 @@ def test_the_loader_reads_ahead_exactly_while_reads_miss_the_cache(pages, monkey
     batch_size = 32
     with shardfeed.open(path) as ds:
         group = shardfeed.loader.BatchPlan(ds, batch_size, inputs="x", dtype=None).group
-        assert group > 1 and (N // batch_size) % group == 0
+        assert (group > 1) == grouped and (N // batch_size) % group == 0
         sampler = shardfeed.Sampler(ds, batch_size, seed=3)
         # prefetch=0: the reads in order on one thread (with a prefetch thread, the consumer reads
         # a group itself while it waits, so the reads' order is not the steps')

@@ -123,6 +123,7 @@ class Prefetcher:
             raise ValueError(f"group must be an int >= 1, and produce_group given when it is > 1; got {group!r}")
         if help_while_waiting and inline_when is not None:
             raise ValueError("help_while_waiting and inline_when are exclusive")
+        self._produce = produce
         self._produce_group = produce_group if produce_group is not None else (lambda step, _: (produce(step),))
         self._group, self._depth, self._help = group, depth, bool(help_while_waiting)
         self._stop_step = stop
@@ -166,6 +167,9 @@ class Prefetcher:
     def _compute(self, first: int, count: int) -> Tuple[List[Any], Optional[BaseException]]:
         values: List[Any] = []
         try:
+            if count == 1:  # one step: produce() itself, without produce_group's generators
+                values.append(self._produce(first))
+                return values, None
             for value in self._produce_group(first, count):
                 values.append(value)
                 del value
@@ -231,6 +235,8 @@ class Prefetcher:
         with self._cond:
             if self._pending:
                 return self._pending.popleft()
+            if self._inline and self._started == self._next and not self._ready and self._error is None:
+                return self._get_inline(asked)
             waited = self._next not in self._ready
             value = self._next_result()
             if self._choice is not None:
@@ -241,6 +247,41 @@ class Prefetcher:
                         self._start()
                 self._choice.handed_out(1 + len(self._pending))
             return value
+
+    def _get_inline(self, asked: float) -> Any:
+        """get() in the inline mode with nothing computed ahead: the next step computed here, with
+        as little bookkeeping as a step needs (a page-cached 4 MiB batch takes ~0.5 ms, and every
+        10 us spent around it is 2% of the loader's rate). Under the lock, as get() calls it."""
+        step = self._next
+        if self._closed or (self._stop_step is not None and step >= self._stop_step):
+            self._finished = True
+            raise StopIteration
+        self._started = step + self._group
+        generation = self._generation
+        started = time.monotonic()
+        self._cond.release()
+        try:
+            values, error = self._compute(step, self._group)
+        finally:
+            self._cond.acquire()
+        self._timed(started, self._group)
+        if generation != self._generation or self._closed:
+            self._finished = True
+            raise StopIteration
+        if not values:  # the step failed
+            self._finished = True
+            if error is None:
+                raise StopIteration
+            raise error
+        self._next = step + len(values)
+        self._error = error
+        self._pending.extend(values[1:])
+        del values[1:]
+        if self._choice.asked(asked, True):  # type: ignore[union-attr]  # inline: there is a choice
+            if not self._inline and self._thread is None and not self._closed:
+                self._start()
+        self._choice.handed_out(len(values) + len(self._pending))  # type: ignore[union-attr]
+        return values.pop()
 
     def _next_result(self) -> Any:
         """The next result, computing or waiting for it (under the lock)."""

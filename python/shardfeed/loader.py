@@ -243,7 +243,32 @@ class BatchPlan:
     def read(self, step: int):
         """Global step ``step`` as a :class:`~shardfeed.Batch` of fields (transformed, if the plan
         has a transform). It carries ``indices`` (dataset indices), ``epoch`` and ``step``."""
-        return next(iter(self.read_group(step, 1)))
+        indices = self.sampler.indices(step)
+        if self._readahead_left > 0:
+            self.dataset.readahead(self.sampler.indices(step + 1))
+        batch = self.dataset.read(indices, self.fields, **self.read_options)
+        self._counted(batch.uncached)
+        return self._labelled(batch, indices, step)
+
+    def _counted(self, uncached: int) -> None:
+        """Counts down the reads to read ahead for (see :meth:`read_group`) after a read that
+        found all but ``uncached`` of its records in the page cache."""
+        if uncached:
+            self._readahead_left = READAHEAD_BATCHES
+        elif self._readahead_left > 0:
+            self._readahead_left -= 1
+
+    def _labelled(self, batch: Batch, indices: np.ndarray, step: int) -> Any:
+        """The batch of ``step`` labelled with its ``indices``, epoch and step, then transformed."""
+        batch.indices = indices
+        batch.epoch = step // len(self.sampler)
+        batch.step = step
+        if self.transform is None:
+            return batch
+        result = self.transform(batch)
+        if not isinstance(result, abc.Mapping):
+            raise TypeError(f"transform must return a mapping of field name -> array, got {type(result).__name__}")
+        return result
 
     def read_group(self, first: int, count: int) -> Iterator[Any]:
         """The batches of steps ``first`` to ``first + count - 1``, in order, read with one
@@ -258,43 +283,28 @@ class BatchPlan:
         (``Dataset.readahead``) before these are read, so the disk has the next read's requests
         queued while this one's last reads complete, instead of running dry at the end of every
         read. Page-cached data costs no readahead calls."""
+        if count == 1:
+            yield self.read(first)
+            return
         steps = range(first, first + count)
         indices = [self.sampler.indices(step) for step in steps]
         if self._readahead_left > 0:
-            following = [self.sampler.indices(step) for step in range(first + count, first + 2 * count)]
-            self.dataset.readahead(following[0] if count == 1 else np.concatenate(following))
-        if count == 1:
-            whole = self.dataset.read(indices[0], self.fields, **self.read_options)
-        else:
-            try:
-                whole = self.dataset.read(np.concatenate(indices), self.fields, **self.read_options)
-            except Exception:  # noqa: BLE001 - read again step by step, to raise at the right one
-                for step in steps:
-                    yield from self.read_group(step, 1)
-                return
-        if whole.uncached:
-            self._readahead_left = READAHEAD_BATCHES
-        elif self._readahead_left > 0:
-            self._readahead_left -= 1
+            self.dataset.readahead(np.concatenate([self.sampler.indices(step)
+                                                   for step in range(first + count, first + 2 * count)]))
+        try:
+            whole = self.dataset.read(np.concatenate(indices), self.fields, **self.read_options)
+        except Exception:  # noqa: BLE001 - read again step by step, to raise at the right one
+            for step in steps:
+                yield self.read(step)
+            return
+        self._counted(whole.uncached)
         at = 0
         for step, step_indices in zip(steps, indices):
-            if count == 1:
-                batch = whole
-            else:
-                end = at + len(step_indices)
-                batch = Batch({name: array[at:end] for name, array in whole.items()},
-                              uncached=whole.uncached if step == first else 0)
-                at = end
-            batch.indices = step_indices
-            batch.epoch = step // len(self.sampler)
-            batch.step = step
-            if self.transform is not None:
-                result = self.transform(batch)
-                if not isinstance(result, abc.Mapping):
-                    raise TypeError(f"transform must return a mapping of field name -> array, got "
-                                    f"{type(result).__name__}")
-                batch = result
-            yield batch
+            end = at + len(step_indices)
+            batch = Batch({name: array[at:end] for name, array in whole.items()},
+                          uncached=whole.uncached if step == first else 0)
+            at = end
+            yield self._labelled(batch, step_indices, step)
             del batch
 
     def arrange(self, batch: Mapping[str, Any]) -> Any:

@@ -463,7 +463,8 @@ class ShardLoader:
         return self._batches()
 
     def _load(self, step: int) -> Any:
-        return next(iter(self._load_group(step, 1)))
+        batch = self.plan.load(step)
+        return _pinned(_tensors(batch)) if self.pin_memory else _tensors(batch)
 
     def _load_group(self, first: int, count: int) -> Iterator[Any]:
         for batch in self.plan.load_group(first, count):
