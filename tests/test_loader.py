@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import sys
 import threading
 import time
 
@@ -681,6 +682,39 @@ def test_the_loader_reads_page_cached_batches_itself_for_a_consumer_that_waits(t
         for (x,) in ds.batches(batch_size, inputs="x", seed=2, epochs=2, dtype="float32", transform=lambda b: b):
             pass
         assert set(reads) == {PREFETCH_THREAD_NAME}
+
+
+def test_a_step_pool_dropped_while_its_worker_reads_ahead_shuts_down_cleanly(monkeypatch):
+    """A StepPool that may read inline (one worker, inline_when), dropped by its consumer while
+    the worker reads ahead (as a Keras Sequence made for each epoch is): its worker exits, and
+    nothing is reported as an exception ignored in a finalizer (a task that kept the pool alive
+    made the pool's finalizer run on the worker, which cannot join itself)."""
+    from shardfeed.loader import StepPool
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: ignored.append(unraisable.exc_value))
+
+    class Plan:
+        group, helped = 1, False
+
+        def load_group(self, first, count):
+            for step in range(first, first + count):
+                yield self.load(step)
+
+        def load(self, step):
+            time.sleep(0.05)
+            return step
+
+    for _ in range(3):
+        pool = StepPool(Plan(), workers=1, depth=2, name="pool-drop", inline_when=lambda: False)
+        assert pool.get(0) == 0  # read on the worker; steps 1 and 2 submitted behind it
+        time.sleep(0.01)  # the worker is reading step 1
+        del pool
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while any(t.name.startswith("pool-drop") for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not [t for t in threading.enumerate() if t.name.startswith("pool-drop")]
+    assert ignored == []
 
 
 def test_a_step_pool_reads_on_the_consumers_thread_while_it_waits_and_ahead_when_it_stays_away():

@@ -447,15 +447,8 @@ class StepPool:
         if self.processes:
             return self._start().submit(_load_group_in_worker, number * group, group)
         if self._choice is not None:
-            return self._start().submit(self._load_group_timed, number * group, group)
+            return self._start().submit(_load_group_timed, self.plan, self._choice, self._lock, number * group, group)
         return self._start().submit(_load_group, self.plan, number * group, group)
-
-    def _load_group_timed(self, first: int, count: int) -> List[Any]:
-        started = time.monotonic()
-        results = _load_group(self.plan, first, count)
-        with self._lock:
-            self._choice.computed(started, count)
-        return results
 
     def _get_inline(self, step: int, asked: float) -> Any:
         """``plan.load(step)`` on the caller's thread, while the choice says so."""
@@ -572,6 +565,17 @@ class StepPool:
             finalizer, self._finalizer, self._executor = self._finalizer, None, None
         if finalizer is not None:
             finalizer()
+
+
+def _load_group_timed(plan: Any, choice: InlineChoice, lock: Any, first: int, count: int) -> List[Any]:
+    """:func:`_load_group`, timed for ``choice`` (under ``lock``). A worker's task holds no
+    reference to its StepPool: were the pool's last reference dropped on a worker as a task ends,
+    its finalizer would join that worker from itself."""
+    started = time.monotonic()
+    results = _load_group(plan, first, count)
+    with lock:
+        choice.computed(started, count)
+    return results
 
 
 def _unwrap(results: List[Any]) -> Any:
