@@ -240,48 +240,42 @@ class Prefetcher:
             waited = self._next not in self._ready
             value = self._next_result()
             if self._choice is not None:
-                if self._choice.asked(asked, waited):
-                    if self._inline:
-                        self._cond.notify_all()  # the thread exits after the step it is computing, if any
-                    elif self._thread is None and not self._closed:
-                        self._start()
-                self._choice.handed_out(1 + len(self._pending))
+                self._handed_out(asked, waited)
             return value
 
     def _get_inline(self, asked: float) -> Any:
-        """get() in the inline mode with nothing computed ahead: the next step computed here, with
-        as little bookkeeping as a step needs (a page-cached 4 MiB batch takes ~0.5 ms, and every
-        10 us spent around it is 2% of the loader's rate). Under the lock, as get() calls it."""
-        step = self._next
-        if self._closed or (self._stop_step is not None and step >= self._stop_step):
-            self._finished = True
-            raise StopIteration
-        self._started = step + self._group
-        generation = self._generation
-        started = time.monotonic()
-        self._cond.release()
-        try:
-            values, error = self._compute(step, self._group)
-        finally:
-            self._cond.acquire()
-        self._timed(started, self._group)
-        if generation != self._generation or self._closed:
-            self._finished = True
-            raise StopIteration
-        if not values:  # the step failed
-            self._finished = True
-            if error is None:
-                raise StopIteration
-            raise error
-        self._next = step + len(values)
-        self._error = error
-        self._pending.extend(values[1:])
-        del values[1:]
-        if self._choice.asked(asked, True):  # type: ignore[union-attr]  # inline: there is a choice
-            if not self._inline and self._thread is None and not self._closed:
+        """get() in the inline mode with nothing computed ahead: the next group computed here and
+        received at once, without passing through ``_ready`` and ``_next_result``'s loop (a
+        page-cached 4 MiB batch takes ~0.5 ms, and every 10 us spent around it is 2% of the
+        loader's rate). Under the lock, as get() calls it."""
+        claim = None if self._closed else self._claim()
+        if claim is not None:
+            result = self._compute_here(*claim)
+            if result is not None:
+                self._receive(*result)
+        # The first result received, or (none received) the end or the error there was instead.
+        value = self._pending.popleft() if self._pending else self._next_result()
+        self._handed_out(asked, True)
+        return value
+
+    def _handed_out(self, asked: float, waited: bool) -> None:
+        """Tells the inline choice that the consumer, which asked at ``asked`` and ``waited`` (or
+        not) for its result, was handed a group, and moves the steps where it now says (under the
+        lock)."""
+        choice = self._choice
+        if choice.asked(asked, waited):  # type: ignore[union-attr]  # callers check there is a choice
+            if self._inline:
+                self._cond.notify_all()  # the thread exits after the step it is computing, if any
+            elif self._thread is None and not self._closed:
                 self._start()
-        self._choice.handed_out(len(values) + len(self._pending))  # type: ignore[union-attr]
-        return values.pop()
+        choice.handed_out(1 + len(self._pending))  # type: ignore[union-attr]
+
+    def _receive(self, values: List[Any], error: Optional[BaseException]) -> None:
+        """Takes the results of the group at ``self._next`` in (under the lock); ``error`` is
+        raised once they are handed out."""
+        self._next += len(values)
+        self._error = error
+        self._pending.extend(values)
 
     def _next_result(self) -> Any:
         """The next result, computing or waiting for it (under the lock)."""
@@ -296,10 +290,8 @@ class Prefetcher:
                 raise StopIteration
             entry = self._ready.pop(self._next, None)
             if entry is not None:
-                values, self._error = entry
-                self._next += len(values)
-                self._pending.extend(values)
-                del values, entry
+                self._receive(*entry)
+                del entry
                 self._cond.notify_all()  # room for the thread
                 continue
             if self._inline:
@@ -318,8 +310,10 @@ class Prefetcher:
             self._cond.wait(self.POLL_S)
             self._taken = time.monotonic()
 
-    def _help_with(self, first: int, count: int, generation: int) -> None:
-        """Computes a group on the consumer's thread (called and returning under the lock)."""
+    def _compute_here(self, first: int, count: int,
+                      generation: int) -> Optional[Tuple[List[Any], Optional[BaseException]]]:
+        """Computes a group on the consumer's thread (called and returning under the lock): its
+        results and error, or None when they were dropped meanwhile (by close() or a park)."""
         started = time.monotonic()
         self._cond.release()
         try:
@@ -328,6 +322,13 @@ class Prefetcher:
             self._cond.acquire()
         self._timed(started, count)
         if generation == self._generation and not self._closed:
+            return result
+        return None
+
+    def _help_with(self, first: int, count: int, generation: int) -> None:
+        """Computes a group on the consumer's thread, for ``_next_result`` to receive in turn."""
+        result = self._compute_here(first, count, generation)
+        if result is not None:
             self._ready[first] = result
 
     def close(self) -> None:
