@@ -6,7 +6,9 @@ evict ``files()`` from the page cache when the regime is cold, ``open()``, and i
 ``read_pass(order)`` to the end. Building a reader's own copy of the data (an HDF5 file, TFRecord
 shards) happens in ``__init__`` and is never timed.
 
-Every reader yields ``(ids, x)``: ``ids`` the dataset indices of the batch's samples, ``x`` a
+Every reader yields ``(ids, x)``: ``ids`` the dataset indices of the batch's samples (an array,
+or a :class:`LazyIds` that computes them on ``np.asarray``; a timed pass takes only their
+``len``), ``x`` a
 float32 array ``(len(ids),) + profile.shape`` equal, bit for bit, to ``data.reference(ids)``
 (numpy.memmap fancy indexing + ``astype(np.float32)``, then ``x *= scale; x += offset`` for the
 normalised images). Most readers follow ``order``; a reader whose pipeline picks its own order
@@ -22,9 +24,10 @@ like: global-shuffle readers against each other and fio's random-read limit, the
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -34,6 +37,27 @@ Batches = Iterator[Tuple[np.ndarray, np.ndarray]]
 
 
 GLOBAL_SHUFFLE = "global permutation"
+
+
+class LazyIds:
+    """The dataset indices of a batch whose reader picked them (the torch readers' samplers),
+    computed only when asked for (``np.asarray``): a timed pass takes only their number, and
+    computing them would time a second computation of the epoch's order (the reader's own is
+    inside the read) that no training loop does."""
+
+    __slots__ = ("_indices", "_count")
+
+    def __init__(self, indices: Callable[[], np.ndarray], count: int):
+        self._indices, self._count = indices, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        ids = np.asarray(self._indices()[:self._count], dtype)
+        if len(ids) != self._count:
+            raise ValueError(f"a batch of {self._count} samples has {len(ids)} indices")
+        return ids
 
 
 class Reader:
@@ -84,7 +108,7 @@ def check_pass(reader: Reader, data, order: np.ndarray) -> None:
     every batch equal to numpy's."""
     seen = []
     for ids, x in reader.read_pass(order):
-        x = np.asarray(x)
+        ids, x = np.asarray(ids, np.int64), np.asarray(x)
         assert same_values(reader, x, data.reference(ids)), \
             f"{reader.name} differs from numpy.memmap + astype on profile {data.profile.name}"
         seen.append(np.asarray(ids, np.int64))
@@ -307,7 +331,7 @@ class ShardfeedTorchReader(ShardfeedReader):
         try:
             for b, (x,) in enumerate(batches):
                 take = min(left, len(x))
-                yield self.order.batch(self.passes, b)[:take], x.numpy()[:take]
+                yield LazyIds(functools.partial(self.order.batch, self.passes, b), take), x.numpy()[:take]
                 left -= take
                 if left == 0:
                     break
