@@ -5,10 +5,12 @@ prompt close, no leaks, fresh arrays, and flat private memory over epochs."""
 import contextlib
 import dataclasses
 import gc
+import multiprocessing
 import os
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -715,6 +717,78 @@ def test_a_step_pool_dropped_while_its_worker_reads_ahead_shuts_down_cleanly(mon
             time.sleep(0.02)
         assert not [t for t in threading.enumerate() if t.name.startswith("pool-drop")]
     assert ignored == []
+
+
+class _Square:
+    """A step's result in the idle-pool tests (an object, so that a test can see it freed)."""
+
+    def __init__(self, step):
+        self.value = step * step
+
+
+class _SquarePlan:
+    """A plan of the idle-pool tests, at module level so that a process pool can pickle it."""
+
+    group, helped = 1, False
+
+    def __init__(self):
+        self.made = []  # weak references to the results made in this process
+        self.threads = set()  # the threads that read them
+
+    def load_group(self, first, count):
+        for step in range(first, first + count):
+            yield self.load(step)
+
+    def load(self, step):
+        time.sleep(0.01)
+        result = _Square(step)
+        self.made.append(weakref.ref(result))
+        self.threads.add(threading.current_thread())
+        return result
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_an_idle_step_pool_stops_its_workers_and_starts_them_again_when_asked(processes):
+    """A StepPool whose consumer asks for nothing for idle_s (a sequence that TensorFlow keeps
+    after a fit) stops its worker threads or processes and drops its reads ahead; the thread that
+    stops them exits once no pool has workers; the next get() starts workers again, and every
+    step is still plan.load(step)."""
+    from shardfeed._prefetch import POOL_REAPER_THREAD_NAME, StepPool
+
+    def workers_alive(before):
+        if processes:
+            return [child for child in multiprocessing.active_children() if child not in before]
+        return [t for t in threading.enumerate() if t.name.startswith("pool-idle")]
+
+    def wait_until(condition, seconds):
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return condition()
+
+    before = multiprocessing.active_children()
+    plan = _SquarePlan()
+    pool = StepPool(plan, workers=2, processes=processes, depth=2, name="pool-idle", idle_s=0.3)
+    try:
+        # Asked steadily for longer than idle_s (40 x 10 ms at least): the same workers all along.
+        got = []
+        for step in range(40):
+            got.append(pool.get(step).value)
+            time.sleep(0.01)
+        assert got == [k * k for k in range(40)]
+        assert processes or len(plan.threads) <= 2
+        assert workers_alive(before)
+        assert any(t.name == POOL_REAPER_THREAD_NAME for t in threading.enumerate())
+        assert wait_until(lambda: not workers_alive(before), 10), "the idle pool's workers are still alive"
+        gc.collect()
+        assert processes or len(plan.made) >= 42  # steps 40 and 41 were read ahead here
+        assert [ref for ref in plan.made if ref() is not None] == []  # and dropped
+        assert wait_until(lambda: not any(t.name == POOL_REAPER_THREAD_NAME for t in threading.enumerate()), 30)
+        assert [pool.get(step).value for step in (45, 40, 41)] == [45 ** 2, 40 ** 2, 41 ** 2]  # 40, 41 read again
+        assert workers_alive(before)
+    finally:
+        pool.close()
+    assert wait_until(lambda: not workers_alive(before), 10)
 
 
 def test_a_step_pool_reads_on_the_consumers_thread_while_it_waits_and_ahead_when_it_stays_away():

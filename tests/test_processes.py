@@ -60,10 +60,10 @@ def background_reader_names():
 
 def read_ahead_pool_prefixes():
     """How the names of the threads of read-ahead pools begin: a Keras ShardSequence's, only where
-    shardfeed.keras was imported. These threads live as long as their sequence, waiting for work
-    between reads, and TensorFlow keeps sequences after a fit (tf.data's from_generator state holds
-    Keras's adapter of one): 33 such threads were alive after tests/test_keras.py and
-    test_kerasfit.py in one run."""
+    shardfeed.keras was imported. These threads wait for work between reads until their sequence
+    closes or has been asked for nothing for 10 s (TensorFlow keeps sequences after a fit:
+    tf.data's from_generator state holds Keras's adapter of one; 33 such threads were alive after
+    tests/test_keras.py and test_kerasfit.py in one run before they stopped when idle)."""
     keras_front_end = sys.modules.get("shardfeed.keras")
     return (keras_front_end.SEQUENCE_THREAD_NAME,) if keras_front_end is not None else ()
 

@@ -28,6 +28,9 @@ PREFETCH_THREAD_NAME = "shardfeed-prefetch"
 INLINE_AWAY = 0.25
 THREAD_AWAY = 0.5
 INLINE_AFTER = 3
+# The thread that stops the workers of idle StepPools (one for the process, while some pool has
+# workers).
+POOL_REAPER_THREAD_NAME = "shardfeed-idle-pools"
 
 
 class InlineChoice:
@@ -412,12 +415,19 @@ class StepPool:
     instead while the consumer waits for every step and does little between them (the rule of
     :class:`InlineChoice`, as :class:`Prefetcher`'s ``inline_when``): no reads ahead then.
 
+    When the consumer asks for nothing for ``idle_s`` seconds, the reads ahead are dropped, the
+    workers stop (after the reads in progress) and the next :meth:`get` starts new ones: TensorFlow keeps every sequence that ``model.fit`` read, so a process that fits many
+    models would otherwise keep every pool's idle threads, or processes, to the end.
+
     :meth:`close` cancels the reads ahead and stops the workers; the pool also closes when it is
     garbage-collected and at interpreter exit. Processes start with the ``multiprocessing`` start
     method in effect."""
 
+    IDLE_S = 10.0
+
     def __init__(self, plan: Any, *, workers: int = 1, processes: bool = False, depth: int = DEFAULT_PREFETCH,
-                 name: str = "shardfeed-steps", inline_when: Optional[Callable[[], bool]] = None):
+                 name: str = "shardfeed-steps", inline_when: Optional[Callable[[], bool]] = None,
+                 idle_s: Optional[float] = None):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
@@ -427,6 +437,8 @@ class StepPool:
         self._ahead: Dict[int, Any] = {}  # group number -> Future of its list of results
         self._executor: Any = None
         self._finalizer: Any = None
+        self.idle_s = self.IDLE_S if idle_s is None else idle_s
+        self._asked = time.monotonic()  # when the consumer last called get()
         # One worker thread only: several, or processes, are what the consumer asked for.
         adaptive = inline_when is not None and workers == 1 and not self.processes and depth > 0
         self._choice = InlineChoice(inline_when) if adaptive else None
@@ -441,7 +453,22 @@ class StepPool:
             else:
                 self._executor = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
             self._finalizer = weakref.finalize(self, _shutdown, self._executor)
+            _IDLE_POOLS.watch(self)
         return self._executor
+
+    def stop_if_idle(self) -> bool:
+        """Stops the workers (after the reads in progress) and drops the reads ahead when the
+        consumer has asked for nothing for ``idle_s`` seconds. True when the pool has no workers
+        now."""
+        with self._lock:
+            if self._executor is None:
+                return True
+            if time.monotonic() - self._asked < self.idle_s:
+                return False
+            self._ahead.clear()
+            finalizer, self._finalizer, self._executor = self._finalizer, None, None
+        finalizer()
+        return True
 
     def _submit(self, number: int) -> Any:
         group = self.plan.group
@@ -469,7 +496,7 @@ class StepPool:
     def get(self, step: int) -> Any:
         if self.depth == 0 and not self.processes:
             return self.plan.load(step)  # read in the caller's thread
-        asked = time.monotonic()
+        asked = self._asked = time.monotonic()
         group = self.plan.group
         number = step // group
         ahead = self._groups_ahead()
@@ -547,7 +574,9 @@ class StepPool:
 
     def _load_again(self, step: int) -> Any:
         if self.processes:
-            return _unwrap(self._start().submit(_load_group_in_worker, step, 1).result())
+            with self._lock:
+                future = self._start().submit(_load_group_in_worker, step, 1)
+            return _unwrap(future.result())
         return self.plan.load(step)
 
     def cancel(self) -> None:
@@ -566,6 +595,41 @@ class StepPool:
             finalizer, self._finalizer, self._executor = self._finalizer, None, None
         if finalizer is not None:
             finalizer()
+
+
+class _IdlePools:
+    """Stops the workers of the :class:`StepPool` s that stay idle (``StepPool.stop_if_idle``),
+    from one daemon thread that runs while some watched pool has workers. Holds the pools weakly:
+    a pool dropped by its owner closes as it would without it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: "weakref.WeakSet[StepPool]" = weakref.WeakSet()
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, pool: StepPool) -> None:
+        with self._lock:
+            self._pools.add(pool)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=POOL_REAPER_THREAD_NAME, daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pools:
+                    self._thread = None
+                    return
+                wait = min(pool.idle_s for pool in self._pools) / 2
+            time.sleep(min(1.0, max(0.01, wait)))
+            for pool in list(self._pools):
+                if pool.stop_if_idle():
+                    with self._lock:
+                        self._pools.discard(pool)
+                del pool  # not kept alive while sleeping
+
+
+_IDLE_POOLS = _IdlePools()
 
 
 def _load_group_timed(plan: Any, choice: InlineChoice, lock: Any, first: int, count: int) -> List[Any]:

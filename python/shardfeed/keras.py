@@ -53,7 +53,9 @@ class ShardSequence(keras.utils.PyDataset):
     reopened by path, so ``transform`` must be picklable under ``spawn``), up to
     ``max_queue_size`` batches ahead (2 with one thread). Keras is told ``workers=1``: its own
     worker queue keeps batches read for an epoch it stops early and hands them out in the next
-    one (issue 13), which a queue keyed by step cannot do.
+    one (issue 13), which a queue keyed by step cannot do. The threads or processes stop when no
+    batch was asked for 10 s (TensorFlow keeps every sequence a ``fit`` read, so a process that
+    fits many models would otherwise keep them all), and start again at the next batch asked for.
 
     Refused at the start of ``fit``, with the alternative: ``shuffle=True`` in ``fit`` (its
     default; Keras would reorder whole batches with Python's ``random``: pass ``shuffle=False``,
