@@ -740,7 +740,7 @@ class _SquarePlan:
             yield self.load(step)
 
     def load(self, step):
-        time.sleep(0.01)
+        time.sleep(0.6 if step == 3 else 0.01)  # step 3 longer than idle_s, with the consumer waiting for it
         result = _Square(step)
         self.made.append(weakref.ref(result))
         self.threads.add(threading.current_thread())
@@ -748,12 +748,16 @@ class _SquarePlan:
 
 
 @pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
-def test_an_idle_step_pool_stops_its_workers_and_starts_them_again_when_asked(processes):
+def test_an_idle_step_pool_stops_its_workers_and_starts_them_again_when_asked(processes, monkeypatch):
     """A StepPool whose consumer asks for nothing for idle_s (a sequence that TensorFlow keeps
     after a fit) stops its worker threads or processes and drops its reads ahead; the thread that
     stops them exits once no pool has workers; the next get() starts workers again, and every
-    step is still plan.load(step)."""
+    step is still plan.load(step). The processes start from a forkserver: a fork of this process
+    while a thread of an earlier test allocates could leave the child with the allocator's lock
+    held where the allocator has no fork handlers (the AddressSanitizer pass; test_processes)."""
     from shardfeed._prefetch import POOL_REAPER_THREAD_NAME, StepPool
+    get_context = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: get_context(method or "forkserver"))
 
     def workers_alive(before):
         if processes:
@@ -770,21 +774,22 @@ def test_an_idle_step_pool_stops_its_workers_and_starts_them_again_when_asked(pr
     plan = _SquarePlan()
     pool = StepPool(plan, workers=2, processes=processes, depth=2, name="pool-idle", idle_s=0.3)
     try:
-        # Asked steadily for longer than idle_s (40 x 10 ms at least): the same workers all along.
+        # Asked steadily for longer than idle_s (30 x 30 ms at least; the reads ahead are done
+        # between the steps), and one read longer than idle_s: the same workers all along.
         got = []
-        for step in range(40):
+        for step in range(30):
             got.append(pool.get(step).value)
-            time.sleep(0.01)
-        assert got == [k * k for k in range(40)]
+            time.sleep(0.03)
+        assert got == [k * k for k in range(30)]
         assert processes or len(plan.threads) <= 2
         assert workers_alive(before)
         assert any(t.name == POOL_REAPER_THREAD_NAME for t in threading.enumerate())
         assert wait_until(lambda: not workers_alive(before), 10), "the idle pool's workers are still alive"
         gc.collect()
-        assert processes or len(plan.made) >= 42  # steps 40 and 41 were read ahead here
+        assert processes or len(plan.made) >= 32  # steps 30 and 31 were read ahead here
         assert [ref for ref in plan.made if ref() is not None] == []  # and dropped
         assert wait_until(lambda: not any(t.name == POOL_REAPER_THREAD_NAME for t in threading.enumerate()), 30)
-        assert [pool.get(step).value for step in (45, 40, 41)] == [45 ** 2, 40 ** 2, 41 ** 2]  # 40, 41 read again
+        assert [pool.get(step).value for step in (35, 30, 31)] == [35 ** 2, 30 ** 2, 31 ** 2]  # 30, 31 read again
         assert workers_alive(before)
     finally:
         pool.close()

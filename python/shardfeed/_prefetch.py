@@ -415,9 +415,10 @@ class StepPool:
     instead while the consumer waits for every step and does little between them (the rule of
     :class:`InlineChoice`, as :class:`Prefetcher`'s ``inline_when``): no reads ahead then.
 
-    When the consumer asks for nothing for ``idle_s`` seconds, the reads ahead are dropped, the
-    workers stop (after the reads in progress) and the next :meth:`get` starts new ones: TensorFlow keeps every sequence that ``model.fit`` read, so a process that fits many
-    models would otherwise keep every pool's idle threads, or processes, to the end.
+    When the consumer asks for nothing for ``idle_s`` seconds and no read is in progress, the
+    reads ahead are dropped, the workers stop and the next :meth:`get` starts new ones:
+    TensorFlow keeps every sequence that ``model.fit`` read, so a process that fits many models
+    would otherwise keep every pool's idle threads, or processes, to the end.
 
     :meth:`close` cancels the reads ahead and stops the workers; the pool also closes when it is
     garbage-collected and at interpreter exit. Processes start with the ``multiprocessing`` start
@@ -457,13 +458,13 @@ class StepPool:
         return self._executor
 
     def stop_if_idle(self) -> bool:
-        """Stops the workers (after the reads in progress) and drops the reads ahead when the
-        consumer has asked for nothing for ``idle_s`` seconds. True when the pool has no workers
-        now."""
+        """Stops the workers and drops the reads ahead when the consumer has asked for nothing
+        for ``idle_s`` seconds and no read is in progress (a consumer may be waiting for it: a
+        slow disk, or worker processes starting). True when the pool has no workers now."""
         with self._lock:
             if self._executor is None:
                 return True
-            if time.monotonic() - self._asked < self.idle_s:
+            if time.monotonic() - self._asked < self.idle_s or not all(f.done() for f in self._ahead.values()):
                 return False
             self._ahead.clear()
             finalizer, self._finalizer, self._executor = self._finalizer, None, None
