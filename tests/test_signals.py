@@ -17,9 +17,14 @@ import pytest
 import shardfeed
 
 LONG_READ = textwrap.dedent(r'''
-    import sys, time
+    import signal, sys, time
     import numpy as np
     import shardfeed
+
+    # Ctrl-C as in a terminal, whatever the suite's runner left this process: a job started in the
+    # background by a shell without job control (`(pytest &)`, nohup) inherits SIGINT ignored,
+    # and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     path, kind, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
     fields = {"x": ("int64", (2,))} if kind == "fixed" else {"t": ("int16", (None,))}
