@@ -6,6 +6,7 @@
     python benchmarks/sweep.py readahead          # cold loader epochs, reading ahead off and on
     python benchmarks/sweep.py fields             # page-cached: one small field vs whole records
     python benchmarks/sweep.py read_io            # cold ds.read: io_uring vs the thread pool
+    python benchmarks/sweep.py loaders --no-cold  # page-cached: the loaders against ds.read, alternating
     python benchmarks/sweep.py threads --no-cold  # skip the cold runs
 
 Writes the datasets under a temporary directory (removed at exit) and prints markdown tables of
@@ -343,21 +344,85 @@ def sweep_fields(root: str, size: int, cold: bool, batches_per_pass: int = 400, 
         print(f"| {name} | {statistics.median(values):.1f} |")
 
 
+LOADER_READERS = ["shardfeed-alloc", "shardfeed-loader", "shardfeed-sequence", "shardfeed-torch-thread"]
+LOADER_PASS_SAMPLES = {"f16-128B": 1 << 20, "f16-8KiB": 65536}  # the others: 4096
+
+
+def sweep_loaders(root: str, size: int, cold: bool, rounds: int = 8) -> None:
+    """Page-cached passes of the benchmark's own readers (readers.py) over one dataset per
+    profile, alternating in one process, the order reversed every round: ``ds.read`` into new
+    arrays (``shardfeed-alloc``, the baseline: what issue 18's loader target compares with) and
+    the loaders (``ds.batches``, ``ShardSequence``, ``ShardLoader``; those whose framework is not
+    installed are left out). A full garbage collection before each pass, untimed: with
+    TensorFlow and torch imported one takes ~100 ms, as long as a pass. Prints each reader's
+    median samples/s and the median and range of its per-round ratios to the baseline, which are
+    steadier than ratios of figures minutes apart in a full run. Page-cached only (``cold`` is
+    ignored)."""
+    import gc
+    import readers
+    by_name = {cls.name: cls for cls in readers.READERS}
+    classes = [by_name[name] for name in LOADER_READERS if by_name[name].unavailable() is None]
+    if not classes or classes[0].name != "shardfeed-alloc":
+        raise SystemExit("the loaders sweep compares with shardfeed-alloc: name it first in --readers")
+    print(f"\nPage-cached passes, alternating, {rounds} rounds after one untimed, {size >> 20} MiB per profile, "
+          f"threads {shardfeed.get_num_threads()}\n")
+    print("| profile | reader | samples/s (median) | x shardfeed-alloc, median of rounds | range |")
+    print("|---|---|---:|---:|---:|")
+    for profile in regimes.PROFILES:
+        if profile.name not in PROFILES:
+            continue
+        where = os.path.join(root, profile.name + "-loaders")
+        data = regimes.BenchData(where, profile, size // profile.record_bytes)
+        try:
+            ring = [data.reader(cls) for cls in classes]
+            for reader in ring:
+                reader.open()
+            samples = min(data.count, LOADER_PASS_SAMPLES.get(profile.name, 4096))
+            orders = data.orders(seed=7)
+            rates: Dict[str, List[float]] = {reader.name: [] for reader in ring}
+            for r in range(rounds + 1):
+                for reader in (ring if r % 2 == 0 else ring[::-1]):
+                    order = next(orders)[:samples]
+                    gc.collect()
+                    start, read = time.perf_counter(), 0
+                    for ids, _ in reader.read_pass(order):
+                        read += len(ids)
+                    if r:  # the first round warms every reader up
+                        rates[reader.name].append(read / (time.perf_counter() - start))
+        finally:
+            data.close()
+            shutil.rmtree(where, ignore_errors=True)
+        base = rates[classes[0].name]
+        for name, values in rates.items():
+            ratios = [rate / b for rate, b in zip(values, base)]
+            print(f"| {profile.name} | {name} | {statistics.median(values):,.0f} | {statistics.median(ratios):.2f} | "
+                  f"{min(ratios):.2f}-{max(ratios):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["threads", "mmap", "order", "readahead", "fields", "read_io"])
+    parser.add_argument("what", choices=["threads", "mmap", "order", "readahead", "fields", "read_io", "loaders"])
     parser.add_argument("--no-cold", action="store_true", help="page-cached runs only")
     parser.add_argument("--mb", type=int, default=320, help="dataset size per profile in MiB")
     parser.add_argument("--threads", default=",".join(map(str, THREADS)), help="thread counts to try")
-    parser.add_argument("--profiles", default=",".join(PROFILES), help="profiles for the threads sweep")
+    parser.add_argument("--profiles", default=",".join(PROFILES), help="profiles for the threads and loaders sweeps")
+    parser.add_argument("--readers", default=",".join(LOADER_READERS),
+                        help="benchmark readers for the loaders sweep, the baseline (shardfeed-alloc) first")
     args = parser.parse_args()
+    import readers
+    known = {cls.name for cls in readers.READERS}
+    unknown = [name for name in args.readers.split(",") if name not in known]
+    if unknown:
+        parser.error(f"--readers: no benchmark reader {unknown[0]!r} (readers.py has {sorted(known)})")
+    LOADER_READERS[:] = args.readers.split(",")
     THREADS[:] = [int(t) for t in args.threads.split(",")]
     for name in set(PROFILES) - set(args.profiles.split(",")):
         del PROFILES[name]
     root = tempfile.mkdtemp(prefix="shardfeed-sweep-")
     try:
         sweep = {"threads": sweep_threads, "mmap": sweep_mmap, "order": sweep_order,
-                 "readahead": sweep_readahead, "fields": sweep_fields, "read_io": sweep_read_io}[args.what]
+                 "readahead": sweep_readahead, "fields": sweep_fields, "read_io": sweep_read_io,
+                 "loaders": sweep_loaders}[args.what]
         sweep(root, args.mb << 20, not args.no_cold)
     finally:
         shutil.rmtree(root, ignore_errors=True)

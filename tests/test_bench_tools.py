@@ -1,4 +1,5 @@
-"""benchmarks/compare (the regression gate) and benchmarks/plot.py, on synthetic results."""
+"""benchmarks/compare (the regression gate) and benchmarks/plot.py, on synthetic results; the
+loaders sweep of benchmarks/sweep.py on a small dataset."""
 
 from __future__ import annotations
 
@@ -121,3 +122,30 @@ def test_plot_labels_each_reader_with_the_shuffle_it_gives(tmp_path):
     assert [plot.own_order(label) for label in sorted(table[("cold", "f16-8KiB")])] == [False, False, False, True, True]
     old = plot.load(write(tmp_path, "old.json", results(REFERENCE, shuffles=False)))
     assert sorted(old[("cold", "f16-8KiB")]) == ["h5py", "memmap", "shardfeed", "shardfeed-block16", "tf.data"]
+
+
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(BENCHMARKS, "sweep.py"), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_loaders_sweep_reports_each_reader_against_ds_read(tmp_path):
+    """``sweep.py loaders``: a markdown row per profile and reader, the baseline at exactly 1.00 in
+    every round, the loader's ratios positive; unknown readers, or a list without the baseline
+    first, are refused with the reason."""
+    done = sweep("loaders", "--no-cold", "--mb", "2", "--profiles", "f16-128B,f16-8KiB",
+                 "--readers", "shardfeed-alloc,shardfeed-loader")
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| f16-")]
+    assert [(row[0].strip(), row[1].strip()) for row in rows] == [
+        ("f16-128B", "shardfeed-alloc"), ("f16-128B", "shardfeed-loader"),
+        ("f16-8KiB", "shardfeed-alloc"), ("f16-8KiB", "shardfeed-loader")]
+    for profile, reader, rate, ratio, spread in rows:
+        low, high = (float(x) for x in spread.split("-"))
+        assert float(rate.replace(",", "")) > 0 and 0 < low <= float(ratio) <= high
+        if reader.strip() == "shardfeed-alloc":
+            assert (ratio.strip(), spread.strip()) == ("1.00", "1.00-1.00")
+    refused = sweep("loaders", "--readers", "shardfeed-alloc,no-such-reader")
+    assert refused.returncode == 2 and "no benchmark reader 'no-such-reader'" in refused.stderr
+    refused = sweep("loaders", "--no-cold", "--mb", "1", "--readers", "shardfeed-loader")
+    assert refused.returncode != 0 and "name it first in --readers" in refused.stderr
