@@ -59,13 +59,14 @@ def background_reader_names():
 
 
 def read_ahead_pool_prefixes():
-    """How the names of the threads of read-ahead pools begin: a Keras ShardSequence's, only where
-    shardfeed.keras was imported. These threads wait for work between reads until their sequence
+    """How the names of the threads of read-ahead pools begin: a StepPool's by default, and a Keras
+    ShardSequence's where shardfeed.keras was imported. These threads wait for work between reads until their sequence
     closes or has been asked for nothing for 10 s (TensorFlow keeps sequences after a fit:
     tf.data's from_generator state holds Keras's adapter of one; 33 such threads were alive after
     tests/test_keras.py and test_kerasfit.py in one run before they stopped when idle)."""
     keras_front_end = sys.modules.get("shardfeed.keras")
-    return (keras_front_end.SEQUENCE_THREAD_NAME,) if keras_front_end is not None else ()
+    sequences = (keras_front_end.SEQUENCE_THREAD_NAME,) if keras_front_end is not None else ()
+    return (_prefetch.STEP_POOL_THREAD_NAME,) + sequences
 
 
 def in_shardfeed(thread):

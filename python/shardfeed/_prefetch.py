@@ -28,6 +28,8 @@ PREFETCH_THREAD_NAME = "shardfeed-prefetch"
 INLINE_AWAY = 0.25
 THREAD_AWAY = 0.5
 INLINE_AFTER = 3
+# How the names of a StepPool's worker threads begin unless its owner gives another.
+STEP_POOL_THREAD_NAME = "shardfeed-steps"
 # The thread that stops the workers of idle StepPools (one for the process, while some pool has
 # workers).
 POOL_REAPER_THREAD_NAME = "shardfeed-idle-pools"
@@ -427,7 +429,7 @@ class StepPool:
     IDLE_S = 10.0
 
     def __init__(self, plan: Any, *, workers: int = 1, processes: bool = False, depth: int = DEFAULT_PREFETCH,
-                 name: str = "shardfeed-steps", inline_when: Optional[Callable[[], bool]] = None,
+                 name: str = STEP_POOL_THREAD_NAME, inline_when: Optional[Callable[[], bool]] = None,
                  idle_s: Optional[float] = None):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
