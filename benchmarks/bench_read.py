@@ -26,6 +26,14 @@ evicted shard file (untimed, ``paired_fio``): this disk's rate drifts by a third
 (fio alone: 12.5 k then 7.5 k reads/s of 147 KiB), so ``ratio_to_paired_fio``, the median over
 passes of the pass's rate over the fio run just before it, compares a reader with the disk as it
 was at that moment, where ``ratio_to_limit`` compares it with the sweep minutes earlier or later.
+
+The loaders (``readers.LOADERS``: ``ds.batches``, ``ShardSequence``, ``ShardLoader``) are compared
+with ``ds.read`` into new arrays (issue 18, item 3) the same way: before each of their passes, in
+its setup (untimed by pytest-benchmark), a ``shardfeed-alloc`` pass runs in the same regime (from
+disk: after the paired fio run, on evicted files, which are evicted again after it), and
+``ratio_to_paired_alloc`` is the median over passes of the loader's rate over that pass's. A
+full run's separate ``shardfeed-alloc`` entry ran minutes earlier, when this VM may have been
+faster or slower by more than the gap measured.
 """
 
 from __future__ import annotations
@@ -180,6 +188,55 @@ def paired_fio(data: BenchData, regime: str, samples: int) -> Optional[float]:
     return result["iops"]
 
 
+class PairedBaseline:
+    """Item 3's baseline for a loader: a ``readers.LOADERS_BASELINE`` pass (``ds.read`` into new
+    arrays, opened as the loader is) run just before each of the loader's passes; nothing for the
+    other readers."""
+
+    def __init__(self, data: BenchData, reader, samples: int):
+        self.reader = None
+        self.opened = False
+        if reader.name in readers.LOADERS:
+            self.reader = data.reader(READERS[readers.LOADERS_BASELINE])
+            self.reader.open_options = reader.open_options
+            self.passes = Passes(self.reader, data, samples)
+
+    def run(self, reopen: bool = True) -> bool:
+        """One baseline pass (True), or nothing for a reader that is not a loader (False). With
+        ``reopen`` the dataset is opened for the pass and closed after it (from disk, as the loader
+        is), else opened once and kept open (page-cached, as the loader is: a dataset opened anew
+        maps its files anew, and its first reads fault the mappings' page tables in)."""
+        if self.reader is None:
+            return False
+        if not self.opened:
+            self.reader.open()
+            self.opened = True
+        try:
+            self.passes(self.passes.next_order())
+        finally:
+            if reopen:
+                self.close()  # its maps would keep pages cached
+        return True
+
+    def close(self) -> None:
+        if self.opened:
+            self.reader.close()
+            self.opened = False
+
+
+    def report(self, benchmark, passes: Passes, warmup: int) -> None:
+        """``ratio_to_paired_alloc``: the median over the timed pairs (not the first ``warmup``,
+        pytest-benchmark's warmup rounds, in which the baseline's first reads of its new maps
+        fault their page tables in) of the loader's pass rate over the baseline's."""
+        if self.reader is None:
+            return
+        base = [n / t for n, t, _, _ in self.passes.records]
+        rates = [n / t for n, t, _, _ in passes.records]
+        assert len(base) == len(rates) > warmup and all(rate > 0 for rate in base), (base, rates)
+        ratios = [r / b for r, b in zip(rates[warmup:], base[warmup:])]
+        benchmark.extra_info.update(paired_alloc_runs=base, ratio_to_paired_alloc=float(np.median(ratios)))
+
+
 def _describe(benchmark, data: BenchData, regime: str, reader_name: str, samples: int, shuffle: str) -> None:
     profile = data.profile
     benchmark.group = f"{regime}-{profile.name}"
@@ -213,7 +270,9 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
 
     passes = Passes(reader, data, samples)
     paired: List[Optional[float]] = []  # fio's rate before each pass from disk (paired_fio)
+    baseline = PairedBaseline(data, reader, samples)
     rounds = (PAGE_CACHED_ROUNDS if regime == PAGE_CACHED else DISK_ROUNDS) if timing_enabled else 1
+    warmup = 1 if timing_enabled and regime == PAGE_CACHED else 0
     if regime == PAGE_CACHED:
         data.release()
         # "Read once", the same way for every reader's files: evicted, then read in order (as
@@ -223,12 +282,17 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
         data.pin = Pin(files)
         benchmark.extra_info["pages_pinned"] = data.pin.locked
         reader.open()
+
+        def page_cached_start():
+            baseline.run(reopen=False)
+            return (passes.next_order(),), {}
+
         try:
-            benchmark.pedantic(passes, setup=lambda: ((passes.next_order(),), {}), rounds=rounds,
-                               warmup_rounds=1 if timing_enabled else 0, iterations=1)
+            benchmark.pedantic(passes, setup=page_cached_start, rounds=rounds, warmup_rounds=warmup, iterations=1)
             benchmark.extra_info["file_pmd_mapped_bytes"] = file_pmd_mapped_bytes()
         finally:
             reader.close()
+            baseline.close()
             data.release()
     elif regime == COLD:
         resident = []
@@ -237,6 +301,8 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
             data.release()
             paired.append(paired_fio(data, regime, samples))
             evict(files)
+            if baseline.run():
+                evict(files)
             resident.append(resident_fraction(files))
             reader.open()
             return (passes.next_order(),), {}
@@ -255,6 +321,7 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
                 def out_of_core_start():
                     reader.close()  # its maps would keep pages cached for fio
                     paired.append(paired_fio(data, regime, samples))  # inside the cgroup, as a child
+                    baseline.run()  # in the cgroup too: this process is
                     reader.open()
                     return (passes.next_order(),), {}
 
@@ -271,4 +338,5 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
         rates = [n / t for n, t, _, _ in passes.records]
         benchmark.extra_info.update(paired_fio_runs=paired,
                                     ratio_to_paired_fio=float(np.median([r / f for r, f in zip(rates, paired)])))
+    baseline.report(benchmark, passes, warmup)
     assert sum(n for n, _, _, _ in passes.records) > 0

@@ -422,6 +422,11 @@ class CopyCeilingReader(Reader):
             yield ids, self.buffer[:n]
 
 
+# The loaders of issue 18's item 3 (what training iterates), each pass of which bench_read.py
+# pairs with a pass of ``shardfeed-alloc`` (``ds.read`` into new arrays) run just before it.
+LOADERS = ("shardfeed-loader", "shardfeed-sequence", "shardfeed-torch-thread")
+LOADERS_BASELINE = "shardfeed-alloc"
+
 READERS = [MemmapReader, ShardfeedReader, ShardfeedAllocReader, ShardfeedUringReader, ShardfeedBufferedReader,
            ShardfeedDirectReader, ShardfeedLoaderReader, ShardfeedSequenceReader,
            ShardfeedBlockReader,

@@ -344,7 +344,9 @@ def sweep_fields(root: str, size: int, cold: bool, batches_per_pass: int = 400, 
         print(f"| {name} | {statistics.median(values):.1f} |")
 
 
-LOADER_READERS = ["shardfeed-alloc", "shardfeed-loader", "shardfeed-sequence", "shardfeed-torch-thread"]
+import readers  # noqa: E402
+
+LOADER_READERS = [readers.LOADERS_BASELINE, *readers.LOADERS]
 LOADER_PASS_SAMPLES = {"f16-128B": 1 << 20, "f16-8KiB": 65536}  # the others: 4096
 
 
@@ -359,11 +361,10 @@ def sweep_loaders(root: str, size: int, cold: bool, rounds: int = 8) -> None:
     steadier than ratios of figures minutes apart in a full run. Page-cached only (``cold`` is
     ignored)."""
     import gc
-    import readers
     by_name = {cls.name: cls for cls in readers.READERS}
     classes = [by_name[name] for name in LOADER_READERS if by_name[name].unavailable() is None]
-    if not classes or classes[0].name != "shardfeed-alloc":
-        raise SystemExit("the loaders sweep compares with shardfeed-alloc: name it first in --readers")
+    if not classes or classes[0].name != readers.LOADERS_BASELINE:
+        raise SystemExit(f"the loaders sweep compares with {readers.LOADERS_BASELINE}: name it first in --readers")
     print(f"\nPage-cached passes, alternating, {rounds} rounds after one untimed, {size >> 20} MiB per profile, "
           f"threads {shardfeed.get_num_threads()}\n")
     print("| profile | reader | samples/s (median) | x shardfeed-alloc, median of rounds | range |")
@@ -409,7 +410,6 @@ def main() -> None:
     parser.add_argument("--readers", default=",".join(LOADER_READERS),
                         help="benchmark readers for the loaders sweep, the baseline (shardfeed-alloc) first")
     args = parser.parse_args()
-    import readers
     known = {cls.name for cls in readers.READERS}
     unknown = [name for name in args.readers.split(",") if name not in known]
     if unknown:
