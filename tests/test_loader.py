@@ -796,6 +796,38 @@ def test_an_idle_step_pool_stops_its_workers_and_starts_them_again_when_asked(pr
     assert wait_until(lambda: not workers_alive(before), 10)
 
 
+def test_a_step_pool_started_again_while_it_is_stopped_is_stopped_again_when_idle(monkeypatch):
+    """A get() that starts a pool's workers again between the idle stop and the stopping thread
+    forgetting the pool (simulated: the get() runs right after the stop, on that thread) leaves the
+    pool watched: its new workers stop too once it is idle again."""
+    from shardfeed._prefetch import StepPool
+    stop_if_idle, raced = StepPool.stop_if_idle, []
+
+    def stop_then_get(pool):
+        stopped = stop_if_idle(pool)
+        if stopped and not raced:
+            raced.append(pool.get(3).value)
+        return stopped
+
+    def pool_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("pool-race")]
+
+    monkeypatch.setattr(StepPool, "stop_if_idle", stop_then_get)
+    pool = StepPool(_SquarePlan(), workers=1, depth=1, name="pool-race", idle_s=0.2)
+    try:
+        assert pool.get(0).value == 0
+        deadline = time.monotonic() + 10
+        while not raced and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert raced == [9] and pool_threads()  # started again by the get()
+        deadline = time.monotonic() + 10
+        while pool_threads() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not pool_threads(), "the pool started again is no longer stopped when idle"
+    finally:
+        pool.close()
+
+
 def test_a_step_pool_reads_on_the_consumers_thread_while_it_waits_and_ahead_when_it_stays_away():
     """StepPool with inline_when and one worker thread: a consumer that comes straight back gets
     its steps read on its own thread (no reads ahead), one away longer than a read gets them read

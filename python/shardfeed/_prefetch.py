@@ -629,6 +629,8 @@ class _IdlePools:
                 if pool.stop_if_idle():
                     with self._lock:
                         self._pools.discard(pool)
+                    if not pool.stop_if_idle():  # a get() started workers again meanwhile
+                        self.watch(pool)
                 del pool  # not kept alive while sleeping
 
 
