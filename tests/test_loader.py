@@ -2,6 +2,7 @@
 Keras-shaped tuples, exact resume, transforms on the prefetch thread, errors passed through,
 prompt close, no leaks, fresh arrays, and flat private memory over epochs."""
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -794,6 +795,36 @@ def test_an_idle_step_pool_stops_its_workers_and_starts_them_again_when_asked(pr
     finally:
         pool.close()
     assert wait_until(lambda: not workers_alive(before), 10)
+
+
+def test_a_step_pool_is_not_stopped_while_its_consumer_wakes_from_a_read_just_done(monkeypatch):
+    """Between a read's end and the consumer waiting for it waking up (slow to be scheduled on a
+    loaded machine), every read is done and the last get() started more than idle_s ago: the
+    pool is still in use and keeps its workers. Simulated: the consumer's wait returns only after
+    idle_s, and the idle stop is tried right then."""
+    from shardfeed._prefetch import StepPool
+    plan = _SquarePlan()
+    pool = StepPool(plan, workers=2, depth=2, name="pool-wake", idle_s=0.2)
+    consumer, tried = threading.current_thread(), []
+    result = concurrent.futures.Future.result
+
+    def result_then_stop(future, timeout=None):
+        value = result(future, timeout)
+        if threading.current_thread() is consumer and not tried:
+            deadline = time.monotonic() + 5  # the reads ahead (steps 1 and 2) done, idle_s gone by
+            while len(plan.made) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(pool.idle_s * 1.5)
+            tried.append(pool.stop_if_idle())
+        return value
+
+    monkeypatch.setattr(concurrent.futures.Future, "result", result_then_stop)
+    try:
+        assert [pool.get(step).value for step in range(6)] == [k * k for k in range(6)]
+        assert tried == [False]
+        assert len(plan.threads) <= 2  # the same workers all along
+    finally:
+        pool.close()
 
 
 def test_a_step_pool_started_again_while_it_is_stopped_is_stopped_again_when_idle(monkeypatch):

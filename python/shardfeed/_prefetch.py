@@ -441,7 +441,8 @@ class StepPool:
         self._executor: Any = None
         self._finalizer: Any = None
         self.idle_s = self.IDLE_S if idle_s is None else idle_s
-        self._asked = time.monotonic()  # when the consumer last called get()
+        self._asked = time.monotonic()  # when a get() last started or returned
+        self._getting = 0  # get() calls in progress (waiting for a read, or reading)
         # One worker thread only: several, or processes, are what the consumer asked for.
         adaptive = inline_when is not None and workers == 1 and not self.processes and depth > 0
         self._choice = InlineChoice(inline_when) if adaptive else None
@@ -460,13 +461,15 @@ class StepPool:
         return self._executor
 
     def stop_if_idle(self) -> bool:
-        """Stops the workers and drops the reads ahead when the consumer has asked for nothing
-        for ``idle_s`` seconds and no read is in progress (a consumer may be waiting for it: a
-        slow disk, or worker processes starting). True when the pool has no workers now."""
+        """Stops the workers and drops the reads ahead when no get() has started or returned for
+        ``idle_s`` seconds, none is in progress (a consumer waiting for a slow read, or for worker
+        processes to start, or woken by a read just done) and no read is in progress. True when the
+        pool has no workers now."""
         with self._lock:
             if self._executor is None:
                 return True
-            if time.monotonic() - self._asked < self.idle_s or not all(f.done() for f in self._ahead.values()):
+            if (self._getting or time.monotonic() - self._asked < self.idle_s
+                    or not all(f.done() for f in self._ahead.values())):
                 return False
             self._ahead.clear()
             finalizer, self._finalizer, self._executor = self._finalizer, None, None
@@ -499,11 +502,23 @@ class StepPool:
     def get(self, step: int) -> Any:
         if self.depth == 0 and not self.processes:
             return self.plan.load(step)  # read in the caller's thread
-        asked = self._asked = time.monotonic()
+        with self._lock:
+            self._getting += 1
+        try:
+            return self._get(step)
+        finally:
+            with self._lock:
+                self._getting -= 1
+                self._asked = time.monotonic()
+
+    def _get(self, step: int) -> Any:
+        """get() once it is counted in ``_getting``: the idle stop leaves the workers alone while
+        a consumer waits, including between a read's end and the consumer waking."""
         group = self.plan.group
         number = step // group
         ahead = self._groups_ahead()
         with self._lock:
+            asked = self._asked = time.monotonic()
             inline = False
             if self._choice is not None and self._choice.inline:
                 inline = number not in self._ahead
