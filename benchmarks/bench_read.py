@@ -129,8 +129,12 @@ class Passes:
         self.cpu_seconds.append(_cpu_seconds() - cpu_before)
         self.records.append((read, seconds, peak_rss_bytes() - rss_before, anon_bytes() - anon_before))
 
+    def rates(self) -> List[float]:
+        """Samples per second of every pass."""
+        return [n / t for n, t, _, _ in self.records]
+
     def summary(self, data: BenchData) -> dict:
-        rates = [n / t for n, t, _, _ in self.records]
+        rates = self.rates()
         rate = float(np.median(rates))
         return {"samples_per_s": rate, "samples_per_s_best": max(rates),
                 "output_gb_per_s": rate * data.profile.output_bytes / 1e9,
@@ -189,25 +193,20 @@ def paired_fio(data: BenchData, regime: str, samples: int) -> Optional[float]:
 
 
 class PairedBaseline:
-    """Item 3's baseline for a loader: a ``readers.LOADERS_BASELINE`` pass (``ds.read`` into new
-    arrays, opened as the loader is) run just before each of the loader's passes; nothing for the
-    other readers."""
+    """Item 3's baseline for a loader (``readers.LOADERS``): a ``readers.LOADERS_BASELINE`` pass
+    (``ds.read`` into new arrays, opened as the loader is) run just before each of its passes."""
 
-    def __init__(self, data: BenchData, reader, samples: int):
-        self.reader = None
+    def __init__(self, data: BenchData, loader, samples: int):
+        self.reader = data.reader(READERS[readers.LOADERS_BASELINE])
+        self.reader.open_options = loader.open_options
+        self.passes = Passes(self.reader, data, samples)
         self.opened = False
-        if reader.name in readers.LOADERS:
-            self.reader = data.reader(READERS[readers.LOADERS_BASELINE])
-            self.reader.open_options = reader.open_options
-            self.passes = Passes(self.reader, data, samples)
 
-    def run(self, reopen: bool = True) -> bool:
-        """One baseline pass (True), or nothing for a reader that is not a loader (False). With
-        ``reopen`` the dataset is opened for the pass and closed after it (from disk, as the loader
-        is), else opened once and kept open (page-cached, as the loader is: a dataset opened anew
-        maps its files anew, and its first reads fault the mappings' page tables in)."""
-        if self.reader is None:
-            return False
+    def run(self, reopen: bool = True) -> None:
+        """One baseline pass. With ``reopen`` the dataset is opened for the pass and closed after
+        it (from disk, as the loader is), else opened once and kept open (page-cached, as the
+        loader is: a dataset opened anew maps its files anew, and its first reads fault the
+        mappings' page tables in)."""
         if not self.opened:
             self.reader.open()
             self.opened = True
@@ -216,7 +215,6 @@ class PairedBaseline:
         finally:
             if reopen:
                 self.close()  # its maps would keep pages cached
-        return True
 
     def close(self) -> None:
         if self.opened:
@@ -228,10 +226,7 @@ class PairedBaseline:
         """``ratio_to_paired_alloc``: the median over the timed pairs (not the first ``warmup``,
         pytest-benchmark's warmup rounds, in which the baseline's first reads of its new maps
         fault their page tables in) of the loader's pass rate over the baseline's."""
-        if self.reader is None:
-            return
-        base = [n / t for n, t, _, _ in self.passes.records]
-        rates = [n / t for n, t, _, _ in passes.records]
+        base, rates = self.passes.rates(), passes.rates()
         assert len(base) == len(rates) > warmup and all(rate > 0 for rate in base), (base, rates)
         ratios = [r / b for r, b in zip(rates[warmup:], base[warmup:])]
         benchmark.extra_info.update(paired_alloc_runs=base, ratio_to_paired_alloc=float(np.median(ratios)))
@@ -270,7 +265,7 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
 
     passes = Passes(reader, data, samples)
     paired: List[Optional[float]] = []  # fio's rate before each pass from disk (paired_fio)
-    baseline = PairedBaseline(data, reader, samples)
+    baseline = PairedBaseline(data, reader, samples) if reader.name in readers.LOADERS else None
     rounds = (PAGE_CACHED_ROUNDS if regime == PAGE_CACHED else DISK_ROUNDS) if timing_enabled else 1
     warmup = 1 if timing_enabled and regime == PAGE_CACHED else 0
     if regime == PAGE_CACHED:
@@ -284,7 +279,8 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
         reader.open()
 
         def page_cached_start():
-            baseline.run(reopen=False)
+            if baseline is not None:
+                baseline.run(reopen=False)
             return (passes.next_order(),), {}
 
         try:
@@ -292,7 +288,8 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
             benchmark.extra_info["file_pmd_mapped_bytes"] = file_pmd_mapped_bytes()
         finally:
             reader.close()
-            baseline.close()
+            if baseline is not None:
+                baseline.close()
             data.release()
     elif regime == COLD:
         resident = []
@@ -301,7 +298,8 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
             data.release()
             paired.append(paired_fio(data, regime, samples))
             evict(files)
-            if baseline.run():
+            if baseline is not None:
+                baseline.run()
                 evict(files)
             resident.append(resident_fraction(files))
             reader.open()
@@ -321,7 +319,8 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
                 def out_of_core_start():
                     reader.close()  # its maps would keep pages cached for fio
                     paired.append(paired_fio(data, regime, samples))  # inside the cgroup, as a child
-                    baseline.run()  # in the cgroup too: this process is
+                    if baseline is not None:
+                        baseline.run()  # in the cgroup too: this process is
                     reader.open()
                     return (passes.next_order(),), {}
 
@@ -335,8 +334,8 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
     benchmark.extra_info.update(passes.summary(data))
     if regime in data.fio_best:  # from disk, after the sweep: a fio run before every pass
         assert len(paired) == rounds and all(rate > 0 for rate in paired), paired
-        rates = [n / t for n, t, _, _ in passes.records]
-        benchmark.extra_info.update(paired_fio_runs=paired,
-                                    ratio_to_paired_fio=float(np.median([r / f for r, f in zip(rates, paired)])))
-    baseline.report(benchmark, passes, warmup)
+        benchmark.extra_info.update(paired_fio_runs=paired, ratio_to_paired_fio=float(
+            np.median([r / f for r, f in zip(passes.rates(), paired)])))
+    if baseline is not None:
+        baseline.report(benchmark, passes, warmup)
     assert sum(n for n, _, _, _ in passes.records) > 0

@@ -111,7 +111,7 @@ def check_pass(reader: Reader, data, order: np.ndarray) -> None:
         ids, x = np.asarray(ids, np.int64), np.asarray(x)
         assert same_values(reader, x, data.reference(ids)), \
             f"{reader.name} differs from numpy.memmap + astype on profile {data.profile.name}"
-        seen.append(np.asarray(ids, np.int64))
+        seen.append(ids)
     seen = np.concatenate(seen)
     assert len(seen) == len(order) and len(np.unique(seen)) == len(seen), \
         f"{reader.name}: a pass of {len(order)} samples gave {len(seen)} ({len(np.unique(seen))} distinct)"

@@ -27,7 +27,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -35,6 +35,7 @@ import shardfeed
 from shardfeed.manifest import read_manifest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import readers  # noqa: E402
 import regimes  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -93,6 +94,29 @@ def batches(count: int, batch: int, seed: int, order: str = "random") -> List[np
         block = int(order[len("block"):])
         indices = (rng.permutation(count // block)[:, None] * block + np.arange(block)).reshape(-1)
     return [indices[i:i + batch] for i in range(0, len(indices) - batch + 1, batch)]
+
+
+Mode = TypeVar("Mode")
+Result = TypeVar("Result")
+
+
+def alternate(modes: Sequence[Mode], rounds: int, run: Callable[[Mode, int], Result],
+              warmup: int = 0) -> Dict[Mode, List[Result]]:
+    """``run(mode, round)`` for every mode in each of ``warmup + rounds`` rounds, the modes' order
+    reversed every other round so that the machine's drift hits all alike; each mode's results in
+    round order, the ``warmup`` rounds left out."""
+    results: Dict[Mode, List[Result]] = {mode: [] for mode in modes}
+    for r in range(warmup + rounds):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            result = run(mode, r)
+            if r >= warmup:
+                results[mode].append(result)
+    return results
+
+
+def median_ratio(values: Sequence[float], base: Sequence[float]) -> float:
+    """The median of the per-round ratios of ``values`` to ``base``."""
+    return statistics.median(v / b for v, b in zip(values, base))
 
 
 def cached_rates(readers: Dict[str, Callable[[np.ndarray], object]], count: int, batch: int,
@@ -240,24 +264,27 @@ def sweep_readahead(root: str, size: int, cold: bool, rounds: int = 5, samples: 
         path = os.path.join(root, name)
         count = write_dataset(path, dtype, shape, size)
         take = min(samples, count // 2) // batch
-        rates: Dict[str, List[float]] = {"off": [], "on": []}
-        for r in range(rounds):
-            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                shardfeed.loader.READAHEAD_BATCHES = default if mode == "on" else 0
-                evict(path)
-                with shardfeed.open(path, preload=False) as ds:
-                    epoch = ds.batches(batch, fields="x", seed=r, epochs=1, dtype="float32",
-                                       **(NORM if normalise else {}))
-                    start = time.perf_counter()
-                    for step, _ in zip(range(take), epoch):
-                        pass
-                    rates[mode].append(take * batch / (time.perf_counter() - start))
-                    epoch.close()
-        shardfeed.loader.READAHEAD_BATCHES = default
+
+        def epoch_rate(mode: str, r: int) -> float:
+            shardfeed.loader.READAHEAD_BATCHES = default if mode == "on" else 0
+            evict(path)
+            with shardfeed.open(path, preload=False) as ds:
+                epoch = ds.batches(batch, fields="x", seed=r, epochs=1, dtype="float32",
+                                   **(NORM if normalise else {}))
+                start = time.perf_counter()
+                for step, _ in zip(range(take), epoch):
+                    pass
+                rate = take * batch / (time.perf_counter() - start)
+                epoch.close()
+            return rate
+
+        try:
+            rates = alternate(["off", "on"], rounds, epoch_rate)
+        finally:
+            shardfeed.loader.READAHEAD_BATCHES = default
         shutil.rmtree(path)
-        ratio = statistics.median(on / off for on, off in zip(rates["on"], rates["off"]))
         rows[name] = {"off": statistics.median(rates["off"]), "on": statistics.median(rates["on"]),
-                      "on / off": ratio}
+                      "on / off": median_ratio(rates["on"], rates["off"])}
     print(f"\nCold ds.batches samples/s, reading ahead off and on, {rounds} rounds, "
           f"{size >> 20} MiB per profile, threads {shardfeed.get_num_threads()}\n")
     print("| profile | off | on | on / off (median of rounds) |")
@@ -282,25 +309,29 @@ def sweep_read_io(root: str, size: int, cold: bool, rounds: int = 6, samples: in
         path = os.path.join(root, name)
         count = write_dataset(path, dtype, shape, size)
         take = min(samples, count // 2) // batch
-        rates: Dict[str, List[float]] = {"pool": [], "uring": []}
-        cpu: Dict[str, List[float]] = {"pool": [], "uring": []}
-        for r in range(rounds):
-            for mode in (("pool", "uring") if r % 2 == 0 else ("uring", "pool")):
-                _core.set_read_io(mode)
-                work = batches(count, batch, seed=1000 + r)[:take]
-                evict(path)
-                with shardfeed.open(path, preload=False) as ds:
-                    read = reader(ds, normalise, batch, shape)
-                    times, start = os.times(), time.perf_counter()
-                    for indices in work:
-                        read(indices)
-                    seconds, after = time.perf_counter() - start, os.times()
-                rates[mode].append(take * batch / seconds)
-                cpu[mode].append(1e6 * (after.user + after.system - times.user - times.system) / (take * batch))
-        _core.set_read_io(before)
+
+        def pass_rate_and_cpu(mode: str, r: int) -> Tuple[float, float]:
+            _core.set_read_io(mode)
+            work = batches(count, batch, seed=1000 + r)[:take]
+            evict(path)
+            with shardfeed.open(path, preload=False) as ds:
+                read = reader(ds, normalise, batch, shape)
+                times, start = os.times(), time.perf_counter()
+                for indices in work:
+                    read(indices)
+                seconds, after = time.perf_counter() - start, os.times()
+            cpu_seconds = after.user + after.system - times.user - times.system
+            return take * batch / seconds, 1e6 * cpu_seconds / (take * batch)
+
+        try:
+            runs = alternate(["pool", "uring"], rounds, pass_rate_and_cpu)
+        finally:
+            _core.set_read_io(before)
         shutil.rmtree(path)
-        rows[name] = {mode: (statistics.median(rates[mode]), statistics.median(cpu[mode])) for mode in rates}
-        rows[name]["ratio"] = statistics.median(u / p for u, p in zip(rates["uring"], rates["pool"]))
+        rates = {mode: [rate for rate, _ in results] for mode, results in runs.items()}
+        rows[name] = {mode: (statistics.median(rates[mode]), statistics.median(cpu for _, cpu in runs[mode]))
+                      for mode in runs}
+        rows[name]["ratio"] = median_ratio(rates["uring"], rates["pool"])
     print(f"\nCold ds.read samples/s and CPU us per sample, thread pool vs io_uring, {rounds} rounds "
           f"alternating, {size >> 20} MiB per profile, threads {shardfeed.get_num_threads()}\n")
     print("| profile | pool samples/s | io_uring samples/s | io_uring / pool (median of rounds) "
@@ -344,8 +375,6 @@ def sweep_fields(root: str, size: int, cold: bool, batches_per_pass: int = 400, 
         print(f"| {name} | {statistics.median(values):.1f} |")
 
 
-import readers  # noqa: E402
-
 LOADER_READERS = [readers.LOADERS_BASELINE, *readers.LOADERS]
 LOADER_PASS_SAMPLES = {"f16-128B": 1 << 20, "f16-8KiB": 65536}  # the others: 4096
 
@@ -380,24 +409,24 @@ def sweep_loaders(root: str, size: int, cold: bool, rounds: int = 8) -> None:
                 reader.open()
             samples = min(data.count, LOADER_PASS_SAMPLES.get(profile.name, 4096))
             orders = data.orders(seed=7)
-            rates: Dict[str, List[float]] = {reader.name: [] for reader in ring}
-            for r in range(rounds + 1):
-                for reader in (ring if r % 2 == 0 else ring[::-1]):
-                    order = next(orders)[:samples]
-                    gc.collect()
-                    start, read = time.perf_counter(), 0
-                    for ids, _ in reader.read_pass(order):
-                        read += len(ids)
-                    if r:  # the first round warms every reader up
-                        rates[reader.name].append(read / (time.perf_counter() - start))
+
+            def pass_rate(reader, r: int) -> float:
+                order = next(orders)[:samples]
+                gc.collect()
+                start, read = time.perf_counter(), 0
+                for ids, _ in reader.read_pass(order):
+                    read += len(ids)
+                return read / (time.perf_counter() - start)
+
+            rates = alternate(ring, rounds, pass_rate, warmup=1)  # the first round warms every reader up
         finally:
             data.close()
             shutil.rmtree(where, ignore_errors=True)
-        base = rates[classes[0].name]
-        for name, values in rates.items():
+        base = rates[ring[0]]
+        for reader, values in rates.items():
             ratios = [rate / b for rate, b in zip(values, base)]
-            print(f"| {profile.name} | {name} | {statistics.median(values):,.0f} | {statistics.median(ratios):.2f} | "
-                  f"{min(ratios):.2f}-{max(ratios):.2f} |")
+            print(f"| {profile.name} | {reader.name} | {statistics.median(values):,.0f} | "
+                  f"{median_ratio(values, base):.2f} | {min(ratios):.2f}-{max(ratios):.2f} |")
 
 
 def main() -> None:
