@@ -17,7 +17,9 @@ fio's random-read configurations at the record size (cold, out-of-core).
   to the disk for most records. Needs root (cgroup v1); skipped otherwise.
 
 A pass is ``pass_samples()`` samples, cut short after ``PASS_SECONDS`` for slow readers, so
-``samples_per_s`` is what was read over how long it took (median over the passes). Every run,
+``samples_per_s`` is what was read over how long it took (median over the timed passes:
+page-cached, pytest-benchmark's warmup pass is left out; ``pass_rates`` lists every pass, the
+warmup first, and ``warmup_passes`` says how many). Every run,
 timed or not, first checks each reader's batches against numpy (``data.reference``).
 
 From disk, each profile's fio sweep (``test_disk_limit``) runs first and picks the best
@@ -133,17 +135,21 @@ class Passes:
         """Samples per second of every pass."""
         return [n / t for n, t, _, _ in self.records]
 
-    def summary(self, data: BenchData) -> dict:
-        rates = self.rates()
+    def summary(self, data: BenchData, warmup: int) -> dict:
+        """The figures of the timed passes (all but the first ``warmup``); the memory figures are
+        the most any pass used, the warmup included."""
+        timed = list(zip(self.records, self.cpu_seconds))[warmup:]
+        assert timed, f"no timed pass among {len(self.records)}"
+        rates = [n / t for (n, t, _, _), _ in timed]
         rate = float(np.median(rates))
         return {"samples_per_s": rate, "samples_per_s_best": max(rates),
                 "output_gb_per_s": rate * data.profile.output_bytes / 1e9,
                 "peak_rss_growth_bytes": max(r for _, _, r, _ in self.records),
                 "anon_growth_bytes": max(a for _, _, _, a in self.records),
-                "pass_samples": [n for n, _, _, _ in self.records], "pass_rates": rates,
-                "cpu_us_per_sample": float(np.median([1e6 * c / max(1, n) for c, (n, _, _, _)
-                                                      in zip(self.cpu_seconds, self.records)])),
-                "cores_used": float(np.median([c / t for c, (_, t, _, _) in zip(self.cpu_seconds, self.records)]))}
+                "pass_samples": [n for n, _, _, _ in self.records], "pass_rates": self.rates(),
+                "warmup_passes": warmup,
+                "cpu_us_per_sample": float(np.median([1e6 * c / max(1, n) for (n, _, _, _), c in timed])),
+                "cores_used": float(np.median([c / t for (_, t, _, _), c in timed]))}
 
 
 @pytest.mark.parametrize("regime", [COLD, OUT_OF_CORE])
@@ -331,7 +337,7 @@ def test_epoch_pass(benchmark, bench_data: BenchData, timing_enabled: bool, regi
             benchmark.extra_info.update(memory_limit_bytes=limit.limit_bytes, limit_hits=limit.failcnt())
         finally:
             limit.remove()
-    benchmark.extra_info.update(passes.summary(data))
+    benchmark.extra_info.update(passes.summary(data, warmup))
     if regime in data.fio_best:  # from disk, after the sweep: a fio run before every pass
         assert len(paired) == rounds and all(rate > 0 for rate in paired), paired
         benchmark.extra_info.update(paired_fio_runs=paired, ratio_to_paired_fio=float(

@@ -149,3 +149,28 @@ def test_loaders_sweep_reports_each_reader_against_ds_read(tmp_path):
     assert refused.returncode == 2 and "no benchmark reader 'no-such-reader'" in refused.stderr
     refused = sweep("loaders", "--no-cold", "--mb", "1", "--readers", "shardfeed-loader")
     assert refused.returncode != 0 and "name it first in --readers" in refused.stderr
+
+
+def test_read_benchmark_summary_leaves_the_warmup_pass_out_of_the_rates_and_keeps_it_in_memory(monkeypatch):
+    """bench_read's ``Passes.summary``: samples/s, CPU per sample and cores used are medians over
+    the timed passes only (pytest-benchmark's warmup pass, often slow, is left out); the memory
+    figures are the most that any pass used, the warmup included; every pass is listed."""
+    import types
+
+    import numpy as np
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import bench_read
+    passes = bench_read.Passes.__new__(bench_read.Passes)
+    # (samples, seconds, peak RSS growth, anonymous growth), CPU seconds: the warmup first
+    passes.records = [(100, 1.0, 900, 90), (400, 1.0, 10, 1), (300, 1.0, 20, 2), (500, 1.0, 30, 3)]
+    passes.cpu_seconds = [5.0, 0.4, 0.6, 0.5]
+    data = types.SimpleNamespace(profile=types.SimpleNamespace(output_bytes=1000))
+    summary = passes.summary(data, warmup=1)
+    assert summary["samples_per_s"] == np.median([400, 300, 500]) == 400
+    assert summary["samples_per_s_best"] == 500
+    assert summary["output_gb_per_s"] == 400 * 1000 / 1e9
+    assert summary["cpu_us_per_sample"] == np.median([1e6 * 0.4 / 400, 1e6 * 0.6 / 300, 1e6 * 0.5 / 500])
+    assert summary["cores_used"] == np.median([0.4, 0.6, 0.5])
+    assert summary["peak_rss_growth_bytes"] == 900 and summary["anon_growth_bytes"] == 90
+    assert summary["pass_rates"] == [100, 400, 300, 500] and summary["warmup_passes"] == 1
+    assert passes.summary(data, warmup=0)["samples_per_s"] == np.median([100, 400, 300, 500])
