@@ -82,7 +82,12 @@ def _tensor(value: Any, lent: Optional[Dict[int, Any]] = None) -> Any:
 def _tensors(structure: Any, lent: Optional[Dict[int, Any]] = None) -> Any:
     """A batch (arrays in a tuple, dict or :class:`~shardfeed.Batch`) with every array a tensor
     that shares its memory: ``lent[id(array)]`` where given (a worker's slot tensors). A Batch
-    stays a Batch, its ``lengths`` tensors too."""
+    stays a Batch, its ``lengths`` tensors too. A tuple of arrays (what a loader's ``inputs`` give)
+    is checked first: this runs on every batch, right after a read that leaves the caches cold."""
+    if type(structure) is tuple:
+        return tuple([_tensors(value, lent) for value in structure])
+    if type(structure) is np.ndarray:
+        return _tensor(structure, lent)
     if isinstance(structure, Batch):
         return Batch({name: _tensor(value, lent) for name, value in structure.items()},
                      lengths={name: _tensor(value) for name, value in structure.lengths.items()},
