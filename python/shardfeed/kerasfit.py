@@ -102,8 +102,23 @@ def _is_model(value: Any) -> bool:
     return model is not None and isinstance(value, model)
 
 
-def _call_of(frame: Any) -> Optional[KerasCall]:
-    """The Keras call ``frame`` runs, if it is the frame of a Keras model's fit/evaluate/predict."""
+def _forget_locals(frame_locals: Any, own_thread: bool) -> None:
+    """Empties the dict that ``frame.f_locals`` returned for a running function frame (Python
+    before 3.13): the frame keeps it, and with it every local as it was then, until the next
+    ``f_locals`` or the frame's end. Kept, the snapshot of ``fit``'s locals held an epoch's
+    tf.data iterator past that epoch, and the iterator's destructor, which waits for its threads,
+    ran in the next ``f_locals``, in a ShardSequence's ``on_epoch_end`` holding the GIL: fit
+    stalled for seconds, one epoch in three or four. Left as it is for another thread's frame,
+    and while a trace or profile function is set on this thread: CPython writes that dict back
+    into the frame after a trace callback, deleting the locals it lacks, and this call may run
+    inside one (a debugger's prompt). From 3.13 ``f_locals`` is a view, not a snapshot."""
+    if own_thread and type(frame_locals) is dict and sys.gettrace() is None and sys.getprofile() is None:
+        frame_locals.clear()
+
+
+def _call_of(frame: Any, own_thread: bool = True) -> Optional[KerasCall]:
+    """The Keras call ``frame`` runs, if it is the frame of a Keras model's fit/evaluate/predict
+    (``own_thread``: a frame of the calling thread's stack)."""
     code = frame.f_code
     if code.co_name not in _ARGUMENTS:
         return None
@@ -111,6 +126,15 @@ def _call_of(frame: Any) -> Optional[KerasCall]:
     if not module.startswith("keras."):
         return None
     local = frame.f_locals
+    try:
+        return _call_in(code, module, local)
+    finally:
+        _forget_locals(local, own_thread)
+
+
+def _call_in(code: Any, module: str, local: Any) -> Optional[KerasCall]:
+    """:func:`_call_of` of a frame that runs a trainer method of a ``keras.`` module, from its
+    locals ``local``."""
     if not _is_model(local.get("self")):
         return None
     names = code.co_varnames  # every local of the function, bound or not
@@ -157,7 +181,7 @@ def keras_calls_reading(reads: Callable[[Any], bool]) -> List[KerasCall]:
         if ident == current:
             frame = sys._getframe(1)
         while frame is not None:
-            call = _call_of(frame)
+            call = _call_of(frame, own_thread=ident == current)
             if call is not None and reads(call.arguments.get("x")):
                 calls.append(call)
                 break
