@@ -105,10 +105,10 @@ def _is_model(value: Any) -> bool:
 def _forget_locals(frame_locals: Any, own_thread: bool) -> None:
     """Empties the dict that ``frame.f_locals`` returned for a running function frame (Python
     before 3.13): the frame keeps it, and with it every local as it was then, until the next
-    ``f_locals`` or the frame's end. Kept, the snapshot of ``fit``'s locals held an epoch's
-    tf.data iterator past that epoch, and the iterator's destructor, which waits for its threads,
-    ran in the next ``f_locals``, in a ShardSequence's ``on_epoch_end`` holding the GIL: fit
-    stalled for seconds, one epoch in three or four. Left as it is for another thread's frame,
+    ``f_locals`` or the frame's end. Kept, the snapshot of ``fit``'s locals held the previous
+    epoch's tf.data iterator after Keras had let it go, so that its destructor (which can wait
+    seconds for its threads) ran in the next ``f_locals``, inside a ShardSequence's
+    ``on_epoch_end``, instead of in Keras's loop. Left as it is for another thread's frame,
     and while a trace or profile function is set on this thread: CPython writes that dict back
     into the frame after a trace callback, deleting the locals it lacks, and this call may run
     inside one (a debugger's prompt). From 3.13 ``f_locals`` is a view, not a snapshot."""
