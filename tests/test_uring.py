@@ -143,7 +143,7 @@ def test_auto_reads_records_missing_from_the_page_cache_through_io_uring(dataset
     runs_before = _core.uring_runs()
     with shardfeed.open(path, mmap=False, preload=False) as ds:
         regimes.evict(files)  # after open, which reads the headers (and small files whole)
-        if regimes.resident_fraction(files) > 0.5:
+        if regimes.resident_fraction(files) > 0:  # a page left (mapped elsewhere) may hold every record read
             pytest.skip("files here cannot be evicted from the page cache")
         batch = ds.read(idx)
     assert batch.uncached > 0
