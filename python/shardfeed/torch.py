@@ -84,7 +84,7 @@ def _tensors(structure: Any, lent: Optional[Dict[int, Any]] = None) -> Any:
     that shares its memory: ``lent[id(array)]`` where given (a worker's slot tensors). A Batch
     stays a Batch, its ``lengths`` tensors too. A tuple of arrays (what a loader's ``inputs`` give)
     is checked first: this runs on every batch, right after a read that leaves the caches cold."""
-    if type(structure) is tuple:
+    if isinstance(structure, tuple):
         return tuple([_tensors(value, lent) for value in structure])
     if type(structure) is np.ndarray:
         return _tensor(structure, lent)
@@ -94,8 +94,6 @@ def _tensors(structure: Any, lent: Optional[Dict[int, Any]] = None) -> Any:
                      uncached=structure.uncached)
     if isinstance(structure, abc.Mapping):
         return {key: _tensors(value, lent) for key, value in structure.items()}
-    if isinstance(structure, tuple):
-        return tuple(_tensors(value, lent) for value in structure)
     return _tensor(structure, lent)
 
 
